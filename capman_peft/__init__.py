@@ -1,0 +1,1 @@
+"""capman-peft: Capacity Manipulation for class-imbalanced diffusion models (diffusers + PEFT)."""
