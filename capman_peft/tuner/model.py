@@ -1,0 +1,186 @@
+"""`CapManModel`, the PEFT tuner, and the expert switch (`expert_gate` / `expert_disabled`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .config import CapManConfig
+from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, Linear
+
+
+def _matches(spec: Any, key: str) -> bool:
+    """PEFT's own target matching (list: exact name or suffix; str: full regex) for any module spec."""
+    return bool(check_target_module_exists(SimpleNamespace(target_modules=spec), key))
+
+
+class CapManModel(BaseTuner):
+    """Injects CapMan layers into a model (``get_peft_model(model, CapManConfig(...))``).
+
+    In full mode the base weights are the general part and train too, so they are kept trainable and saved with
+    the adapter: ``save_pretrained`` then holds the whole trained network, and ``PeftModel.from_pretrained`` on a
+    freshly initialised base reproduces it.
+    """
+
+    prefix: str = "capman_"
+    tuner_layer_cls = CapManLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_model(self, peft_config: CapManConfig, model: nn.Module) -> None:
+        """Check that experts only go where the adapter goes (`expert_target_modules` within `target_modules`)."""
+        if peft_config.expert_target_modules is None:
+            return
+        keys = [key for key, _ in model.named_modules() if key]
+        expert_keys = [k for k in keys if _matches(peft_config.expert_target_modules, k)]
+        if not expert_keys:
+            raise ValueError(
+                f"`expert_target_modules` {peft_config.expert_target_modules!r} matches no module of the model"
+            )
+        outside = [k for k in expert_keys if not self._check_target_module_exists(peft_config, k)]
+        if outside:
+            raise ValueError(
+                f"`expert_target_modules` must be a subset of `target_modules`; these modules match the expert "
+                f"targets but not the targets: {outside[:5]}{' ...' if len(outside) > 5 else ''}"
+            )
+
+    def _create_and_replace(
+        self,
+        peft_config: CapManConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        expert_spec = peft_config.expert_target_modules or peft_config.target_modules
+        with_expert = _matches(expert_spec, current_key)
+        if isinstance(target, CapManLayer):
+            target.update_layer(adapter_name, peft_config, with_expert)
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target, with_expert, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(
+        config: CapManConfig, adapter_name: str, target: nn.Module, with_expert: bool, key: str
+    ) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            return Linear(target, adapter_name, config, with_expert)
+        if isinstance(base, nn.Conv2d):
+            return Conv2d(target, adapter_name, config, with_expert)
+        raise ValueError(
+            f"CapMan supports nn.Linear and nn.Conv2d; target {key!r} is a {type(base).__name__}. "
+            "Narrow `target_modules` to linear and conv layers."
+        )
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        if any(c.mode == "full" and not c.inference_mode for c in self.peft_config.values()):
+            # Full mode trains W^g itself (paper Eq. 1): every base parameter stays trainable.
+            for param in model.parameters():
+                param.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: CapManConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        if config.mode == "full":
+            # The trained base is part of the adapter in full mode; without it the expert means nothing.
+            return dict(state_dict)
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+
+def capman_layers(model: nn.Module) -> list[CapManLayer]:
+    """All CapMan layers of a model (a PeftModel, the injected base model or a DDP-wrapped one)."""
+    return [m for m in model.modules() if isinstance(m, CapManLayer)]
+
+
+def _set_gates(layers: list[CapManLayer], gates: list[Gate]) -> list[Gate]:
+    previous = [layer._expert_gate for layer in layers]
+    for layer, gate in zip(layers, gates, strict=True):
+        layer._expert_gate = gate
+    return previous
+
+
+class _GateReplay:
+    """Calls a checkpointed block with the gate it saw in the forward pass.
+
+    Non-reentrant gradient checkpointing recomputes a block during backward, after the gate's context manager has
+    exited; without this, the recomputation would run with the expert on for every sample and the gradients of a
+    fused theta/theta^g batch would be wrong.
+    """
+
+    def __init__(self, module: nn.Module, layers: list[CapManLayer]) -> None:
+        self.module = module
+        self.layers = layers
+        self.gates = [layer._expert_gate for layer in layers]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        previous = _set_gates(self.layers, self.gates)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            _set_gates(self.layers, previous)
+
+
+def _gate_aware(checkpoint_func: Callable) -> Callable:
+    def checkpoint_with_gate(module: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(module, nn.Module):
+            module = _GateReplay(module, capman_layers(module))
+        return checkpoint_func(module, *args, **kwargs)
+
+    checkpoint_with_gate.capman_gate_aware = True
+    return checkpoint_with_gate
+
+
+def _make_checkpointing_gate_aware(model: nn.Module) -> None:
+    """Wrap diffusers' per-block `_gradient_checkpointing_func`; idempotent, and redone after re-enabling."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and not getattr(func, "capman_gate_aware", False):
+            module._gradient_checkpointing_func = _gate_aware(func)
+
+
+@contextmanager
+def _gated(model: nn.Module, gate: Gate) -> Iterator[None]:
+    layers = capman_layers(model)
+    if not layers:
+        raise ValueError("the model has no CapMan layers: wrap it with get_peft_model(model, CapManConfig(...)) first")
+    _make_checkpointing_gate_aware(model)
+    previous = _set_gates(layers, [gate] * len(layers))
+    try:
+        yield
+    finally:
+        _set_gates(layers, previous)
+
+
+def expert_gate(model: nn.Module, gate: torch.Tensor) -> AbstractContextManager[None]:
+    """Switch the expert on or off per sample: ``gate[i] = 1`` gives theta, ``0`` gives theta^g for batch row i.
+
+    One call on ``cat([x, x])`` with gate ``[1]*B + [0]*B`` computes theta and theta^g together, so distributed
+    wrappers see a single forward. The switch never touches ``requires_grad``.
+    """
+    if not isinstance(gate, torch.Tensor) or gate.ndim != 1:
+        shape = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"gate must be a 1-D tensor with one 0/1 entry per batch row, got {shape}")
+    return _gated(model, gate)
+
+
+def expert_disabled(model: nn.Module) -> AbstractContextManager[None]:
+    """Run theta^g: the same network with every expert branch switched off for the whole batch."""
+    return _gated(model, EXPERT_OFF)
