@@ -3,6 +3,20 @@
 Importing the package registers the CapMan tuner with PEFT.
 """
 
+from .objective import build_objective, check_cm_stability, class_weights, cm_loss, cm_stability
+from .pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
 from .tuner import CapManConfig, CapManModel, expert_disabled, expert_gate
 
-__all__ = ["CapManConfig", "CapManModel", "expert_disabled", "expert_gate"]
+__all__ = [
+    "CapManConfig",
+    "CapManModel",
+    "ClassConditionalPipeline",
+    "build_objective",
+    "check_cm_stability",
+    "class_weights",
+    "cm_loss",
+    "cm_stability",
+    "expert_disabled",
+    "expert_gate",
+    "save_class_conditional_pipeline",
+]

@@ -1,0 +1,45 @@
+"""Class-conditional pipeline for UNet2DModel and the helpers that export a trained model as one.
+
+The pipeline class lives in `class_conditional_pipeline.py`, a module that imports only torch and
+diffusers, because that same file is copied into every saved folder as `pipeline.py` for loading
+without capman_peft: one source, no copy to drift.
+"""
+
+from pathlib import Path
+
+from diffusers import SchedulerMixin, UNet2DModel
+
+from capman_peft.class_conditional_pipeline import (
+    CUSTOM_PIPELINE_FILENAME,
+    ClassConditionalPipeline,
+    write_custom_pipeline_file,
+)
+
+__all__ = [
+    "CUSTOM_PIPELINE_FILENAME",
+    "ClassConditionalPipeline",
+    "save_class_conditional_pipeline",
+    "write_custom_pipeline_file",
+]
+
+
+def save_class_conditional_pipeline(
+    unet: UNet2DModel,
+    scheduler: SchedulerMixin,
+    class_names: list[str] | None,
+    output_dir: str | Path,
+) -> Path:
+    """Write a loadable pipeline folder: model_index.json, unet/, scheduler/ and pipeline.py.
+
+    Weights are written as safetensors only. The folder loads with
+    `ClassConditionalPipeline.from_pretrained(output_dir)` and, without capman_peft, with
+    `DiffusionPipeline.from_pretrained(output_dir, custom_pipeline="pipeline", trust_remote_code=True)`.
+
+    Args:
+        class_names: names of the classes 0..C-1 in id order (the null class C is not named).
+    """
+    id2label = None if class_names is None else dict(enumerate(class_names))
+    pipeline = ClassConditionalPipeline(unet=unet, scheduler=scheduler, id2label=id2label)
+    output_dir = Path(output_dir)
+    pipeline.save_pretrained(str(output_dir), safe_serialization=True)
+    return output_dir

@@ -1,0 +1,551 @@
+"""The CM loss (Eq. 2-3), its stability check, the non-finite guard and the ddpm/cbdm/oc base objectives.
+
+Every expected number is computed independently in the test, with python floats and explicit loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from capman_peft.objective import (
+    NonFiniteLossError,
+    build_objective,
+    check_cm_stability,
+    check_finite,
+    class_weights,
+    cm_loss,
+    cm_stability,
+    format_stability_table,
+    oc_selection_probs,
+)
+
+CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type=prediction_type,
+    )
+
+
+def values(tensor: torch.Tensor) -> list[float]:
+    return tensor.detach().flatten().tolist()
+
+
+def eq3_by_hand(counts: list[int]) -> tuple[list[float], list[float]]:
+    num_classes, total, inverse_sum = len(counts), sum(counts), sum(1 / n for n in counts)
+    return [num_classes * n / total for n in counts], [num_classes / (n * inverse_sum) for n in counts]
+
+
+def mean_sq(a: list[float], b: list[float]) -> float:
+    return sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def v_by_hand(a: float, eps: list[float], x0: list[float]) -> list[float]:
+    """v = √ᾱ ε − √(1 − ᾱ) x0."""
+    return [math.sqrt(a) * e - math.sqrt(1 - a) * x for e, x in zip(eps, x0, strict=True)]
+
+
+def transferred_eps_by_hand(a: float, x_t: list[float], x0_ref: list[float]) -> list[float]:
+    """ε̂ = (x_t − √ᾱ x0_j) / √(1 − ᾱ)."""
+    return [(x - math.sqrt(a) * r) / math.sqrt(1 - a) for x, r in zip(x_t, x0_ref, strict=True)]
+
+
+def noisy(x0: torch.Tensor, noise: torch.Tensor, alphas: list[float]) -> torch.Tensor:
+    """x_t = √ᾱ x0 + √(1 − ᾱ) ε per sample."""
+    a = torch.tensor(alphas).reshape(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+# --- class weights and cm_loss -------------------------------------------------------------------------
+
+
+def test_class_weights_follow_eq3():
+    omega_con, omega_div = class_weights(CIFAR10_IR100)
+    expected_con, expected_div = eq3_by_hand(CIFAR10_IR100)
+    assert omega_con.dtype == omega_div.dtype == torch.float32
+    assert omega_con.shape == omega_div.shape == (10,)
+    assert values(omega_con) == pytest.approx(expected_con, rel=1e-6)
+    assert values(omega_div) == pytest.approx(expected_div, rel=1e-6)
+
+
+@pytest.mark.parametrize("counts", [[7] * 10, [3] * 7, [13] * 100])
+def test_balanced_counts_give_unit_weights_and_exactly_zero_cm_loss(counts):
+    omega_con, omega_div = class_weights(counts)
+    assert torch.equal(omega_con, torch.ones(len(counts)))
+    assert torch.equal(omega_div, torch.ones(len(counts)))
+    torch.manual_seed(0)
+    labels = torch.randint(0, len(counts), (8,))
+    loss, stats = cm_loss(
+        torch.randn(8, 3, 4, 4),
+        torch.randn(8, 3, 4, 4),
+        labels,
+        omega_con,
+        omega_div,
+        consistency_weight=1.0,
+        diversity_weight=1.0,
+    )
+    assert loss == 0
+    assert stats["cm_loss"] == 0
+
+
+def cm_loss_by_hand(eps_full, eps_general, labels, counts, w_con, w_div, use_con, use_div, max_distance):
+    """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances)."""
+    omega_con, omega_div = eq3_by_hand(counts)
+    con = div = 0.0
+    distances = []
+    for full, general, y in zip(eps_full, eps_general, labels.tolist(), strict=True):
+        d = mean_sq(values(full), values(general))
+        distances.append(d)
+        if use_con:
+            con += w_con * omega_con[y] * d
+        if use_div:
+            div -= w_div * omega_div[y] * (d if max_distance is None else min(d, max_distance))
+    batch = len(distances)
+    return (con + div) / batch, con / batch, div / batch, distances
+
+
+def spread_pair(batch: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ε_θ and ε_θg whose per-sample distance ranges from about 0.1 to 5."""
+    generator = torch.Generator().manual_seed(seed)
+    eps_full = torch.randn(batch, 2, 3, 3, generator=generator)
+    scale = torch.linspace(0.2, 1.6, batch).reshape(-1, 1, 1, 1)
+    return eps_full, eps_full + scale * torch.randn(batch, 2, 3, 3, generator=generator)
+
+
+@pytest.mark.parametrize("max_distance", [None, 1.0])
+@pytest.mark.parametrize("diversity_weight", [1.0, 0.2])
+@pytest.mark.parametrize("use_con, use_div", [(True, True), (False, True), (True, False)])
+def test_cm_loss_matches_per_sample_loop(use_con, use_div, diversity_weight, max_distance):
+    eps_full, eps_general = spread_pair()
+    labels = torch.tensor([0, 9, 1, 8, 7, 2])
+    omega_con, omega_div = class_weights(CIFAR10_IR100)
+    loss, stats = cm_loss(
+        eps_full,
+        eps_general,
+        labels,
+        omega_con,
+        omega_div,
+        consistency_weight=1.0,
+        diversity_weight=diversity_weight,
+        use_consistency=use_con,
+        use_diversity=use_div,
+        max_distance=max_distance,
+    )
+    expected, con, div, distances = cm_loss_by_hand(
+        eps_full, eps_general, labels, CIFAR10_IR100, 1.0, diversity_weight, use_con, use_div, max_distance
+    )
+    if max_distance is not None:
+        assert min(distances) < max_distance < max(distances)  # the cap is actually exercised
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert float(stats["cm_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert float(stats["cm_consistency"]) == pytest.approx(con, rel=1e-5, abs=1e-7)
+    assert float(stats["cm_diversity"]) == pytest.approx(div, rel=1e-5, abs=1e-7)
+
+
+def test_cm_stats_report_group_distances_and_omit_absent_groups():
+    eps_full, eps_general = spread_pair()
+    labels = torch.tensor([0, 9, 1, 8, 7, 2])  # Many: 0, 1, 2; Few: 7, 8, 9; no Medium (3-5)
+    _, stats = cm_loss(eps_full, eps_general, labels, *class_weights(CIFAR10_IR100))
+    *_, distances = cm_loss_by_hand(eps_full, eps_general, labels, CIFAR10_IR100, 1, 0.2, True, True, None)
+    assert "cm_distance_medium" not in stats
+    many = [distances[i] for i, y in enumerate(labels.tolist()) if y <= 2]
+    few = [distances[i] for i, y in enumerate(labels.tolist()) if y >= 6]
+    assert float(stats["cm_distance_many"]) == pytest.approx(sum(many) / len(many), rel=1e-6)
+    assert float(stats["cm_distance_few"]) == pytest.approx(sum(few) / len(few), rel=1e-6)
+    assert all(not value.requires_grad and value.ndim == 0 for value in stats.values())
+
+
+def test_cm_gradient_flows_into_both_predictions():
+    eps_full, eps_general = spread_pair()
+    eps_full.requires_grad_(True)
+    eps_general.requires_grad_(True)
+    labels = torch.tensor([0, 9, 1, 8, 7, 2])
+    loss, _ = cm_loss(eps_full, eps_general, labels, *class_weights(CIFAR10_IR100), diversity_weight=1.0)
+    loss.backward()
+    omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
+    batch, elements = eps_full.shape[0], eps_full[0].numel()
+    for i, y in enumerate(labels.tolist()):
+        coef = omega_con[y] - 1.0 * omega_div[y]
+        expected = 2 * coef * (eps_full[i] - eps_general[i]).detach() / (batch * elements)
+        torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-5, atol=1e-8)
+    assert eps_full.grad.abs().sum() > 0 and eps_general.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_cm_loss_rejects_labels_outside_class_range(bad):
+    eps_full, eps_general = spread_pair(batch=3)
+    with pytest.raises(ValueError, match=rf"\[{bad}\]"):
+        cm_loss(eps_full, eps_general, torch.tensor([0, bad, 2]), *class_weights(CIFAR10_IR100))
+
+
+def test_cm_loss_refuses_both_terms_switched_off():
+    eps_full, eps_general = spread_pair(batch=3)
+    with pytest.raises(ValueError, match="both False"):
+        cm_loss(
+            eps_full,
+            eps_general,
+            torch.tensor([0, 1, 2]),
+            *class_weights(CIFAR10_IR100),
+            use_consistency=False,
+            use_diversity=False,
+        )
+
+
+# --- stability -----------------------------------------------------------------------------------------
+
+
+def test_cm_stability_on_cifar10_ir100_with_default_weights():
+    omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
+    rarest = 0.2 * omega_div[9] - omega_con[9]
+    assert rarest == pytest.approx(0.764, abs=1e-3)
+    stability = cm_stability(CIFAR10_IR100)
+    assert values(stability.c) == pytest.approx(
+        [0.2 * d - c for c, d in zip(omega_con, omega_div, strict=True)], rel=1e-9
+    )
+    assert float(stability.c.max()) == pytest.approx(rarest, rel=1e-9)
+    assert int(stability.c.argmax()) == 9
+    assert stability.unstable == []
+
+
+def test_cm_stability_flags_classes_with_lambda_c_at_least_one():
+    omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
+    c = [1.0 * d - 1.0 * k for k, d in zip(omega_con, omega_div, strict=True)]
+    assert [y for y in range(10) if c[y] >= 1] == [7, 8, 9]
+    assert cm_stability(CIFAR10_IR100, diversity_weight=1.0).unstable == [7, 8, 9]
+    assert cm_stability(CIFAR10_IR100, cm_lambda=0.5, diversity_weight=1.0).unstable == [
+        y for y in range(10) if 0.5 * c[y] >= 1
+    ]
+
+
+def test_check_cm_stability_refuses_unstable_classes_by_name():
+    with pytest.raises(ValueError, match="unbounded below") as error:
+        check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 1.0, class_names=CIFAR10_NAMES)
+    message = str(error.value)
+    for name in ("horse", "ship", "truck", "--cm_diversity_weight", "--cm_lambda", "--allow_unstable_cm"):
+        assert name in message
+    assert "frog" not in message
+    with pytest.warns(UserWarning, match="truck"):
+        stability = check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 1.0, CIFAR10_NAMES, allow_unstable=True)
+    assert stability.unstable == [7, 8, 9]
+    assert check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 0.2).unstable == []
+    table = format_stability_table(stability, CIFAR10_NAMES)
+    assert table.count("UNSTABLE") == 3 and "truck" in table
+
+
+def test_max_distance_zeroes_the_diversity_gradient_beyond_it():
+    eps_full, eps_general = spread_pair()
+    eps_full.requires_grad_(True)
+    labels = torch.tensor([9] * 6)
+    loss, _ = cm_loss(
+        eps_full,
+        eps_general,
+        labels,
+        *class_weights(CIFAR10_IR100),
+        diversity_weight=1.0,
+        use_consistency=False,
+        max_distance=1.0,
+    )
+    loss.backward()
+    omega_div = eq3_by_hand(CIFAR10_IR100)[1][9]
+    elements = eps_full[0].numel()
+    for i in range(6):
+        d = mean_sq(values(eps_full[i]), values(eps_general[i]))
+        if d > 1.0:
+            assert torch.count_nonzero(eps_full.grad[i]) == 0
+        else:
+            expected = -2 * omega_div * (eps_full[i] - eps_general[i]).detach() / (6 * elements)
+            torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-5, atol=1e-8)
+
+
+# --- non-finite guard ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_names_the_non_finite_term_and_step(bad):
+    with pytest.raises(NonFiniteLossError) as error:
+        check_finite(
+            12,
+            base_loss=torch.tensor(0.031),
+            cm_consistency=torch.tensor(0.002),
+            cm_diversity=torch.tensor(bad),
+        )
+    message = str(error.value)
+    assert isinstance(error.value, RuntimeError)
+    assert f"step 12: cm_diversity = {bad}" in message
+    assert "base_loss = 0.031" in message and "cm_consistency = 0.002" in message
+    assert "learning rate" in message
+
+
+def test_check_finite_passes_finite_terms():
+    assert check_finite(3, base_loss=torch.tensor(0.5), cm_loss=torch.tensor(-0.1)) is None
+
+
+# --- ddpm ----------------------------------------------------------------------------------------------
+
+
+def test_ddpm_epsilon_and_v_prediction_targets():
+    torch.manual_seed(0)
+    x0, noise, pred = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    timesteps = torch.tensor([3, 400, 999])
+    labels = torch.tensor([0, 1, 2])
+    alphas = [make_scheduler().alphas_cumprod[t].item() for t in timesteps.tolist()]
+    x_t = noisy(x0, noise, alphas)
+
+    loss, stats = build_objective("ddpm", make_scheduler())(
+        pred, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=labels
+    )
+    assert loss.item() == pytest.approx(mean_sq(values(pred), values(noise)), rel=1e-6)
+    assert float(stats["base_loss"]) == loss.item()
+
+    loss, _ = build_objective("ddpm", make_scheduler("v_prediction"))(
+        pred, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=labels
+    )
+    v = []
+    for i, a in enumerate(alphas):
+        v += v_by_hand(a, values(noise[i]), values(x0[i]))
+    assert loss.item() == pytest.approx(mean_sq(values(pred), v), rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_min_snr_gamma_weighting(prediction_type):
+    torch.manual_seed(1)
+    x0, noise, pred = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    timesteps = torch.tensor([5, 100, 600, 999])
+    scheduler = make_scheduler(prediction_type)
+    alphas = [scheduler.alphas_cumprod[t].item() for t in timesteps.tolist()]
+    objective = build_objective("ddpm", scheduler, snr_gamma=5.0)
+    loss, _ = objective(
+        pred,
+        x0=x0,
+        noise=noise,
+        x_t=noisy(x0, noise, alphas),
+        timesteps=timesteps,
+        labels=torch.zeros(4).long(),
+    )
+    expected = 0.0
+    for i, a in enumerate(alphas):
+        snr = a / (1 - a)
+        if prediction_type == "epsilon":
+            target, weight = values(noise[i]), min(snr, 5.0) / snr
+        else:
+            target = v_by_hand(a, values(noise[i]), values(x0[i]))
+            weight = min(snr, 5.0) / (snr + 1)
+        expected += weight * mean_sq(values(pred[i]), target) / 4
+    assert {min(a / (1 - a), 5.0) for a in alphas} > {5.0}  # both sides of γ are exercised
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_class_weights_refuse_empty_classes():
+    with pytest.raises(ValueError, match="0"):
+        class_weights([5, 0, 3])
+
+
+def test_unknown_objective_or_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="ddpm, cbdm, oc"):
+        build_objective("focal", make_scheduler(), class_counts=CIFAR10_IR100)
+    with pytest.raises(ValueError, match="'sample'"):
+        build_objective("ddpm", make_scheduler("sample"))
+    assert build_objective("ddpm", make_scheduler()).extra_labels(torch.tensor([0, 1])) is None
+
+
+# --- cbdm ----------------------------------------------------------------------------------------------
+
+
+def cbdm_case():
+    torch.manual_seed(2)
+    x0, noise = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    pred = torch.randn(4, 2, 2, 2, requires_grad=True)
+    pred_extra = torch.randn(4, 2, 2, 2, requires_grad=True)
+    timesteps = torch.tensor([10, 500, 999, 250])
+    alphas = [make_scheduler().alphas_cumprod[t].item() for t in timesteps.tolist()]
+    return x0, noise, noisy(x0, noise, alphas), pred, pred_extra, timesteps
+
+
+def test_cbdm_loss_and_stop_gradients_match_by_hand():
+    x0, noise, x_t, pred, pred_extra, timesteps = cbdm_case()
+    dropped = torch.tensor([False, True, False, False])
+    tau, gamma = 1.5, 0.5
+    objective = build_objective("cbdm", make_scheduler(), class_counts=[600, 300, 100], tau=tau, gamma=gamma)
+    loss, stats = objective(
+        pred,
+        x0=x0,
+        noise=noise,
+        x_t=x_t,
+        timesteps=timesteps,
+        labels=torch.tensor([0, 1, 2, 0]),
+        pred_extra=pred_extra,
+        label_dropped=dropped,
+    )
+    base = mean_sq(values(pred), values(noise))
+    kept = [i for i in range(4) if not dropped[i]]
+    weights = [tau * t / 1000 for t in timesteps.tolist()]
+    reg = sum(weights[i] * (1 + gamma) * mean_sq(values(pred[i]), values(pred_extra[i])) for i in kept) / 3
+    assert float(stats["base_mse"]) == pytest.approx(base, rel=1e-6)
+    assert float(stats["cbdm_reg"]) == pytest.approx(reg, rel=1e-6)
+    assert loss.item() == pytest.approx(base + reg, rel=1e-6)
+
+    loss.backward()
+    elements, n_kept = 8, 3
+    for i in range(4):
+        gap = (pred[i] - pred_extra[i]).detach()
+        expected_pred = 2 * (pred[i] - noise[i]).detach() / (4 * elements)
+        expected_extra = torch.zeros_like(gap)
+        if i in kept:
+            # sg(ε(y')) in the first term, sg(ε(y)) in the second: each prediction gets only its own term.
+            expected_pred = expected_pred + 2 * weights[i] * gap / (n_kept * elements)
+            expected_extra = -2 * gamma * weights[i] * gap / (n_kept * elements)
+        torch.testing.assert_close(pred.grad[i], expected_pred, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(pred_extra.grad[i], expected_extra, rtol=1e-5, atol=1e-8)
+
+
+def test_cbdm_has_no_regularizer_on_a_label_dropped_batch():
+    x0, noise, x_t, pred, pred_extra, timesteps = cbdm_case()
+    objective = build_objective("cbdm", make_scheduler(), class_counts=[600, 300, 100])
+    loss, stats = objective(
+        pred,
+        x0=x0,
+        noise=noise,
+        x_t=x_t,
+        timesteps=timesteps,
+        labels=torch.tensor([0, 1, 2, 0]),
+        pred_extra=pred_extra,
+        label_dropped=torch.ones(4, dtype=torch.bool),
+    )
+    assert stats["cbdm_reg"] == 0
+    assert loss.item() == pytest.approx(mean_sq(values(pred), values(noise)), rel=1e-6)
+    loss.backward()
+    assert pred_extra.grad is None or torch.count_nonzero(pred_extra.grad) == 0
+
+
+def test_cbdm_requires_the_extra_prediction():
+    x0, noise, x_t, pred, _, timesteps = cbdm_case()
+    objective = build_objective("cbdm", make_scheduler(), class_counts=[600, 300, 100])
+    with pytest.raises(ValueError, match="pred_extra"):
+        objective(pred, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=torch.tensor([0, 1, 2, 0]))
+
+
+def test_cbdm_extra_labels_follow_class_frequencies():
+    objective = build_objective("cbdm", make_scheduler(), class_counts=[600, 300, 100])
+    labels = torch.zeros(20000, dtype=torch.long)
+    extra = objective.extra_labels(labels, generator=torch.Generator().manual_seed(0))
+    assert extra.shape == labels.shape and extra.device == labels.device
+    frequencies = [(extra == c).float().mean().item() for c in range(3)]
+    assert frequencies == pytest.approx([0.6, 0.3, 0.1], abs=0.015)
+
+
+# --- oc ------------------------------------------------------------------------------------------------
+
+
+def test_oc_selection_probs_match_softmax_formula():
+    torch.manual_seed(3)
+    x0, x_t = torch.randn(5, 2, 2, 2), torch.randn(5, 2, 2, 2)
+    alphas = [make_scheduler().alphas_cumprod[t].item() for t in (50, 200, 500, 800, 999)]
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    for i in range(5):
+        xt_i = values(x_t[i])
+        logits = []
+        for j in range(5):
+            sq = sum((x - math.sqrt(alphas[i]) * r) ** 2 for x, r in zip(xt_i, values(x0[j]), strict=True))
+            logits.append(-sq / (2 * (1 - alphas[i])))
+        top = max(logits)
+        total = sum(math.exp(v - top) for v in logits)
+        assert values(probs[i]) == pytest.approx([math.exp(v - top) / total for v in logits], abs=1e-6)
+
+
+def test_oc_keeps_self_at_tiny_t():
+    torch.manual_seed(4)
+    x0, noise = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    timesteps = torch.zeros(4, dtype=torch.long)
+    scheduler = make_scheduler()
+    alpha = scheduler.alphas_cumprod[0].item()
+    assert alpha == pytest.approx(0.9999)
+    x_t = noisy(x0, noise, [alpha] * 4)
+    labels = torch.tensor([0, 0, 0, 0])  # one class: only the selection probabilities can keep self
+    objective = build_objective("oc", scheduler, class_counts=[50, 30, 20])
+    references = objective.select_references(x_t, x0, timesteps, labels)
+    assert references.tolist() == [0, 1, 2, 3]
+    # The transfer formula itself recovers ε for j = i, up to float error.
+    transferred = (x_t - math.sqrt(alpha) * x0) / math.sqrt(1 - alpha)
+    torch.testing.assert_close(transferred, noise, atol=1e-4, rtol=0)
+    targets = objective.targets(x0, noise, x_t, timesteps, references)
+    torch.testing.assert_close(targets, noise, atol=1e-4, rtol=0)
+    _, stats = objective(noise, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=labels)
+    assert stats["oc_ref_changed"] == 0 and float(stats["base_mse"]) < 1e-8
+
+
+def oc_case(prediction_type: str = "epsilon"):
+    """Sample 0 (majority) sits on sample 1's x0 (rare); sample 2 (rare) sits on sample 3's x0 (majority)."""
+    torch.manual_seed(5)
+    scheduler = make_scheduler(prediction_type)
+    timesteps = torch.tensor([100, 300, 100, 50])
+    alphas = [scheduler.alphas_cumprod[t].item() for t in timesteps.tolist()]
+    x0, noise = 2 * torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    x_t = noisy(x0, noise, alphas)
+    x_t[0] = math.sqrt(alphas[0]) * x0[1] + 0.01 * noise[0]
+    x_t[2] = math.sqrt(alphas[2]) * x0[3] + 0.01 * noise[2]
+    objective = build_objective("oc", scheduler, class_counts=[50, 30, 20])
+    return objective, x0, noise, x_t, timesteps, alphas, torch.tensor([0, 2, 2, 0])
+
+
+def test_oc_reference_must_be_at_least_as_frequent():
+    objective, x0, noise, x_t, timesteps, alphas, labels = oc_case()
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    assert probs[0, 1] > 0.999 and probs[2, 3] > 0.999
+    for seed in range(5):
+        references = objective.select_references(
+            x_t, x0, timesteps, labels, generator=torch.Generator().manual_seed(seed)
+        )
+        assert references[0] == 0  # its only likely reference (sample 1) is of a rarer class
+        assert references[2] == 3  # a majority reference is kept
+    dropped = torch.tensor([False, False, True, False])
+    assert objective.select_references(x_t, x0, timesteps, labels, label_dropped=dropped)[2] == 2
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_oc_target_formula_by_hand(prediction_type):
+    objective, x0, noise, x_t, timesteps, alphas, _ = oc_case(prediction_type)
+    references = torch.tensor([0, 1, 3, 3])
+    targets = objective.targets(x0, noise, x_t, timesteps, references)
+    for i, j in enumerate(references.tolist()):
+        a = alphas[i]
+        eps_hat = values(noise[i]) if i == j else transferred_eps_by_hand(a, values(x_t[i]), values(x0[j]))
+        expected = eps_hat if prediction_type == "epsilon" else v_by_hand(a, eps_hat, values(x0[j]))
+        assert values(targets[i]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_oc_loss_by_hand_on_a_pinned_batch():
+    objective, x0, noise, x_t, timesteps, alphas, labels = oc_case()
+    x_t[1] = math.sqrt(alphas[1]) * x0[1] + 0.01 * noise[1]  # samples 1 and 3 sit on their own x0
+    x_t[3] = math.sqrt(alphas[3]) * x0[3] + 0.01 * noise[3]
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    assert min(probs[0, 1], probs[1, 1], probs[2, 3], probs[3, 3]) > 0.99  # the draw is all but certain
+    pred = torch.randn_like(x0)
+    loss, stats = objective(pred, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=labels)
+    target = values(noise[0]) + values(noise[1])
+    target += transferred_eps_by_hand(alphas[2], values(x_t[2]), values(x0[3]))
+    target += values(noise[3])
+    assert loss.item() == pytest.approx(mean_sq(values(pred), target), rel=1e-5)
+    assert float(stats["oc_ref_changed"]) == 0.25
+    assert float(stats["base_loss"]) == loss.item()
+
+
+def test_oc_works_for_batch_size_one():
+    torch.manual_seed(6)
+    x0, noise, pred = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    scheduler = make_scheduler()
+    x_t = noisy(x0, noise, [scheduler.alphas_cumprod[400].item()])
+    objective = build_objective("oc", scheduler, class_counts=[50, 30, 20])
+    loss, stats = objective(pred, x0=x0, noise=noise, x_t=x_t, timesteps=torch.tensor([400]), labels=torch.tensor([2]))
+    assert loss.item() == pytest.approx(mean_sq(values(pred), values(noise)), rel=1e-6)
+    assert stats["oc_ref_changed"] == 0
