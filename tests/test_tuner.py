@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from capman_peft import CapManConfig, expert_disabled, expert_gate
-from capman_peft.tuner import CapManLayer, register_with_peft
+from capman_peft.tuner import CapManLayer, merge_general_and_unload, register_with_peft
 from capman_peft.tuner.layer import rank_for
 
 
@@ -430,3 +430,18 @@ def test_readme_python_api_snippet_runs(tmp_path: Path):
     start = readme.index("<!-- tuner-snippet -->")
     code = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_merge_general_and_unload_is_the_expert_off_model(mode):
+    x, t, y = unet2d_inputs()
+    if mode == "full":
+        model = full_mode_unet()
+    else:
+        model = get_peft_model(make_tiny_unet2d(), lora_cfg(target_modules=UP_TARGETS))
+    with torch.no_grad(), expert_disabled(model):
+        expected = model(x, t, class_labels=y).sample
+    general = merge_general_and_unload(model)
+    assert type(general) is UNet2DModel and count_params(general) == count_params(make_tiny_unet2d())
+    with torch.no_grad():
+        torch.testing.assert_close(general(x, t, class_labels=y).sample, expected, atol=1e-5, rtol=1e-5)

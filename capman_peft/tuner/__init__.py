@@ -2,7 +2,7 @@
 
 from .config import PEFT_TYPE, CapManConfig
 from .layer import CapManLayer
-from .model import CapManModel, capman_layers, expert_disabled, expert_gate
+from .model import CapManModel, capman_layers, expert_disabled, expert_gate, merge_general_and_unload
 
 
 def register_with_peft() -> None:
@@ -28,5 +28,6 @@ __all__ = [
     "capman_layers",
     "expert_disabled",
     "expert_gate",
+    "merge_general_and_unload",
     "register_with_peft",
 ]

@@ -184,3 +184,14 @@ def expert_gate(model: nn.Module, gate: torch.Tensor) -> AbstractContextManager[
 def expert_disabled(model: nn.Module) -> AbstractContextManager[None]:
     """Run theta^g: the same network with every expert branch switched off for the whole batch."""
     return _gated(model, EXPERT_OFF)
+
+
+def merge_general_and_unload(model: nn.Module) -> nn.Module:
+    """theta^g as a plain model: drop every expert, then merge the rest (lora mode) or just unwrap (full mode).
+
+    This is the "CM (theta^g)" row of the paper's Tab. 7; the model passed in loses its experts.
+    """
+    for layer in capman_layers(model):
+        for container in (layer.capman_expert_A, layer.capman_expert_B, layer.expert_r, layer.expert_scaling):
+            container.clear()
+    return model.merge_and_unload()
