@@ -3,6 +3,7 @@
 Importing the package registers the CapMan tuner with PEFT.
 """
 
+from .denoiser import CMDenoiser
 from .objective import build_objective, check_cm_stability, class_weights, cm_loss, cm_stability
 from .pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
 from .tuner import CapManConfig, CapManModel, expert_disabled, expert_gate
@@ -10,6 +11,7 @@ from .tuner import CapManConfig, CapManModel, expert_disabled, expert_gate
 __all__ = [
     "CapManConfig",
     "CapManModel",
+    "CMDenoiser",
     "ClassConditionalPipeline",
     "build_objective",
     "check_cm_stability",

@@ -250,9 +250,7 @@ def test_reference_split_is_balanced_and_unsubsampled(name, hub_mirrors, tmp_pat
     rows = sorted(decode(ds[i]["pixel_values"])[1] for i in range(len(ds)))
     assert rows == list(range(len(source_labels[reference_split])))
     # split="test" on the training loader is the same reference set
-    same = load_imbalanced_dataset(
-        name, split="test", resolution=8, dataset_name=str(root), cache_dir=str(tmp_path)
-    )
+    same = load_imbalanced_dataset(name, split="test", resolution=8, dataset_name=str(root), cache_dir=str(tmp_path))
     assert same.labels == ds.labels
 
 
@@ -292,9 +290,7 @@ def test_save_to_disk_copy_loads(tmp_path):
     images = [Image.new("RGB", IMAGE_SIZE, encode(y, r)) for r, y in enumerate(labels)]
     split = Dataset.from_dict({"image": images, "label": labels}, features=features)
     DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "saved"))
-    ds = load_imbalanced_dataset(
-        "imb-celebahq", imbalance_ratio=3, resolution=4, dataset_name=str(tmp_path / "saved")
-    )
+    ds = load_imbalanced_dataset("imb-celebahq", imbalance_ratio=3, resolution=4, dataset_name=str(tmp_path / "saved"))
     assert ds.class_counts == [3, 1]
     assert ds[0]["pixel_values"].shape == (3, 4, 4)
 
@@ -337,9 +333,7 @@ def test_digits_class_order_makes_chosen_class_largest():
     order = list(range(9, -1, -1))
     ds = load_imbalanced_dataset("imb-digits", imbalance_ratio=10, class_order=[str(c) for c in order])
     assert ds.class_names == [str(c) for c in order]
-    assert ds.class_counts == [
-        min(int(available[9] * 10 ** (-k / 9)), available[order[k]]) for k in range(10)
-    ]
+    assert ds.class_counts == [min(int(available[9] * 10 ** (-k / 9)), available[order[k]]) for k in range(10)]
     assert all(ds.class_names[y] == str(order[y]) for y in ds.labels[:5])
 
 
@@ -418,9 +412,7 @@ def test_imbalance_ratio_below_one(bad):
 def test_class_left_with_zero_images_is_named():
     # 178 zeros at IR 1000: digit c gets int(178 * 1000 ** (-c / 9)), 0 from c = 7 on
     assert [int(178 * 1000 ** (-c / 9)) for c in (6, 7)] == [1, 0]
-    with pytest.raises(
-        ValueError, match=r"class 7 \('7'\), 8 \('8'\), 9 \('9'\) would be left with zero images"
-    ):
+    with pytest.raises(ValueError, match=r"class 7 \('7'\), 8 \('8'\), 9 \('9'\) would be left with zero images"):
         load_imbalanced_dataset("imb-digits", imbalance_ratio=1000)
 
 
@@ -438,9 +430,9 @@ def test_class_without_rows_in_hub_data_is_named(tmp_path):
 
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=["female", "male"])})
     (tmp_path / "data").mkdir()
-    Dataset.from_dict(
-        {"image": [Image.new("RGB", IMAGE_SIZE)] * 2, "label": [0, 0]}, features=features
-    ).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    Dataset.from_dict({"image": [Image.new("RGB", IMAGE_SIZE)] * 2, "label": [0, 0]}, features=features).to_parquet(
+        str(tmp_path / "data" / "train-00000-of-00001.parquet")
+    )
     with pytest.raises(ValueError, match=r"\['male'\] have no images"):
         load_imbalanced_dataset("imb-celebahq", dataset_name=str(tmp_path), cache_dir=str(tmp_path / "cache"))
 
@@ -469,9 +461,7 @@ def test_corrupt_image_named_at_construction_and_at_load(tmp_path):
     (tmp_path / "cls" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ValueError, match=r"corrupt image file .*broken\.png"):
         load_imbalanced_dataset(None, imbalance_ratio=None, train_data_dir=tmp_path)
-    ds = load_imbalanced_dataset(
-        None, imbalance_ratio=None, resolution=4, train_data_dir=tmp_path, verify_images=False
-    )
+    ds = load_imbalanced_dataset(None, imbalance_ratio=None, resolution=4, train_data_dir=tmp_path, verify_images=False)
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
         ds[0]  # sorted: broken.png comes first
     assert ds[1]["pixel_values"].shape == (3, 4, 4)

@@ -111,9 +111,7 @@ def test_output_types_pil_np_pt(pipe):
         for kind in ("pil", "np", "pt")
     }
     assert len(outputs["pil"]) == 2
-    assert all(
-        isinstance(im, Image.Image) and im.size == (SIZE, SIZE) and im.mode == "RGB" for im in outputs["pil"]
-    )
+    assert all(isinstance(im, Image.Image) and im.size == (SIZE, SIZE) and im.mode == "RGB" for im in outputs["pil"])
     pt = outputs["pt"]
     assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, SIZE, SIZE)
     assert pt.min() >= 0 and pt.max() <= 1

@@ -36,11 +36,14 @@ class CapManModel(BaseTuner):
         """Check that experts only go where the adapter goes (`expert_target_modules` within `target_modules`)."""
         if peft_config.expert_target_modules is None:
             return
-        keys = [key for key, _ in model.named_modules() if key]
-        expert_keys = [k for k in keys if _matches(peft_config.expert_target_modules, k)]
+        expert_keys = [
+            key
+            for key, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and _matches(peft_config.expert_target_modules, key)
+        ]
         if not expert_keys:
             raise ValueError(
-                f"`expert_target_modules` {peft_config.expert_target_modules!r} matches no module of the model"
+                f"`expert_target_modules` {peft_config.expert_target_modules!r} matches no Linear/Conv2d of the model"
             )
         outside = [k for k in expert_keys if not self._check_target_module_exists(peft_config, k)]
         if outside:

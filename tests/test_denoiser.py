@@ -1,0 +1,152 @@
+"""CMDenoiser: the three forward modes agree, CM off costs one UNet call, and a 2-process DDP step is exact."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d
+from peft import get_peft_model
+from safetensors.torch import load_file
+
+from capman_peft import CapManConfig, class_weights, cm_loss
+from capman_peft.denoiser import CMDenoiser
+
+MODES = ["fused", "sequential", "shared_prefix"]
+
+
+def full_mode_model():
+    cfg = CapManConfig(mode="full", expert_rank_ratio=0.5, init_lora_weights=False, target_modules=UP_TARGETS)
+    return get_peft_model(make_tiny_unet2d(), cfg)
+
+
+def lora_mode_sd_model():
+    cfg = CapManConfig(
+        r=4,
+        expert_r=2,
+        init_lora_weights=False,
+        target_modules=ATTN_TARGETS + ["conv1", "conv2"],
+        expert_target_modules=r"up_blocks\..*\.(to_q|to_k|to_v|to_out\.0|conv1|conv2)",
+    )
+    return get_peft_model(make_tiny_sd_unet(), cfg)
+
+
+def inputs(kind: str, batch: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([3, 500, 999, 42][:batch])
+    if kind == "unet2d":
+        x = torch.randn(batch, 3, 8, 8, generator=gen)
+        return x, t, torch.tensor([0, 2, 1, 2][:batch]), torch.tensor([1, 1, 0, 2][:batch])
+    x = torch.randn(batch, 4, 8, 8, generator=gen)
+    return x, t, torch.randn(batch, 5, 12, generator=gen), torch.randn(batch, 5, 12, generator=gen)
+
+
+def outputs_and_grads(model, mode: str, kind: str, extra: bool):
+    denoiser = CMDenoiser(model, forward_mode=mode)
+    x, t, cond, extra_cond = inputs(kind)
+    outs = denoiser(x, t, cond, extra_cond if extra else None)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return outs, torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["plain", "with_cbdm_extra"])
+@pytest.mark.parametrize("kind", ["unet2d", "sd"])
+def test_forward_modes_agree_on_outputs_and_gradients(kind, extra):
+    base = full_mode_model() if kind == "unet2d" else lora_mode_sd_model()
+    results = {mode: outputs_and_grads(copy.deepcopy(base), mode, kind, extra) for mode in MODES}
+    ref_outs, ref_grads = results["fused"]
+    assert len(ref_outs) == (3 if extra else 2)
+    assert not torch.allclose(ref_outs[0], ref_outs[1])  # the expert matters
+    for mode in ("sequential", "shared_prefix"):
+        outs, grads = results[mode]
+        for a, b in zip(outs, ref_outs, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=mode)
+        for a, b in zip(grads, ref_grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                # fp32 summation order differs between modes: compare relative to the gradient's scale
+                scale = b.abs().max().clamp(min=1.0).item()
+                torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4, msg=mode)
+
+
+def count_unet_calls(model) -> list[int]:
+    calls = []
+    model.get_base_model().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "mode, cm, expected_calls",
+    [("fused", False, 1), ("fused", True, 1), ("shared_prefix", True, 1), ("sequential", True, 2)],
+)
+def test_unet_calls_per_step(mode, cm, expected_calls):
+    model = full_mode_model()
+    calls = count_unet_calls(model)
+    x, t, y, y_extra = inputs("unet2d")
+    outs = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)(x, t, y)
+    assert len(calls) == expected_calls
+    assert (outs[1] is None) == (not cm)
+    calls.clear()
+    outs = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)(x, t, y, y_extra)
+    assert len(calls) == expected_calls and len(outs) == 3
+
+
+def test_cm_off_prediction_is_the_plain_model_output():
+    model = full_mode_model()
+    x, t, y, _ = inputs("unet2d")
+    full, general = CMDenoiser(model, capacity_manipulation=False)(x, t, y)
+    assert general is None
+    torch.testing.assert_close(full, model(x, t, class_labels=y).sample)
+
+
+def test_shared_prefix_refuses_experts_outside_up_blocks():
+    model = get_peft_model(make_tiny_unet2d(), CapManConfig(mode="full", expert_r=1, target_modules=["conv1"]))
+    with pytest.raises(ValueError, match="shared_prefix.*only in up_blocks.*down_blocks"):
+        CMDenoiser(model, forward_mode="shared_prefix")
+    with pytest.raises(ValueError, match="forward_mode must be one of"):
+        CMDenoiser(model, forward_mode="parallel")
+
+
+def test_cm_loss_gradient_reaches_general_and_expert_parameters():
+    model = full_mode_model()
+    x, t, y, _ = inputs("unet2d")
+    full, general = CMDenoiser(model)(x, t, y)
+    omega_con, omega_div = class_weights([50, 20, 5])
+    loss, _ = cm_loss(full, general, y, omega_con, omega_div, diversity_weight=1.0)
+    loss.backward()
+    named = dict(model.named_parameters())
+    expert = [p.grad for n, p in named.items() if "capman_expert" in n]
+    general = [
+        p.grad
+        for n, p in named.items()
+        if "base_layer.weight" in n or n.endswith("down_blocks.0.resnets.0.conv1.weight")
+    ]
+    assert expert and all(g is not None and g.abs().sum() > 0 for g in expert)
+    assert len(general) > 1 and all(g is not None and g.abs().sum() > 0 for g in general)
+
+
+DIST_SCRIPT = Path(__file__).with_name("distributed_cm_step.py")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_equals_one_process_step_on_the_whole_batch(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single.safetensors"
+    subprocess.run([sys.executable, str(DIST_SCRIPT), str(single)], check=True, env=env, timeout=300)
+    double = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*cmd, str(DIST_SCRIPT), str(double)], check=True, env=env, timeout=300)
+    a, b = load_file(single), load_file(double)
+    assert a.keys() == b.keys() and len(a) > 10
+    changed = 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+        changed += not torch.equal(a[key], load_file(single.with_suffix(".init.safetensors"))[key])
+    assert changed > 10  # the step really moved the weights
