@@ -7,6 +7,7 @@ without capman_peft: one source, no copy to drift.
 
 from pathlib import Path
 
+import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
 from capman_peft.class_conditional_pipeline import (
@@ -18,6 +19,7 @@ from capman_peft.class_conditional_pipeline import (
 __all__ = [
     "CUSTOM_PIPELINE_FILENAME",
     "ClassConditionalPipeline",
+    "save_adapter_and_merge",
     "save_class_conditional_pipeline",
     "write_custom_pipeline_file",
 ]
@@ -43,3 +45,12 @@ def save_class_conditional_pipeline(
     output_dir = Path(output_dir)
     pipeline.save_pretrained(str(output_dir), safe_serialization=True)
     return output_dir
+
+
+def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path) -> torch.nn.Module:
+    """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format), then merge theta^g + theta^e.
+
+    The returned module is a plain diffusers model: zero inference overhead. `model` must not be used afterwards.
+    """
+    model.save_pretrained(str(Path(output_dir) / "adapter"), safe_serialization=True)
+    return model.merge_and_unload()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +61,30 @@ def tiny_unet2d() -> UNet2DModel:
 @pytest.fixture
 def tiny_sd_unet() -> UNet2DConditionModel:
     return make_tiny_sd_unet()
+
+
+# Prepended to code run by `run_python_without_capman`: any import of capman_peft fails, as for a user who only has
+# diffusers installed.
+_BLOCK_CAPMAN = """
+import sys
+
+class _BlockCapman:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "capman_peft":
+            raise ImportError("capman_peft is blocked in this test")
+
+sys.meta_path.insert(0, _BlockCapman())
+"""
+
+
+def run_python_without_capman(code: str, args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where capman_peft cannot be imported (custom-pipeline loading)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_CAPMAN + code, *map(str, args)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

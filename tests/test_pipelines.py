@@ -2,15 +2,13 @@
 
 import functools
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_python_without_capman
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
 
@@ -189,15 +187,6 @@ def test_names_are_optional_then_only_ids_work(tmp_path):
 # has diffusers; it also re-saves the loaded pipeline to check that pipeline.py travels along.
 STANDALONE_LOAD = textwrap.dedent(
     """
-    import sys
-
-    class BlockCapman:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "capman_peft":
-                raise ImportError("capman_peft is blocked in this test")
-
-    sys.meta_path.insert(0, BlockCapman())
-
     import torch
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
@@ -217,16 +206,8 @@ STANDALONE_LOAD = textwrap.dedent(
 
 @pytest.mark.slow
 def test_custom_pipeline_loads_and_samples_without_capman_peft(saved_dir, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     resaved = tmp_path / "resaved"
-    result = subprocess.run(
-        [sys.executable, "-c", STANDALONE_LOAD, str(saved_dir), str(resaved)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python_without_capman(STANDALONE_LOAD, [saved_dir, resaved], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == ["diffusers_modules.local.pipeline", "ClassConditionalPipeline"]
     assert (resaved / "pipeline.py").read_bytes() == (saved_dir / "pipeline.py").read_bytes()

@@ -1,0 +1,257 @@
+"""train_unet_cm.py end to end on the bundled digits: export, resume, checkpoints, recipes, errors, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_python_without_capman
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import capman_peft.checkpointing as checkpointing
+from capman_peft import ClassConditionalPipeline
+from capman_peft.training import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_unet_cm  # noqa: E402
+
+TINY_UNET = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 4,
+    "dropout": 0.1,
+}
+
+
+def tiny_args(tmp_path: Path, out: str = "out", **overrides) -> list[str]:
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps(TINY_UNET))
+    values = {
+        "dataset": "imb-digits",
+        "imbalance_ratio": 10,
+        "resolution": 8,
+        "model_config_name_or_path": config,
+        "train_batch_size": 8,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 2,
+        "num_inference_steps": 2,
+        "validation_images_per_class": 1,
+        "report_to": "none",
+        "ema_decay": 0.9,
+        "output_dir": tmp_path / out,
+        "checkpointing_steps": 2,
+    }
+    values.update(overrides)
+    args = []
+    for key, value in values.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    train_unet_cm.main(tiny_args(tmp))
+    return tmp / "out"
+
+
+def test_output_is_a_complete_pipeline_that_samples_with_ddim_and_dpm(trained):
+    names = sorted(p.name for p in trained.iterdir())
+    for expected in (
+        "model_index.json",
+        "unet",
+        "scheduler",
+        "adapter",
+        "pipeline.py",
+        "README.md",
+        "training_summary.json",
+        "samples.png",
+    ):
+        assert expected in names
+    pipe = ClassConditionalPipeline.from_pretrained(trained)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.class_names == [str(d) for d in range(10)]
+    for scheduler in (DDIMScheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        for guidance in (1.0, 1.5):
+            images = pipe(
+                class_labels=[0, "9"],
+                num_inference_steps=3,
+                guidance_scale=guidance,
+                generator=torch.manual_seed(0),
+                output_type="np",
+            ).images
+            assert images.shape == (2, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert summary["class_counts"][0] / summary["class_counts"][-1] == pytest.approx(10, rel=0.1)
+    assert len(summary["omega_con"]) == 10 and "base_loss" in summary["final_losses"]
+    assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pkl"))
+
+
+def test_merged_unet_equals_the_unmerged_model_and_has_the_plain_parameter_count(trained):
+    merged = UNet2DModel.from_pretrained(trained / "unet").eval()
+    plain = UNet2DModel.from_config(UNet2DModel.load_config(trained / "unet"))
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in plain.parameters())
+    unmerged = PeftModel.from_pretrained(plain, trained / "adapter").eval()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 5, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(x, t, class_labels=y).sample, unmerged(x, t, class_labels=y).sample, atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.slow
+def test_custom_pipeline_loading_without_capman_peft(trained, tmp_path):
+    code = (
+        "import torch\nfrom diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline', trust_remote_code=True)\n"
+        "images = pipe(class_labels=[1, 2], num_inference_steps=2, output_type='np').images\n"
+        "assert images.shape == (2, 8, 8, 3)\nprint('ok')\n"
+    )
+    result = run_python_without_capman(code, [trained], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_and_checkpoint_limit_prunes(tmp_path):
+    straight = tiny_args(tmp_path, "straight", max_train_steps=6, checkpointing_steps=3, use_ema=True)
+    train_unet_cm.main(straight)
+    first = tiny_args(tmp_path, "resumed", max_train_steps=3, checkpointing_steps=3, use_ema=True)
+    train_unet_cm.main(first)
+    train_unet_cm.main(
+        tiny_args(
+            tmp_path,
+            "resumed",
+            max_train_steps=6,
+            checkpointing_steps=3,
+            use_ema=True,
+            resume_from_checkpoint="latest",
+            checkpoints_total_limit=1,
+        )
+    )
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-6"]
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    train_unet_cm.main(tiny_args(tmp_path, max_train_steps=2, checkpointing_steps=2))
+    good = tmp_path / "out" / "checkpoint-2"
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    real_save = checkpointing.save_file
+    calls = []
+
+    def crash_on_state(tensors, path):
+        calls.append(path)
+        if Path(path).name == "state.safetensors":
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpointing, "save_file", crash_on_state)
+    with pytest.raises(OSError, match="disk full"):
+        train_unet_cm.main(
+            tiny_args(tmp_path, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")
+        )
+    assert calls, "the checkpoint writer was not reached"
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert checkpointing.resolve_checkpoint(tmp_path / "out", "latest") == good
+
+
+def test_config_file_with_cli_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"objective": "cbdm", "cm_lambda": 0.5, "imbalance_ratio": 50}))
+    args = train_unet_cm.parse_args(["--config", str(recipe), "--cm_lambda", "0.25"])
+    assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("cbdm", 0.25, 50)
+    recipe.write_text(yaml.safe_dump({"cm_lamda": 1}))
+    with pytest.raises(SystemExit):
+        train_unet_cm.parse_args(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_parses_and_builds_its_model(recipe):
+    args = train_unet_cm.parse_args(["--config", str(recipe)])
+    num_classes = {"imb-cifar10": 10, "imb-cifar100": 100, "imb-celebahq": 2, "imb-digits": 10}[args.dataset]
+    with torch.device("meta"):
+        unet = train_unet_cm.build_unet(args, num_classes)
+    assert unet.config.num_class_embeds == num_classes + 1
+    assert unet.config.sample_size == args.resolution
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dataset": "imb-nope"}, "imb-nope"),
+        ({"dataset": False, "train_data_dir": "/no/such/dir"}, "/no/such/dir"),
+        ({"imbalance_ratio": 0.5}, "imbalance_ratio"),
+        ({"cm_diversity_weight": 1.0, "imbalance_ratio": 100}, "unbounded"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_unet_cm.main, tiny_args(tmp_path, **overrides))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err
+
+
+def test_non_finite_loss_stops_with_the_term_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    train_unet_cm.main(tiny_args(tmp_path, max_train_steps=2, checkpointing_steps=2))
+    good = tmp_path / "out" / "checkpoint-2"
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    real_loss = train_unet_cm.diffusion_loss
+
+    def poisoned(*args, **kwargs):
+        loss, logs = real_loss(*args, **kwargs)
+        logs["cm_diversity"] = torch.tensor(float("nan"))
+        return loss, logs
+
+    monkeypatch.setattr(train_unet_cm, "diffusion_loss", poisoned)
+    with pytest.raises(SystemExit):
+        run_cli(
+            train_unet_cm.main,
+            tiny_args(tmp_path, max_train_steps=4, checkpointing_steps=1, resume_from_checkpoint="latest"),
+        )
+    err = capsys.readouterr().err
+    assert "step 3" in err and "cm_diversity" in err
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_two_process_launch_writes_one_output(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train_unet_cm.py"),
+        *tiny_args(tmp_path, max_train_steps=3, checkpointing_steps=3),
+    ]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "2 processes" in result.stdout
