@@ -167,15 +167,25 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
 
 
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe; ``base: other.yaml`` (relative to the file) is loaded first and overridden by this one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    base = recipe.pop("base", None)
+    return {**load_recipe(path.parent / base), **recipe} if base else recipe
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """``--config recipe.yaml`` supplies defaults; flags on the command line override them."""
     parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f"--config {known.config}: no such file")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        try:
+            recipe = load_recipe(known.config)
+        except ConfigError as err:
+            parser.error(str(err))
         valid = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - valid)
         if unknown:

@@ -184,6 +184,10 @@ def test_config_file_with_cli_override(tmp_path):
     recipe.write_text(yaml.safe_dump({"objective": "cbdm", "cm_lambda": 0.5, "imbalance_ratio": 50}))
     args = train_unet_cm.parse_args(["--config", str(recipe), "--cm_lambda", "0.25"])
     assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("cbdm", 0.25, 50)
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "r.yaml", "objective": "oc"}))
+    args = train_unet_cm.parse_args(["--config", str(child)])
+    assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("oc", 0.5, 50)
     recipe.write_text(yaml.safe_dump({"cm_lamda": 1}))
     with pytest.raises(SystemExit):
         train_unet_cm.parse_args(["--config", str(recipe)])
