@@ -19,39 +19,43 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from peft import get_peft_model
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
-from capman_peft.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from capman_peft.data import class_balanced_sampler, load_imbalanced_dataset
+from capman_peft.data import load_imbalanced_dataset
 from capman_peft.hub import push_to_hub, write_model_card
 from capman_peft.pipelines import save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.training import (
-    ConfigError,
+    StepRandomness,
     add_data_args,
     add_objective_args,
     add_training_args,
+    backward_and_step,
     check_common_args,
+    cm_card_settings,
     diffusion_loss,
     guard_finite,
+    init_trackers,
     log_values,
+    make_accelerator,
+    make_lr_scheduler,
     make_objective,
+    make_train_dataloader,
     parse_args_with_config,
     prepare_cm,
+    publish_image,
+    resume_training,
     run_cli,
-    setup_logging,
-    step_seed,
+    save_training_checkpoint,
+    steps_per_epoch,
     total_steps,
+    train_batches,
     write_training_summary,
 )
 
@@ -131,34 +135,13 @@ def save_validation_grid(
         ).images
     unet.train(was_training)
     grid = make_image_grid(images, rows=len(class_names), cols=args.validation_images_per_class)
-    path = Path(args.output_dir) / "validation" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": wandb.Image(grid)}, step=step)
-    return path
+    return publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    setup_logging(accelerator.is_main_process)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    accelerator = make_accelerator(args)
 
     # Data: the long-tailed training set (Cao et al. subsampling), class 0 largest.
     dataset = load_imbalanced_dataset(
@@ -196,23 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     objective = make_objective(args, noise_scheduler, class_counts)
 
-    # Data order depends only on (seed, epoch): resumed runs see the same batches.
-    order = torch.Generator()
-    sampler = (
-        class_balanced_sampler(dataset.labels, generator=order)
-        if args.sampler == "balanced"
-        else RandomSampler(dataset, generator=order)
-    )
-    dataloader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(0),
-    )
-    if len(dataloader) == 0:
-        raise ConfigError(f"--train_batch_size {args.train_batch_size} exceeds the {len(dataset)} training images")
+    dataloader, order = make_train_dataloader(dataset, dataset.labels, args)
     optimizer = torch.optim.Adam(
         params,
         lr=args.learning_rate,
@@ -221,35 +188,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         eps=args.adam_epsilon,
     )
     max_steps, _ = total_steps(args, len(dataloader) // accelerator.num_processes)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    steps_per_epoch = max(1, len(dataloader) // args.gradient_accumulation_steps)
-    num_epochs = -(-max_steps // steps_per_epoch)
-
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No checkpoint in %s; starting from scratch", output_dir)
-        else:
-            state = load_checkpoint(path, accelerator.unwrap_model(denoiser).unet)
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            global_step = state["step"]
-            logger.info("Resumed from %s at step %d", path, global_step)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "capman-unet", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+    num_epochs = -(-max_steps // steps_per_epoch(len(dataloader), args.gradient_accumulation_steps))
+    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
+    init_trackers(accelerator, "capman-unet", args)
 
     logger.info(
         "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation",
@@ -259,75 +204,56 @@ def main(argv: Sequence[str] | None = None) -> None:
         accelerator.num_processes,
         args.gradient_accumulation_steps,
     )
+    randomness = StepRandomness(
+        accelerator,
+        args.seed,
+        args.train_batch_size,
+        (unet.config.in_channels, args.resolution, args.resolution),
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        label_dropout=args.label_dropout,
+        objective=objective,
+    )
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     logs: dict[str, float] = {}
     start = time.time()
-    first_epoch, skip = divmod(global_step, steps_per_epoch)
-    for epoch in range(first_epoch, num_epochs):
-        order.manual_seed(args.seed * 100_003 + epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip:
-            batches = accelerator.skip_first_batches(dataloader, skip * args.gradient_accumulation_steps)
-        for micro, batch in enumerate(batches):
-            seed = step_seed(
-                args.seed,
-                global_step * args.gradient_accumulation_steps + micro % args.gradient_accumulation_steps,
-                accelerator.process_index,
-            )
-            torch.manual_seed(seed)  # model dropout
-            generator = torch.Generator(accelerator.device).manual_seed(seed)
-            with accelerator.accumulate(denoiser):
-                loss, step_logs = diffusion_loss(
-                    denoiser,
-                    objective,
-                    noise_scheduler,
-                    batch["pixel_values"],
-                    batch["label"],
-                    num_classes=num_classes,
-                    label_dropout=args.label_dropout,
-                    cm=cm,
-                    generator=generator,
-                )
-                guard_finite(global_step + 1, step_logs)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(params)
-            global_step += 1
-            progress.update(1)
-            logs = log_values(step_logs, lr_scheduler.get_last_lr()[0])
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                save_checkpoint(
-                    output_dir,
-                    global_step,
-                    accelerator.unwrap_model(denoiser).unet,
-                    state,
-                    args.checkpoints_total_limit,
-                )
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-                if ema is not None:
-                    ema.store(params)
-                    ema.copy_to(params)
-                base = accelerator.unwrap_model(denoiser).unet
-                unet_for_sampling = base.get_base_model() if cm is not None else base
-                save_validation_grid(accelerator, unet_for_sampling, noise_scheduler, class_names, args, global_step)
-                if ema is not None:
-                    ema.restore(params)
-            if global_step >= max_steps:
-                break
+    for _, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
         if global_step >= max_steps:
             break
+        draws = randomness.micro_batch(global_step, micro)
+        with accelerator.accumulate(denoiser):
+            loss, step_logs = diffusion_loss(
+                denoiser,
+                objective,
+                noise_scheduler,
+                batch["pixel_values"],
+                batch["label"],
+                num_classes=num_classes,
+                cm=cm,
+                draws=draws,
+            )
+            guard_finite(global_step + 1, step_logs)
+            backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+        if not accelerator.sync_gradients:
+            continue
+        if ema is not None:
+            ema.step(params)
+        global_step += 1
+        progress.update(1)
+        logs = log_values(step_logs, lr_scheduler.get_last_lr()[0])
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+            model = accelerator.unwrap_model(denoiser).unet
+            save_training_checkpoint(args, global_step, model, optimizer, lr_scheduler, ema)
+        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+            if ema is not None:
+                ema.store(params)
+                ema.copy_to(params)
+            base = accelerator.unwrap_model(denoiser).unet
+            unet_for_sampling = base.get_base_model() if cm is not None else base
+            save_validation_grid(accelerator, unet_for_sampling, noise_scheduler, class_names, args, global_step)
+            if ema is not None:
+                ema.restore(params)
     progress.close()
     train_seconds = time.time() - start
 
@@ -343,18 +269,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             grid_unet = model
         save_class_conditional_pipeline(grid_unet, inference_scheduler, class_names, output_dir)
-        cm_settings = (
-            None
-            if cm is None
-            else {
-                "mode": "full",
-                "expert_rank_ratio": args.expert_rank_ratio,
-                "lambda": args.cm_lambda,
-                "w_con": args.cm_consistency_weight,
-                "w_div": args.cm_diversity_weight,
-                "objective": args.objective,
-            }
-        )
         write_training_summary(
             output_dir / "training_summary.json",
             args,
@@ -371,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             imbalance_ratio=args.imbalance_ratio,
             class_names=class_names,
             class_counts=class_counts,
-            cm_settings=cm_settings,
+            cm_settings=cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio),
             pipeline_note="Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
             '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", '
             "trust_remote_code=True)`.",

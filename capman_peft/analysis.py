@@ -43,6 +43,7 @@ from .evaluation import (
     load_pipeline,
     pipeline_resolution,
     read_pipeline_folder,
+    require_adapter,
     write_json,
 )
 
@@ -393,6 +394,7 @@ def expert_capacity(
     from .tuner import expert_disabled
 
     _check_sampling(num_batches, batch_size, seed)
+    require_adapter(read_pipeline_folder(pipeline))  # fail before loading anything
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
     capman = load_capman_unet(setup.folder).to(setup.pipe.unet.device)
     denoiser = make_denoiser(setup.pipe, setup.folder, setup.class_names, setup.dataset)

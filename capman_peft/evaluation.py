@@ -76,8 +76,6 @@ SCHEDULERS = ("ddim", "dpm", "pipeline")
 EXPERT_SETTINGS = ("on", "off", "both")
 INCEPTION = "inception-v3-compat"
 DIGITS_CLASSIFIER = "digits-classifier"
-MODEL_CARD_START = "<!-- capman-metrics -->"
-MODEL_CARD_END = "<!-- /capman-metrics -->"
 KID_MAX_SUBSET = 1000
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds of precision/recall
 
@@ -461,6 +459,17 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     return folder
 
 
+def require_adapter(folder: PipelineFolder) -> Path:
+    """``output_dir/adapter/adapter_config.json``, or a ValueError saying that θ^g needs it."""
+    config_file = folder.adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{str(folder.path)!r} has no adapter/adapter_config.json: the expert-off model θ^g needs the unmerged "
+            "CapMan adapter that training saves next to the merged pipeline"
+        )
+    return config_file
+
+
 def load_capman_unet(folder: PipelineFolder) -> nn.Module:
     """The unmerged CapMan UNet (a ``PeftModel``, eval mode) from ``output_dir/adapter``.
 
@@ -473,12 +482,7 @@ def load_capman_unet(folder: PipelineFolder) -> nn.Module:
 
     from . import tuner  # noqa: F401  (registers the CapMan tuner with PEFT)
 
-    config_file = folder.adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(
-            f"{str(folder.path)!r} has no adapter/adapter_config.json: the expert-off model θ^g needs the unmerged "
-            "CapMan adapter that training saves next to the merged pipeline"
-        )
+    config_file = require_adapter(folder)
     adapter_config = json.loads(config_file.read_text())
     unet_cls = UNet2DModel if folder.kind == "class-conditional" else UNet2DConditionModel
     if adapter_config.get("mode") == "full":
@@ -808,7 +812,9 @@ def evaluate_pipeline(
         **measured,
     }
     if spec is get_dataset_spec("imb-digits") and class_names == [str(d) for d in range(10)]:
-        classifier = load_digits_classifier(weights if extractor == DIGITS_CLASSIFIER else None)
+        classifier = load_digits_classifier(
+            weights if extractor == DIGITS_CLASSIFIER else digits_classifier_file(cache_dir)
+        )
         result["classifier_accuracy"] = classifier_accuracy(classifier, images, labels, num_classes)
     if output_dir is not None:
         output_dir = Path(output_dir)
@@ -896,12 +902,9 @@ def _fmt(value: Any) -> str:
 
 
 def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
-    """The model-card metrics section (between the capman-metrics markers)."""
+    """Markdown for the model card's metrics section (:func:`capman_peft.hub.update_model_card_metrics`)."""
     first = results[0]
     lines = [
-        MODEL_CARD_START,
-        "## Evaluation",
-        "",
         f"`capman-eval` on `{first['dataset']}`: {first['num_images_per_class']} generated images per class vs "
         f"{first['reference_images_per_class']} real images per class at {first['resolution']} px, "
         f"{first['scheduler']} sampler, {first['steps']} steps, guidance scale {first['guidance_scale']}, "
@@ -924,21 +927,7 @@ def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
             a = r["classifier_accuracy"]
             splits = ", ".join(f"{k} {_fmt(v)}" for k, v in a["splits"].items())
             lines.append(f"* expert {r['expert']}: overall {_fmt(a['overall'])} ({splits})")
-    lines.append(MODEL_CARD_END)
     return "\n".join(lines)
-
-
-def update_model_card(readme: str | Path, section: str) -> Path:
-    """Replace the text between the capman-metrics markers of ``readme`` with ``section``; append it if absent."""
-    readme = Path(readme)
-    text = readme.read_text() if readme.is_file() else ""
-    start, end = text.find(MODEL_CARD_START), text.find(MODEL_CARD_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(MODEL_CARD_END) :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
-    readme.write_text(text)
-    return readme
 
 
 def evaluate_pipelines(
@@ -953,8 +942,12 @@ def evaluate_pipelines(
     One model: ``output_dir/{metrics.json,samples.png,fid_splits.png}``. Several (more than one ``pipelines`` or
     ``expert="both"``): ``output_dir/<label>/{metrics.json,samples.png}`` per model, plus ``output_dir/summary.json``
     (the list of all results) and ``output_dir/fid_splits.png``. Default ``output_dir``: ``<pipeline>/eval`` for a
-    single pipeline folder, else ``./capman_eval``. ``kwargs`` go to :func:`evaluate_pipeline`.
+    single pipeline folder, else ``./capman_eval``. With ``update_model_cards``, each pipeline's README.md gets its
+    results in the section between the ``capman-metrics`` markers (replaced, or appended when the card has none).
+    ``kwargs`` go to :func:`evaluate_pipeline`.
     """
+    from .hub import update_model_card_metrics
+
     if expert not in EXPERT_SETTINGS:
         raise ValueError(f"expert must be one of {', '.join(EXPERT_SETTINGS)}, got {expert!r}")
     if not pipelines:
@@ -979,7 +972,7 @@ def evaluate_pipelines(
     if update_model_cards:
         for folder in folders:
             own = [r for r in results if r["pipeline"] == str(folder.path)]
-            update_model_card(folder.path / "README.md", metrics_markdown(own))
+            update_model_card_metrics(folder.path, metrics_markdown(own))
     return results
 
 
@@ -999,7 +992,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     parts += [f"{k}_fid={_fmt(v.get('fid'))}" for k, v in result.get("splits", {}).items()]
     if "classifier_accuracy" in result:
         parts.append(f"classifier_accuracy={_fmt(result['classifier_accuracy']['overall'])}")
-    print(f"[{display_label(result)}] " + " ".join(parts))
+    print(f"[{display_label(result)}] ({result['feature_extractor']} features) " + " ".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1144,7 +1137,9 @@ def _check_cli(args: argparse.Namespace) -> None:
     if args.expert not in EXPERT_SETTINGS:
         raise ValueError(f"--expert must be one of {', '.join(EXPERT_SETTINGS)}, got {args.expert!r}")
     for path in args.pipeline:
-        read_pipeline_folder(path)
+        folder = read_pipeline_folder(path)
+        if args.expert in ("off", "both"):
+            require_adapter(folder)
     get_dataset_spec(_cli_dataset(args))
 
 

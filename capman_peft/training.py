@@ -7,20 +7,28 @@ and data, prepare, loop, save — and call into this module for everything they 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .data import DATASETS
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import DATASETS, class_balanced_sampler
 from .denoiser import FORWARD_MODES
 from .objective import (
     OBJECTIVES,
@@ -37,6 +45,14 @@ logger = logging.getLogger("capman_peft")
 
 class ConfigError(ValueError):
     """A bad flag or recipe value; scripts print it as one line and exit non-zero."""
+
+
+def add_underscore_negation(group: argparse._ActionsContainer, flag: str) -> None:
+    """argparse spells the negation of a BooleanOptionalAction ``--x_y`` as ``--no-x_y``; accept ``--no_x_y`` too,
+    the spelling of every other flag here."""
+    group.add_argument(
+        f"--no_{flag}", dest=flag, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default_resolution: int | None) -> None:
@@ -84,6 +100,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         default=True,
         help="Train with the CM loss and a reserved expert; --no_capacity_manipulation is the baseline.",
     )
+    add_underscore_negation(group, "capacity_manipulation")
     group.add_argument("--cm_lambda", type=float, default=1.0, help="Weight lambda of L_CM (paper Eq. 4).")
     group.add_argument(
         "--cm_forward",
@@ -143,6 +160,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="Keep an EMA of the weights; the exported pipeline uses it.",
     )
+    add_underscore_negation(group, "use_ema")
     group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
     group.add_argument(
         "--mixed_precision",
@@ -186,6 +204,14 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
             recipe = load_recipe(known.config)
         except ConfigError as err:
             parser.error(str(err))
+        # A key may be a flag's dest or another name of a value flag (an alias such as caption_dropout).
+        aliases = {
+            opt.lstrip("-"): action.dest
+            for action in parser._actions
+            if type(action) is argparse._StoreAction
+            for opt in action.option_strings
+        }
+        recipe = {aliases.get(key, key): value for key, value in recipe.items()}
         valid = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - valid)
         if unknown:
@@ -265,10 +291,109 @@ def make_objective(args: argparse.Namespace, noise_scheduler: Any, class_counts:
     return build_objective(args.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
 
 
-def step_seed(seed: int, step: int, process_index: int) -> int:
-    """A seed per (run, step, process): noise, timesteps, label dropout and model dropout of a step depend only on
-    these, so a resumed run takes exactly the steps an uninterrupted one would."""
-    return hash((seed, step, process_index)) % (2**63)
+# Independent random streams derived from one step seed (see `step_seed`).
+DRAW_STREAM, DROPOUT_STREAM = 0, 1
+
+
+def step_seed(seed: int, step: int, process_index: int, stream: int = DRAW_STREAM) -> int:
+    """A seed per (run, step, process, stream): the random choices of a step depend only on these, so a resumed run
+    takes exactly the steps an uninterrupted one would. Hashing a tuple of ints is stable across processes."""
+    return hash((seed, step, process_index, stream)) % (2**63)
+
+
+@dataclass
+class StepDraws:
+    """The random choices of a batch, one row per sample.
+
+    ``noise`` and ``timesteps`` make x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; ``label_dropped`` swaps the
+    condition for the null one; ``extra_labels`` is CBDM's y' (None for other objectives). Latent-diffusion training
+    adds ``flip`` (horizontal flip of the image) and ``latent_noise`` (VAE posterior sample z = mean + std * noise).
+    """
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    label_dropped: torch.Tensor
+    extra_labels: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+    latent_noise: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int, device: torch.device | str) -> StepDraws:
+        """Rows ``start:stop`` on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return StepDraws(
+            **{k: None if v is None else v[start:stop].to(device, non_blocking=True) for k, v in values.items()}
+        )
+
+
+def draw_step(
+    generator: torch.Generator | None,
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    num_train_timesteps: int,
+    label_dropout: float,
+    objective: Any,
+    noise_offset: float = 0.0,
+    flip: bool = False,
+    latent_noise: bool = False,
+) -> StepDraws:
+    """Draw every random choice of `num_samples` samples at once, on the generator's device (None: the global RNG,
+    on the CPU).
+
+    Args:
+        sample_shape: shape of one x0 (C, H, W).
+        noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (diffusers' flag).
+        flip, latent_noise: also draw flips (p = 0.5) and VAE posterior noise of `sample_shape`.
+    """
+    rng = {"generator": generator, "device": generator.device if generator is not None else "cpu"}
+    shape = (num_samples, *sample_shape)
+    noise = torch.randn(shape, **rng)
+    if noise_offset:
+        noise += noise_offset * torch.randn((num_samples, shape[1], *[1] * (len(shape) - 2)), **rng)
+    timesteps = torch.randint(0, num_train_timesteps, (num_samples,), **rng)
+    dropped = torch.rand(num_samples, **rng) < label_dropout
+    # CBDM's y' ~ Categorical(N_c) does not depend on y, so placeholder labels of the right length suffice.
+    extra = objective.extra_labels(
+        torch.zeros(num_samples, dtype=torch.long, device=rng["device"]), generator=generator
+    )
+    flips = torch.rand(num_samples, **rng) < 0.5 if flip else None
+    posterior = torch.randn(shape, **rng) if latent_noise else None
+    return StepDraws(noise, timesteps, dropped, extra, flips, posterior)
+
+
+class StepRandomness:
+    """Per-step random choices that make resume exact and gradient accumulation equal to one larger batch.
+
+    The choices of a whole optimizer step (accumulation x batch rows) are drawn at once from a generator seeded by
+    (seed, step, process); micro-batch m takes rows ``m*B:(m+1)*B``. Sample j of a step therefore gets the same
+    noise, timestep and label-dropout decision whether the step is 1 x 2B or 2 x B, and since every objective term is a
+    per-sample mean, 2 x B accumulated equals 1 x 2B (OC, whose references come from the batch, is the exception).
+    Model dropout uses the global RNG, reseeded per micro-batch from an independent stream.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, seed: int, batch_size: int, sample_shape: Sequence[int], **draw_options: Any
+    ) -> None:
+        self.accelerator = accelerator
+        self.seed = seed
+        self.batch_size = batch_size
+        self.sample_shape = tuple(sample_shape)
+        self.draw_options = draw_options
+        self._step: int | None = None
+        self._draws: StepDraws | None = None
+
+    def micro_batch(self, global_step: int, micro: int) -> StepDraws:
+        """The draws of micro-batch `micro` (its index in the epoch) of optimizer step `global_step` (0-based)."""
+        accumulation = self.accelerator.gradient_accumulation_steps
+        process = self.accelerator.process_index
+        index = micro % accumulation
+        if self._step != global_step:
+            generator = torch.Generator().manual_seed(step_seed(self.seed, global_step, process))
+            self._draws = draw_step(generator, accumulation * self.batch_size, self.sample_shape, **self.draw_options)
+            self._step = global_step
+        torch.manual_seed(step_seed(self.seed, global_step * accumulation + index, process, DROPOUT_STREAM))
+        start = index * self.batch_size
+        return self._draws.rows(start, start + self.batch_size, self.accelerator.device)
 
 
 def diffusion_loss(
@@ -279,26 +404,34 @@ def diffusion_loss(
     labels: torch.Tensor,
     *,
     num_classes: int,
-    label_dropout: float,
     cm: CMWeights | None,
-    generator: torch.Generator,
+    draws: StepDraws | None = None,
+    label_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
     cond_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
 
     The condition of sample i is class id ``labels[i]`` (UNet2DModel) or ``cond_table[labels[i]]`` (text
     embeddings); a dropped label uses the null entry ``num_classes``. CM and the objectives see the true labels.
+    `draws` holds the batch's noise, timesteps, label dropout and CBDM labels (the training scripts take them from
+    `StepRandomness`); without it they are drawn here from `generator` with `label_dropout`.
     """
-    batch = x0.shape[0]
-    device = x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device
-    )
+    if draws is None:
+        draws = draw_step(
+            generator,
+            len(x0),
+            x0.shape[1:],
+            num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+            label_dropout=label_dropout,
+            objective=objective,
+        ).rows(0, len(x0), x0.device)
+    if draws.noise.shape != x0.shape:
+        raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
+    noise, timesteps, dropped = draws.noise.to(x0.dtype), draws.timesteps, draws.label_dropped
     x_t = noise_scheduler.add_noise(x0, noise, timesteps)
-    dropped = torch.rand(batch, generator=generator, device=device) < label_dropout
     cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
-    extra_labels = objective.extra_labels(labels, generator=generator)
+    extra_labels = draws.extra_labels
 
     def condition(ids: torch.Tensor | None) -> torch.Tensor | None:
         return ids if ids is None or cond_table is None else cond_table[ids]
@@ -355,6 +488,184 @@ def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, 
             raise ConfigError("give --max_train_steps or --num_train_epochs")
         return args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator (accumulation, mixed precision, trackers under ``output_dir``), plus logging, TF32 and
+    the initialisation seed."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    setup_logging(accelerator.is_main_process)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    return accelerator
+
+
+def init_trackers(accelerator: Accelerator, project_name: str, args: argparse.Namespace) -> None:
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers(project_name, config=config)
+
+
+def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen weights: the mixed precision in effect (the flag or accelerate's config), else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to `dtype` (memory); trainable ones to float32 (optimizer updates must not round away)."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
+
+
+def make_train_dataloader(
+    dataset: Dataset, labels: Sequence[int], args: argparse.Namespace
+) -> tuple[DataLoader, torch.Generator]:
+    """The training DataLoader (random or class-balanced order, full batches) and the generator of its order, which
+    `train_batches` reseeds per epoch so that the order depends only on (seed, epoch)."""
+    order = torch.Generator()
+    sampler = (
+        class_balanced_sampler(labels, generator=order)
+        if args.sampler == "balanced"
+        else RandomSampler(dataset, generator=order)
+    )
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    if len(dataloader) == 0:
+        raise ConfigError(f"--train_batch_size {args.train_batch_size} exceeds the {len(dataset)} training images")
+    return dataloader, order
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch; accelerate also steps on the last, shorter accumulation of an epoch."""
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+def train_batches(
+    accelerator: Accelerator, dataloader: DataLoader, order: torch.Generator, seed: int, global_step: int
+) -> Iterator[tuple[int, int, Any]]:
+    """``(epoch, micro, batch)`` from optimizer step `global_step` on, endlessly (the caller stops at its last step).
+
+    `micro` is the batch's index within the epoch's iteration, so ``micro % accumulation`` is its place in the
+    optimizer step; a resumed run skips the batches of the steps already taken in its first epoch.
+    """
+    accumulation = accelerator.gradient_accumulation_steps
+    first_epoch, skip = divmod(global_step, steps_per_epoch(len(dataloader), accumulation))
+    for epoch in itertools.count(first_epoch):
+        order.manual_seed(seed * 100_003 + epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip:
+            batches = accelerator.skip_first_batches(dataloader, skip * accumulation)
+        for micro, batch in enumerate(batches):
+            yield epoch, micro, batch
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int):
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )
+
+
+def backward_and_step(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    max_grad_norm: float,
+) -> None:
+    """Backward, clip on the steps that update, optimizer and LR step (no-ops while gradients accumulate)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_training_checkpoint(
+    args: argparse.Namespace,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: Any | None = None,
+) -> Path:
+    """``output_dir/checkpoint-<step>``: the trainable parameters of `model` and the optimizer/LR/EMA state."""
+    state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return save_checkpoint(args.output_dir, step, model, state, args.checkpoints_total_limit)
+
+
+def resume_training(
+    args: argparse.Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: Any | None = None,
+) -> int:
+    """Load ``--resume_from_checkpoint`` (if any) into the model and training state; the step to continue from."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        logger.info("No checkpoint in %s; starting from scratch", args.output_dir)
+        return 0
+    state = load_checkpoint(path, model)
+    if ema is not None and "ema" not in state:
+        raise ConfigError(f"checkpoint {path} has no EMA state; resume it without --use_ema")
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    logger.info("Resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step: int, key: str = "validation") -> Path:
+    """Save `image` as PNG at `path` and send it to the trackers (tensorboard, wandb)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(key, np.asarray(image)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: wandb.Image(image)}, step=step)
+    return path
+
+
+def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any] | None:
+    """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
+    if not args.capacity_manipulation:
+        return None
+    return {
+        **adapter,
+        "lambda": args.cm_lambda,
+        "w_con": args.cm_consistency_weight,
+        "w_div": args.cm_diversity_weight,
+        "objective": args.objective,
+    }
 
 
 def write_training_summary(

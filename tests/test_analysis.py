@@ -1,0 +1,196 @@
+"""capman-analyze: magnitude pruning (paper Fig. 1b, Eq. G.1) and per-class expert usage of a CM run."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import UP_TARGETS, make_tiny_unet2d
+from diffusers import DDPMScheduler
+from peft import get_peft_model
+from sklearn.datasets import load_digits
+from torch import nn
+
+from capman_peft import CapManConfig, save_class_conditional_pipeline
+from capman_peft.analysis import (
+    expert_capacity,
+    fixed_batches,
+    magnitude_prune_,
+    main,
+    make_denoiser,
+    prepare_analysis,
+    prunable_weights,
+    pruning_sensitivity,
+)
+from capman_peft.data import long_tail_counts
+from capman_peft.evaluation import load_pipeline
+
+DIGITS = [str(d) for d in range(10)]
+SMALL = ["--num_batches", "2", "--batch_size", "8"]
+
+
+def make_cm_run(out: Path, zero_expert: bool = False) -> None:
+    """What a from-scratch CM training run leaves: merged pipeline, adapter/, training_summary.json."""
+    model = get_peft_model(
+        make_tiny_unet2d(num_classes=10),
+        CapManConfig(mode="full", expert_rank_ratio=0.5, init_lora_weights=zero_expert, target_modules=UP_TARGETS),
+    ).eval()
+    model.save_pretrained(out / "adapter")
+    save_class_conditional_pipeline(copy.deepcopy(model).merge_and_unload(), DDPMScheduler(), DIGITS, out)
+    summary = {"args": {"dataset": "imb-digits", "imbalance_ratio": 10, "resolution": 8}, "class_names": DIGITS}
+    (out / "training_summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def cm_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    make_cm_run(out)
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pruning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_magnitude_pruning_zeroes_exactly_the_smallest_fraction_of_linear_and_conv_weights():
+    model = make_tiny_unet2d()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = {n for n, _ in prunable_weights(model)}
+    assert chosen == {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    total = sum(before[n].numel() for n in chosen)
+    stats = magnitude_prune_(model, 0.1)
+    after = dict(model.named_parameters())
+    zeroed = torch.cat([(after[n] == 0).flatten() for n in sorted(chosen)])
+    assert stats["num_weights"] == total and stats["num_pruned"] == round(0.1 * total) == int(zeroed.sum())
+    magnitudes = torch.cat([before[n].abs().flatten() for n in sorted(chosen)])
+    assert magnitudes[zeroed].max() <= magnitudes[~zeroed].min()
+    assert magnitudes[zeroed].max().item() == pytest.approx(stats["threshold"])
+    for name, value in before.items():  # kept weights, biases, norms and the class embedding are untouched
+        keep = after[name] != 0 if name in chosen else torch.ones_like(value, dtype=torch.bool)
+        assert torch.equal(after[name][keep], value[keep]), name
+
+
+def test_magnitude_pruning_breaks_ties_to_hit_the_exact_count():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 3))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.fill_(0.5)
+    assert magnitude_prune_(model, 0.2)["num_pruned"] == 26  # 20% of 130 weights, all of the same magnitude
+    assert sum(int((layer.weight == 0).sum()) for layer in model) == 26
+    assert int((model[0].weight == 0).sum()) == 26  # ties go in parameter order
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\], got 1.5"):
+        magnitude_prune_(model, 1.5)
+
+
+@pytest.mark.slow
+def test_prune_analysis_is_deterministic_and_leaves_the_pipeline_untouched(cm_run, tmp_path):
+    before = file_hashes(cm_run)
+    for name in ("a", "b"):
+        assert main(["prune", "--pipeline", str(cm_run), *SMALL, "--output_dir", str(tmp_path / name)]) == 0
+    assert file_hashes(cm_run) == before
+    first = (tmp_path / "a" / "prune.json").read_text()
+    assert first == (tmp_path / "b" / "prune.json").read_text()
+    assert (tmp_path / "a" / "prune.png").stat().st_size > 0
+    result = json.loads(first)
+    assert result["fraction"] == 0.1 and result["num_pruned"] == round(0.1 * result["num_weights"])
+    zeros_in_digits = int((load_digits().target == 0).sum())
+    assert result["class_counts"] == long_tail_counts(zeros_in_digits, 10, 10)  # the training set, reloaded
+    assert result["order_by_size"] == list(range(10)) and result["samples_per_class"] == 16
+    for c in range(10):
+        raw, pruned = result["loss_raw"][c], result["loss_pruned"][c]
+        assert result["relative_loss_change"][c] == pytest.approx((pruned - raw) / raw)
+    assert set(result["splits"]) == {"many", "medium", "few"}
+    many = result["splits"]["many"]["relative_loss_change"]
+    assert many == pytest.approx(sum(result["relative_loss_change"][:3]) / 3)
+
+
+def test_prune_fraction_zero_changes_no_loss(cm_run):
+    result = pruning_sensitivity(cm_run, fraction=0.0, num_batches=1, batch_size=4, progress=False)
+    assert result["num_pruned"] == 0 and result["relative_loss_change"] == [0.0] * 10
+
+
+def test_per_class_loss_matches_a_direct_computation(cm_run):
+    """L^c is the plain ε-MSE of the saved UNet on class-c training images noised with the seeded draw."""
+    result = pruning_sensitivity(cm_run, fraction=0.2, num_batches=1, batch_size=4, seed=3, progress=False)
+    setup = prepare_analysis(cm_run)
+    unet = load_pipeline(cm_run).unet
+    scheduler = DDPMScheduler.from_pretrained(cm_run, subfolder="scheduler")
+    denoiser = make_denoiser(setup.pipe, setup.folder, DIGITS, "imb-digits")
+    batch = next(b for b in fixed_batches(denoiser, setup.data, 10, 1, 4, seed=3) if b.class_id == 9)
+    # the batch is class 9's first four training images, noised as DDPM does
+    images = torch.stack([setup.data[i]["pixel_values"] for i, y in enumerate(setup.data.labels) if y == 9][:4])
+    noise = batch.target  # epsilon prediction: the target is the noise itself
+    alpha_bar = scheduler.alphas_cumprod[batch.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(batch.noisy, alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise)
+    with torch.no_grad():
+        expected = (unet(batch.noisy, batch.timesteps, class_labels=torch.full((4,), 9)).sample - noise).pow(2).mean()
+    assert result["loss_raw"][9] == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert usage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_capacity_is_zero_for_a_fresh_expert_and_positive_for_a_trained_one(cm_run, tmp_path):
+    fresh = tmp_path / "fresh"
+    make_cm_run(fresh, zero_expert=True)
+    kw = dict(num_batches=1, batch_size=4, progress=False)
+    zero = expert_capacity(fresh, **kw)
+    assert zero["expert_usage"] == [0.0] * 10 and zero["loss_full"] == zero["loss_general"]
+    used = expert_capacity(cm_run, output_dir=tmp_path / "cap", **kw)
+    assert all(d > 0 for d in used["expert_usage"]) and used["loss_full"] != used["loss_general"]
+    assert (tmp_path / "cap" / "capacity.png").stat().st_size > 0
+    assert json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"] == used["expert_usage"]
+
+
+def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
+    """Independent of the expert gate: the merged model θ and θ^g built by load_pipeline(expert="off")."""
+    result = expert_capacity(cm_run, num_batches=1, batch_size=4, progress=False)
+    setup = prepare_analysis(cm_run)
+    theta, theta_g = load_pipeline(cm_run).unet, load_pipeline(cm_run, expert="off").unet
+    denoiser = make_denoiser(setup.pipe, setup.folder, DIGITS, "imb-digits")
+    for batch in fixed_batches(denoiser, setup.data, 10, 1, 4):
+        with torch.no_grad():
+            a = theta(batch.noisy, batch.timesteps, **batch.condition).sample
+            b = theta_g(batch.noisy, batch.timesteps, **batch.condition).sample
+        assert result["expert_usage"][batch.class_id] == pytest.approx((a - b).pow(2).mean().item(), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--pipeline", "NOWHERE"], "is not a pipeline folder (no model_index.json)"),
+        (["prune", "--pipeline", "RUN", "--fraction", "1.5"], "fraction must be in [0, 1], got 1.5"),
+        (["prune", "--pipeline", "RUN", "--dataset", "imb-nope"], "unknown dataset 'imb-nope'; known datasets:"),
+        (["capacity", "--pipeline", "RUN", "--num_batches", "0"], "num_batches must be an integer >= 1, got 0"),
+        (["capacity", "--pipeline", "NOADAPTER"], "has no adapter/adapter_config.json"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(argv, message, cm_run, tmp_path, capsys):
+    no_adapter = tmp_path / "no_adapter"
+    if "NOADAPTER" in argv:
+        make_cm_run(no_adapter)
+        for f in (no_adapter / "adapter").iterdir():
+            f.unlink()
+        (no_adapter / "adapter").rmdir()
+    paths = {"NOWHERE": str(tmp_path), "RUN": str(cm_run), "NOADAPTER": str(no_adapter)}
+    argv = [paths.get(a, a) for a in argv] + ["--output_dir", str(tmp_path / "analysis")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("capman-analyze: error: ") and message in err, err

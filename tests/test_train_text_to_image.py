@@ -1,0 +1,539 @@
+"""train_text_to_image_cm.py end to end on a tiny Stable Diffusion and an ArtBench-format dataset, both built here.
+
+The base pipeline has the real component types (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer from
+a character vocabulary, PNDM scheduler as in SD v1) at toy sizes: 16 px images, 8 x 8 latents. The dataset is a local
+parquet copy in the zguo0525/ArtBench mirror's format (label names in the mirror's non-alphabetical order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import string
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_python_without_capman
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from peft import PeftModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
+from capman_peft.training import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_text_to_image_cm  # noqa: E402
+
+# The mirror's label order (baroque is 8 there, 1 in the paper's alphabetical order).
+ARTBENCH_MIRROR_NAMES = [
+    "expressionism", "art_nouveau", "renaissance", "ukiyo_e", "realism",
+    "romanticism", "surrealism", "impressionism", "baroque", "post_impressionism",
+]  # fmt: skip
+IMAGES_PER_CLASS = 4  # IR 4 keeps [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] = 18 images
+NUM_TRAIN = 18
+
+
+def build_tiny_sd(root: Path) -> Path:
+    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):  # one token per character (and per word-final character): no merges needed
+        for char in string.ascii_lowercase + "-":
+            vocab[char + suffix] = len(vocab)
+    files = root / "tokenizer-files"
+    files.mkdir(parents=True)
+    (files / "vocab.json").write_text(json.dumps(vocab))
+    (files / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(  # two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root / "base", safe_serialization=True)
+    return root / "base"
+
+
+def write_artbench_mirror(root: Path) -> Path:
+    """data/train-00000-of-00001.parquet with the mirror's columns (image, label) and ClassLabel names."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(ARTBENCH_MIRROR_NAMES)), IMAGES_PER_CLASS).tolist()
+    # 18 x 16 (non-square: resize + crop run) random images
+    images = [Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)) for _ in labels]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=ARTBENCH_MIRROR_NAMES)})
+    (root / "data").mkdir(parents=True)
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+        str(root / "data" / "train-00000-of-00001.parquet")
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("sd-assets")
+    return SimpleNamespace(base=build_tiny_sd(root), data=write_artbench_mirror(root / "artbench"), cache=root / "hf")
+
+
+def tiny_args(assets: SimpleNamespace, tmp_path: Path, out: str = "out", **overrides) -> list[str]:
+    values = {
+        "pretrained_model_name_or_path": assets.base,
+        "dataset": "imb-artbench10",
+        "dataset_name": assets.data,
+        "cache_dir": assets.cache,
+        "imbalance_ratio": 4,
+        "resolution": 16,
+        "train_batch_size": 4,
+        "max_train_steps": 2,
+        "rank": 4,
+        "expert_rank": 2,
+        "learning_rate": 1e-3,
+        "num_inference_steps": 2,
+        "num_validation_images": 1,
+        "validation_epochs": 0,
+        "report_to": "none",
+        "checkpointing_steps": 100,
+        "output_dir": tmp_path / out,
+    }
+    values.update(overrides)
+    args = []
+    for key, value in values.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_one_error_line(capsys, *fragments: str) -> None:
+    """Exit code 1 was checked by the caller; stderr holds one error line, last, and no traceback (progress bars,
+    which tqdm redraws with carriage returns, may come before it)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state and refuses another mixed precision in the same process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> SimpleNamespace:
+    """Five steps (one epoch of 4 plus one, validation after the epoch), pushed to a patched Hub."""
+    tmp = tmp_path_factory.mktemp("sd-train")
+    uploads = []
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploads.append({**kwargs, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))})
+
+    with pytest.MonkeyPatch.context() as patch:
+        import huggingface_hub
+
+        patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
+        patch.setattr(huggingface_hub, "upload_folder", upload_folder)
+        args = tiny_args(
+            assets,
+            tmp,
+            max_train_steps=5,
+            validation_epochs=1,
+            random_flip=True,
+            push_to_hub=True,
+            hub_model_id="someone/tiny-capman-sd",
+        )
+        train_text_to_image_cm.main(args)
+    return SimpleNamespace(out=tmp / "out", uploads=uploads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The output: a merged StableDiffusionPipeline that samples, equal to base + adapter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_output_is_a_stable_diffusion_pipeline_that_samples_with_ddim_and_dpm_solver(trained):
+    out = trained.out
+    names = {p.name for p in out.iterdir()}
+    expected = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "adapter"}
+    assert expected | {"README.md", "training_summary.json", "samples.png", "validation"} <= names
+    assert (out / "validation" / "epoch-001.png").is_file()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for scheduler in (DDIMScheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        images = pipe(
+            "a realism painting",
+            num_inference_steps=3,
+            guidance_scale=1.5,
+            generator=torch.manual_seed(0),
+            output_type="np",
+        ).images
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["class_counts"] == [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] and summary["steps"] == 5
+    assert summary["class_names"][1] == "baroque" and summary["prompts"][4] == "a post impressionism painting"
+    assert "hub_token" not in summary["args"] and np.isfinite(summary["final_losses"]["loss"])
+
+
+def assert_merged_equals_base_plus_adapter(out: Path, base_folder: Path) -> None:
+    """The exported UNet computes what the base UNet with the saved adapter computes, and differs from the base."""
+    merged = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    base = UNet2DConditionModel.from_pretrained(base_folder / "unet").eval()
+    unmerged = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base_folder / "unet"), out / "adapter")
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
+    torch.manual_seed(1)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
+    with torch.no_grad():
+        expected = unmerged.eval()(x, t, encoder_hidden_states=text).sample
+        torch.testing.assert_close(merged(x, t, encoder_hidden_states=text).sample, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(base(x, t, encoder_hidden_states=text).sample, expected, atol=1e-4)
+
+
+def test_merged_unet_equals_base_plus_adapter_and_training_moved_it(trained, assets):
+    assert_merged_equals_base_plus_adapter(trained.out, assets.base)
+    config = json.loads((trained.out / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["mode"], config["r"], config["expert_r"]) == ("CAPMAN", "lora", 4, 2)
+    assert config["base_model_name_or_path"] == str(assets.base)
+
+
+@pytest.mark.parametrize(
+    "overrides, adapter, loss_term",
+    [
+        ({"no_capacity_manipulation": True}, "LORA", "base_loss"),
+        ({"objective": "cbdm"}, "CAPMAN", "cbdm_reg"),
+        ({"objective": "oc"}, "CAPMAN", "oc_ref_changed"),
+    ],
+    ids=["lora-baseline", "cm-cbdm", "cm-oc"],
+)
+def test_lora_baseline_and_every_objective_train_and_export(assets, tmp_path, overrides, adapter, loss_term):
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, max_train_steps=2, **overrides))
+    out = tmp_path / "out"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == adapter
+    assert np.isfinite(json.loads((out / "training_summary.json").read_text())["final_losses"][loss_term])
+    assert_merged_equals_base_plus_adapter(out, assets.base)
+
+
+@pytest.mark.slow
+def test_output_loads_and_samples_without_capman_peft(trained, tmp_path):
+    code = (
+        "import sys, torch\nfrom diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "images = pipe('a baroque painting', num_inference_steps=2, output_type='np').images\n"
+        "assert type(pipe).__name__ == 'StableDiffusionPipeline' and images.shape == (1, 16, 16, 3)\nprint('ok')\n"
+    )
+    result = run_python_without_capman(code, [trained.out], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_model_card_names_base_license_data_and_cm_settings(trained):
+    card = (trained.out / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "license: creativeml-openrail-m" in header and "library_name: diffusers" in header
+    assert "base_model:" not in header  # a local base folder is not a Hub id; the Hub would reject it
+    assert "imb-artbench10" in card and "| 1 | baroque | 3 |" in card and "expert_rank=2" in card
+    assert '"a realism painting"' in card and '"a ukiyo-e painting"' in card
+
+
+def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# base\n")
+    args = argparse.Namespace(pretrained_model_name_or_path=str(tmp_path), license=None, cache_dir=None, revision=None)
+    assert train_text_to_image_cm.base_model_license(args) == "mit"
+    args.license = "openrail"
+    assert train_text_to_image_cm.base_model_license(args) == "openrail"
+    args.license, args.pretrained_model_name_or_path = None, str(tmp_path / "elsewhere")
+    assert train_text_to_image_cm.base_model_license(args) == "creativeml-openrail-m"
+
+
+def test_push_to_hub_uploads_the_merged_pipeline_with_its_card(trained):
+    (upload,) = trained.uploads
+    assert upload["repo_id"] == "someone/tiny-capman-sd" and Path(upload["folder_path"]) == trained.out
+    for name in (
+        "model_index.json",
+        "README.md",
+        "unet/diffusion_pytorch_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
+        assert name in upload["files"]
+    assert "checkpoint-*" in upload["ignore_patterns"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Work done once
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counters(monkeypatch) -> SimpleNamespace:
+    """Rows through the text encoder and images through the VAE encoder, over a whole run."""
+    counts = SimpleNamespace(prompts=0, encoded=0)
+    text_forward, vae_encode = CLIPTextModel.forward, AutoencoderKL.encode
+
+    def counting_text_forward(self, input_ids=None, *args, **kwargs):
+        counts.prompts += input_ids.shape[0]
+        return text_forward(self, input_ids, *args, **kwargs)
+
+    def counting_encode(self, x, *args, **kwargs):
+        counts.encoded += x.shape[0]
+        return vae_encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", counting_text_forward)
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    return counts
+
+
+def test_text_encoder_runs_once_per_prompt_and_cached_latents_once_per_image_and_flip(assets, tmp_path, counters):
+    """Five steps across an epoch boundary with a validation grid: 11 prompts (10 classes + the empty prompt) are
+    encoded once; with --cache_latents each of the 18 images is VAE-encoded once per flip state, never in the loop.
+    Encoding per batch instead gives the same training (same flips and posterior noise), at 4 encodes per step."""
+    run = dict(max_train_steps=5, validation_epochs=1, random_flip=True, center_crop=True)
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, "cached", cache_latents=True, **run))
+    assert (counters.prompts, counters.encoded) == (11, 2 * NUM_TRAIN)
+    counters.prompts = counters.encoded = 0
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, "per-batch", **run))
+    assert (counters.prompts, counters.encoded) == (11, 5 * 4)
+    cached, per_batch = adapter_weights(tmp_path / "cached"), adapter_weights(tmp_path / "per-batch")
+    for key in cached:
+        torch.testing.assert_close(cached[key], per_batch[key], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Resume, mixed precision, gradient accumulation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_is_exact_across_an_epoch_boundary(assets, tmp_path):
+    """6 steps straight == 3 steps, then resume from checkpoint-3 (mid-epoch: 4 steps per epoch) to 6. Adapter and
+    caption dropout stay on: their randomness is seeded per step too. Center crops: a random crop (only for images
+    larger than --resolution) comes from the data loader's RNG, which a resumed run does not replay."""
+    train_text_to_image_cm.main(
+        tiny_args(assets, tmp_path, "straight", max_train_steps=6, random_flip=True, center_crop=True)
+    )
+    resumed = dict(checkpointing_steps=3, random_flip=True, center_crop=True)
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, "resumed", max_train_steps=3, **resumed))
+    assert (tmp_path / "resumed" / "checkpoint-3" / "model.safetensors").is_file()
+    train_text_to_image_cm.main(
+        tiny_args(assets, tmp_path, "resumed", max_train_steps=6, resume_from_checkpoint="latest", **resumed)
+    )
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_holds_only_the_adapter(assets, tmp_path):
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, max_train_steps=1, checkpointing_steps=1))
+    saved = load_file(tmp_path / "out" / "checkpoint-1" / "model.safetensors")
+    assert saved and all("capman_" in name for name in saved)
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_adapters_in_fp32(assets, tmp_path, monkeypatch, fresh_accelerate_state):
+    seen = []
+    real_loss = train_text_to_image_cm.diffusion_loss
+
+    def recording(denoiser, *args, **kwargs):
+        params = list(denoiser.parameters())
+        seen.append(({p.dtype for p in params if not p.requires_grad}, {p.dtype for p in params if p.requires_grad}))
+        return real_loss(denoiser, *args, **kwargs)
+
+    monkeypatch.setattr(train_text_to_image_cm, "diffusion_loss", recording)
+    train_text_to_image_cm.main(
+        tiny_args(assets, tmp_path, max_train_steps=4, mixed_precision="bf16", validation_epochs=1)
+    )
+    assert seen and all(s == ({torch.bfloat16}, {torch.float32}) for s in seen)
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and np.isfinite(summary["final_losses"]["loss"])
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").dtype == torch.float32
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
+    """Optimizer steps of 2 x 2 accumulated == steps of 1 x 4 (two steps: in the first the fresh expert is zero, so
+    only the second has a CM gradient). Valid because a step's noise, timesteps, flips and posterior noise are drawn
+    per sample of the step (sample j gets row j in both settings), the data order does not depend on the batch size,
+    and every loss term is a per-sample mean. Dropout is off: its masks depend on the micro-batch shapes. (Drawing
+    per micro-batch instead makes the weights differ by ~2e-3 here.)"""
+    same = dict(max_train_steps=2, lora_dropout=0, caption_dropout=0, random_flip=True, center_crop=True)
+    train_text_to_image_cm.main(tiny_args(assets, tmp_path, "full", train_batch_size=4, **same))
+    train_text_to_image_cm.main(
+        tiny_args(assets, tmp_path, "accumulated", train_batch_size=2, gradient_accumulation_steps=2, **same)
+    )
+    full, accumulated = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "accumulated")
+    moved = 0
+    for key in full:
+        torch.testing.assert_close(accumulated[key], full[key], atol=1e-6, rtol=1e-5)
+        moved += int(full[key].abs().sum() > 0 and "_B" in key)
+    assert moved > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Flags and bad input: one clear line, exit code 1
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_paper_recipe():
+    args = train_text_to_image_cm.parse_args([])
+    assert args.pretrained_model_name_or_path == "lambdalabs/miniSD-diffusers" and args.resolution == 256
+    assert (args.rank, args.expert_rank, args.lora_dropout) == (128, 8, 0.1)
+    assert (args.learning_rate, args.adam_weight_decay, args.train_batch_size, args.num_train_epochs) == (
+        3e-4,
+        1e-6,
+        64,
+        100,
+    )
+    assert (args.objective, args.use_ema, args.lr_warmup_steps, args.label_dropout) == ("ddpm", False, 0, 0.1)
+    assert args.dataset == "imb-artbench10" and args.prompt_template == "a {} painting"
+    config = train_text_to_image_cm.adapter_config(args)
+    assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
+    assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert train_text_to_image_cm.parse_args(["--caption_dropout", "0.2"]).label_dropout == 0.2
+
+
+def test_caption_dropout_is_accepted_in_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("caption_dropout: 0.05\nrank: 64\n")
+    args = train_text_to_image_cm.parse_args(["--config", str(recipe)])
+    assert (args.label_dropout, args.rank) == (0.05, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dataset": "imb-nope"}, "imb-nope"),
+        ({"resolution": 12}, "multiple of 8"),
+        ({"push_to_hub": True}, "--hub_model_id"),
+        ({"use_8bit_adam": True}, "bitsandbytes"),
+        ({"enable_xformers_memory_efficient_attention": True}, "xformers"),
+        ({"prompt_template": "a painting"}, "{}"),
+        ({"expert_rank": 4}, "expert_rank"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(assets, tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_text_to_image_cm.main, tiny_args(assets, tmp_path, **overrides))
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys, message)
+
+
+def test_base_model_missing_a_component_is_named(assets, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(assets.base, broken, ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_text_to_image_cm.main, tiny_args(assets, tmp_path, pretrained_model_name_or_path=broken))
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys, "text_encoder")
+
+
+def test_non_finite_loss_stops_with_the_step_and_term(assets, tmp_path, capsys, monkeypatch):
+    real_loss = train_text_to_image_cm.diffusion_loss
+
+    def poisoned(*args, **kwargs):
+        loss, logs = real_loss(*args, **kwargs)
+        logs["cm_diversity"] = torch.tensor(float("nan"))
+        return loss, logs
+
+    monkeypatch.setattr(train_text_to_image_cm, "diffusion_loss", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_text_to_image_cm.main, tiny_args(assets, tmp_path))
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys, "step 1", "cm_diversity")
+
+
+@pytest.mark.slow
+def test_two_process_launch_writes_one_pipeline(assets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train_text_to_image_cm.py"),
+        *tiny_args(assets, tmp_path, train_batch_size=2, max_train_steps=3, checkpointing_steps=3, cache_latents=True),
+    ]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    assert (tmp_path / "out" / "checkpoint-3" / "model.safetensors").is_file()
+    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "out"), StableDiffusionPipeline)

@@ -1,0 +1,637 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion with LoRA and Capacity Manipulation on class-imbalanced data (paper sec. 4.2).
+
+    accelerate launch train_text_to_image_cm.py --dataset imb-artbench10 --imbalance_ratio 100
+
+The defaults are the paper's Imb. ArtBench-10 recipe: lambdalabs/miniSD-diffusers at 256 px, a CapMan adapter in lora
+mode on the attention projections (general rank 128, expert rank 8, dropout 0.1), the prompt "a {class} painting",
+AdamW (lr 3e-4, weight decay 1e-6), batch 64, 100 epochs. With --no_capacity_manipulation the same script trains the
+plain rank-128 LoRA baseline. The output folder is an ordinary StableDiffusionPipeline with the adapter merged into
+the UNet (no capman_peft needed to load it), plus adapter/, training_summary.json and a model card.
+
+Work done once per run: the C class prompts and the empty prompt are encoded in one text-encoder call, after which
+the text encoder leaves the device; with --cache_latents every image is VAE-encoded once per flip state before
+training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import EMAModel, free_memory
+from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from capman_peft import CapManConfig, CMDenoiser
+from capman_peft.checkpointing import trainable_state
+from capman_peft.data import ImbalancedImageDataset, class_prompts, load_imbalanced_dataset
+from capman_peft.hub import push_to_hub, write_model_card
+from capman_peft.pipelines import save_adapter_and_merge
+from capman_peft.training import (
+    ConfigError,
+    StepDraws,
+    StepRandomness,
+    add_data_args,
+    add_objective_args,
+    add_training_args,
+    backward_and_step,
+    cast_frozen_weights,
+    check_common_args,
+    cm_card_settings,
+    diffusion_loss,
+    frozen_weight_dtype,
+    guard_finite,
+    init_trackers,
+    log_values,
+    make_accelerator,
+    make_lr_scheduler,
+    make_objective,
+    make_train_dataloader,
+    parse_args_with_config,
+    prepare_cm,
+    publish_image,
+    resume_training,
+    run_cli,
+    save_training_checkpoint,
+    steps_per_epoch,
+    total_steps,
+    train_batches,
+    write_training_summary,
+)
+
+logger = logging.getLogger("capman_peft")
+
+BASE_MODEL = "lambdalabs/miniSD-diffusers"
+BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
+ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
+COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser, default_dataset="imb-artbench10", default_resolution=256)
+    add_objective_args(parser, default_objective="ddpm")
+    add_training_args(parser)
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        default=BASE_MODEL,
+        help="Stable Diffusion pipeline to fine-tune (Hub id or local folder); the paper uses miniSD (256 px).",
+    )
+    group.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
+    group.add_argument("--variant", default=None, help='Weight variant of the base model files, e.g. "fp16".')
+    group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
+    group.add_argument("--rank", type=int, default=128, help="Rank of the general LoRA adapter (paper: 128).")
+    group.add_argument("--expert_rank", type=int, default=8, help="Rank of the reserved expert (paper: 8).")
+    group.add_argument("--lora_alpha", type=float, default=None, help="General adapter alpha (default: --rank).")
+    group.add_argument("--expert_alpha", type=float, default=None, help="Expert alpha (default: --expert_rank).")
+    group.add_argument("--lora_dropout", type=float, default=0.1, help="Dropout on the adapter input (paper: 0.1).")
+    group.add_argument(
+        "--target_modules",
+        default=ATTENTION_PROJECTIONS,
+        help="UNet layers that get the adapter: comma-separated names or name suffixes, or one regex.",
+    )
+    group.add_argument(
+        "--expert_target_modules", default=None, help="Layers that also get the expert (default: all targets)."
+    )
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    )
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (saves memory).")
+    group = parser.add_argument_group("text and latents")
+    group.add_argument("--prompt_template", default="a {} painting", help='Class prompt; "{}" is the class name.')
+    group.add_argument(
+        "--caption_dropout",
+        "--proportion_empty_prompts",
+        dest="label_dropout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="Probability of training on the empty prompt instead (classifier-free guidance); same as "
+        "--label_dropout. Default 0.1, as in Stable Diffusion's own training.",
+    )
+    group.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (diffusers' flag; 0: off).")
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="VAE-encode every training image once per flip state before training (implies a center crop).",
+    )
+    group = parser.add_argument_group("validation and export")
+    group.add_argument(
+        "--validation_epochs", type=int, default=10, help="Sample every class every N epochs (0: only at the end)."
+    )
+    group.add_argument("--num_validation_images", type=int, default=4, help="Images per class in validation grids.")
+    group.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation (paper: 50).")
+    group.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation.")
+    group.add_argument(
+        "--license",
+        default=None,
+        help=f"License in the model card; default: the base model card's, else {BASE_LICENSE}.",
+    )
+    parser.set_defaults(
+        learning_rate=3e-4, adam_weight_decay=1e-6, num_train_epochs=100, lr_warmup_steps=0, label_dropout=0.1
+    )
+    args = parse_args_with_config(parser, argv)
+    check_common_args(args)
+    check_text_to_image_args(args)
+    return args
+
+
+def check_text_to_image_args(args: argparse.Namespace) -> None:
+    if args.resolution is None or args.resolution < 8 or args.resolution % 8:
+        raise ConfigError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+        )
+    if "{}" not in args.prompt_template:
+        raise ConfigError(f'--prompt_template must contain "{{}}" for the class name, got {args.prompt_template!r}')
+    if not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.capacity_manipulation and not 0 < args.expert_rank < args.rank:
+        raise ConfigError(f"--expert_rank must be in [1, --rank) (paper: r_e < r_g), got {args.expert_rank}")
+    if args.validation_epochs < 0 or args.num_validation_images < 1:
+        raise ConfigError("--validation_epochs must be >= 0 and --num_validation_images >= 1")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
+
+
+def module_spec(value: str) -> list[str] | str:
+    """``"to_q,to_k"`` -> a list (PEFT matches names and suffixes); a single regex stays a string."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if len(names) == 1 and re.search(r"[\\*+?()\[\]|^$]", names[0]):
+        return names[0]
+    return names
+
+
+def adapter_config(args: argparse.Namespace) -> PeftConfig:
+    """The CapMan dual adapter (lora mode), or a plain LoRA of the same general rank for the baseline."""
+    common = dict(
+        lora_alpha=args.lora_alpha or args.rank,
+        lora_dropout=args.lora_dropout,
+        target_modules=module_spec(args.target_modules),
+        revision=args.revision,
+    )
+    if not args.capacity_manipulation:
+        return LoraConfig(r=args.rank, **common)
+    experts = module_spec(args.expert_target_modules) if args.expert_target_modules else None
+    return CapManConfig(
+        mode="lora",
+        r=args.rank,
+        expert_r=args.expert_rank,
+        expert_alpha=args.expert_alpha,
+        expert_target_modules=experts,
+        **common,
+    )
+
+
+def add_adapter(unet: UNet2DConditionModel, args: argparse.Namespace) -> PeftModel:
+    model = get_peft_model(unet, adapter_config(args))
+    # get_peft_model takes the base's name from the model, and diffusers models carry none; capman-eval and
+    # PeftModel users find the base UNet through it.
+    model.peft_config["default"].base_model_name_or_path = args.pretrained_model_name_or_path
+    return model
+
+
+def load_component(cls: Any, args: argparse.Namespace, subfolder: str, **kwargs: Any) -> Any:
+    """One component of the base pipeline; a missing or broken one is a one-line error naming it."""
+    name = args.pretrained_model_name_or_path
+    path = Path(name)
+    if path.exists() and not (path / subfolder).is_dir():
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {name}: no {subfolder}/ folder; a Stable Diffusion pipeline "
+            f"folder needs {', '.join(COMPONENTS)}"
+        )
+    try:
+        return cls.from_pretrained(
+            name, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load {subfolder} of {name}: {first_line}") from err
+
+
+def load_unet(args: argparse.Namespace) -> UNet2DConditionModel:
+    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    for param in unet.parameters():  # a variant's files may be fp16; the base is cast per run (cast_frozen_weights)
+        param.data = param.data.float()
+    return unet
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    mask = tokens.attention_mask.to(text_encoder.device) if use_mask else None
+    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
+
+
+class LatentCache(Dataset):
+    """VAE posterior moments (mean and log-variance) of every training image, one entry per flip state."""
+
+    def __init__(self, moments: torch.Tensor, labels: Sequence[int]) -> None:
+        self.moments = moments  # (N, flip states, 2 * latent channels, h, w)
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"moments": self.moments[i], "label": self.labels[i]}
+
+
+@torch.no_grad()
+def cache_latents(
+    vae: AutoencoderKL, dataset: ImbalancedImageDataset, flip: bool, args: argparse.Namespace, disable_bar: bool
+) -> LatentCache:
+    """Encode each image once per flip state (both states under --random_flip); the VAE encoder never runs again."""
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers)
+    chunks = []
+    for batch in tqdm(loader, desc="Caching latents", disable=disable_bar):
+        pixels = batch["pixel_values"].to(vae.device, vae.dtype)
+        views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
+        moments = vae.encode(views).latent_dist.parameters.cpu()
+        chunks.append(moments.unflatten(0, (2 if flip else 1, len(pixels))).transpose(0, 1))
+    return LatentCache(torch.cat(chunks), dataset.labels)
+
+
+def batch_moments(batch: dict[str, Any], draws: StepDraws, vae: AutoencoderKL) -> torch.Tensor:
+    """VAE posterior moments of a batch: picked from the cache by the drawn flips, or encoded now (no grad)."""
+    if "moments" in batch:
+        moments = batch["moments"]
+        state = draws.flip.long() if draws.flip is not None else torch.zeros(len(moments), dtype=torch.long)
+        return moments[torch.arange(len(moments), device=moments.device), state.to(moments.device)]
+    pixels = batch["pixel_values"]
+    if draws.flip is not None:
+        pixels = torch.where(draws.flip[:, None, None, None], pixels.flip(-1), pixels)
+    with torch.no_grad():
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.parameters
+
+
+def sample_latents(moments: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """z = (mean + std * noise) * scaling_factor: diffusers' ``latent_dist.sample()``, with the step's seeded noise."""
+    posterior = DiagonalGaussianDistribution(moments.float())
+    return (posterior.mean + posterior.std * noise) * scaling_factor
+
+
+def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
+    """DDIM, the paper's sampler; SD latents must not be clipped to [-1, 1]."""
+    return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
+
+
+@torch.no_grad()
+def sample_class_grid(
+    pipeline: StableDiffusionPipeline,
+    cond_table: torch.Tensor,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+) -> Image.Image:
+    """``--num_validation_images`` per class (rows = classes) from the precomputed prompt embeddings: the text
+    encoder is not needed. Class c always starts from the same seeded noise, so grids compare across epochs."""
+    device = pipeline.unet.device
+    num_classes = cond_table.shape[0] - 1
+    n = args.num_validation_images
+    images = []
+    for c in range(num_classes):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images += pipeline(
+                prompt_embeds=cond_table[c].expand(n, -1, -1).to(device),
+                negative_prompt_embeds=cond_table[num_classes].expand(n, -1, -1).to(device),
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                generator=torch.Generator(device).manual_seed(args.seed + c),
+            ).images
+    return make_image_grid(images, rows=num_classes, cols=n)
+
+
+def validate(
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    vae: AutoencoderKL,
+    noise_scheduler: SchedulerMixin,
+    cond_table: torch.Tensor,
+    args: argparse.Namespace,
+    epoch: int,
+    step: int,
+) -> Path:
+    """A per-class grid from the model being trained (adapters active, dropout off), saved and sent to trackers."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=inference_scheduler(noise_scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    grid = sample_class_grid(pipeline, cond_table, args, frozen_weight_dtype(accelerator))
+    unet.train(was_training)
+    path = Path(args.output_dir) / "validation" / f"epoch-{epoch:03d}.png"
+    return publish_image(accelerator, grid, path, step)
+
+
+def export_pipeline(
+    args: argparse.Namespace, trained: torch.nn.Module, noise_scheduler: SchedulerMixin
+) -> StableDiffusionPipeline:
+    """Write ``output_dir``: the adapter (PEFT format) in adapter/ and the merged float32 StableDiffusionPipeline.
+
+    The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
+    the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
+    """
+    weights = {name: value.float().cpu() for name, value in trainable_state(trained).items()}
+    model = add_adapter(load_unet(args), args)
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected or set(weights) != set(trainable_state(model)):
+        raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
+    merged = save_adapter_and_merge(model, args.output_dir)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        unet=merged,
+        scheduler=inference_scheduler(noise_scheduler),
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **({"torch_dtype": torch.float32} if args.variant else {}),  # variant files may be fp16
+    )
+    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    return pipeline
+
+
+def base_model_license(args: argparse.Namespace) -> str:
+    """``--license``, else the license in the base model's card when it is on disk, else miniSD's."""
+    if args.license:
+        return args.license
+    card = Path(args.pretrained_model_name_or_path) / "README.md"
+    if not card.parent.exists():  # a Hub id: its card counts only if it is already in the local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(
+                args.pretrained_model_name_or_path, "README.md", cache_dir=args.cache_dir, revision=args.revision
+            )
+        except ValueError:  # not a Hub id either
+            cached = None
+        card = Path(cached) if isinstance(cached, str) else card
+    if card.is_file():
+        header = card.read_text(errors="replace").split("---")
+        if len(header) > 2 and (found := re.search(r"^license:\s*(\S+)", header[1], re.MULTILINE)):
+            return found.group(1)
+    return BASE_LICENSE
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    # Frozen weights (VAE, text encoder, UNet base) in the precision in effect, adapters in float32.
+    weight_dtype = frozen_weight_dtype(accelerator)
+
+    # Data: the long-tailed training set, class 0 largest; flips are drawn per step (see StepRandomness).
+    dataset = load_imbalanced_dataset(
+        args.dataset,
+        split="train",
+        imbalance_ratio=args.imbalance_ratio,
+        resolution=args.resolution,
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        class_order=args.class_order.split(",") if args.class_order else None,
+        seed=args.data_seed,
+        center_crop=args.center_crop or args.cache_latents,
+        random_flip=False,
+        cache_dir=args.cache_dir,
+    )
+    class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
+    num_classes = len(class_names)
+    logger.info("%s: %d images, %d classes, counts %s", args.dataset, len(dataset), num_classes, class_counts)
+    cm = prepare_cm(args, class_counts, class_names, device)
+
+    # Models. Work done once: the C class prompts and the empty prompt (row C, the null condition) are encoded in
+    # one text-encoder call; the text encoder is not needed again, not even for validation.
+    noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
+    tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
+    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
+    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
+    unet = load_unet(args)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % vae_scale:
+        raise ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {vae_scale}")
+    prompts = class_prompts(class_names, args.prompt_template)
+    for frozen in (text_encoder, vae):
+        cast_frozen_weights(frozen.requires_grad_(False), weight_dtype)
+    text_encoder.to(device)
+    cond_table = encode_prompts(tokenizer, text_encoder, [*prompts, ""]).float()
+    del text_encoder, tokenizer
+    free_memory()
+    vae.to(device)
+    latent_shape = (vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    train_set: Dataset = dataset
+    if args.cache_latents:
+        train_set = cache_latents(vae, dataset, args.random_flip, args, not accelerator.is_main_process)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    torch.manual_seed(args.seed)  # adapter initialisation independent of the data work above
+    model = add_adapter(unet, args)
+    cast_frozen_weights(model, weight_dtype)
+    denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
+    objective = make_objective(args, noise_scheduler, class_counts)
+
+    dataloader, order = make_train_dataloader(train_set, dataset.labels, args)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    max_steps, _ = total_steps(args, len(dataloader) // accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
+    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    cond_table = cond_table.to(device)
+    if ema is not None:
+        ema.to(device)
+    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
+    init_trackers(accelerator, "capman-text-to-image", args)
+
+    logger.info(
+        "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation, frozen weights in %s",
+        max_steps,
+        -(-max_steps // per_epoch),
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+        weight_dtype,
+    )
+    randomness = StepRandomness(
+        accelerator,
+        args.seed,
+        args.train_batch_size,
+        latent_shape,
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        label_dropout=args.label_dropout,
+        objective=objective,
+        noise_offset=args.noise_offset,
+        flip=args.random_flip,
+        latent_noise=True,
+    )
+    scaling_factor = vae.config.scaling_factor
+    logs: dict[str, float] = {}
+    start = time.time()
+    with tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as progress:
+        for epoch, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
+            if global_step >= max_steps:
+                break
+            draws = randomness.micro_batch(global_step, micro)
+            with accelerator.accumulate(denoiser):
+                latents = sample_latents(batch_moments(batch, draws, vae), draws.latent_noise, scaling_factor)
+                loss, step_logs = diffusion_loss(
+                    denoiser,
+                    objective,
+                    noise_scheduler,
+                    latents,
+                    batch["label"],
+                    num_classes=num_classes,
+                    cm=cm,
+                    draws=draws,
+                    cond_table=cond_table,
+                )
+                guard_finite(global_step + 1, step_logs)
+                backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(params)
+            global_step += 1
+            progress.update(1)
+            logs = log_values(step_logs, lr_scheduler.get_last_lr()[0])
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            trained = accelerator.unwrap_model(denoiser).unet
+            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                save_training_checkpoint(args, global_step, trained, optimizer, lr_scheduler, ema)
+            epoch_done = global_step % per_epoch == 0
+            if (
+                accelerator.is_main_process
+                and epoch_done
+                and args.validation_epochs
+                and (epoch + 1) % args.validation_epochs == 0
+            ):
+                if ema is not None:
+                    ema.store(params)
+                    ema.copy_to(params)
+                validate(
+                    accelerator,
+                    trained.get_base_model(),
+                    vae,
+                    noise_scheduler,
+                    cond_table,
+                    args,
+                    epoch + 1,
+                    global_step,
+                )
+                if ema is not None:
+                    ema.restore(params)
+    train_seconds = time.time() - start
+
+    # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(denoiser).unet
+        if ema is not None:
+            ema.copy_to(params)
+        pipeline = export_pipeline(args, trained, noise_scheduler)
+        write_training_summary(
+            output_dir / "training_summary.json",
+            args,
+            class_names,
+            class_counts,
+            logs,
+            steps=global_step,
+            train_seconds=round(train_seconds, 1),
+            prompts=prompts,
+        )
+        base_is_local = Path(args.pretrained_model_name_or_path).exists()
+        note = (
+            "A plain `StableDiffusionPipeline`: `DiffusionPipeline.from_pretrained(path)` loads it without "
+            "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
+            + ", ".join(f'"{prompt}"' for prompt in prompts)
+            + "."
+        )
+        if base_is_local:
+            note += f" Fine-tuned from a local base model folder `{Path(args.pretrained_model_name_or_path).name}`."
+        write_model_card(
+            output_dir,
+            # The Hub rejects a base_model that is not a Hub id.
+            base_model=None if base_is_local else args.pretrained_model_name_or_path,
+            dataset=args.dataset or args.dataset_name or str(args.train_data_dir),
+            imbalance_ratio=args.imbalance_ratio,
+            class_names=class_names,
+            class_counts=class_counts,
+            cm_settings=cm_card_settings(
+                args,
+                mode="lora",
+                rank=args.rank,
+                expert_rank=args.expert_rank,
+                lora_dropout=args.lora_dropout,
+                target_modules=args.target_modules,
+            ),
+            license=base_model_license(args),
+            pipeline_note=note,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        grid = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
+        samples = publish_image(accelerator, grid, output_dir / "samples.png", global_step, key="samples")
+        logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, train_seconds, samples)
+        logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
+        if args.push_to_hub:
+            repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token)
+            logger.info("Pushed to https://huggingface.co/%s", repo)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
