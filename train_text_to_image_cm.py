@@ -38,7 +38,6 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel, free_memory
-from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
@@ -50,7 +49,7 @@ from capman_peft import CapManConfig, CMDenoiser
 from capman_peft.checkpointing import trainable_state
 from capman_peft.data import ImbalancedImageDataset, class_prompts, load_imbalanced_dataset
 from capman_peft.hub import push_to_hub, write_model_card
-from capman_peft.pipelines import save_adapter_and_merge
+from capman_peft.pipelines import image_grid, save_adapter_and_merge
 from capman_peft.training import (
     ConfigError,
     StepDraws,
@@ -329,7 +328,7 @@ def sample_class_grid(
                 guidance_scale=args.guidance_scale,
                 generator=torch.Generator(device).manual_seed(args.seed + c),
             ).images
-    return make_image_grid(images, rows=num_classes, cols=n)
+    return image_grid(images, rows=num_classes, cols=n)
 
 
 def validate(

@@ -23,14 +23,13 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
 from capman_peft.data import load_imbalanced_dataset
 from capman_peft.hub import push_to_hub, write_model_card
-from capman_peft.pipelines import save_adapter_and_merge, save_class_conditional_pipeline
+from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.training import (
     StepRandomness,
     add_data_args,
@@ -134,7 +133,7 @@ def save_validation_grid(
             generator=generator,
         ).images
     unet.train(was_training)
-    grid = make_image_grid(images, rows=len(class_names), cols=args.validation_images_per_class)
+    grid = image_grid(images, rows=len(class_names), cols=args.validation_images_per_class)
     return publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
 

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import class_prompts, class_splits, get_dataset_spec, load_reference_dataset
+from .pipelines import image_grid
 
 METRIC_NAMES = ("fid", "kid", "isc", "prc")
 SCHEDULERS = ("ddim", "dpm", "pipeline")
@@ -853,20 +854,15 @@ def write_json(data: Any, path: str | Path) -> Path:
 def save_sample_grid(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: str | Path, per_row: int = 8
 ) -> Path:
-    """PNG with one row per class (its first ``per_row`` images); tiny images are enlarged (nearest) to >= 32 px."""
+    """PNG with one row per class (its first ``per_row`` images; white where a class has fewer)."""
     from PIL import Image
-    from torchvision.utils import make_grid
 
-    rows = []
+    blank = Image.new("RGB", (images.shape[-1], images.shape[-2]), "white")
+    cells = []
     for c in range(num_classes):
-        row = images[labels == c][:per_row]
-        rows.append(torch.cat([row, torch.full((per_row - len(row), *images.shape[1:]), 255, dtype=torch.uint8)]))
-    grid = torch.cat(rows)
-    scale = max(1, math.ceil(32 / images.shape[-1]))
-    if scale > 1:
-        grid = grid.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    grid = make_grid(grid, nrow=per_row, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        row = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images[labels == c][:per_row]]
+        cells += row + [blank] * (per_row - len(row))
+    image_grid(cells, rows=num_classes, cols=per_row).save(path)
     return Path(path)
 
 

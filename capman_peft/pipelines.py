@@ -5,10 +5,12 @@ diffusers, because that same file is copied into every saved folder as `pipeline
 without capman_peft: one source, no copy to drift.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
+from PIL import Image
 
 from capman_peft.class_conditional_pipeline import (
     CUSTOM_PIPELINE_FILENAME,
@@ -19,6 +21,7 @@ from capman_peft.class_conditional_pipeline import (
 __all__ = [
     "CUSTOM_PIPELINE_FILENAME",
     "ClassConditionalPipeline",
+    "image_grid",
     "save_adapter_and_merge",
     "save_class_conditional_pipeline",
     "write_custom_pipeline_file",
@@ -54,3 +57,16 @@ def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path) -> to
     """
     model.save_pretrained(str(Path(output_dir) / "adapter"), safe_serialization=True)
     return model.merge_and_unload()
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, cols: int, min_size: int = 64, pad: int = 2) -> Image.Image:
+    """A rows x cols grid on white; tiny images (8-32 px) are enlarged without smoothing so digits stay legible."""
+    width, height = images[0].size
+    scale = max(1, -(-min_size // max(width, height)))
+    cell_w, cell_h = width * scale, height * scale
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
+    for index, image in enumerate(images[: rows * cols]):
+        row, col = divmod(index, cols)
+        cell = image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+        grid.paste(cell, (pad + col * (cell_w + pad), pad + row * (cell_h + pad)))
+    return grid

@@ -405,9 +405,7 @@ def diffusion_loss(
     *,
     num_classes: int,
     cm: CMWeights | None,
-    draws: StepDraws | None = None,
-    label_dropout: float = 0.0,
-    generator: torch.Generator | None = None,
+    draws: StepDraws,
     cond_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
@@ -415,17 +413,8 @@ def diffusion_loss(
     The condition of sample i is class id ``labels[i]`` (UNet2DModel) or ``cond_table[labels[i]]`` (text
     embeddings); a dropped label uses the null entry ``num_classes``. CM and the objectives see the true labels.
     `draws` holds the batch's noise, timesteps, label dropout and CBDM labels (the training scripts take them from
-    `StepRandomness`); without it they are drawn here from `generator` with `label_dropout`.
+    `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch, device)`).
     """
-    if draws is None:
-        draws = draw_step(
-            generator,
-            len(x0),
-            x0.shape[1:],
-            num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-            label_dropout=label_dropout,
-            objective=objective,
-        ).rows(0, len(x0), x0.device)
     if draws.noise.shape != x0.shape:
         raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
     noise, timesteps, dropped = draws.noise.to(x0.dtype), draws.timesteps, draws.label_dropped

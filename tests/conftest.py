@@ -88,3 +88,10 @@ def run_python_without_capman(code: str, args: list, tmp_path: Path) -> subproce
         text=True,
         timeout=300,
     )
+
+
+def readme_snippet(marker: str) -> str:
+    """The first ```python block after `<!-- marker -->` in README.md, so documented code is run by the tests."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = readme[readme.index(f"<!-- {marker} -->") :]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d
+from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d, readme_snippet
 from peft import get_peft_model
 from safetensors.torch import load_file
 
@@ -150,3 +150,9 @@ def test_two_process_ddp_step_equals_one_process_step_on_the_whole_batch(tmp_pat
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
         changed += not torch.equal(a[key], load_file(single.with_suffix(".init.safetensors"))[key])
     assert changed > 10  # the step really moved the weights
+
+
+def test_readme_training_step_snippet_runs(capsys):
+    exec(compile(readme_snippet("training-step-snippet"), "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    assert "cm_loss" in printed and "cm_distance_few" in printed

@@ -5,12 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d
+from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d, readme_snippet
 from diffusers import UNet2DConditionModel, UNet2DModel
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
@@ -425,11 +424,8 @@ def test_error_gating_a_merged_model():
         model(torch.randn(2, 4))
 
 
-def test_readme_python_api_snippet_runs(tmp_path: Path):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    start = readme.index("<!-- tuner-snippet -->")
-    code = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+def test_readme_python_api_snippet_runs():
+    exec(compile(readme_snippet("tuner-snippet"), "README.md", "exec"), {"__name__": "readme"})
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

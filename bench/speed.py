@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""What CM costs: training-step time and activation memory with CM ÷ without, per forward mode, and what the merged
+model costs at inference (nothing). Every figure is a ratio against a baseline measured in the same run, interleaved
+(A, B, A, B, ...) so that machine drift hits both, median of `--repeats` after `--warmup` untimed runs.
+
+    python bench/speed.py                 # paper UNet (32x32) and a small UNet, batch 8, CPU
+    python bench/speed.py --quick         # small UNet only, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from peft import get_peft_model
+
+from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
+from capman_peft.objective import build_objective, class_weights
+from capman_peft.training import CMWeights, diffusion_loss, draw_step
+
+UP_TARGETS = r"up_blocks\..*\.(conv1|conv2|conv_shortcut|to_q|to_k|to_v|to_out\.0)"
+NUM_CLASSES = 10
+COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10 IR 100
+
+CONFIGS = {
+    "paper UNet 32x32 (35.7M)": dict(
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        attention_head_dim=64,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1,
+    ),
+    "small UNet 16x16": dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=32,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward during one forward: the peak-memory driver of a training step."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn().backward()
+    return total
+
+
+def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size: int):
+    """A closure doing one optimizer step (DDPM base, + CM when `cm`) and one returning the loss (for memory)."""
+    denoiser = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    objective = build_objective("ddpm", scheduler=scheduler, class_counts=COUNTS)
+    omega_con, omega_div = class_weights(COUNTS)
+    weights = CMWeights(omega_con, omega_div, 1.0, 1.0, 0.2, True, True, None) if cm else None
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    x0 = torch.randn(batch, 3, size, size)
+    labels = torch.arange(batch) % NUM_CLASSES
+
+    draws = draw_step(
+        torch.Generator().manual_seed(0),
+        batch,
+        x0.shape[1:],
+        num_train_timesteps=1000,
+        label_dropout=0.1,
+        objective=objective,
+    ).rows(0, batch, x0.device)
+
+    def loss() -> torch.Tensor:
+        return diffusion_loss(
+            denoiser, objective, scheduler, x0, labels, num_classes=NUM_CLASSES, cm=weights, draws=draws
+        )[0]
+
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, loss
+
+
+def cm_model(config: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    unet = UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1)
+    return get_peft_model(unet, CapManConfig(mode="full", expert_rank_ratio=0.1, target_modules=UP_TARGETS))
+
+
+def bench_training(name: str, config: dict, batch: int, repeats: int, warmup: int) -> None:
+    torch.manual_seed(0)
+    plain = UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1)
+    steps, losses = {}, {}
+    steps["no CM"], losses["no CM"] = training_step(plain, False, "fused", batch, config["sample_size"])
+    for mode in ("fused", "sequential", "shared_prefix"):
+        steps[mode], losses[mode] = training_step(cm_model(config), True, mode, batch, config["sample_size"])
+    medians = interleaved_medians(steps, repeats, warmup)
+    memory = {key: saved_activation_bytes(fn) for key, fn in losses.items()}
+    print(f"\n### Training step, {name}, batch {batch}, {platform.processor() or platform.machine()}\n")
+    print("| forward mode | step time (s) | time ÷ no CM | activation memory ÷ no CM |")
+    print("|---|---|---|---|")
+    for key, seconds in medians.items():
+        print(f"| {key} | {seconds:.3f} | {seconds / medians['no CM']:.2f} | {memory[key] / memory['no CM']:.2f} |")
+
+
+def bench_inference(name: str, config: dict, batch: int, repeats: int, warmup: int, steps: int = 10) -> None:
+    model = cm_model(config)
+    with torch.no_grad():  # give the expert non-zero weights, as after training
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    unmerged = copy.deepcopy(model)
+    merged = model.merge_and_unload()
+    torch.manual_seed(0)
+    plain = UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    pipes = {
+        "plain UNet (no adapter)": ClassConditionalPipeline(plain, scheduler),
+        "merged CM pipeline": ClassConditionalPipeline(merged, scheduler),
+        "unmerged PEFT model": ClassConditionalPipeline(unmerged.get_base_model(), scheduler),
+    }
+    labels = [i % NUM_CLASSES for i in range(batch)]
+    fns = {}
+    for key, pipe in pipes.items():
+        pipe.set_progress_bar_config(disable=True)
+        fns[key] = lambda pipe=pipe: pipe(
+            class_labels=labels,
+            num_inference_steps=steps,
+            guidance_scale=1.5,
+            generator=torch.manual_seed(0),
+            output_type="pt",
+        )
+    medians = interleaved_medians(fns, repeats, warmup)
+    base = medians["plain UNet (no adapter)"]
+    print(f"\n### Sampling, {name}, batch {batch}, {steps} DDIM steps, guidance 1.5\n")
+    print("| model | time (s) | ÷ plain UNet |")
+    print("|---|---|---|")
+    for key, seconds in medians.items():
+        print(f"| {key} | {seconds:.3f} | {seconds / base:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="Batch size of every measurement.")
+    parser.add_argument("--repeats", type=int, default=7, help="Timed repetitions (median reported).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed repetitions first.")
+    parser.add_argument("--quick", action="store_true", help="Small UNet only, 5 repeats.")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    configs = {k: v for k, v in CONFIGS.items() if not args.quick or "small" in k}
+    repeats = 5 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    for name, config in configs.items():
+        bench_training(name, config, args.batch, repeats, args.warmup)
+        bench_inference(name, config, args.batch, repeats, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
