@@ -13,6 +13,8 @@ import argparse
 import copy
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -116,14 +118,51 @@ def cm_model(config: dict) -> torch.nn.Module:
     return get_peft_model(unet, CapManConfig(mode="full", expert_rank_ratio=0.1, target_modules=UP_TARGETS))
 
 
-def bench_training(name: str, config: dict, batch: int, repeats: int, warmup: int) -> None:
-    torch.manual_seed(0)
-    plain = UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1)
-    steps, losses = {}, {}
-    steps["no CM"], losses["no CM"] = training_step(plain, False, "fused", batch, config["sample_size"])
-    for mode in ("fused", "sequential", "shared_prefix"):
-        steps[mode], losses[mode] = training_step(cm_model(config), True, mode, batch, config["sample_size"])
-    medians = interleaved_medians(steps, repeats, warmup)
+def step_seconds(config_name: str, mode: str, batch: int, repeats: int, warmup: int) -> float:
+    """Median step time of one variant, alone in this process (one model in memory, as in a real run)."""
+    config = CONFIGS[config_name]
+    if mode == "no CM":
+        torch.manual_seed(0)
+        step, _ = training_step(
+            UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1), False, "fused", batch, config["sample_size"]
+        )
+    else:
+        step, _ = training_step(cm_model(config), True, mode, batch, config["sample_size"])
+    return interleaved_medians({mode: step}, repeats, warmup)[mode]
+
+
+def bench_training(name: str, batch: int, repeats: int, warmup: int, rounds: int = 3) -> None:
+    """Each variant runs in its own process (measured: four 36M-parameter models with Adam state in one process
+    slowed the larger CM steps by cache and allocator effects, 2.59x vs 1.96x for fused); processes alternate over
+    `rounds` rounds and the median round is reported."""
+    modes = ["no CM", "fused", "sequential", "shared_prefix"]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--measure_step",
+                name,
+                mode,
+                "--batch",
+                str(batch),
+                "--repeats",
+                str(repeats),
+                "--warmup",
+                str(warmup),
+            ]
+            output = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            times[mode].append(float(output.strip().splitlines()[-1]))
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    config = CONFIGS[name]
+    losses = {
+        "no CM": training_step(
+            UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1), False, "fused", batch, config["sample_size"]
+        )[1]
+    }
+    for mode in modes[1:]:
+        losses[mode] = training_step(cm_model(config), True, mode, batch, config["sample_size"])[1]
     memory = {key: saved_activation_bytes(fn) for key, fn in losses.items()}
     print(f"\n### Training step, {name}, batch {batch}, {platform.processor() or platform.machine()}\n")
     print("| forward mode | step time (s) | time ÷ no CM | activation memory ÷ no CM |")
@@ -167,20 +206,92 @@ def bench_inference(name: str, config: dict, batch: int, repeats: int, warmup: i
         print(f"| {key} | {seconds:.3f} | {seconds / base:.3f} |")
 
 
+def bench_text_to_image(repeats: int, steps: int = 40) -> None:
+    """train_text_to_image_cm.py itself on the offline tiny SD pipeline of its tests: CM off vs on, and the latent
+    cache. Per-step time = the script's own loop time (training_summary.json) / steps."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path[:0] = [str(root), str(root / "tests")]
+    from test_train_text_to_image import build_tiny_sd, write_artbench_mirror
+
+    import train_text_to_image_cm
+
+    tmp = Path(tempfile.mkdtemp(prefix="capman-bench-"))
+    base, data = build_tiny_sd(tmp), write_artbench_mirror(tmp / "artbench")
+    common = [
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--dataset",
+        "imb-artbench10",
+        "--dataset_name",
+        str(data),
+        "--imbalance_ratio",
+        "4",
+        "--resolution",
+        "16",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        str(steps),
+        "--rank",
+        "16",
+        "--expert_rank",
+        "4",
+        "--validation_epochs",
+        "0",
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        str(10 * steps),
+        "--num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
+        "--center_crop",
+    ]
+    variants = {
+        "CM off (LoRA)": ["--no_capacity_manipulation"],
+        "CM on (fused)": [],
+        "CM on (sequential)": ["--cm_forward", "sequential"],
+        "CM on (fused), --cache_latents": ["--cache_latents"],
+    }
+    per_step: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, flags in variants.items():
+            out = tmp / f"run-{repeat}-{list(variants).index(name)}"
+            train_text_to_image_cm.main([*common, *flags, "--output_dir", str(out)])
+            summary = json.loads((out / "training_summary.json").read_text())
+            per_step[name].append(summary["train_seconds"] / steps)
+    medians = {name: statistics.median(t) for name, t in per_step.items()}
+    print(f"\n### train_text_to_image_cm.py step time, tiny SD (16 px, batch 8), {steps} steps x {repeats} runs\n")
+    print("| run | step time (s) | ÷ CM off |")
+    print("|---|---|---|")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds:.4f} | {seconds / medians['CM off (LoRA)']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="Batch size of every measurement.")
     parser.add_argument("--repeats", type=int, default=7, help="Timed repetitions (median reported).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed repetitions first.")
     parser.add_argument("--quick", action="store_true", help="Small UNet only, 5 repeats.")
+    parser.add_argument("--measure_step", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_step:  # child process of bench_training
+        print(step_seconds(*args.measure_step, args.batch, args.repeats, args.warmup))
+        return
     torch.set_num_threads(torch.get_num_threads())
     configs = {k: v for k, v in CONFIGS.items() if not args.quick or "small" in k}
     repeats = 5 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     for name, config in configs.items():
-        bench_training(name, config, args.batch, repeats, args.warmup)
+        bench_training(name, args.batch, repeats, args.warmup)
         bench_inference(name, config, args.batch, repeats, args.warmup)
+    bench_text_to_image(3 if args.quick else 5)
 
 
 if __name__ == "__main__":

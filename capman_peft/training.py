@@ -223,10 +223,16 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
 def check_common_args(args: argparse.Namespace) -> None:
     """Reject values that would only fail (or silently mislead) later; the message names the flag and value.
 
-    Also resolves ``--dataset``: the script's default named dataset unless other data was named.
+    Also resolves ``--dataset`` (the script's default named dataset unless other data was named) and ``--cm_lambda
+    0``, which is training without CM: no expert and no second prediction, rather than a second pass weighted by 0.
     """
     if args.dataset is None and not (args.train_data_dir or args.dataset_name):
         args.dataset = args.default_dataset
+    if args.cm_lambda < 0:
+        raise ConfigError(f"--cm_lambda must be >= 0, got {args.cm_lambda}")
+    if args.cm_lambda == 0 and args.capacity_manipulation:
+        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
+        args.capacity_manipulation = False
     if args.imbalance_ratio is not None and not args.imbalance_ratio >= 1:
         raise ConfigError(f"--imbalance_ratio must be >= 1, got {args.imbalance_ratio}")
     if args.push_to_hub and not args.hub_model_id:

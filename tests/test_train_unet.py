@@ -184,6 +184,7 @@ def test_config_file_with_cli_override(tmp_path):
     recipe.write_text(yaml.safe_dump({"objective": "cbdm", "cm_lambda": 0.5, "imbalance_ratio": 50}))
     args = train_unet_cm.parse_args(["--config", str(recipe), "--cm_lambda", "0.25"])
     assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("cbdm", 0.25, 50)
+    assert train_unet_cm.parse_args(["--cm_lambda", "0"]).capacity_manipulation is False  # lambda 0 = no CM pass
     child = tmp_path / "child.yaml"
     child.write_text(yaml.safe_dump({"base": "r.yaml", "objective": "oc"}))
     args = train_unet_cm.parse_args(["--config", str(child)])

@@ -65,9 +65,13 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("path", ["merged_weights", "low_rank"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_layer_output_matches_formula_for_gate_on_off_and_mixed(kind, mode):
+def test_layer_output_matches_formula_for_gate_on_off_and_mixed(kind, mode, path, monkeypatch):
+    # Both ways a layer computes its output: base op with W + dW per gate run, or base + B(A(x)) times the gate.
+    if path == "low_rank":
+        monkeypatch.setattr(CapManLayer, "_can_merge_weights", lambda *args: False)
     torch.manual_seed(0)
     make, shape = LAYERS[kind]
     cfg = (
@@ -84,11 +88,11 @@ def test_layer_output_matches_formula_for_gate_on_off_and_mixed(kind, mode):
     torch.testing.assert_close(model(x), on, atol=1e-5, rtol=1e-5)
     with expert_disabled(model):
         torch.testing.assert_close(model(x), off, atol=1e-5, rtol=1e-5)
-    gate = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
-    with expert_gate(model, gate):
-        mixed = model(x)
-    expected = torch.where(gate.view(-1, *[1] * (x.ndim - 1)).bool(), on, off)
-    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    for gate in (torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])):
+        with expert_gate(model, gate):
+            mixed = model(x)
+        expected = torch.where(gate.view(-1, *[1] * (x.ndim - 1)).bool(), on, off)
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
     # leaving the context restores the full model
     torch.testing.assert_close(model(x), on, atol=1e-5, rtol=1e-5)
 
@@ -120,7 +124,8 @@ def full_mode_unet(**kw) -> PeftModel:
     return get_peft_model(make_tiny_unet2d(), cfg)
 
 
-def test_fused_gate_call_equals_two_separate_calls_outputs_and_gradients():
+@pytest.mark.parametrize("fused_path", ["merged_weights", "low_rank"])
+def test_fused_gate_call_equals_two_separate_calls_outputs_and_gradients(fused_path, monkeypatch):
     x, t, y = unet2d_inputs()
     model = full_mode_unet()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,6 +137,8 @@ def test_fused_gate_call_equals_two_separate_calls_outputs_and_gradients():
     grads_separate = torch.autograd.grad((on * w_on).sum() + (off * w_off).sum(), params, allow_unused=True)
 
     gate = torch.cat([torch.ones(3), torch.zeros(3)])
+    if fused_path == "low_rank":  # the separate calls above took the merged-weight path: cross-check the two
+        monkeypatch.setattr(CapManLayer, "_can_merge_weights", lambda *args: False)
     with expert_gate(model, gate):
         fused = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([y, y])).sample
     torch.testing.assert_close(fused[:3], on, atol=1e-5, rtol=1e-5)
@@ -413,6 +420,8 @@ def test_error_gate_of_wrong_length_or_shape():
         model(torch.randn(5, 4))
     with pytest.raises(ValueError, match="1-D tensor"):
         expert_gate(model, torch.ones(5, 1))
+    with pytest.raises(ValueError, match="0 or 1.*0.5"):
+        expert_gate(model, torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError, match="no CapMan layers"), expert_disabled(Wrap(nn.Linear(4, 4))):
         pass
 

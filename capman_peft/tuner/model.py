@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import CapManConfig
-from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, Linear
+from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, GateRows, Linear
 
 
 def _matches(spec: Any, key: str) -> bool:
@@ -176,12 +176,21 @@ def expert_gate(model: nn.Module, gate: torch.Tensor) -> AbstractContextManager[
     """Switch the expert on or off per sample: ``gate[i] = 1`` gives theta, ``0`` gives theta^g for batch row i.
 
     One call on ``cat([x, x])`` with gate ``[1]*B + [0]*B`` computes theta and theta^g together, so distributed
-    wrappers see a single forward. The switch never touches ``requires_grad``.
+    wrappers see a single forward. The gate's values are read once here (one host sync per call, not per layer).
+    The switch never touches ``requires_grad``.
     """
     if not isinstance(gate, torch.Tensor) or gate.ndim != 1:
         shape = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
         raise ValueError(f"gate must be a 1-D tensor with one 0/1 entry per batch row, got {shape}")
-    return _gated(model, gate)
+    values = gate.tolist()
+    if any(v not in (0, 1) for v in values):
+        raise ValueError(f"gate entries must be 0 or 1, got {sorted(set(values) - {0, 1})[:5]}")
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((start, i, bool(values[start])))
+            start = i
+    return _gated(model, GateRows(gate, tuple(runs)))
 
 
 def expert_disabled(model: nn.Module) -> AbstractContextManager[None]:
