@@ -83,7 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--validation_images_per_class", type=int, default=4, help="Columns of the grid.")
     group.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation.")
     group.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance scale.")
-    parser.set_defaults(learning_rate=2e-4, lr_warmup_steps=5000, max_train_steps=300_000, use_ema=True)
+    # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
+    # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
+    parser.set_defaults(
+        learning_rate=2e-4, lr_warmup_steps=5000, max_train_steps=300_000, use_ema=True, cm_forward="shared_prefix"
+    )
     args = parse_args_with_config(parser, argv)
     check_common_args(args)
     return args

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -31,6 +32,9 @@ METHODS = {
     "CBDM": ["--no_capacity_manipulation", "--objective", "cbdm"],
     "OC": ["--no_capacity_manipulation", "--objective", "oc"],
     "CM (+OC)": ["--capacity_manipulation", "--objective", "oc"],
+    "CM (+DDPM)": ["--capacity_manipulation", "--objective", "ddpm"],
+    # the strongest diversity the stability check allows here (max lambda*c_y = 0.76 < 1 at IR 10)
+    "CM (+OC, w_div 0.4)": ["--capacity_manipulation", "--objective", "oc", "--cm_diversity_weight", "0.4"],
 }
 COLUMNS = [("many", "Many FID"), ("medium", "Medium FID"), ("few", "Few FID"), ("overall", "Overall FID")]
 
@@ -68,14 +72,16 @@ def main() -> None:
     parser.add_argument("--images_per_class", type=int, default=100, help="Generated images per class.")
     parser.add_argument("--output_dir", default="bench_output/reproduce", help="Where runs and results go.")
     parser.add_argument("--quick", action="store_true", help="600 steps per run.")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="Runs to make.")
     args = parser.parse_args()
     steps = 600 if args.quick else args.steps
     out = Path(args.output_dir)
     rows: dict[str, list[dict[str, float]]] = {}
     start = time.time()
     for seed in args.seeds:
-        for method, flags in METHODS.items():
-            run_dir = out / f"{method.split()[0].lower()}-seed{seed}"
+        for method in args.methods:
+            flags = METHODS[method]
+            run_dir = out / f"{re.sub('[^a-z]+', '-', method.lower()).strip('-')}-seed{seed}"
             train_unet_cm.main(
                 [
                     "--config",
@@ -95,7 +101,8 @@ def main() -> None:
             )
             rows.setdefault(method, []).append(evaluate(run_dir, "on", args.images_per_class))
             if method.startswith("CM"):
-                rows.setdefault("CM (θ^g, expert off)", []).append(evaluate(run_dir, "off", args.images_per_class))
+                general = f"{method[:-1]}, θ^g: expert off)"
+                rows.setdefault(general, []).append(evaluate(run_dir, "off", args.images_per_class))
             print(f"[{time.time() - start:.0f}s] {method} seed {seed}: {rows[method][-1]}", flush=True)
 
     header = [name for _, name in COLUMNS] + ["accuracy", "Few accuracy"]
