@@ -215,7 +215,8 @@ def bench_text_to_image(repeats: int, steps: int = 40) -> None:
 
     root = Path(__file__).resolve().parent.parent
     sys.path[:0] = [str(root), str(root / "tests")]
-    from test_train_text_to_image import build_tiny_sd, write_artbench_mirror
+    from conftest import build_tiny_sd
+    from test_train_text_to_image import write_artbench_mirror
 
     import train_text_to_image_cm
 

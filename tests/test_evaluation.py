@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d
+from conftest import ATTN_TARGETS, UP_TARGETS, build_tiny_sd, make_tiny_unet2d
 from diffusers import DDIMScheduler, DDPMScheduler
 from peft import get_peft_model
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -396,58 +396,12 @@ def test_bad_input_raises_value_error_from_the_function(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_tiny_sd_pipeline(path: Path):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    words = ["a", "handwritten", "digit", *DIGITS]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{w}</w>": i + 2 for i, w in enumerate(words)}}
-    (path / "tok").mkdir(parents=True)
-    (path / "tok" / "vocab.json").write_text(json.dumps(vocab))
-    (path / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "tok" / "vocab.json"), str(path / "tok" / "merges.txt"), model_max_length=8)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=12,
-            intermediate_size=24,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=make_tiny_sd_unet(),
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path / "base")
-    return pipe
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")  # PEFT looks for base/config.json
 def test_stable_diffusion_output_generates_per_class_prompts_and_expert_off_uses_the_base(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    base = make_tiny_sd_pipeline(tmp_path)
+    base = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path))
     config = CapManConfig(mode="lora", r=4, expert_r=2, init_lora_weights=False, target_modules=ATTN_TARGETS)
     model = get_peft_model(copy.deepcopy(base.unet), config).eval()
     # What the LoRA training script records: the pretrained pipeline the adapter belongs to.
@@ -459,7 +413,7 @@ def test_stable_diffusion_output_generates_per_class_prompts_and_expert_off_uses
     (out / "training_summary.json").write_text(json.dumps({"args": {"dataset": "imb-digits"}, "class_names": DIGITS}))
 
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t, cond = torch.tensor([5, 700]), torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(1))
+    t, cond = torch.tensor([5, 700]), torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), expert_disabled(model):
         theta_g = model(x, t, encoder_hidden_states=cond).sample
     off = load_pipeline(out, expert="off")

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_python_without_capman
+from conftest import build_tiny_sd, run_python_without_capman
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
 import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
 from capman_peft.training import run_cli
@@ -49,71 +47,6 @@ ARTBENCH_MIRROR_NAMES = [
 ]  # fmt: skip
 IMAGES_PER_CLASS = 4  # IR 4 keeps [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] = 18 images
 NUM_TRAIN = 18
-
-
-def build_tiny_sd(root: Path) -> Path:
-    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # one token per character (and per word-final character): no merges needed
-        for char in string.ascii_lowercase + "-":
-            vocab[char + suffix] = len(vocab)
-    files = root / "tokenizer-files"
-    files.mkdir(parents=True)
-    (files / "vocab.json").write_text(json.dumps(vocab))
-    (files / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
-    )
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
-    vae = AutoencoderKL(  # two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vocab_size=1000,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(root / "base", safe_serialization=True)
-    return root / "base"
 
 
 def write_artbench_mirror(root: Path) -> Path:
