@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_sd, run_python_without_capman
+from conftest import build_tiny_sd, run_python_without_capman, run_two_processes
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -454,18 +452,8 @@ def test_non_finite_loss_stops_with_the_step_and_term(assets, tmp_path, capsys, 
 
 @pytest.mark.slow
 def test_two_process_launch_writes_one_pipeline(assets, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "train_text_to_image_cm.py"),
-        *tiny_args(assets, tmp_path, train_batch_size=2, max_train_steps=3, checkpointing_steps=3, cache_latents=True),
-    ]
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = tiny_args(assets, tmp_path, train_batch_size=2, max_train_steps=3, checkpointing_steps=3, cache_latents=True)
+    result = run_two_processes(ROOT / "train_text_to_image_cm.py", args, ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
     assert (tmp_path / "out" / "checkpoint-3" / "model.safetensors").is_file()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run_python_without_capman
+from conftest import run_python_without_capman, run_two_processes
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -245,18 +243,8 @@ def test_non_finite_loss_stops_with_the_term_and_keeps_the_checkpoint(tmp_path, 
 
 @pytest.mark.slow
 def test_two_process_launch_writes_one_output(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "train_unet_cm.py"),
-        *tiny_args(tmp_path, max_train_steps=3, checkpointing_steps=3),
-    ]
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = tiny_args(tmp_path, max_train_steps=3, checkpointing_steps=3)
+    result = run_two_processes(ROOT / "train_unet_cm.py", args, ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert "2 processes" in result.stdout
