@@ -62,10 +62,11 @@ from capman_peft.training import (
     check_common_args,
     cm_card_settings,
     diffusion_loss,
+    ema_weights,
+    finish_step,
     frozen_weight_dtype,
     guard_finite,
     init_trackers,
-    log_values,
     make_accelerator,
     make_lr_scheduler,
     make_objective,
@@ -542,13 +543,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(params)
             global_step += 1
-            progress.update(1)
-            logs = log_values(step_logs, lr_scheduler.get_last_lr()[0])
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
+            logs = finish_step(accelerator, progress, ema, params, step_logs, lr_scheduler, global_step)
             trained = accelerator.unwrap_model(denoiser).unet
             if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                 save_training_checkpoint(args, global_step, trained, optimizer, lr_scheduler, ema)
@@ -559,21 +555,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 and args.validation_epochs
                 and (epoch + 1) % args.validation_epochs == 0
             ):
-                if ema is not None:
-                    ema.store(params)
-                    ema.copy_to(params)
-                validate(
-                    accelerator,
-                    trained.get_base_model(),
-                    vae,
-                    noise_scheduler,
-                    cond_table,
-                    args,
-                    epoch + 1,
-                    global_step,
-                )
-                if ema is not None:
-                    ema.restore(params)
+                with ema_weights(ema, params):
+                    validate(
+                        accelerator,
+                        trained.get_base_model(),
+                        vae,
+                        noise_scheduler,
+                        cond_table,
+                        args,
+                        epoch + 1,
+                        global_step,
+                    )
     train_seconds = time.time() - start
 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.

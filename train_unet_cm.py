@@ -39,9 +39,10 @@ from capman_peft.training import (
     check_common_args,
     cm_card_settings,
     diffusion_loss,
+    ema_weights,
+    finish_step,
     guard_finite,
     init_trackers,
-    log_values,
     make_accelerator,
     make_lr_scheduler,
     make_objective,
@@ -216,48 +217,41 @@ def main(argv: Sequence[str] | None = None) -> None:
         label_dropout=args.label_dropout,
         objective=objective,
     )
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     logs: dict[str, float] = {}
     start = time.time()
-    for _, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
-        if global_step >= max_steps:
-            break
-        draws = randomness.micro_batch(global_step, micro)
-        with accelerator.accumulate(denoiser):
-            loss, step_logs = diffusion_loss(
-                denoiser,
-                objective,
-                noise_scheduler,
-                batch["pixel_values"],
-                batch["label"],
-                num_classes=num_classes,
-                cm=cm,
-                draws=draws,
-            )
-            guard_finite(global_step + 1, step_logs)
-            backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
-        if not accelerator.sync_gradients:
-            continue
-        if ema is not None:
-            ema.step(params)
-        global_step += 1
-        progress.update(1)
-        logs = log_values(step_logs, lr_scheduler.get_last_lr()[0])
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=global_step)
-        if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+    with tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as progress:
+        for _, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
+            if global_step >= max_steps:
+                break
+            draws = randomness.micro_batch(global_step, micro)
+            with accelerator.accumulate(denoiser):
+                loss, step_logs = diffusion_loss(
+                    denoiser,
+                    objective,
+                    noise_scheduler,
+                    batch["pixel_values"],
+                    batch["label"],
+                    num_classes=num_classes,
+                    cm=cm,
+                    draws=draws,
+                )
+                guard_finite(global_step + 1, step_logs)
+                backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = finish_step(accelerator, progress, ema, params, step_logs, lr_scheduler, global_step)
+            if not accelerator.is_main_process:
+                continue
             model = accelerator.unwrap_model(denoiser).unet
-            save_training_checkpoint(args, global_step, model, optimizer, lr_scheduler, ema)
-        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-            if ema is not None:
-                ema.store(params)
-                ema.copy_to(params)
-            base = accelerator.unwrap_model(denoiser).unet
-            unet_for_sampling = base.get_base_model() if cm is not None else base
-            save_validation_grid(accelerator, unet_for_sampling, noise_scheduler, class_names, args, global_step)
-            if ema is not None:
-                ema.restore(params)
-    progress.close()
+            if global_step % args.checkpointing_steps == 0:
+                save_training_checkpoint(args, global_step, model, optimizer, lr_scheduler, ema)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                with ema_weights(ema, params):
+                    unet_for_sampling = model.get_base_model() if cm is not None else model
+                    save_validation_grid(
+                        accelerator, unet_for_sampling, noise_scheduler, class_names, args, global_step
+                    )
     train_seconds = time.time() - start
 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it.

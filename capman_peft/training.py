@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -469,10 +470,38 @@ def guard_finite(step: int, logs: dict[str, torch.Tensor]) -> None:
     check_finite(step, **terms)
 
 
-def log_values(logs: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
-    values = {k: float(v) for k, v in logs.items()}
-    values["lr"] = lr
+def finish_step(
+    accelerator: Accelerator,
+    progress: Any,
+    ema: Any,
+    params: list[nn.Parameter],
+    step_logs: dict[str, torch.Tensor],
+    lr_scheduler: Any,
+    step: int,
+) -> dict[str, float]:
+    """After an optimizer step: EMA update, progress bar, tracker log. Returns the step's values as floats."""
+    if ema is not None:
+        ema.step(params)
+    values = {k: float(v) for k, v in step_logs.items()}
+    values["lr"] = lr_scheduler.get_last_lr()[0]
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    accelerator.log(values, step=step)
     return values
+
+
+@contextmanager
+def ema_weights(ema: Any, params: list[nn.Parameter]) -> Iterator[None]:
+    """Sample with the EMA weights (when EMA is on), then put the training weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int]:
