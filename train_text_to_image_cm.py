@@ -48,34 +48,44 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from capman_peft import CapManConfig, CMDenoiser
 from capman_peft.checkpointing import trainable_state
 from capman_peft.data import ImbalancedImageDataset, class_prompts, load_imbalanced_dataset
-from capman_peft.hub import push_to_hub, write_model_card
-from capman_peft.pipelines import image_grid, save_adapter_and_merge
-from capman_peft.training import (
-    ConfigError,
-    StepDraws,
-    StepRandomness,
+from capman_peft.errors import ConfigError, run_cli
+from capman_peft.flags import (
+    ArgumentParser,
     add_data_args,
     add_objective_args,
     add_training_args,
+    check_common_args,
+    nonnegative_float,
+    nonnegative_int,
+    parse_args_with_config,
+    positive_float,
+    positive_int,
+    probability,
+)
+from capman_peft.hub import hub_source, push_to_hub, write_model_card
+from capman_peft.pipelines import image_grid, save_adapter_and_merge
+from capman_peft.training import (
+    StepDraws,
+    StepRandomness,
     backward_and_step,
     cast_frozen_weights,
-    check_common_args,
     cm_card_settings,
+    describe_expert_use,
     diffusion_loss,
     ema_weights,
+    expert_use,
     finish_step,
     frozen_weight_dtype,
     guard_finite,
     init_trackers,
+    log_training_data,
     make_accelerator,
     make_lr_scheduler,
     make_objective,
     make_train_dataloader,
-    parse_args_with_config,
     prepare_cm,
     publish_image,
     resume_training,
-    run_cli,
     save_training_checkpoint,
     steps_per_epoch,
     total_steps,
@@ -92,7 +102,7 @@ COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, default_dataset="imb-artbench10", default_resolution=256)
     add_objective_args(parser, default_objective="ddpm")
     add_training_args(parser)
@@ -105,11 +115,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
     group.add_argument("--variant", default=None, help='Weight variant of the base model files, e.g. "fp16".')
     group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
-    group.add_argument("--rank", type=int, default=128, help="Rank of the general LoRA adapter (paper: 128).")
-    group.add_argument("--expert_rank", type=int, default=8, help="Rank of the reserved expert (paper: 8).")
-    group.add_argument("--lora_alpha", type=float, default=None, help="General adapter alpha (default: --rank).")
-    group.add_argument("--expert_alpha", type=float, default=None, help="Expert alpha (default: --expert_rank).")
-    group.add_argument("--lora_dropout", type=float, default=0.1, help="Dropout on the adapter input (paper: 0.1).")
+    group.add_argument("--rank", type=positive_int, default=128, help="Rank of the general LoRA adapter (paper: 128).")
+    group.add_argument("--expert_rank", type=positive_int, default=8, help="Rank of the reserved expert (paper: 8).")
+    group.add_argument(
+        "--lora_alpha", type=positive_float, default=None, help="General adapter alpha (default: --rank)."
+    )
+    group.add_argument(
+        "--expert_alpha", type=positive_float, default=None, help="Expert alpha (default: --expert_rank)."
+    )
+    group.add_argument(
+        "--lora_dropout", type=probability, default=0.1, help="Dropout on the adapter input (paper: 0.1)."
+    )
     group.add_argument(
         "--target_modules",
         default=ATTENTION_PROJECTIONS,
@@ -128,12 +144,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--caption_dropout",
         "--proportion_empty_prompts",
         dest="label_dropout",
-        type=float,
+        type=probability,
         default=argparse.SUPPRESS,
         help="Probability of training on the empty prompt instead (classifier-free guidance); same as "
         "--label_dropout. Default 0.1, as in Stable Diffusion's own training.",
     )
-    group.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (diffusers' flag; 0: off).")
+    group.add_argument(
+        "--noise_offset", type=nonnegative_float, default=0.0, help="Noise offset (diffusers' flag; 0: off)."
+    )
     group.add_argument(
         "--cache_latents",
         action="store_true",
@@ -141,11 +159,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group = parser.add_argument_group("validation and export")
     group.add_argument(
-        "--validation_epochs", type=int, default=10, help="Sample every class every N epochs (0: only at the end)."
+        "--validation_epochs",
+        type=nonnegative_int,
+        default=10,
+        help="Sample every class every N epochs (0: only at the end).",
     )
-    group.add_argument("--num_validation_images", type=int, default=4, help="Images per class in validation grids.")
-    group.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation (paper: 50).")
-    group.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation.")
+    group.add_argument(
+        "--num_validation_images", type=positive_int, default=4, help="Images per class in validation grids."
+    )
+    group.add_argument(
+        "--num_inference_steps", type=positive_int, default=50, help="DDIM steps for validation (paper: 50)."
+    )
+    group.add_argument(
+        "--guidance_scale", type=nonnegative_float, default=7.5, help="Classifier-free guidance for validation."
+    )
     group.add_argument(
         "--license",
         default=None,
@@ -161,22 +188,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_text_to_image_args(args: argparse.Namespace) -> None:
-    if args.resolution is None or args.resolution < 8 or args.resolution % 8:
+    if args.resolution is None or args.resolution % 8:
         raise ConfigError(
-            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+            f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
         )
     if "{}" not in args.prompt_template:
-        raise ConfigError(f'--prompt_template must contain "{{}}" for the class name, got {args.prompt_template!r}')
-    if not 0 <= args.lora_dropout < 1:
-        raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.capacity_manipulation and not 0 < args.expert_rank < args.rank:
-        raise ConfigError(f"--expert_rank must be in [1, --rank) (paper: r_e < r_g), got {args.expert_rank}")
-    if args.validation_epochs < 0 or args.num_validation_images < 1:
-        raise ConfigError("--validation_epochs must be >= 0 and --num_validation_images >= 1")
+        raise ConfigError(
+            f"--prompt_template {args.prompt_template!r}: has no {{}}; allowed: a text with {{}} for the class name"
+        )
+    if args.capacity_manipulation and not args.expert_rank < args.rank:
+        raise ConfigError(
+            f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
+        )
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        raise ConfigError(
+            "--use_8bit_adam: needs bitsandbytes, which is not installed; allowed: pip install bitsandbytes"
+        )
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
-        raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
+        raise ConfigError(
+            "--enable_xformers_memory_efficient_attention: needs xformers, which is not installed; allowed: pip "
+            "install xformers"
+        )
 
 
 def module_spec(value: str) -> list[str] | str:
@@ -209,21 +241,31 @@ def adapter_config(args: argparse.Namespace) -> PeftConfig:
 
 
 def add_adapter(unet: UNet2DConditionModel, args: argparse.Namespace) -> PeftModel:
-    model = get_peft_model(unet, adapter_config(args))
+    try:
+        model = get_peft_model(unet, adapter_config(args))
+    except ValueError as err:
+        raise ConfigError(f"--target_modules / --expert_target_modules: {err}") from None
     # get_peft_model takes the base's name from the model, and diffusers models carry none; capman-eval and
     # PeftModel users find the base UNet through it.
     model.peft_config["default"].base_model_name_or_path = args.pretrained_model_name_or_path
     return model
 
 
+def base_source(args: argparse.Namespace) -> str:
+    """Where the base pipeline loads from: the folder or Hub id given, or its local snapshot when offline."""
+    return hub_source(
+        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model", args.cache_dir, args.revision
+    )
+
+
 def load_component(cls: Any, args: argparse.Namespace, subfolder: str, **kwargs: Any) -> Any:
     """One component of the base pipeline; a missing or broken one is a one-line error naming it."""
-    name = args.pretrained_model_name_or_path
+    name = base_source(args)
     path = Path(name)
     if path.exists() and not (path / subfolder).is_dir():
         raise ConfigError(
-            f"--pretrained_model_name_or_path {name}: no {subfolder}/ folder; a Stable Diffusion pipeline "
-            f"folder needs {', '.join(COMPONENTS)}"
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no {subfolder}/ folder; "
+            f"allowed: a Stable Diffusion pipeline folder with {', '.join(COMPONENTS)}"
         )
     try:
         return cls.from_pretrained(
@@ -231,11 +273,14 @@ def load_component(cls: Any, args: argparse.Namespace, subfolder: str, **kwargs:
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot load {subfolder} of {name}: {first_line}") from err
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot load {subfolder} "
+            f"({first_line}); allowed: a Stable Diffusion pipeline folder or Hub id"
+        ) from err
 
 
 def load_unet(args: argparse.Namespace) -> UNet2DConditionModel:
-    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant, use_safetensors=True)
     for param in unet.parameters():  # a variant's files may be fp16; the base is cast per run (cast_frozen_weights)
         param.data = param.data.float()
     return unet
@@ -375,9 +420,10 @@ def export_pipeline(
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected or set(weights) != set(trainable_state(model)):
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
-    merged = save_adapter_and_merge(model, args.output_dir)
+    merged = save_adapter_and_merge(model, args.output_dir, args.run_id)
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
+        base_source(args),
+        use_safetensors=True,
         unet=merged,
         scheduler=inference_scheduler(noise_scheduler),
         revision=args.revision,
@@ -435,19 +481,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
     num_classes = len(class_names)
-    logger.info("%s: %d images, %d classes, counts %s", args.dataset, len(dataset), num_classes, class_counts)
+    log_training_data(args, class_names, class_counts)
     cm = prepare_cm(args, class_counts, class_names, device)
 
     # Models. Work done once: the C class prompts and the empty prompt (row C, the null condition) are encoded in
     # one text-encoder call; the text encoder is not needed again, not even for validation.
     noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
     tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
-    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
-    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
+    # Weights are read from safetensors only: a base model with nothing but pickled .bin files is refused.
+    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant, use_safetensors=True)
+    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant, use_safetensors=True)
     unet = load_unet(args)
+    # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % vae_scale:
-        raise ConfigError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {vae_scale}")
+    factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ConfigError(
+            f"--resolution {args.resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
+            f"of {factor}"
+        )
     prompts = class_prompts(class_names, args.prompt_template)
     for frozen in (text_encoder, vae):
         cast_frozen_weights(frozen.requires_grad_(False), weight_dtype)
@@ -514,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         label_dropout=args.label_dropout,
         objective=objective,
+        general_draw=cm is not None and cm.general_fraction < 1,
         noise_offset=args.noise_offset,
         flip=args.random_flip,
         latent_noise=True,
@@ -574,6 +627,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         trained = accelerator.unwrap_model(denoiser).unet
         if ema is not None:
             ema.copy_to(params)
+        report = None
+        if cm is not None:
+            with accelerator.autocast():
+                report = expert_use(
+                    trained,
+                    noise_scheduler,
+                    dataset,
+                    num_classes,
+                    lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling_factor,
+                    lambda y: {"encoder_hidden_states": cond_table[y]},
+                )
+            logger.info(describe_expert_use(report))
         pipeline = export_pipeline(args, trained, noise_scheduler)
         write_training_summary(
             output_dir / "training_summary.json",
@@ -584,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             steps=global_step,
             train_seconds=round(train_seconds, 1),
             prompts=prompts,
+            expert_use=report,
         )
         base_is_local = Path(args.pretrained_model_name_or_path).exists()
         note = (
@@ -612,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ),
             license=base_model_license(args),
             pipeline_note=note,
+            expert_use=report,
         )
         pipeline.set_progress_bar_config(disable=True)
         grid = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)

@@ -28,30 +28,39 @@ from tqdm.auto import tqdm
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
 from capman_peft.data import load_imbalanced_dataset
-from capman_peft.hub import push_to_hub, write_model_card
-from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
-from capman_peft.training import (
-    StepRandomness,
+from capman_peft.errors import ConfigError, run_cli
+from capman_peft.flags import (
+    ArgumentParser,
     add_data_args,
     add_objective_args,
     add_training_args,
-    backward_and_step,
     check_common_args,
+    fraction,
+    nonnegative_float,
+    parse_args_with_config,
+    positive_int,
+)
+from capman_peft.hub import hub_source, push_to_hub, write_model_card
+from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
+from capman_peft.training import (
+    StepRandomness,
+    backward_and_step,
     cm_card_settings,
+    describe_expert_use,
     diffusion_loss,
     ema_weights,
+    expert_use,
     finish_step,
     guard_finite,
     init_trackers,
+    log_training_data,
     make_accelerator,
     make_lr_scheduler,
     make_objective,
     make_train_dataloader,
-    parse_args_with_config,
     prepare_cm,
     publish_image,
     resume_training,
-    run_cli,
     save_training_checkpoint,
     steps_per_epoch,
     total_steps,
@@ -61,12 +70,15 @@ from capman_peft.training import (
 
 logger = logging.getLogger("capman_peft")
 
-# The paper's expert placement: convs and attention projections of the up path (G.1).
-UP_PATH_TARGETS = r"up_blocks\..*\.(conv1|conv2|conv_shortcut|to_q|to_k|to_v|to_out\.0)"
+# The paper's expert placement: every weight matrix of the up path (G.1): the resnets' convs and time-embedding
+# projections, the attention projections and the upsampler convs.
+UP_PATH_TARGETS = (
+    r"up_blocks\..*\.(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|upsamplers\.\d+\.conv)"
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, default_dataset="imb-cifar10", default_resolution=32)
     add_objective_args(parser, default_objective="oc")
     add_training_args(parser)
@@ -77,13 +89,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="UNet2DModel config (a JSON file or folder); default: the paper's preset (ch 128, "
         "mult [1,2,2,2], 2 res blocks, attention at 16x16, dropout 0.1).",
     )
-    group.add_argument("--expert_rank_ratio", type=float, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
+    group.add_argument("--expert_rank_ratio", type=fraction, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
     group.add_argument("--expert_target_modules", default=UP_PATH_TARGETS, help="Regex of layers with an expert.")
     group = parser.add_argument_group("validation")
-    group.add_argument("--validation_steps", type=int, default=None, help="Sample a per-class grid every N steps.")
-    group.add_argument("--validation_images_per_class", type=int, default=4, help="Columns of the grid.")
-    group.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation.")
-    group.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance scale.")
+    group.add_argument(
+        "--validation_steps", type=positive_int, default=None, help="Sample a per-class grid every N steps."
+    )
+    group.add_argument("--validation_images_per_class", type=positive_int, default=4, help="Columns of the grid.")
+    group.add_argument("--num_inference_steps", type=positive_int, default=50, help="DDIM steps for validation.")
+    group.add_argument("--guidance_scale", type=nonnegative_float, default=1.5, help="Classifier-free guidance scale.")
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
     # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
     parser.set_defaults(
@@ -91,13 +105,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parse_args_with_config(parser, argv)
     check_common_args(args)
+    args.unet_config = unet_config(args)
     return args
 
 
-def build_unet(args: argparse.Namespace, num_classes: int) -> UNet2DModel:
-    """The paper's UNet (or a user config), with one class embedding per class plus the null class."""
+def unet_config(args: argparse.Namespace) -> dict:
+    """The UNet2DModel config: ``--model_config_name_or_path`` or the paper's preset, checked against --resolution."""
     if args.model_config_name_or_path:
-        config = UNet2DModel.load_config(args.model_config_name_or_path)
+        name = hub_source(args.model_config_name_or_path, "--model_config_name_or_path")
+        try:
+            config = dict(UNet2DModel.load_config(name))
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"--model_config_name_or_path {args.model_config_name_or_path}: cannot be read "
+                f"({str(err).splitlines()[0]}); allowed: a UNet2DModel config.json, or a folder or Hub id with one"
+            ) from None
     else:
         levels = 4
         attention = [args.resolution // 2**i == 16 for i in range(levels)]
@@ -109,8 +131,17 @@ def build_unet(args: argparse.Namespace, num_classes: int) -> UNet2DModel:
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         )
-    config.update(sample_size=args.resolution, num_class_embeds=num_classes + 1)
-    return UNet2DModel.from_config(config)
+    factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
+    if args.resolution % factor:
+        raise ConfigError(
+            f"--resolution {args.resolution}: the UNet downsamples by {factor}; allowed: a multiple of {factor}"
+        )
+    return config
+
+
+def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
+    """The UNet from `config`, with one class embedding per class plus the null class."""
+    return UNet2DModel.from_config({**config, "sample_size": resolution, "num_class_embeds": num_classes + 1})
 
 
 def save_validation_grid(
@@ -162,21 +193,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
     num_classes = len(class_names)
-    logger.info("%s: %d images, %d classes, counts %s", args.dataset, len(dataset), num_classes, class_counts)
+    log_training_data(args, class_names, class_counts)
     cm = prepare_cm(args, class_counts, class_names, accelerator.device)
 
     # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
-    unet = build_unet(args, num_classes)
+    unet = build_unet(args.unet_config, args.resolution, num_classes)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
     if cm is not None:
-        model = get_peft_model(
-            unet,
-            CapManConfig(
-                mode="full", expert_rank_ratio=args.expert_rank_ratio, target_modules=args.expert_target_modules
-            ),
-        )
+        try:
+            model = get_peft_model(
+                unet,
+                CapManConfig(
+                    mode="full", expert_rank_ratio=args.expert_rank_ratio, target_modules=args.expert_target_modules
+                ),
+            )
+        except ValueError as err:
+            raise ConfigError(f"--expert_target_modules {args.expert_target_modules}: {err}") from None
     denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
@@ -216,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         label_dropout=args.label_dropout,
         objective=objective,
+        general_draw=cm is not None and cm.general_fraction < 1,
     )
     logs: dict[str, float] = {}
     start = time.time()
@@ -261,8 +296,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if ema is not None:
             ema.copy_to(params)
         inference_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        report = None
         if cm is not None:
-            grid_unet = save_adapter_and_merge(model, output_dir)
+            report = expert_use(
+                model, noise_scheduler, dataset, num_classes, lambda x: x, lambda y: {"class_labels": y}
+            )
+            logger.info(describe_expert_use(report))
+            grid_unet = save_adapter_and_merge(model, output_dir, args.run_id)
         else:
             grid_unet = model
         save_class_conditional_pipeline(grid_unet, inference_scheduler, class_names, output_dir)
@@ -274,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             logs,
             steps=global_step,
             train_seconds=round(train_seconds, 1),
+            expert_use=report,
         )
         write_model_card(
             output_dir,
@@ -283,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             class_names=class_names,
             class_counts=class_counts,
             cm_settings=cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio),
+            expert_use=report,
             pipeline_note="Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
             '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", '
             "trust_remote_code=True)`.",

@@ -4,7 +4,7 @@ Importing the package registers the CapMan tuner with PEFT.
 """
 
 from .denoiser import CMDenoiser
-from .objective import build_objective, check_cm_stability, class_weights, cm_loss, cm_stability
+from .objective import build_objective, check_cm_bounded, class_weights, cm_loss, cm_weights
 from .pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
 from .tuner import CapManConfig, CapManModel, expert_disabled, expert_gate
 
@@ -14,10 +14,10 @@ __all__ = [
     "CMDenoiser",
     "ClassConditionalPipeline",
     "build_objective",
-    "check_cm_stability",
+    "check_cm_bounded",
     "class_weights",
     "cm_loss",
-    "cm_stability",
+    "cm_weights",
     "expert_disabled",
     "expert_gate",
     "save_class_conditional_pipeline",

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .data import ImbalancedImageDataset, class_prompts, class_splits, get_dataset_spec, load_imbalanced_dataset
+from .errors import ConfigError, run_cli
 from .evaluation import (
     PipelineFolder,
     load_capman_unet,
@@ -71,10 +72,10 @@ def magnitude_prune_(model: nn.Module, fraction: float) -> dict[str, Any]:
     Returns ``num_weights``, ``num_pruned`` and the magnitude ``threshold`` (the largest |w| pruned).
     """
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        raise ConfigError(f"fraction must be in [0, 1], got {fraction!r}")
     weights = [w for _, w in prunable_weights(model)]
     if not weights:
-        raise ValueError("the model has no Linear or Conv layers to prune")
+        raise ConfigError("the model has no Linear or Conv layers to prune")
     magnitude = torch.cat([w.detach().abs().flatten().float().cpu() for w in weights])
     total = magnitude.numel()
     k = round(fraction * total)
@@ -115,7 +116,7 @@ class Denoiser:
             return self.noise_scheduler.get_velocity(x0, noise, t)
         if prediction_type == "sample":
             return x0
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        raise ConfigError(f"unsupported prediction_type {prediction_type!r}")
 
 
 def make_denoiser(pipe: Any, folder: PipelineFolder, class_names: list[str], dataset: str) -> Denoiser:
@@ -169,7 +170,7 @@ def fixed_batches(
     for c in range(num_classes):
         indices = np.flatnonzero(labels == c)
         if len(indices) == 0:
-            raise ValueError(f"class {c} ({data.class_names[c]!r}) has no training images")
+            raise ConfigError(f"class {c} ({data.class_names[c]!r}) has no training images")
         pixels = torch.stack([data[int(i)]["pixel_values"] for i in indices[:needed]])
         for b in range(num_batches):
             rows = torch.arange(b * batch_size, (b + 1) * batch_size) % len(pixels)  # cycle through small classes
@@ -227,7 +228,7 @@ def prepare_analysis(
     args = folder.args
     dataset = dataset or args.get("dataset")
     if dataset is None:
-        raise ValueError(f"no dataset given and {str(folder.path)!r} has no training_summary.json naming one")
+        raise ConfigError(f"no dataset given and {str(folder.path)!r} has no training_summary.json naming one")
     get_dataset_spec(dataset)
     if imbalance_ratio is None:
         imbalance_ratio = args.get("imbalance_ratio", 100)
@@ -251,7 +252,7 @@ def prepare_analysis(
         data = load_imbalanced_dataset(**data_kwargs)  # names differ from the dataset's: match by class id
     num_classes = pipe.num_classes if folder.kind == "class-conditional" else len(names or data.class_names)
     if num_classes != data.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"the pipeline has {num_classes} classes but {dataset!r} has {data.num_classes}; "
             "pass the dataset the model was trained on"
         )
@@ -293,9 +294,9 @@ def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed
 def _check_sampling(num_batches: int, batch_size: int, seed: int) -> None:
     for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def pruning_sensitivity(
     from tqdm.auto import tqdm
 
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        raise ConfigError(f"fraction must be in [0, 1], got {fraction!r}")
     _check_sampling(num_batches, batch_size, seed)
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
     denoiser = make_denoiser(setup.pipe, setup.folder, setup.class_names, setup.dataset)
@@ -373,6 +374,43 @@ def pruning_sensitivity(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def measure_expert_use(
+    capman: nn.Module,
+    denoiser: Denoiser,
+    data: ImbalancedImageDataset,
+    num_classes: int,
+    num_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Per class: ``expert_usage`` = mean (ε_θ − ε_θg)², and the loss of θ (``loss_full``) and θ^g
+    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode)."""
+    from tqdm.auto import tqdm
+
+    from .tuner import expert_disabled
+
+    was_training = capman.training
+    capman.eval()
+    sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
+    counts = torch.zeros(num_classes)
+    batches = fixed_batches(denoiser, data, num_classes, num_batches, batch_size, seed)
+    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
+        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        with expert_disabled(capman):
+            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        for key, (a, b) in {
+            "expert_usage": (full, general),
+            "loss_full": (full, batch.target),
+            "loss_general": (general, batch.target),
+        }.items():
+            sums[key][batch.class_id] += _per_sample_mse(a, b).sum().item()
+        counts[batch.class_id] += len(batch.timesteps)
+    capman.train(was_training)
+    return {k: (v / counts).tolist() for k, v in sums.items()}
+
+
 def expert_capacity(
     pipeline: str | os.PathLike,
     dataset: str | None = None,
@@ -389,36 +427,19 @@ def expert_capacity(
     Needs ``output_dir/adapter`` (the unmerged CapMan adapter). With ``output_dir``, writes ``capacity.json`` and
     ``capacity.png``.
     """
-    from tqdm.auto import tqdm
-
-    from .tuner import expert_disabled
-
     _check_sampling(num_batches, batch_size, seed)
     require_adapter(read_pipeline_folder(pipeline))  # fail before loading anything
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
     capman = load_capman_unet(setup.folder).to(setup.pipe.unet.device)
     denoiser = make_denoiser(setup.pipe, setup.folder, setup.class_names, setup.dataset)
-    num_classes = len(setup.class_names)
-    sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
-    counts = torch.zeros(num_classes)
-    batches = fixed_batches(denoiser, setup.data, num_classes, num_batches, batch_size, seed)
-    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
-        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
-        with expert_disabled(capman):
-            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
-        for key, (a, b) in {
-            "expert_usage": (full, general),
-            "loss_full": (full, batch.target),
-            "loss_general": (general, batch.target),
-        }.items():
-            sums[key][batch.class_id] += _per_sample_mse(a, b).sum().item()
-        counts[batch.class_id] += len(batch.timesteps)
-    values = {k: (v / counts).tolist() for k, v in sums.items()}
+    values = measure_expert_use(
+        capman, denoiser, setup.data, len(setup.class_names), num_batches, batch_size, seed, progress
+    )
     result = {
         "analysis": "capacity",
         **_common_record(setup, num_batches, batch_size, seed),
         **values,
-        "splits": _per_split_means(values, num_classes),
+        "splits": _per_split_means(values, len(setup.class_names)),
     }
     if output_dir is not None:
         output_dir = Path(output_dir)
@@ -482,7 +503,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from .flags import ArgumentParser
+
+    parser = ArgumentParser(
         prog="capman-analyze", description="Per-class capacity analyses of a trained (CM) diffusion model."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -498,12 +521,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``capman-analyze``; returns the exit status (errors: one line on stderr, status 1)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``capman-analyze`` (errors: one line on stderr, exit status 1)."""
+    run_cli(_analyze_from_command_line, argv)
+
+
+def _analyze_from_command_line(argv: Sequence[str] | None) -> None:
+    args = parse_args(argv)
     common = dict(
         dataset=args.dataset,
         num_batches=args.num_batches,
@@ -516,20 +540,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_data_dir=args.train_data_dir,
         device=args.device,
     )
-    try:
-        if args.command == "prune":
-            result = pruning_sensitivity(args.pipeline, fraction=args.fraction, **common)
-            key = "relative_loss_change"
-        else:
-            result = expert_capacity(args.pipeline, **common)
-            key = "expert_usage"
-    except (ValueError, FileNotFoundError) as err:
-        print(f"capman-analyze: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 1
+    if args.command == "prune":
+        result = pruning_sensitivity(args.pipeline, fraction=args.fraction, **common)
+        key = "relative_loss_change"
+    else:
+        result = expert_capacity(args.pipeline, **common)
+        key = "expert_usage"
     means = ", ".join(f"{split} {v[key]:.4g}" for split, v in result["splits"].items())
     print(f"capman-analyze {args.command}: mean {key.replace('_', ' ')} per split: {means}; wrote {args.output_dir}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

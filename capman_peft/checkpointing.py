@@ -1,14 +1,17 @@
 """Training checkpoints in safetensors + JSON only, written so that a crash mid-save never destroys the last good one.
 
 A checkpoint folder ``checkpoint-<step>/`` holds ``model.safetensors`` (the trainable parameters), and
-``state.safetensors`` + ``state.json`` (optimizer, LR schedule, EMA and loop counters: tensors in safetensors, the
-rest in JSON). Nothing is unpickled on resume. The folder is written under a temporary name and renamed into place
-only when complete; old checkpoints beyond the limit are removed only after that.
+``state.safetensors`` + ``state.json`` (optimizer, LR schedule, EMA, loop counters and the run's identity: tensors in
+safetensors, the rest in JSON). Nothing is unpickled on resume. The folder is written under a temporary name, its
+files and the folder are flushed to disk (fsync), and only then is it renamed into place, so a crash or power loss
+mid-save never leaves a "complete" checkpoint with missing data; old checkpoints beyond the limit are removed only
+after that. A checkpoint that cannot be read is reported by file name (``CheckpointError``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import ConfigError
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit the model; the message names the file."""
+
+
+class ForeignCheckpointError(CheckpointError):
+    """A readable checkpoint written by a run with other settings: never resumed, not even by ``latest``."""
 
 
 def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -61,17 +74,34 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """``latest`` → the newest checkpoint in `output_dir` (None if there is none); otherwise the given folder."""
+def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> list[Path]:
+    """The checkpoints to try, in order: ``latest`` → every checkpoint in `output_dir`, newest first (empty if
+    there is none); otherwise the given folder (relative to `output_dir` when it is not a path that exists)."""
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        return list_checkpoints(output_dir)[::-1]
     path = Path(resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / path
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r}: no checkpoint at {path}")
-    return path
+    if not path.is_dir():
+        raise CheckpointError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint folder at {path}; "
+            "allowed: a checkpoint-<step> folder or latest"
+        )
+    return [path]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (folders: the entries; not supported everywhere, e.g. on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -81,11 +111,13 @@ def save_checkpoint(
     training_state: dict[str, Any],
     total_limit: int | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond `total_limit`.
+    """Write ``checkpoint-<step>`` atomically and durably, then prune the oldest beyond `total_limit`.
 
-    `training_state` is any nested dict of tensors and JSON values (optimizer/scheduler/EMA ``state_dict()``s and
-    loop counters).
+    `training_state` is any nested dict of tensors and JSON values (optimizer/scheduler/EMA ``state_dict()``s, loop
+    counters, the run's identity).
     """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"total_limit must be >= 1 or None, got {total_limit}")
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.incomplete"
@@ -96,6 +128,9 @@ def save_checkpoint(
     meta = _split({**training_state, "step": step}, tensors, "state")
     save_file(tensors, tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    for name in ("model.safetensors", "state.safetensors", "state.json"):
+        _fsync(tmp / name)
+    _fsync(tmp)
     if final.exists():  # re-saving the same step: keep the old one until the new one is in place
         old = output_dir / f".checkpoint-{step}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -104,22 +139,70 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    _fsync(output_dir)
     if total_limit is not None:
         for stale in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(stale)
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load the trainable parameters into `model` and return the training state saved with them."""
-    path = Path(path)
-    weights = load_file(path / "model.safetensors")
-    expected = set(trainable_state(model))
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+def _read(path: Path, reader: Any) -> Any:
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as err:  # safetensors and json report corruption with their own exception types
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read ({reason}); the file is truncated or corrupt") from None
+
+
+def _check_run(path: Path, state: dict[str, Any], run_config: dict[str, Any]) -> None:
+    saved = state.get("run", {}).get("config")
+    if saved is None:
+        return  # written before runs recorded their settings
+    changed = [k for k in sorted(set(saved) | set(run_config)) if saved.get(k) != run_config.get(k)]
+    if changed:
+        listed = ", ".join(f"--{k} {saved.get(k)} (now {run_config.get(k)})" for k in changed[:4])
+        raise ForeignCheckpointError(
+            f"{path}: was written by a run with other settings: {listed}; allowed: resume with the settings it "
+            "was trained with, or start a new run in another --output_dir"
         )
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check and load a checkpoint: the trainable parameters into `model`, and return the training state.
+
+    Everything is read and checked (the run's settings against `run_config`, names and shapes of the weights, the
+    state files) before `model` is touched.
+    """
+    path = Path(path)
+    weights = _read(path / "model.safetensors", load_file)
+    expected = trainable_state(model)
+    if set(weights) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ForeignCheckpointError(
+            f"{path / 'model.safetensors'}: does not fit the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); it was written for another model or adapter configuration"
+        )
+    wrong = [k for k, v in weights.items() if v.shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ForeignCheckpointError(
+            f"{path / 'model.safetensors'}: {k} has shape {tuple(weights[k].shape)} but the model's is "
+            f"{tuple(expected[k].shape)} ({len(wrong)} such tensors); it was written for another model, "
+            "resolution or number of classes"
+        )
+    tensors = _read(path / "state.safetensors", load_file)
+    meta = _read(path / "state.json", lambda p: json.loads(p.read_text()))
+    try:
+        state = _join(meta, tensors)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path / 'state.json'}: does not match {path / 'state.safetensors'} ({err}); the checkpoint is corrupt"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / 'state.json'}: has no step counter; the checkpoint is corrupt")
+    if run_config is not None:
+        _check_run(path, state, run_config)
     model.load_state_dict(weights, strict=False)
-    tensors = load_file(path / "state.safetensors")
-    return _join(json.loads((path / "state.json").read_text()), tensors)
+    return state

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ConfigError
+
 # ----------------------------------------------------------------------------------------------------------
 # Long-tail subsampling (Cao et al. 2019; CBDM, Qin et al. 2023)
 # ----------------------------------------------------------------------------------------------------------
@@ -76,9 +78,7 @@ def long_tail_indices(
         num_classes = len(class_order) if class_order is not None else int(labels.max()) + 1
     order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
     if sorted(order) != list(range(num_classes)):
-        raise ValueError(
-            f"class_order must be a permutation of 0..{num_classes - 1}, got {list(class_order)}"
-        )
+        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {list(class_order)}")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
 
@@ -88,11 +88,11 @@ def long_tail_indices(
     per_class = [np.where(labels == c)[0] for c in order]
     for c, idx in zip(order, per_class, strict=True):
         if len(idx) == 0:
-            raise ValueError(f"class {name(c)} has no images; every class needs at least one")
+            raise ConfigError(f"class {name(c)} has no images; every class needs at least one")
     counts = long_tail_counts(len(per_class[0]), num_classes, imbalance_ratio)
     emptied = [name(c) for c, n in zip(order, counts, strict=True) if n < 1]
     if emptied:
-        raise ValueError(
+        raise ConfigError(
             f"class {', '.join(emptied)} would be left with zero images at imbalance_ratio={imbalance_ratio} "
             f"(largest class has {len(per_class[0])}); use a smaller imbalance_ratio"
         )
@@ -110,10 +110,8 @@ def long_tail_indices(
 
 
 def _check_imbalance_ratio(imbalance_ratio: float) -> None:
-    if not (
-        isinstance(imbalance_ratio, numbers.Real) and math.isfinite(imbalance_ratio) and imbalance_ratio >= 1
-    ):
-        raise ValueError(
+    if not (isinstance(imbalance_ratio, numbers.Real) and math.isfinite(imbalance_ratio) and imbalance_ratio >= 1):
+        raise ConfigError(
             f"imbalance_ratio must be a finite number >= 1 (None: no subsampling), got {imbalance_ratio!r}"
         )
 
@@ -277,9 +275,7 @@ class ImbalancedImageDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names)
         self.transform = transform
         self.prompt_template = prompt_template
-        self.class_counts = np.bincount(
-            np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes
-        ).tolist()
+        self.class_counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes).tolist()
 
     @property
     def num_classes(self) -> int:
@@ -309,7 +305,7 @@ class ImbalancedImageDataset(torch.utils.data.Dataset):
             image.load()
             return to_rgb(image)
         except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"cannot read image {self._describe(i)}: {err}") from err
+            raise ConfigError(f"cannot read image {self._describe(i)}: {err}") from err
 
     def _describe(self, i: int) -> str:
         if isinstance(self.images, _HubImages):
@@ -411,7 +407,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     key = name.lower()
     key = key if key in DATASETS else f"imb-{key}"
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return DATASETS[key]
 
 
@@ -506,7 +502,7 @@ def load_reference_dataset(
     resolution = spec.resolution if resolution is None else resolution
     _check_resolution(resolution)
     if images_per_class is not None and images_per_class < 1:
-        raise ValueError(f"images_per_class must be >= 1 or None, got {images_per_class}")
+        raise ConfigError(f"images_per_class must be >= 1 or None, got {images_per_class}")
     split = spec.reference_split or "train"
     images, labels, class_names = _load_source(
         spec, name, split, dataset_name, train_data_dir, image_column, label_column, cache_dir, verify_images
@@ -516,7 +512,7 @@ def load_reference_dataset(
     k = min(len(i) for i in per_class) if images_per_class is None else images_per_class
     short = [class_names[c] for c, i in enumerate(per_class) if len(i) < k]
     if short:
-        raise ValueError(f"images_per_class={k} but classes {short} have fewer images in the reference split")
+        raise ConfigError(f"images_per_class={k} but classes {short} have fewer images in the reference split")
     keep = np.sort(np.concatenate([i[:k] for i in per_class]))
     return ImbalancedImageDataset(
         _subset(images, keep),
@@ -560,15 +556,13 @@ def _load_source(
     elif spec is DATASETS["imb-digits"]:
         images, labels, names = _load_digits()
     else:
-        raise ValueError(f"dataset {name!r} needs dataset_name (a Hub id or local path) or train_data_dir")
+        raise ConfigError(f"dataset {name!r} needs dataset_name (a Hub id or local path) or train_data_dir")
     labels, names = _canonical_order(labels, names, spec)
     renames = dict(spec.renames)
     names = [renames.get(n, n) for n in names]
-    empty = [
-        n for n, count in zip(names, np.bincount(labels, minlength=len(names)), strict=True) if count == 0
-    ]
+    empty = [n for n, count in zip(names, np.bincount(labels, minlength=len(names)), strict=True) if count == 0]
     if empty:
-        raise ValueError(f"classes {empty} have no images in split {split!r}; every class needs at least one")
+        raise ConfigError(f"classes {empty} have no images in split {split!r}; every class needs at least one")
     return images, labels, names
 
 
@@ -582,7 +576,7 @@ def _canonical_order(labels: np.ndarray, names: list[str], spec: DatasetSpec) ->
         return new_id[labels], canonical
     if spec.order_by_name:
         unknown = sorted(set(names) - set(canonical))
-        raise ValueError(f"unexpected class names {unknown} in the source; expected exactly {canonical}")
+        raise ConfigError(f"unexpected class names {unknown} in the source; expected exactly {canonical}")
     return labels, names
 
 
@@ -598,14 +592,13 @@ def _apply_class_order(
             ids.append(class_names.index(c))
         elif isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.isdigit()):
             if not 0 <= int(c) < len(class_names):
-                raise ValueError(f"class id {c} in class_order is out of range 0..{len(class_names) - 1}")
+                raise ConfigError(f"class id {c} in class_order is out of range 0..{len(class_names) - 1}")
             ids.append(int(c))
         else:
-            raise ValueError(f"unknown class {c!r} in class_order; known classes: {class_names}")
+            raise ConfigError(f"unknown class {c!r} in class_order; known classes: {class_names}")
     if sorted(ids) != list(range(len(class_names))):
-        raise ValueError(
-            f"class_order must name every class exactly once, got {list(class_order)}; "
-            f"known classes: {class_names}"
+        raise ConfigError(
+            f"class_order must name every class exactly once, got {list(class_order)}; known classes: {class_names}"
         )
     new_label = np.empty(len(ids), dtype=np.int64)
     new_label[ids] = np.arange(len(ids))
@@ -624,14 +617,17 @@ def _load_hub(
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not in {source}; available splits: {list(loaded)}")
+                raise ConfigError(f"split {split!r} not in {source}; available splits: {list(loaded)}")
             loaded = loaded[split]
         hf = loaded
     else:
-        hf = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+        from .hub import hub_source
+
+        where = hub_source(source, "--dataset_name" if source != spec.hub_id else "--dataset", "dataset", cache_dir)
+        hf = datasets.load_dataset(where, split=split, cache_dir=cache_dir)
     for column in (image_column, label_column):
         if column not in hf.column_names:
-            raise ValueError(f"column {column!r} not in {source}; available columns: {hf.column_names}")
+            raise ConfigError(f"column {column!r} not in {source}; available columns: {hf.column_names}")
     feature = hf.features[label_column]
     raw = np.asarray(hf[label_column])
     if isinstance(feature, datasets.ClassLabel):
@@ -651,11 +647,13 @@ def _load_hub(
 def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np.ndarray, list[str]]:
     """A folder with one sub-folder per class; images are read with PIL, never via the Hub."""
     if not root.is_dir():
-        raise FileNotFoundError(f"train_data_dir {str(root)!r} does not exist or is not a folder")
+        raise ConfigError(
+            f"--train_data_dir {root}: does not exist or is not a folder; allowed: a folder of class folders"
+        )
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise ValueError(
-            f"train_data_dir {str(root)!r} has no class sub-folders (expected one folder per class)"
+        raise ConfigError(
+            f"--train_data_dir {root}: has no class sub-folders; allowed: a folder with one sub-folder per class"
         )
     paths: list[Path] = []
     labels: list[int] = []
@@ -666,9 +664,9 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not files:
-            raise ValueError(
-                f"class {name!r} has no images in {str(root / name)!r} "
-                f"(extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            raise ConfigError(
+                f"--train_data_dir {root / name}: class {name!r} has no images; allowed extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}"
             )
         paths += files
         labels += [label] * len(files)
@@ -678,7 +676,7 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
                 with Image.open(p) as image:
                     image.verify()
             except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
-                raise ValueError(f"corrupt image file {str(p)!r}: {err}") from err
+                raise ConfigError(f"{p}: corrupt image ({err}); allowed: an image PIL can read") from err
     return paths, np.asarray(labels, dtype=np.int64), names
 
 

@@ -1,18 +1,23 @@
-"""`CMDenoiser`: theta and theta^g noise predictions (and CBDM's extra-label pass) from ONE module call.
+"""`CMDenoiser`: theta and theta^g noise predictions (and the objectives' extra passes) from ONE module call.
 
 DDP/FSDP/DeepSpeed break when a wrapped module is called twice before backward, so the training scripts let
 Accelerate prepare this module and call it once per step. Three ways to compute the predictions, identical in
 value (tests check outputs and gradients):
 
 * ``fused``: one UNet call on the batch stacked twice, the expert gated on for the first copy and off for the second.
-* ``sequential``: two UNet calls inside this one forward (the expert switched off for the second); least memory.
+* ``sequential``: separate UNet calls inside this one forward (the expert switched off for the theta^g call). It
+  does not save memory: autograd keeps both calls' activations until backward (README "Benchmarks").
 * ``shared_prefix``: when experts live only in ``up_blocks``, the time embedding, down path and mid block are the
   same for theta and theta^g: run them once and duplicate the activations at the entry of every up block.
+
+In every mode the theta and theta^g rows of a sample see the same dropout masks, so that their distance measures
+the expert alone: ``fused`` and ``shared_prefix`` share the masks through the gate (``PairedDropout``),
+``sequential`` replays the random state before the theta^g call.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -30,8 +35,35 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class Predictions(NamedTuple):
+    """What one `CMDenoiser` call returns; entries that were not asked for are None."""
+
+    full: torch.Tensor
+    """theta(x_t, t, cond), every row."""
+    general: torch.Tensor | None
+    """theta^g(x_t, t, cond) on the rows ``general_rows`` (all rows when None)."""
+    extra: torch.Tensor | None
+    """theta(x_t, t, extra_cond): CBDM's y' pass."""
+    reference: torch.Tensor | None
+    """theta(x_t, t, reference_cond) on ``reference_rows``, without gradient: the target of the CM target form."""
+
+
+class _RandomState:
+    """The global random state (CPU and the sample's accelerator) at one point, to replay dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 class CMDenoiser(nn.Module):
-    """Wraps a (PEFT-wrapped) diffusers UNet and returns ``(eps_full, eps_general[, eps_extra])`` in one call.
+    """Wraps a (PEFT-wrapped) diffusers UNet and returns the :class:`Predictions` of a step in one call.
 
     Args:
         unet: a UNet2DModel (conditioned on ``class_labels``) or UNet2DConditionModel (``encoder_hidden_states``)
@@ -77,45 +109,84 @@ class CMDenoiser(nn.Module):
         timestep: torch.Tensor,
         cond: torch.Tensor,
         extra_cond: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:
-        """Return ``(eps_full, eps_general)``, or ``(eps_full, eps_general, eps_extra)`` when `extra_cond` is given.
+        general_rows: torch.Tensor | None = None,
+        reference_cond: torch.Tensor | None = None,
+        reference_rows: torch.Tensor | None = None,
+    ) -> Predictions:
+        """theta for every row, theta^g for `general_rows` (default: all), and the optional extra passes.
 
-        ``eps_extra`` is theta's prediction for the same ``(x_t, t)`` under `extra_cond` (CBDM's y'). Without
-        capacity manipulation ``eps_general`` is None.
+        Args:
+            extra_cond: a second condition per row for theta (CBDM's y').
+            general_rows: row indices for theta^g; fewer rows make the step cheaper (``--cm_general_fraction``).
+                Not with ``sequential`` (its mask replay needs the same rows in both calls).
+            reference_cond, reference_rows: a no-grad theta prediction for those rows under that condition (one
+                entry per listed row).
         """
         batch = sample.shape[0]
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        conds = [cond] if extra_cond is None else [cond, extra_cond]
-
-        def call(conditions: list[torch.Tensor]) -> torch.Tensor:
-            n = len(conditions)
-            return self._call(sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), torch.cat(conditions))
-
+        reference = None
+        if reference_cond is not None and reference_rows is not None and len(reference_rows):
+            with torch.no_grad():
+                reference = self._call(sample[reference_rows], timestep[reference_rows], reference_cond)
         if not self.capacity_manipulation:
-            full, *extra = call(conds).split(batch)
-            return (full, None, *extra)
+            full, extra = self._theta(sample, timestep, cond, extra_cond)
+            return Predictions(full, None, extra, reference)
         if self.forward_mode == "sequential":
-            full, *extra = call(conds).split(batch)
+            if general_rows is not None:
+                raise ValueError(
+                    "forward_mode='sequential' computes theta^g on every row; use 'fused' or 'shared_prefix'"
+                )
+            state = _RandomState(sample.device)
+            full = self._call(sample, timestep, cond)
+            after_theta = _RandomState(sample.device)
+            state.restore()  # theta^g draws the dropout masks theta drew
             with expert_disabled(self.unet):
                 general = self._call(sample, timestep, cond)
-            return (full, general, *extra)
+            after_theta.restore()
+            extra = None if extra_cond is None else self._call(sample, timestep, extra_cond)
+            return Predictions(full, general, extra, reference)
 
-        # Row blocks: theta(cond) | theta^g(cond) | theta(extra_cond)
-        ones, zeros = sample.new_ones(batch), sample.new_zeros(batch)
-        gate = torch.cat([ones, zeros] + [ones] * (len(conds) - 1))
+        # Row blocks: theta(cond) | theta^g(cond) on the general rows | theta(extra_cond)
+        rows = torch.arange(batch, device=sample.device) if general_rows is None else general_rows.to(sample.device)
+        sizes = [batch, len(rows)] + ([batch] if extra_cond is not None else [])
+        gate = torch.cat(
+            [sample.new_ones(batch), sample.new_zeros(len(rows))] + [sample.new_ones(batch)] * (len(sizes) - 2)
+        )
+        own = torch.arange(batch, device=sample.device)
+        mask_source = torch.cat([own, rows] + [own + batch + len(rows)] * (len(sizes) - 2))
         if self.forward_mode == "fused":
-            with expert_gate(self.unet, gate):
-                return tuple(call([cond, *conds]).split(batch))
+            general_part = (
+                (sample, timestep, cond) if general_rows is None else (sample[rows], timestep[rows], cond[rows])
+            )
+            parts = [(sample, timestep, cond), general_part] + [(sample, timestep, extra_cond)] * (len(sizes) - 2)
+            stacked = [torch.cat(values) for values in zip(*parts, strict=True)]
+            with expert_gate(self.unet, gate, mask_source):
+                outputs = self._call(*stacked).split(sizes)
+        else:  # shared_prefix: the prefix runs on cond (and extra_cond) once; the up path gets the rows it needs
+            conds = [cond] if extra_cond is None else [cond, extra_cond]
+            n = len(conds)
+            self._expand_index = torch.cat([own, rows] + [own + batch] * (n - 1))
+            self._prefix_batch = n * batch
+            try:
+                with expert_gate(self.unet, gate, mask_source):
+                    outputs = self._call(
+                        sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), torch.cat(conds)
+                    ).split(sizes)
+            finally:
+                self._expand_index = None
+        extra = outputs[2] if extra_cond is not None else None
+        return Predictions(outputs[0], outputs[1], extra, reference)
 
-        # shared_prefix: the prefix runs on the conds once; each up block gets the cond rows twice.
-        arange = torch.arange(batch, device=sample.device)
-        self._expand_index = torch.cat([arange, arange] + [arange + batch] * (len(conds) - 1))
-        self._prefix_batch = len(conds) * batch
-        try:
-            with expert_gate(self.unet, gate):
-                return tuple(call(conds).split(batch))
-        finally:
-            self._expand_index = None
+    def _theta(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, extra_cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """theta under `cond` (and `extra_cond`) in one call on the stacked batch."""
+        if extra_cond is None:
+            return self._call(sample, timestep, cond), None
+        full, extra = self._call(torch.cat([sample, sample]), timestep.repeat(2), torch.cat([cond, extra_cond])).chunk(
+            2
+        )
+        return full, extra
 
     def _duplicate_into_up_path(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import class_prompts, class_splits, get_dataset_spec, load_reference_dataset
+from .errors import ConfigError, run_cli
 from .pipelines import image_grid
 
 METRIC_NAMES = ("fid", "kid", "isc", "prc")
@@ -299,54 +300,149 @@ def _finite_or_none(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def _fidelity(
-    generated: UInt8Images,
-    reference: UInt8Images,
-    metrics: set[str],
-    *,
-    feature_extractor: str,
-    weights_path: str | None,
-    cache_name: str | None,
-    cache_root: str | None,
-    batch_size: int,
-    device: str,
-) -> dict[str, Any]:
-    """One group of metrics for one pair of sets; precision/recall in its own call with the same extractor."""
-    from torch_fidelity import calculate_metrics
+# The Inception weights torch-fidelity uses (its own release); read once and kept as safetensors, see below.
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 
-    n_gen, n_real = len(generated), len(reference)
+
+def inception_safetensors(weights_path: str | None, cache_dir: Path) -> Path:
+    """The Inception-v3 weights as a safetensors file, the only form this project reads.
+
+    A ``.safetensors`` file is used as is. torch-fidelity ships (and would itself load with ``torch.load(...,
+    weights_only=False)``, i.e. unrestricted unpickling) a ``.pth``: that file — the download when no path is
+    given — is read once with ``torch.load(weights_only=True)``, torch's restricted loader that cannot run code, and
+    written to ``cache_dir`` as safetensors; later runs read only the safetensors copy.
+    """
+    from safetensors.torch import save_file
+
+    if weights_path is not None and str(weights_path).endswith(".safetensors"):
+        return Path(weights_path)
+    source = Path(weights_path) if weights_path is not None else cache_dir / Path(INCEPTION_URL).name
+    tag = (
+        hashlib.sha1(f"{source.resolve()}:{source.stat().st_size}".encode()).hexdigest()[:10]
+        if source.exists()
+        else "release"
+    )
+    target = cache_dir / f"inception-v3-compat-{tag}.safetensors"
+    if target.is_file():
+        return target
+    if not source.exists():
+        if weights_path is not None:
+            raise ConfigError(f"--feature_extractor_weights_path {weights_path}: no such file")
+        from .hub import hub_reachable
+
+        try:
+            source.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(source), progress=False)
+        except Exception as err:
+            raise ConfigError(
+                f"--feature_extractor inception-v3-compat: cannot download its weights from {INCEPTION_URL} ({err}; "
+                f"{'offline?' if not hub_reachable() else 'network error'}); allowed: "
+                "--feature_extractor_weights_path with a local copy (.pth or .safetensors)"
+            ) from None
+        return inception_safetensors(str(source), cache_dir)
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
+def build_feature_extractor(name: str, layers: Sequence[str], weights_path: str | None, cache_dir: Path, device: str):
+    """A torch-fidelity feature extractor on `device`; Inception's weights come from safetensors only."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    if name != INCEPTION:
+        extractor = create_feature_extractor(
+            name, list(layers), cuda=False, feature_extractor_weights_path=weights_path, verbose=False
+        )
+        return extractor.to(device)
+    from safetensors.torch import load_file
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    state = load_file(str(inception_safetensors(weights_path, cache_dir)))
+    # The constructor loads its weights itself; with no path it calls this download helper, which we answer with
+    # the safetensors tensors (so its unrestricted torch.load never runs).
+    download = inception.load_state_dict_from_url
+    inception.load_state_dict_from_url = lambda *args, **kwargs: state
+    try:
+        extractor = inception.FeatureExtractorInceptionV3(name, list(layers), verbose=False)
+    finally:
+        inception.load_state_dict_from_url = download
+    return extractor.to(device)
+
+
+def extract_features(images: UInt8Images, extractor: Any, batch_size: int, device: str) -> dict[str, torch.Tensor]:
+    """torch-fidelity's features of every image, per layer (rows in the order of `images`)."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    # No DataLoader workers (save_cpu_ram): the generated set is in memory, and workers cost seconds to start.
+    return get_featuresdict_from_dataset(images, extractor, batch_size, device.startswith("cuda"), True, False)
+
+
+def cached_reference_features(
+    images: UInt8Images, layers: Sequence[str], extract: Any, cache_file: Path | None
+) -> dict[str, torch.Tensor]:
+    """The reference set's features, read from / written to `cache_file` (safetensors; None: no cache).
+
+    A cache file that cannot be read (truncated, corrupt) or does not hold these features is named in a warning,
+    recomputed and replaced; the new file is written under a temporary name first.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = load_file(str(cache_file))
+            if set(layers) <= set(cached) and all(len(cached[k]) == len(images) for k in layers):
+                return cached
+            reason = "it holds other features"
+        except Exception as err:  # safetensors reports truncation and corruption with its own error types
+            reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"capman-eval: warning: {cache_file}: cannot be used ({reason}); recomputing it", file=sys.stderr)
+    features = extract(images)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + ".incomplete")
+        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+        tmp.replace(cache_file)
+    return features
+
+
+def fidelity_metrics(
+    generated: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    layers: dict[str, str],
+) -> dict[str, Any]:
+    """torch-fidelity's metrics from two sets of features (`layers`: metric -> feature layer), as calculate_metrics
+    would give them for the images; FID/KID/PRC compare the sets, IS uses the generated one only."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    n_gen = len(next(iter(generated.values())))
+    n_real = len(next(iter(reference.values())))
     out: dict[str, Any] = {"num_generated": n_gen, "num_real": n_real}
-    kid_subset_size = min(n_gen, n_real, KID_MAX_SUBSET)
-    if "kid" in metrics:
-        out["kid_subset_size"] = kid_subset_size
-        if kid_subset_size < 2:  # the unbiased MMD estimate divides by m (m - 1)
+    results: dict[str, Any] = {}
+    if "fid" in layers:
+        stats = [fid_featuresdict_to_statistics(f, layers["fid"]) for f in (generated, reference)]
+        results.update(fid_statistics_to_metric(*stats, False))
+    if "kid" in layers:
+        subset = min(n_gen, n_real, KID_MAX_SUBSET)
+        out["kid_subset_size"] = subset
+        if subset < 2:  # the unbiased MMD estimate divides by m (m - 1)
             out.update(kid_mean=None, kid_std=None)
-            metrics = metrics - {"kid"}
-    if "prc" in metrics and min(n_gen, n_real) <= PRC_NEIGHBORHOOD:
-        out.update(precision=None, recall=None, f_score=None)
-        metrics = metrics - {"prc"}
-    common = {
-        "input1": generated,
-        "input2": reference,
-        "feature_extractor": feature_extractor,
-        "feature_extractor_weights_path": weights_path,
-        "cuda": device.startswith("cuda"),
-        "batch_size": batch_size,
-        "verbose": False,
-        # No DataLoader workers: the generated set is in memory, and workers cost seconds to start per call.
-        "save_cpu_ram": True,
-        "cache": cache_name is not None,
-        "input2_cache_name": cache_name,
-        "cache_root": cache_root,
-        "kid_subset_size": max(kid_subset_size, 2),
-        "isc_splits": min(10, n_gen),
-    }
-    results: dict[str, float] = {}
-    first = {m: m in metrics for m in ("fid", "kid", "isc")}
-    if any(first.values()):
-        results.update(calculate_metrics(**common, **first))
-    if "prc" in metrics:
-        results.update(calculate_metrics(**common, prc=True))
+        else:
+            results.update(
+                kid_featuresdict_to_metric(generated, reference, layers["kid"], kid_subset_size=subset, verbose=False)
+            )
+    if "isc" in layers:
+        results.update(isc_featuresdict_to_metric(generated, layers["isc"], isc_splits=min(10, n_gen), verbose=False))
+    if "prc" in layers:
+        if min(n_gen, n_real) <= PRC_NEIGHBORHOOD:
+            out.update(precision=None, recall=None, f_score=None)
+        else:
+            results.update(prc_featuresdict_to_metric(generated, reference, layers["prc"], verbose=False))
     out.update({_FIDELITY_KEYS[k]: _finite_or_none(float(v)) for k, v in results.items() if k in _FIDELITY_KEYS})
     return out
 
@@ -369,46 +465,48 @@ def measure_fidelity(
 ) -> dict[str, Any]:
     """Overall, per-split and (optionally) per-class metrics of generated vs real images.
 
+    Features are extracted once per set and subsets are compared by indexing them, so a split costs no extra
+    extraction.
+
     Args:
         generated: uint8 ``N x 3 x H x W``.
         reference: uint8 tensor or a data-module dataset (items with ``pixel_values`` in [-1, 1]).
         metrics: any of ``fid``, ``kid``, ``isc``, ``prc``; splits and classes get only FID and KID.
-        cache_prefix: caches the reference features as ``<prefix>-<split>``; ``None`` caches nothing.
+        cache_prefix: caches the reference features as ``<cache_root>/<prefix>-<extractor>.safetensors``; ``None``
+            caches nothing.
     """
-    metrics = set(_check_metrics(metrics))
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    metrics = _check_metrics(metrics)
     gen_labels = torch.as_tensor(generated_labels).long()
     ref_labels = torch.as_tensor(reference_labels).long()
-    gen_set, ref_set = UInt8Images(generated), UInt8Images(reference)
-    kwargs = dict(
-        feature_extractor=feature_extractor,
-        weights_path=feature_extractor_weights_path,
-        cache_root=None if cache_root is None else str(cache_root),
-        batch_size=batch_size,
-        device=device,
+    layers = {m: resolve_feature_layer_for_metric(m, feature_extractor=feature_extractor) for m in metrics}
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_dir() / "fidelity"
+    extractor = build_feature_extractor(
+        feature_extractor, sorted(set(layers.values())), feature_extractor_weights_path, cache_root.parent, device
     )
 
-    def cache(split: str) -> str | None:
-        return None if cache_prefix is None else f"{cache_prefix}-{split}"
+    def extract(images: UInt8Images) -> dict[str, torch.Tensor]:
+        return extract_features(images, extractor, batch_size, device)
 
-    def restricted(classes: list[int]) -> tuple[UInt8Images, UInt8Images]:
+    cache_file = None if cache_prefix is None else cache_root / f"{cache_prefix}-{feature_extractor}.safetensors"
+    gen = extract(UInt8Images(generated))
+    ref = cached_reference_features(UInt8Images(reference), sorted(set(layers.values())), extract, cache_file)
+
+    def restricted(classes: list[int], keep: set[str]) -> tuple[dict, dict, dict]:
         pick = torch.tensor(classes)
-        return (
-            gen_set.subset(torch.nonzero(torch.isin(gen_labels, pick)).flatten().tolist()),
-            ref_set.subset(torch.nonzero(torch.isin(ref_labels, pick)).flatten().tolist()),
-        )
+        gen_rows, ref_rows = torch.isin(gen_labels, pick), torch.isin(ref_labels, pick)
+        sub = {m: layer for m, layer in layers.items() if m in keep}
+        return {k: v[gen_rows] for k, v in gen.items()}, {k: v[ref_rows] for k, v in ref.items()}, sub
 
-    result: dict[str, Any] = {"overall": _fidelity(gen_set, ref_set, metrics, cache_name=cache("all"), **kwargs)}
-    split_metrics = metrics & {"fid", "kid"}
+    result: dict[str, Any] = {"overall": fidelity_metrics(gen, ref, layers)}
     result["splits"] = {}
-    for name, classes in class_splits(num_classes).items():
-        if classes and split_metrics:
-            result["splits"][name] = _fidelity(*restricted(classes), split_metrics, cache_name=cache(name), **kwargs)
+    if set(metrics) & {"fid", "kid"}:
+        for name, classes in class_splits(num_classes).items():
+            if classes:
+                result["splits"][name] = fidelity_metrics(*restricted(classes, {"fid", "kid"}))
     if per_class_fid:
-        fids = [
-            _fidelity(*restricted([c]), {"fid"}, cache_name=cache(f"class{c}"), **kwargs)["fid"]
-            for c in range(num_classes)
-        ]
-        result["per_class"] = {"fid": fids}
+        result["per_class"] = {"fid": [fidelity_metrics(*restricted([c], {"fid"}))["fid"] for c in range(num_classes)]}
     return result
 
 
@@ -445,7 +543,7 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     """Check that ``path`` is a diffusers pipeline folder and read its index and training summary."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} is not a pipeline folder (no model_index.json); pass a training run's output_dir"
         )
     model_index = json.loads((path / "model_index.json").read_text())
@@ -453,7 +551,7 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     folder = PipelineFolder(path, model_index, summary)
     if folder.kind == "text-to-image" and "unet" not in model_index:
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} holds a {model_index.get('_class_name')} without a unet; capman-eval evaluates "
             "ClassConditionalPipeline and Stable Diffusion pipelines"
         )
@@ -461,12 +559,24 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
 
 
 def require_adapter(folder: PipelineFolder) -> Path:
-    """``output_dir/adapter/adapter_config.json``, or a ValueError saying that θ^g needs it."""
+    """``output_dir/adapter/adapter_config.json`` of the run that wrote the pipeline, or a ValueError: θ^g needs it,
+    and an adapter left over from another run in the same folder must not be taken for it."""
+    from .pipelines import RUN_FILE
+
     config_file = folder.adapter_dir / "adapter_config.json"
     if not config_file.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{str(folder.path)!r} has no adapter/adapter_config.json: the expert-off model θ^g needs the unmerged "
             "CapMan adapter that training saves next to the merged pipeline"
+        )
+    run_file = folder.adapter_dir / RUN_FILE
+    adapter_run = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    pipeline_run = folder.summary.get("run_id")
+    if adapter_run != pipeline_run:
+        raise ConfigError(
+            f"{str(folder.adapter_dir)!r} does not belong to the pipeline next to it (adapter of run {adapter_run}, "
+            f"pipeline of run {pipeline_run}): it is left over from an earlier run in this folder; retrain, or "
+            "evaluate the expert-on model only"
         )
     return config_file
 
@@ -491,14 +601,18 @@ def load_capman_unet(folder: PipelineFolder) -> nn.Module:
     else:
         name = adapter_config.get("base_model_name_or_path") or folder.args.get("pretrained_model_name_or_path")
         if not name:
-            raise ValueError(
+            raise ConfigError(
                 f"{str(config_file)!r} names no base_model_name_or_path; θ^g of a LoRA run needs the pretrained base"
             )
+        from .hub import hub_source
+
+        name = hub_source(name, f"base model of {config_file}", "model")
         try:
             as_pipeline = not Path(name).exists() or (Path(name) / "unet").is_dir()
-            base = unet_cls.from_pretrained(name, subfolder="unet") if as_pipeline else unet_cls.from_pretrained(name)
+            where = {"subfolder": "unet"} if as_pipeline else {}
+            base = unet_cls.from_pretrained(name, use_safetensors=True, **where)
         except (OSError, ValueError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"θ^g of a LoRA run needs the base model {name!r} (base_model_name_or_path in {str(config_file)!r}) "
                 f"available locally or from the Hub: {str(err).splitlines()[0]}"
             ) from err
@@ -525,11 +639,11 @@ def load_pipeline(
 
     folder = path if isinstance(path, PipelineFolder) else read_pipeline_folder(path)
     if expert not in ("on", "off"):
-        raise ValueError(f"expert must be 'on' or 'off', got {expert!r}")
+        raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     loader = ClassConditionalPipeline if folder.kind == "class-conditional" else DiffusionPipeline
-    pipe = loader.from_pretrained(str(folder.path))
+    pipe = loader.from_pretrained(str(folder.path), use_safetensors=True)
     if expert == "off":
         pipe.unet = merge_general_and_unload(load_capman_unet(folder)).eval()
     if scheduler == "ddim":
@@ -603,7 +717,7 @@ def _check_metrics(metrics: Sequence[str] | str) -> list[str]:
     names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     unknown = [m for m in names if m not in METRIC_NAMES]
     if unknown or not names:
-        raise ValueError(f"unknown metric {', '.join(unknown) or '(none given)'}; allowed: {', '.join(METRIC_NAMES)}")
+        raise ConfigError(f"unknown metric {', '.join(unknown) or '(none given)'}; allowed: {', '.join(METRIC_NAMES)}")
     return list(dict.fromkeys(names))
 
 
@@ -612,15 +726,15 @@ def _check_settings(num_images_per_class: int, steps: int, guidance_scale: float
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
     if not positive_int(num_images_per_class):
-        raise ValueError(f"num_images_per_class must be an integer >= 1, got {num_images_per_class!r}")
+        raise ConfigError(f"num_images_per_class must be an integer >= 1, got {num_images_per_class!r}")
     if not positive_int(steps):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
     if not positive_int(batch_size):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+        raise ConfigError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
 
 
 def resolve_feature_extractor(dataset: str, feature_extractor: str | None) -> str:
@@ -630,7 +744,7 @@ def resolve_feature_extractor(dataset: str, feature_extractor: str | None) -> st
     if feature_extractor is None:
         return DIGITS_CLASSIFIER if get_dataset_spec(dataset) is get_dataset_spec("imb-digits") else INCEPTION
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown feature extractor {feature_extractor!r}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
         )
     return feature_extractor
@@ -653,7 +767,7 @@ def _align_reference_labels(
     """Reference labels in the pipeline's class ids: by name when both name the same classes, else by id."""
     labels = torch.as_tensor(list(reference_labels))
     if num_classes != len(reference_names):
-        raise ValueError(
+        raise ConfigError(
             f"the pipeline has {num_classes} classes but the reference data has {len(reference_names)} "
             f"({', '.join(reference_names[:5])}, ...); pass the dataset the model was trained on"
         )
@@ -715,12 +829,12 @@ def evaluate_pipeline(
     metric_list = _check_metrics(metrics)
     _check_settings(num_images_per_class, steps, guidance_scale, batch_size, seed)
     if expert not in ("on", "off"):
-        raise ValueError(f"expert must be 'on' or 'off', got {expert!r}")
+        raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
     folder = read_pipeline_folder(pipeline)
     args = folder.args
     dataset = dataset or args.get("dataset")
     if dataset is None:
-        raise ValueError(
+        raise ConfigError(
             f"no dataset given and {str(folder.path / 'training_summary.json')!r} names none; "
             f"pass --dataset (one of {', '.join(_known_datasets())})"
         )
@@ -731,7 +845,7 @@ def evaluate_pipeline(
     cache_dir = Path(cache_dir or default_cache_dir())
     weights = None if feature_extractor_weights_path is None else str(feature_extractor_weights_path)
     if weights is not None and not Path(weights).is_file():
-        raise ValueError(f"feature_extractor_weights_path {weights!r} is not a file")
+        raise ConfigError(f"feature_extractor_weights_path {weights!r} is not a file")
     if extractor == DIGITS_CLASSIFIER and weights is None:
         weights = str(digits_classifier_file(cache_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -945,9 +1059,9 @@ def evaluate_pipelines(
     from .hub import update_model_card_metrics
 
     if expert not in EXPERT_SETTINGS:
-        raise ValueError(f"expert must be one of {', '.join(EXPERT_SETTINGS)}, got {expert!r}")
+        raise ConfigError(f"expert must be one of {', '.join(EXPERT_SETTINGS)}, got {expert!r}")
     if not pipelines:
-        raise ValueError("no pipeline given")
+        raise ConfigError("no pipeline given")
     folders = [read_pipeline_folder(p) for p in pipelines]  # fail fast on a bad folder before any sampling
     experts = ["on", "off"] if expert == "both" else [expert]
     jobs = [(f, e) for f in folders for e in experts]
@@ -997,7 +1111,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from .flags import ArgumentParser
+
+    parser = ArgumentParser(
         prog="capman-eval",
         description="Generate a class-balanced sample set from trained pipelines and compute FID/KID/IS/precision/"
         "recall overall and per Many/Medium/Few split (torch-fidelity).",
@@ -1071,67 +1187,57 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``capman-eval``; returns the exit status (errors: one line on stderr, status 1)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:  # argparse already printed usage and the message
-        return int(exit_.code or 0)
-    try:
-        kwargs = dict(
-            dataset=args.dataset,
-            num_images_per_class=args.num_images_per_class,
-            metrics=_check_metrics(args.metrics),
-            scheduler=args.scheduler,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            feature_extractor=args.feature_extractor,
-            feature_extractor_weights_path=args.feature_extractor_weights_path,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            per_class_fid=args.per_class_fid,
-            resolution=args.resolution,
-            reference_images_per_class=args.reference_images_per_class,
-            dataset_name=args.dataset_name,
-            train_data_dir=args.train_data_dir,
-            prompt_template=args.prompt_template,
-            cache_dir=args.cache_dir,
-            cache=not args.no_cache,
-            device=args.device,
-        )
-        _check_cli(args)
-        extractor = resolve_feature_extractor(_cli_dataset(args), args.feature_extractor)
-        print(
-            f"capman-eval: feature extractor {extractor}"
-            + ("" if extractor == INCEPTION else " (its FIDs are NOT comparable to Inception FIDs)"),
-            file=sys.stderr,
-        )
-        if extractor == INCEPTION and args.feature_extractor_weights_path is None and not _inception_cached():
-            print(
-                "capman-eval: Inception weights are not cached and will be downloaded; on an offline machine pass "
-                "--feature_extractor_weights_path",
-                file=sys.stderr,
-            )
-        evaluate_pipelines(
-            args.pipeline,
-            output_dir=args.output_dir,
-            expert=args.expert,
-            update_model_cards=not args.no_model_card,
-            **kwargs,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"capman-eval: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 1
-    return 0
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``capman-eval`` (errors: one line on stderr, exit status 1)."""
+    run_cli(_evaluate_from_command_line, argv)
+
+
+def _evaluate_from_command_line(argv: Sequence[str] | None) -> None:
+    args = parse_args(argv)
+    kwargs = dict(
+        dataset=args.dataset,
+        num_images_per_class=args.num_images_per_class,
+        metrics=_check_metrics(args.metrics),
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        feature_extractor=args.feature_extractor,
+        feature_extractor_weights_path=args.feature_extractor_weights_path,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        per_class_fid=args.per_class_fid,
+        resolution=args.resolution,
+        reference_images_per_class=args.reference_images_per_class,
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        prompt_template=args.prompt_template,
+        cache_dir=args.cache_dir,
+        cache=not args.no_cache,
+        device=args.device,
+    )
+    _check_cli(args)
+    extractor = resolve_feature_extractor(_cli_dataset(args), args.feature_extractor)
+    print(
+        f"capman-eval: feature extractor {extractor}"
+        + ("" if extractor == INCEPTION else " (its FIDs are NOT comparable to Inception FIDs)"),
+        file=sys.stderr,
+    )
+    evaluate_pipelines(
+        args.pipeline,
+        output_dir=args.output_dir,
+        expert=args.expert,
+        update_model_cards=not args.no_model_card,
+        **kwargs,
+    )
 
 
 def _check_cli(args: argparse.Namespace) -> None:
     """Every cheap check before any model is loaded, so a typo fails in a second rather than after sampling."""
     _check_settings(args.num_images_per_class, args.steps, args.guidance_scale, args.batch_size, args.seed)
     if args.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {args.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler {args.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     if args.expert not in EXPERT_SETTINGS:
-        raise ValueError(f"--expert must be one of {', '.join(EXPERT_SETTINGS)}, got {args.expert!r}")
+        raise ConfigError(f"--expert must be one of {', '.join(EXPERT_SETTINGS)}, got {args.expert!r}")
     for path in args.pipeline:
         folder = read_pipeline_folder(path)
         if args.expert in ("off", "both"):
@@ -1144,17 +1250,12 @@ def _cli_dataset(args: argparse.Namespace) -> str:
         return args.dataset
     dataset = read_pipeline_folder(args.pipeline[0]).args.get("dataset")
     if dataset is None:
-        raise ValueError(
+        raise ConfigError(
             f"no --dataset given and {args.pipeline[0]!r} has no training_summary.json naming one; "
             f"known datasets: {', '.join(_known_datasets())}"
         )
     return dataset
 
 
-def _inception_cached() -> bool:
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    return checkpoints.is_dir() and any(p.name.startswith("weights-inception") for p in checkpoints.iterdir())
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

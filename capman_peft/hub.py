@@ -1,11 +1,55 @@
-"""Model card and Hub upload of an exported pipeline folder."""
+"""The Hugging Face Hub: where to load a model or dataset from, the model card, and the upload of a pipeline folder."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers at all (one TCP connection, at most `timeout` seconds, once per process).
+
+    Without this, an offline machine spends ~30 s in the libraries' retry loops before failing with a traceback.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_source(
+    repo_id: str, flag: str, repo_type: str = "model", cache_dir: str | None = None, revision: str | None = None
+) -> str:
+    """Where to load `repo_id` from: itself when it is a local path or the Hub answers; otherwise its snapshot in
+    the local Hub cache; otherwise a one-line ``ConfigError`` naming `flag`."""
+    if Path(repo_id).exists() or hub_reachable():
+        return repo_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id, repo_type=repo_type, cache_dir=cache_dir, revision=revision, local_files_only=True
+        )
+    except Exception:  # not cached, or not a valid repo id: either way there is nothing to load offline
+        raise ConfigError(
+            f"{flag} {repo_id}: cannot reach the Hugging Face Hub for '{repo_id}' (offline?) and it is not in the "
+            "local cache; allowed: a local path"
+        ) from None
 
 METRICS_START, METRICS_END = "<!-- capman-metrics -->", "<!-- /capman-metrics -->"
 
@@ -21,6 +65,7 @@ def write_model_card(
     cm_settings: dict[str, Any] | None,
     license: str = "apache-2.0",
     pipeline_note: str = "",
+    expert_use: dict[str, Any] | None = None,
 ) -> Path:
     """README.md with YAML metadata (tags, base model, license) and the facts a user needs to trust the weights."""
     tags = ["diffusers", "capman-peft", "capacity-manipulation", "class-imbalanced"]
@@ -55,7 +100,7 @@ The unmerged CapMan adapter (PEFT format) is in `adapter/`; `training_summary.js
 |---|---|---|
 {rows}
 
-## Metrics
+{_expert_use_section(expert_use)}## Metrics
 
 {METRICS_START}
 Not evaluated yet: run `capman-eval --pipeline <this folder> --dataset {dataset}`.
@@ -64,6 +109,27 @@ Not evaluated yet: run `capman-eval --pipeline <this folder> --dataset {dataset}
     path = Path(output_dir) / "README.md"
     path.write_text("\n".join(header) + "\n" + body)
     return path
+
+
+def _expert_use_section(report: dict[str, Any] | None) -> str:
+    """The card's "Expert use" table: θ vs θ^g per split on a fixed batch at the end of training."""
+    if report is None:
+        return ""
+    rows = "\n".join(
+        f"| {split} | {v['distance']:.3g} | {v['loss_full']:.4f} | {v['loss_general']:.4f} |"
+        for split, v in report["splits"].items()
+    )
+    verdict = "used" if report["expert_used"] else "barely used (Few/Many distance below 10×)"
+    return f"""## Expert use
+
+θ (expert on) vs θ^g (expert off) on {report['images_per_class']} training images per class with fixed noise: the
+reserved expert is **{verdict}** (Few/Many distance {report['few_over_many']:.3g}×).
+
+| split | mean (ε_θ − ε_θg)² | loss θ | loss θ^g |
+|---|---|---|---|
+{rows}
+
+"""
 
 
 def update_model_card_metrics(output_dir: str | Path, metrics_markdown: str) -> None:

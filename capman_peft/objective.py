@@ -1,4 +1,4 @@
-"""The training objective: the CM loss (paper Eq. 2-3), its stability check, and the base objectives.
+"""The training objective: the CM loss (paper Eq. 2-3) in its bounded forms, and the base objectives.
 
 ``L_total = L_base + λ·L_CM`` (Eq. 4). This module holds the math only: ``cm_loss`` consumes the two noise
 predictions ε_θ (expert on) and ε_θg (expert off) that the CM forward wrapper returns from one call, and
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .data import class_splits
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -76,145 +77,177 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+# How L_CM treats the classes it pushes apart (c_y > 0), DESIGN.md §2. "target" is the default: bounded below by
+# construction, it leaves the E = 0 saddle, and it has no scale to tune. "paper" is Eq. 2 as written, kept for
+# reproduction; it is unbounded below as soon as some class has c_y > 0.
+CM_FORMS = ("target", "hinge", "capped", "paper")
+
+
+class CMWeights(NamedTuple):
+    """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term."""
+
+    pull: Tensor
+    push: Tensor
+
+
+def cm_weights(
+    class_counts: ClassCounts,
+    form: str = "target",
+    consistency_weight: float = 1.0,
+    diversity_weight: float = 1.0,
+) -> CMWeights:
+    """The (pull, push) coefficients per class, float32.
+
+    ``paper`` and ``capped`` keep Eq. 2's two terms apart (pull w_con·ω_con, push w_div·ω_div, so every class is
+    pulled and pushed); ``target`` and ``hinge`` use the net c_y of Algorithm C.1: pull max(−c_y, 0), push
+    max(c_y, 0), so each class is either pulled or pushed. Setting a weight to 0 drops its term (the paper's
+    "w/o L_Con" / "w/o L_Div" ablations).
+    """
+    if form not in CM_FORMS:
+        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
+    omega_con, omega_div = _class_weights64(class_counts)
+    if form in ("paper", "capped"):
+        pull, push = consistency_weight * omega_con, diversity_weight * omega_div
+    else:
+        c = diversity_weight * omega_div - consistency_weight * omega_con
+        pull, push = (-c).clamp(min=0), c.clamp(min=0)
+    return CMWeights(pull.float(), push.float())
+
+
 def cm_loss(
     eps_full: Tensor,
     eps_general: Tensor,
     labels: Tensor,
-    omega_con: Tensor,
-    omega_div: Tensor,
-    consistency_weight: float = 1.0,
-    diversity_weight: float = 0.2,
-    use_consistency: bool = True,
-    use_diversity: bool = True,
-    max_distance: float | None = None,
+    weights: CMWeights,
+    *,
+    form: str = "target",
+    margin: float | None = None,
+    eps_reference: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Capacity manipulation loss L_CM = L_con + L_div (Eq. 2), averaged over the batch.
+    """Capacity manipulation loss L_CM (Eq. 2), a weighted mean over the rows given.
 
-    With d_i the per-sample mean of (ε_θ − ε_θg)², L_con = mean_i w_con·ω_con[y_i]·d_i pulls θ and θ^g
-    together on majorities and L_div = −mean_i w_div·ω_div[y_i]·min(d_i, max_distance) pushes them apart on
-    minorities. Gradients flow into both predictions (appendix C). ``use_consistency`` / ``use_diversity``
-    drop a term (the paper's "w/o L_Con" / "w/o L_Div" ablations). ``max_distance`` caps the distance the
-    diversity term rewards: beyond it L_div has zero gradient, a guard against the unbounded-below objective
-    (DESIGN.md §2).
+    With d_i the per-sample mean of (ε_θ − ε_θg)², each row contributes ``pull[y]·d_i + push[y]·R_i``:
+
+    * ``target``: R_i = mean(ε_θg − sg(ε_ref))², with ε_ref = θ's prediction for the same x_t under the null
+      condition (``eps_reference``): θ^g should not know the class. ≥ 0, a regression with a unique optimum.
+    * ``hinge``: R_i = max(0, margin − √d_i): the gap's RMS should reach ``margin``. ≥ 0, slope 1 at d = 0.
+    * ``capped``: R_i = −min(d_i, margin). ≥ −margin, zero slope at d = 0.
+    * ``paper``: R_i = −d_i (Eq. 2 as written). Unbounded below when some class has push > pull.
+
+    Gradients flow into both predictions (appendix C), not into ε_ref.
 
     Args:
-        labels: true class ids (B,), also for samples whose condition was dropped to the null class.
-        omega_con, omega_div: from ``class_weights``; C is their length.
+        labels: true class ids, one per row.
+        weights: from ``cm_weights`` (the same form); C is their length.
+        sample_weight: per-row factor of the mean (default 1): 0 leaves a row out (label-dropped samples), an
+            importance weight makes a subset of rows an unbiased estimate of the batch mean.
 
     Returns:
-        The loss and detached scalar stats: ``cm_loss``, ``cm_consistency``, ``cm_diversity`` (the signed
-        contribution of each term, 0 when switched off) and ``cm_distance_{many,medium,few}`` (mean d over the
-        batch samples of that group, the key left out when the batch has none).
+        The loss and detached scalar stats: ``cm_loss``, ``cm_consistency`` and ``cm_diversity`` (the two terms'
+        contributions) and ``cm_distance_{many,medium,few}`` (mean d over the rows of that group, NaN when there
+        are none).
     """
+    if form not in CM_FORMS:
+        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
     if eps_full.shape != eps_general.shape:
         raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
-    if not (use_consistency or use_diversity):
-        raise ValueError(
-            "use_consistency and use_diversity are both False, so L_CM is identically 0; train without CM "
-            "(the base objective alone) instead of running the general pass for nothing"
-        )
-    if max_distance is not None and max_distance <= 0:
-        raise ValueError(f"max_distance must be positive or None, got {max_distance}")
-    num_classes = len(omega_con)
+    if form in ("hinge", "capped") and not (margin is not None and margin > 0):
+        raise ValueError(f"the {form} form needs a positive margin, got {margin}")
+    if form == "target" and (eps_reference is None or eps_reference.shape != eps_general.shape):
+        raise ValueError("the target form needs eps_reference, the null-condition prediction for each row")
+    num_classes = len(weights.pull)
     ids = _check_labels(labels, num_classes)
     if len(ids) != len(eps_full):
         raise ValueError(f"{len(ids)} labels for a batch of {len(eps_full)} predictions")
 
-    distance = (eps_full.float() - eps_general.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
-    consistency = diversity = torch.zeros_like(distance)
-    if use_consistency:
-        consistency = consistency_weight * omega_con.to(distance.device)[labels] * distance
-    if use_diversity:
-        capped = distance if max_distance is None else distance.clamp(max=max_distance)
-        diversity = diversity_weight * omega_div.to(distance.device)[labels] * capped
-    # One subtraction per sample: for balanced counts and w_con = w_div the two products are bitwise equal,
-    # so L_CM is exactly 0 as Eq. 3 promises.
-    loss = (consistency - diversity).mean()
+    def per_row(a: Tensor, b: Tensor) -> Tensor:
+        return (a.float() - b.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
+
+    distance = per_row(eps_full, eps_general)
+    if form == "target":
+        push_term = per_row(eps_general, eps_reference.detach())
+    elif form == "hinge":
+        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
+        push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
+    elif form == "capped":
+        push_term = -distance.clamp(max=margin)
+    else:
+        push_term = -distance
+    rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
+    consistency = rows * weights.pull.to(distance.device)[labels] * distance
+    diversity = rows * weights.push.to(distance.device)[labels] * push_term
+    # One sum per row: for balanced counts both coefficients are exact (0, or equal ω = 1 for paper/capped with
+    # w_con = w_div), so L_CM is exactly 0 as Eq. 3 promises.
+    loss = (consistency + diversity).mean()
 
     stats = {
         "cm_loss": loss.detach(),
         "cm_consistency": consistency.detach().mean(),
-        "cm_diversity": -diversity.detach().mean(),
+        "cm_diversity": diversity.detach().mean(),
     }
-    present = set(ids)
     for group, classes in class_splits(num_classes).items():
-        if present.isdisjoint(classes):
+        if not classes:
             continue
-        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device.
+        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device. A group
+        # without rows in the batch gives NaN: every process logs the same keys (the logs are averaged over them).
         mask = ((labels >= classes[0]) & (labels <= classes[-1])).to(distance.dtype)
         stats[f"cm_distance_{group}"] = (distance.detach() * mask).sum() / mask.sum()
     return loss, stats
 
 
-class CMStability(NamedTuple):
-    """c_y = w_div·ω_div[y] − w_con·ω_con[y] per class, and the classes with λ·c_y ≥ 1."""
-
-    c: Tensor
-    unstable: list[int]
-
-
-def cm_stability(
-    class_counts: ClassCounts,
-    cm_lambda: float = 1.0,
-    consistency_weight: float = 1.0,
-    diversity_weight: float = 0.2,
-) -> CMStability:
-    """Which classes make L_base + λ·L_CM unbounded below (DESIGN.md §2, "Stability of the CM loss").
-
-    Moving ε_θ by δ away from ε_θg changes L_base by about ‖δ‖² and λ·L_CM by −λ·c_y‖δ‖², so a class with
-    λ·c_y ≥ 1 can lower the objective without limit and training diverges. ``c`` is float64.
-    """
-    omega_con, omega_div = _class_weights64(class_counts)
-    c = diversity_weight * omega_div - consistency_weight * omega_con
-    unstable = [int(k) for k in torch.nonzero(cm_lambda * c >= 1).flatten()]
-    return CMStability(c=c, unstable=unstable)
+def cm_lower_bound(weights: CMWeights, form: str, margin: float | None = None) -> float:
+    """The least value L_CM can take (per row and so for the mean): 0 for target and hinge, −max push·margin for
+    capped, −inf for paper when some class has push > pull (DESIGN.md §2: for a fixed merged W the expert can grow
+    the distance of that class without changing L_base, so Eq. 4 is unbounded below for any λ > 0)."""
+    if form in ("target", "hinge"):
+        return 0.0
+    if form == "capped":
+        return -float(weights.push.max()) * margin
+    return -math.inf if bool((weights.push > weights.pull).any()) else 0.0
 
 
 def _class_label(index: int, class_names: Sequence[str] | None) -> str:
     return f"{index} ({class_names[index]})" if class_names is not None else str(index)
 
 
-def check_cm_stability(
-    class_counts: ClassCounts,
-    cm_lambda: float,
-    consistency_weight: float,
-    diversity_weight: float,
+def check_cm_bounded(
+    weights: CMWeights,
+    form: str,
+    margin: float | None = None,
     class_names: Sequence[str] | None = None,
-    allow_unstable: bool = False,
-) -> CMStability:
-    """``cm_stability``, refusing (ValueError) a setting where some class has λ·c_y ≥ 1.
+    allow_unbounded: bool = False,
+) -> float:
+    """``cm_lower_bound``, refusing (ValueError) an unbounded objective unless ``allow_unbounded`` (then a warning).
 
-    With ``allow_unstable`` the same explanation is issued as a warning instead, for deliberate experiments
-    such as Eq. 3 taken literally (w_div = 1).
+    Only the paper's literal form can be unbounded: it is kept selectable to reproduce the paper.
     """
-    stability = cm_stability(class_counts, cm_lambda, consistency_weight, diversity_weight)
-    if class_names is not None and len(class_names) != len(stability.c):
-        raise ValueError(f"{len(class_names)} class names for {len(stability.c)} class counts")
-    if not stability.unstable:
-        return stability
-    listed = ", ".join(
-        f"{_class_label(k, class_names)}: λ·c_y = {cm_lambda * float(stability.c[k]):.3f}" for k in stability.unstable
-    )
+    if class_names is not None and len(class_names) != len(weights.pull):
+        raise ValueError(f"{len(class_names)} class names for {len(weights.pull)} classes")
+    bound = cm_lower_bound(weights, form, margin)
+    if bound > -math.inf:
+        return bound
+    pushed = [k for k in range(len(weights.pull)) if weights.push[k] > weights.pull[k]]
     message = (
-        f"The CM loss is unstable for classes {listed}. There λ·(w_div·ω_div − w_con·ω_con) ≥ 1, so the "
-        "objective is unbounded below: pushing the full model away from the general one lowers λ·L_CM faster "
-        "than it raises L_base, and training diverges. Lower --cm_diversity_weight (now "
-        f"{diversity_weight}) or --cm_lambda (now {cm_lambda}), or pass --allow_unstable_cm to train anyway."
+        "--cm_diversity paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
+        f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
+        "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
+        "--cm_lambda > 0 (DESIGN.md §2); allowed: --cm_diversity target (the default), or --allow_unbounded_cm "
+        "to train the literal form anyway"
     )
-    if not allow_unstable:
-        raise ValueError(message)
+    if not allow_unbounded:
+        raise ConfigError(message)
     warnings.warn(message, stacklevel=2)
-    return stability
+    return bound
 
 
-def format_stability_table(stability: CMStability, class_names: Sequence[str] | None = None) -> str:
-    """A printable per-class table of c_y for the training scripts' start-up report."""
-    rows = [f"{'class':<24} {'c_y':>8}"]
-    for k, c_y in enumerate(stability.c.tolist()):
-        flag = "  UNSTABLE" if k in stability.unstable else ""
-        rows.append(f"{_class_label(k, class_names):<24} {c_y:>8.3f}{flag}")
-    worst = int(stability.c.argmax())
-    rows.append(f"max c_y = {float(stability.c[worst]):.3f} (class {_class_label(worst, class_names)})")
+def format_cm_table(weights: CMWeights, class_counts: Sequence[int], class_names: Sequence[str] | None = None) -> str:
+    """A printable per-class table of the CM coefficients for the training scripts' start-up report."""
+    rows = [f"{'class':<24} {'N_c':>7} {'pull':>8} {'push':>8}"]
+    for k, (count, pull, push) in enumerate(
+        zip(class_counts, weights.pull.tolist(), weights.push.tolist(), strict=True)
+    ):
+        rows.append(f"{_class_label(k, class_names):<24} {count:>7} {pull:>8.3f} {push:>8.3f}")
     return "\n".join(rows)
 
 

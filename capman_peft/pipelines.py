@@ -5,6 +5,7 @@ diffusers, because that same file is copied into every saved folder as `pipeline
 without capman_peft: one source, no copy to drift.
 """
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,12 +51,20 @@ def save_class_conditional_pipeline(
     return output_dir
 
 
-def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path) -> torch.nn.Module:
-    """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format), then merge theta^g + theta^e.
+# Beside the adapter: the id of the run that wrote it, also in training_summary.json, so that an adapter left over
+# from an earlier run in the same folder is never taken for this pipeline's.
+RUN_FILE = "capman_run.json"
+
+
+def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> torch.nn.Module:
+    """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format, with the run's id), then merge
+    theta^g + theta^e.
 
     The returned module is a plain diffusers model: zero inference overhead. `model` must not be used afterwards.
     """
-    model.save_pretrained(str(Path(output_dir) / "adapter"), safe_serialization=True)
+    adapter = Path(output_dir) / "adapter"
+    model.save_pretrained(str(adapter), safe_serialization=True)
+    (adapter / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
     return model.merge_and_unload()
 
 

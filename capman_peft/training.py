@@ -11,7 +11,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -20,274 +22,99 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import DATASETS, class_balanced_sampler
-from .denoiser import FORWARD_MODES
+from .checkpointing import (
+    CheckpointError,
+    ForeignCheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .data import class_balanced_sampler
+from .errors import ConfigError
 from .objective import (
-    OBJECTIVES,
+    CMWeights,
     build_objective,
-    check_cm_stability,
+    check_cm_bounded,
     check_finite,
     class_weights,
     cm_loss,
-    format_stability_table,
+    cm_weights,
+    format_cm_table,
 )
 
 logger = logging.getLogger("capman_peft")
 
 
-class ConfigError(ValueError):
-    """A bad flag or recipe value; scripts print it as one line and exit non-zero."""
-
-
-def add_underscore_negation(group: argparse._ActionsContainer, flag: str) -> None:
-    """argparse spells the negation of a BooleanOptionalAction ``--x_y`` as ``--no-x_y``; accept ``--no_x_y`` too,
-    the spelling of every other flag here."""
-    group.add_argument(
-        f"--no_{flag}", dest=flag, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
-
-
-def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default_resolution: int | None) -> None:
-    parser.set_defaults(default_dataset=default_dataset)
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        default=None,
-        help=f"Named dataset: {', '.join(DATASETS)}. Default: {default_dataset}, unless "
-        "--train_data_dir or --dataset_name names other data.",
-    )
-    group.add_argument("--dataset_name", default=None, help="Override the Hub id (or a local path) of --dataset.")
-    group.add_argument("--train_data_dir", default=None, help="Local image folder with one sub-folder per class.")
-    group.add_argument(
-        "--imbalance_ratio", type=float, default=100.0, help="N_max / N_min of the long-tailed training set."
-    )
-    group.add_argument("--class_order", default=None, help="Comma-separated class names or ids, largest class first.")
-    group.add_argument("--data_seed", type=int, default=0, help="Seed of the long-tail subsampling (legacy: 0).")
-    group.add_argument("--resolution", type=int, default=default_resolution, help="Training image size.")
-    group.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
-    group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    group.add_argument(
-        "--sampler",
-        choices=["random", "balanced"],
-        default="random",
-        help="'balanced' draws every class equally often (the paper's RS baseline).",
-    )
-    group.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes.")
-
-
-def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) -> None:
-    group = parser.add_argument_group("objective and capacity manipulation")
-    group.add_argument(
-        "--objective",
-        choices=list(OBJECTIVES),
-        default=default_objective,
-        help="Base objective L_base (CM adds to any of them).",
-    )
-    group.add_argument("--cbdm_tau", type=float, default=1.0, help="CBDM regulariser weight tau.")
-    group.add_argument("--cbdm_gamma", type=float, default=0.25, help="CBDM commitment weight gamma.")
-    group.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (off by default).")
-    group.add_argument(
-        "--capacity_manipulation",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Train with the CM loss and a reserved expert; --no_capacity_manipulation is the baseline.",
-    )
-    add_underscore_negation(group, "capacity_manipulation")
-    group.add_argument("--cm_lambda", type=float, default=1.0, help="Weight lambda of L_CM (paper Eq. 4).")
-    group.add_argument(
-        "--cm_forward",
-        choices=list(FORWARD_MODES),
-        default="fused",
-        help="How theta and theta^g are computed in one module call (see CMDenoiser).",
-    )
-    group.add_argument("--no_consistency", action="store_true", help="Ablation: drop L_con.")
-    group.add_argument("--no_diversity", action="store_true", help="Ablation: drop L_div.")
-    group.add_argument("--cm_consistency_weight", type=float, default=1.0, help="w_con scaling omega_con.")
-    group.add_argument(
-        "--cm_diversity_weight",
-        type=float,
-        default=0.2,
-        help="w_div scaling omega_div; 0.2 keeps lambda*c_y < 1 on the paper's settings (README).",
-    )
-    group.add_argument(
-        "--cm_max_distance", type=float, default=None, help="Bound the diversity term: it uses min(d, max) per sample."
-    )
-    group.add_argument(
-        "--allow_unstable_cm",
-        action="store_true",
-        help="Train even when lambda*c_y >= 1 for some class (the objective is unbounded below).",
-    )
-    group.add_argument(
-        "--label_dropout",
-        type=float,
-        default=0.1,
-        help="Probability of replacing the condition by the null one (classifier-free guidance).",
-    )
-
-
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", default="capman-output", help="Where the pipeline and checkpoints go.")
-    group.add_argument("--seed", type=int, default=0, help="Seed of initialisation, noise and timesteps.")
-    group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
-    group.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps.")
-    group.add_argument("--num_train_epochs", type=int, default=None, help="Used when --max_train_steps is unset.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
-    group.add_argument("--learning_rate", type=float, help="Peak learning rate.")
-    group.add_argument(
-        "--lr_scheduler",
-        default="constant_with_warmup",
-        help='diffusers schedule name: "constant", "constant_with_warmup", "linear", "cosine", ...',
-    )
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps.")
-    group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    group.add_argument("--adam_weight_decay", type=float, default=0.0, help="Weight decay.")
-    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    group.add_argument(
-        "--use_ema",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Keep an EMA of the weights; the exported pipeline uses it.",
-    )
-    add_underscore_negation(group, "use_ema")
-    group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
-    group.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Overrides accelerate's config; frozen weights use this dtype, trainable ones fp32.",
-    )
-    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a resumable checkpoint every N.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
-    group.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint folder, or "latest" for the newest in --output_dir.',
-    )
-    group.add_argument(
-        "--report_to", default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".'
-    )
-    group.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the exported pipeline to the Hub.")
-    group.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (user/name).")
-    group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A YAML recipe; ``base: other.yaml`` (relative to the file) is loaded first and overridden by this one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    base = recipe.pop("base", None)
-    return {**load_recipe(path.parent / base), **recipe} if base else recipe
-
-
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--config recipe.yaml`` supplies defaults; flags on the command line override them."""
-    parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        try:
-            recipe = load_recipe(known.config)
-        except ConfigError as err:
-            parser.error(str(err))
-        # A key may be a flag's dest or another name of a value flag (an alias such as caption_dropout).
-        aliases = {
-            opt.lstrip("-"): action.dest
-            for action in parser._actions
-            if type(action) is argparse._StoreAction
-            for opt in action.option_strings
-        }
-        recipe = {aliases.get(key, key): value for key, value in recipe.items()}
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(recipe) - valid)
-        if unknown:
-            parser.error(f"--config {known.config}: unknown keys {unknown}")
-        parser.set_defaults(**recipe)
-    return parser.parse_args(argv)
-
-
-def check_common_args(args: argparse.Namespace) -> None:
-    """Reject values that would only fail (or silently mislead) later; the message names the flag and value.
-
-    Also resolves ``--dataset`` (the script's default named dataset unless other data was named) and ``--cm_lambda
-    0``, which is training without CM: no expert and no second prediction, rather than a second pass weighted by 0.
-    """
-    if args.dataset is None and not (args.train_data_dir or args.dataset_name):
-        args.dataset = args.default_dataset
-    if args.cm_lambda < 0:
-        raise ConfigError(f"--cm_lambda must be >= 0, got {args.cm_lambda}")
-    if args.cm_lambda == 0 and args.capacity_manipulation:
-        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
-        args.capacity_manipulation = False
-    if args.imbalance_ratio is not None and not args.imbalance_ratio >= 1:
-        raise ConfigError(f"--imbalance_ratio must be >= 1, got {args.imbalance_ratio}")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ConfigError("--push_to_hub needs --hub_model_id (user/name of the repository to create or update)")
-    if not 0 <= args.label_dropout < 1:
-        raise ConfigError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
-    if args.capacity_manipulation and args.no_consistency and args.no_diversity:
-        raise ConfigError(
-            "--no_consistency together with --no_diversity leaves no CM loss; use --no_capacity_manipulation"
-        )
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-
-
 @dataclass
-class CMWeights:
-    """Per-class weights of the CM loss and the switches of one run."""
+class CMSettings:
+    """The CM loss of one run: per-class coefficients, form, and its weight λ in Eq. 4."""
 
-    omega_con: torch.Tensor
-    omega_div: torch.Tensor
+    weights: CMWeights
+    form: str
+    margin: float | None
     cm_lambda: float
-    consistency_weight: float
-    diversity_weight: float
-    use_consistency: bool
-    use_diversity: bool
-    max_distance: float | None
+    general_fraction: float = 1.0
+
+    def general_rows(self, batch_size: int) -> int:
+        """Rows of a batch that get a theta^g prediction (the same on every process: DDP-safe)."""
+        return max(1, round(self.general_fraction * batch_size))
 
 
 def prepare_cm(
     args: argparse.Namespace, class_counts: Sequence[int], class_names: Sequence[str], device: torch.device
-) -> CMWeights | None:
-    """Eq. 3 weights on the training device, after the stability check (DESIGN 'Stability of the CM loss')."""
+) -> CMSettings | None:
+    """The CM coefficients on the training device, after the boundedness check (DESIGN 'Stability of the CM loss')."""
     if not args.capacity_manipulation:
         return None
-    stability = check_cm_stability(
+    weights = cm_weights(
         class_counts,
-        args.cm_lambda,
-        args.cm_consistency_weight,
-        args.cm_diversity_weight if not args.no_diversity else 0.0,
-        class_names=class_names,
-        allow_unstable=args.allow_unstable_cm,
+        args.cm_diversity,
+        consistency_weight=0.0 if args.no_consistency else args.cm_consistency_weight,
+        diversity_weight=0.0 if args.no_diversity else args.cm_diversity_weight,
     )
-    logger.info("CM stability (lambda * c_y must stay below 1):\n%s", format_stability_table(stability, class_names))
-    omega_con, omega_div = class_weights(class_counts)
-    return CMWeights(
-        omega_con.to(device),
-        omega_div.to(device),
+    check_cm_bounded(weights, args.cm_diversity, args.cm_margin, class_names, args.allow_unbounded_cm)
+    logger.info(
+        "CM loss, %s form (pull: weight of the distance d; push: weight of the diversity term):\n%s",
+        args.cm_diversity,
+        format_cm_table(weights, class_counts, class_names),
+    )
+    return CMSettings(
+        CMWeights(weights.pull.to(device), weights.push.to(device)),
+        args.cm_diversity,
+        args.cm_margin,
         args.cm_lambda,
-        args.cm_consistency_weight,
-        args.cm_diversity_weight,
-        not args.no_consistency,
-        not args.no_diversity,
-        args.cm_max_distance,
+        args.cm_general_fraction,
+    )
+
+
+def log_training_data(args: argparse.Namespace, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
+    """The training set's classes and counts, as a table at the start of the log."""
+    source = args.dataset or args.dataset_name or args.train_data_dir
+    how = (
+        f"long-tail subsampled to imbalance ratio {args.imbalance_ratio:g}"
+        if args.imbalance_ratio is not None
+        else "the folder's own counts (--imbalance_ratio R subsamples it)"
+    )
+    rows = "\n".join(
+        f"  {k:>4}  {name:<24} {n:>7}" for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
+    )
+    logger.info(
+        "Training data: %s, %s: %d images in %d classes\n  %4s  %-24s %7s\n%s",
+        source,
+        how,
+        sum(class_counts),
+        len(class_names),
+        "id",
+        "class",
+        "images",
+        rows,
     )
 
 
@@ -315,6 +142,7 @@ class StepDraws:
     ``noise`` and ``timesteps`` make x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; ``label_dropped`` swaps the
     condition for the null one; ``extra_labels`` is CBDM's y' (None for other objectives). Latent-diffusion training
     adds ``flip`` (horizontal flip of the image) and ``latent_noise`` (VAE posterior sample z = mean + std * noise).
+    ``general_draw`` (uniform in [0, 1)) picks the rows of the theta^g pass when it runs on part of the batch.
     """
 
     noise: torch.Tensor
@@ -323,6 +151,7 @@ class StepDraws:
     extra_labels: torch.Tensor | None = None
     flip: torch.Tensor | None = None
     latent_noise: torch.Tensor | None = None
+    general_draw: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int, device: torch.device | str) -> StepDraws:
         """Rows ``start:stop`` on ``device``."""
@@ -343,6 +172,7 @@ def draw_step(
     noise_offset: float = 0.0,
     flip: bool = False,
     latent_noise: bool = False,
+    general_draw: bool = False,
 ) -> StepDraws:
     """Draw every random choice of `num_samples` samples at once, on the generator's device (None: the global RNG,
     on the CPU).
@@ -351,6 +181,7 @@ def draw_step(
         sample_shape: shape of one x0 (C, H, W).
         noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (diffusers' flag).
         flip, latent_noise: also draw flips (p = 0.5) and VAE posterior noise of `sample_shape`.
+        general_draw: also draw one uniform per sample for choosing the rows of a partial theta^g pass.
     """
     rng = {"generator": generator, "device": generator.device if generator is not None else "cpu"}
     shape = (num_samples, *sample_shape)
@@ -365,7 +196,8 @@ def draw_step(
     )
     flips = torch.rand(num_samples, **rng) < 0.5 if flip else None
     posterior = torch.randn(shape, **rng) if latent_noise else None
-    return StepDraws(noise, timesteps, dropped, extra, flips, posterior)
+    general = torch.rand(num_samples, **rng) if general_draw else None
+    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general)
 
 
 class StepRandomness:
@@ -403,6 +235,20 @@ class StepRandomness:
         return self._draws.rows(start, start + self.batch_size, self.accelerator.device)
 
 
+def importance_rows(row_weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k = len(uniforms) rows drawn with replacement with probability p_i ∝ row_weights[i], and the factor
+    1 / (B·p_i) that makes the mean over the drawn rows of factor·L an unbiased estimate of the batch mean of L
+    (rows of weight 0 are never drawn; they must contribute 0). No host sync."""
+    batch = len(row_weights)
+    total = row_weights.sum()
+    probs = row_weights / total.clamp(min=torch.finfo(row_weights.dtype).tiny)
+    cdf = probs.cumsum(0)
+    rows = torch.searchsorted(cdf, uniforms.to(cdf) * cdf[-1], right=True).clamp(max=batch - 1)
+    chosen = probs[rows]
+    factor = torch.where(chosen > 0, 1 / (batch * chosen.clamp(min=torch.finfo(chosen.dtype).tiny)), 0.0)
+    return rows, factor
+
+
 def diffusion_loss(
     denoiser: nn.Module,
     objective: Any,
@@ -411,16 +257,19 @@ def diffusion_loss(
     labels: torch.Tensor,
     *,
     num_classes: int,
-    cm: CMWeights | None,
+    cm: CMSettings | None,
     draws: StepDraws,
     cond_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
 
     The condition of sample i is class id ``labels[i]`` (UNet2DModel) or ``cond_table[labels[i]]`` (text
-    embeddings); a dropped label uses the null entry ``num_classes``. CM and the objectives see the true labels.
-    `draws` holds the batch's noise, timesteps, label dropout and CBDM labels (the training scripts take them from
-    `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch, device)`).
+    embeddings); a dropped label uses the null entry ``num_classes``. The objectives see the true labels. L_CM
+    leaves label-dropped samples out: both predictions were made without the class, so there is no class to
+    allocate capacity for (their weight is 0 in the batch mean). With ``cm.general_fraction < 1`` theta^g runs on
+    rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and CBDM
+    labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
+    device)`).
     """
     if draws.noise.shape != x0.shape:
         raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
@@ -432,31 +281,51 @@ def diffusion_loss(
     def condition(ids: torch.Tensor | None) -> torch.Tensor | None:
         return ids if ids is None or cond_table is None else cond_table[ids]
 
-    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels))
-    eps_full, eps_general = outputs[0], outputs[1]
+    cm_inputs: dict[str, Any] = {}
+    if cm is not None:
+        kept = (~dropped).float()
+        batch, k = len(labels), cm.general_rows(len(labels))
+        if k < batch:
+            row_weights = (cm.weights.pull + cm.weights.push)[labels] * kept
+            general_rows, sample_weight = importance_rows(row_weights, draws.general_draw[:k])
+        else:
+            general_rows, sample_weight = None, kept
+        rows = torch.arange(batch, device=labels.device) if general_rows is None else general_rows
+        cm_inputs = {"general_rows": general_rows}
+        if cm.form == "target":  # theta's null-condition prediction for the rows that are pushed
+            positions = ((cm.weights.push[labels[rows]] > 0) & (sample_weight > 0)).nonzero().squeeze(1)
+            cm_inputs.update(
+                reference_rows=rows[positions],
+                reference_cond=condition(torch.full_like(positions, num_classes)),
+            )
+
+    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels), **cm_inputs)
     loss, logs = objective(
-        eps_full,
+        outputs.full,
         x0=x0,
         noise=noise,
         x_t=x_t,
         timesteps=timesteps,
         labels=labels,
-        pred_extra=outputs[2] if extra_labels is not None else None,
+        pred_extra=outputs.extra,
         label_dropped=dropped,
     )
     logs = dict(logs)
     if cm is not None:
+        reference = None
+        if cm.form == "target":
+            reference = torch.zeros_like(outputs.general)
+            if len(positions):
+                reference[positions] = outputs.reference.to(reference.dtype)
         cm_value, cm_logs = cm_loss(
-            eps_full,
-            eps_general,
-            labels,
-            cm.omega_con,
-            cm.omega_div,
-            consistency_weight=cm.consistency_weight,
-            diversity_weight=cm.diversity_weight,
-            use_consistency=cm.use_consistency,
-            use_diversity=cm.use_diversity,
-            max_distance=cm.max_distance,
+            outputs.full[rows] if general_rows is not None else outputs.full,
+            outputs.general,
+            labels[rows],
+            cm.weights,
+            form=cm.form,
+            margin=cm.margin,
+            eps_reference=reference,
+            sample_weight=sample_weight,
         )
         loss = loss + cm.cm_lambda * cm_value
         logs.update(cm_logs)
@@ -470,6 +339,17 @@ def guard_finite(step: int, logs: dict[str, torch.Tensor]) -> None:
     check_finite(step, **terms)
 
 
+def reduce_logs(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean of each logged scalar over processes, in one collective; a value missing on some processes (NaN, such
+    as the distance of a class group absent from that process's batch) is averaged over the others, and dropped when
+    it is missing everywhere."""
+    keys = sorted(logs)
+    local = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.gather(local[None]).nanmean(0)
+    return {k: v for k, v in zip(keys, local.tolist(), strict=True) if math.isfinite(v)}
+
+
 def finish_step(
     accelerator: Accelerator,
     progress: Any,
@@ -479,10 +359,11 @@ def finish_step(
     lr_scheduler: Any,
     step: int,
 ) -> dict[str, float]:
-    """After an optimizer step: EMA update, progress bar, tracker log. Returns the step's values as floats."""
+    """After an optimizer step: EMA update, progress bar, tracker log. Returns the step's values as floats, averaged
+    over processes (every process must call this)."""
     if ema is not None:
         ema.step(params)
-    values = {k: float(v) for k, v in step_logs.items()}
+    values = reduce_logs(accelerator, step_logs)
     values["lr"] = lr_scheduler.get_last_lr()[0]
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss']:.4f}")
@@ -514,10 +395,19 @@ def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, 
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
 
 
+# Sharded training keeps optimizer state on several processes; our checkpoints save it from the main process only.
+UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator (accumulation, mixed precision, trackers under ``output_dir``), plus logging, TF32 and
     the initialisation seed."""
     output_dir = Path(args.output_dir)
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16" and on_cpu:
+        raise ConfigError(
+            "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
+        )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -527,6 +417,16 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         ),
     )
     setup_logging(accelerator.is_main_process)
+    if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
+        raise ConfigError(
+            f"accelerate config: distributed_type {accelerator.distributed_type.value} is not supported (checkpoints "
+            "gather the optimizer state on one process, which cannot capture state sharded by FSDP or DeepSpeed); "
+            "allowed: a single device, or DDP (multi-GPU/multi-CPU)"
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
+        )
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
@@ -625,6 +525,46 @@ def backward_and_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+# The settings that define what a run trains (data, model, objective): a checkpoint written with other values of
+# these is refused on resume. Learning rate, step counts and logging may change when a run is continued.
+RUN_IDENTITY_FLAGS = (
+    "dataset",
+    "dataset_name",
+    "train_data_dir",
+    "imbalance_ratio",
+    "class_order",
+    "data_seed",
+    "resolution",
+    "unet_config",  # the content of --model_config_name_or_path, so a moved config file does not matter
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "rank",
+    "expert_rank",
+    "lora_alpha",
+    "expert_alpha",
+    "target_modules",
+    "expert_target_modules",
+    "expert_rank_ratio",
+    "prompt_template",
+    "objective",
+    "capacity_manipulation",
+    "cm_lambda",
+    "cm_diversity",
+    "cm_consistency_weight",
+    "cm_diversity_weight",
+    "cm_margin",
+    "no_consistency",
+    "no_diversity",
+    "use_ema",
+)
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's identity: the values of ``RUN_IDENTITY_FLAGS`` this script has."""
+    return {k: getattr(args, k) for k in RUN_IDENTITY_FLAGS if hasattr(args, k)}
+
+
 def save_training_checkpoint(
     args: argparse.Namespace,
     step: int,
@@ -633,11 +573,31 @@ def save_training_checkpoint(
     lr_scheduler: Any,
     ema: Any | None = None,
 ) -> Path:
-    """``output_dir/checkpoint-<step>``: the trainable parameters of `model` and the optimizer/LR/EMA state."""
-    state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    """``output_dir/checkpoint-<step>``: the trainable parameters of `model`, the optimizer/LR/EMA state and the
+    run's identity (``args.run_id`` and ``run_config``)."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "run": {"id": args.run_id, "config": run_config(args)},
+    }
     if ema is not None:
         state["ema"] = ema.state_dict()
     return save_checkpoint(args.output_dir, step, model, state, args.checkpoints_total_limit)
+
+
+def _restore(path: Path, state: dict[str, Any], optimizer: Any, lr_scheduler: Any, ema: Any | None) -> None:
+    if ema is not None and "ema" not in state:
+        raise ForeignCheckpointError(f"{path}: has no EMA state; allowed: resume it without --use_ema")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(
+            f"{path / 'state.safetensors'}: the optimizer, LR or EMA state does not fit this run ({reason})"
+        ) from None
 
 
 def resume_training(
@@ -647,22 +607,37 @@ def resume_training(
     lr_scheduler: Any,
     ema: Any | None = None,
 ) -> int:
-    """Load ``--resume_from_checkpoint`` (if any) into the model and training state; the step to continue from."""
+    """Load ``--resume_from_checkpoint`` (if any) into the model and training state; the step to continue from.
+
+    Sets ``args.run_id``: the checkpoint's on resume, a new one otherwise. With ``latest``, a checkpoint that cannot
+    be read is skipped with a warning naming it and the reason, and the next older one is tried; a checkpoint of
+    another run configuration is refused.
+    """
+    args.run_id = uuid.uuid4().hex
     if not args.resume_from_checkpoint:
         return 0
-    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if path is None:
+    candidates = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if not candidates:
         logger.info("No checkpoint in %s; starting from scratch", args.output_dir)
         return 0
-    state = load_checkpoint(path, model)
-    if ema is not None and "ema" not in state:
-        raise ConfigError(f"checkpoint {path} has no EMA state; resume it without --use_ema")
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    logger.info("Resumed from %s at step %d", path, state["step"])
-    return state["step"]
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, model, run_config(args))
+            _restore(path, state, optimizer, lr_scheduler, ema)
+        except CheckpointError as err:
+            if args.resume_from_checkpoint != "latest" or isinstance(err, ForeignCheckpointError):
+                raise
+            logger.warning("Skipping %s: %s", path.name, err)
+            skipped.append(path.name)
+            continue
+        args.run_id = state.get("run", {}).get("id", args.run_id)
+        logger.info("Resumed from %s at step %d%s", path, state["step"], f" (skipped {skipped})" if skipped else "")
+        return state["step"]
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: no readable checkpoint in {args.output_dir} (skipped {skipped}; see the "
+        "warnings above); allowed: a folder with a valid checkpoint, or no --resume_from_checkpoint"
+    )
 
 
 def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step: int, key: str = "validation") -> Path:
@@ -688,8 +663,72 @@ def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any]
         "lambda": args.cm_lambda,
         "w_con": args.cm_consistency_weight,
         "w_div": args.cm_diversity_weight,
+        "form": args.cm_diversity,
         "objective": args.objective,
     }
+
+
+# Few-class distance / Many-class distance below which the expert counts as unused (issue 11's criterion), and the
+# training images per class of the end-of-training check.
+EXPERT_USE_RATIO = 10.0
+EXPERT_USE_IMAGES = 16
+
+
+def expert_use(
+    capman: nn.Module,
+    noise_scheduler: Any,
+    data: Any,
+    num_classes: int,
+    encode: Any,
+    condition: Any,
+    images_per_class: int = EXPERT_USE_IMAGES,
+) -> dict[str, Any]:
+    """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
+    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and one log line.
+
+    Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
+    loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
+    """
+    from .analysis import Denoiser, measure_expert_use
+    from .data import class_splits
+
+    device = next(capman.parameters()).device
+    denoiser = Denoiser(capman, noise_scheduler, encode, condition, device)
+    values = measure_expert_use(capman, denoiser, data, num_classes, num_batches=1, batch_size=images_per_class)
+    splits = {
+        split: {
+            "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
+            "loss_full": float(np.mean([values["loss_full"][c] for c in ids])),
+            "loss_general": float(np.mean([values["loss_general"][c] for c in ids])),
+        }
+        for split, ids in class_splits(num_classes).items()
+        if ids
+    }
+    many, few = splits["many"]["distance"], splits.get("few", splits["many"])["distance"]
+    ratio = few / many if many > 0 else math.inf
+    return {
+        "images_per_class": images_per_class,
+        "splits": splits,
+        "per_class_distance": values["expert_usage"],
+        "few_over_many": ratio,
+        "expert_used": ratio >= EXPERT_USE_RATIO,
+    }
+
+
+def describe_expert_use(report: dict[str, Any]) -> str:
+    """One line: the per-split distances, theta^g's loss increase, and whether the expert is used."""
+    splits = report["splits"]
+    distances = ", ".join(f"{k} {v['distance']:.2g}" for k, v in splits.items())
+    losses = ", ".join(f"{k} {100 * (v['loss_general'] / v['loss_full'] - 1):+.0f}%" for k, v in splits.items())
+    verdict = (
+        "the expert is used"
+        if report["expert_used"]
+        else f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
+    )
+    return (
+        f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
+        f"loss of theta^g over theta {losses}: {verdict}."
+    )
 
 
 def write_training_summary(
@@ -703,7 +742,8 @@ def write_training_summary(
     """``training_summary.json``: what was trained on what, the omega tables and the final losses."""
     omega_con, omega_div = class_weights(class_counts)
     summary = {
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "run_id": args.run_id,
+        "args": {k: v for k, v in vars(args).items() if k not in ("hub_token", "run_id")},
         "class_names": list(class_names),
         "class_counts": list(class_counts),
         "omega_con": omega_con.tolist(),
@@ -720,14 +760,3 @@ def setup_logging(is_main_process: bool) -> None:
         level=logging.INFO if is_main_process else logging.WARNING,
         stream=sys.stdout,
     )
-
-
-def run_cli(main: Any, argv: Sequence[str] | None = None) -> None:
-    """Call a script's main; expected user errors become one line on stderr and exit code 1."""
-    from .objective import NonFiniteLossError
-
-    try:
-        main(argv)
-    except (ConfigError, ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from capman_peft import CapManConfig, build_objective, class_weights, cm_loss
+from capman_peft import CapManConfig, build_objective, cm_loss, cm_weights
 from capman_peft.denoiser import CMDenoiser
 
 
@@ -24,7 +24,7 @@ def main(out_path: str) -> None:
     counts = [40, 10, 2]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     objective = build_objective("ddpm", scheduler=scheduler, class_counts=counts)
-    omega_con, omega_div = class_weights(counts)
+    weights = cm_weights(counts)
     denoiser = CMDenoiser(model, forward_mode="fused")
     optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.5)
     if accelerator.is_main_process and accelerator.num_processes == 1:
@@ -46,9 +46,9 @@ def main(out_path: str) -> None:
     x0, noise, t, y = x0[part], noise[part], t[part], y[part]
     x_t = scheduler.add_noise(x0, noise, t)
 
-    eps_full, eps_general = denoiser(x_t, t, y)
-    base, _ = objective(eps_full, x0=x0, noise=noise, x_t=x_t, timesteps=t, labels=y)
-    cm, _ = cm_loss(eps_full, eps_general, y, omega_con, omega_div)
+    out = denoiser(x_t, t, y, reference_cond=torch.full_like(y, 3), reference_rows=torch.arange(len(y)))
+    base, _ = objective(out.full, x0=x0, noise=noise, x_t=x_t, timesteps=t, labels=y)
+    cm, _ = cm_loss(out.full, out.general, y, weights, eps_reference=out.reference)
     accelerator.backward(base + cm)
     optimizer.step()
     if accelerator.is_main_process:

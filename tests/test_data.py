@@ -26,6 +26,7 @@ from capman_peft.data import (
     long_tail_counts,
     long_tail_indices,
 )
+from capman_peft.errors import ConfigError
 
 # The mirrors' label names in their own order (zguo0525/ArtBench is not alphabetical).
 ARTBENCH_MIRROR_NAMES = [
@@ -451,7 +452,7 @@ def test_artbench_with_foreign_class_names_is_refused(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+    with pytest.raises(ConfigError, match="no_such_dir"):
         load_imbalanced_dataset(None, train_data_dir=tmp_path / "no_such_dir")
 
 
@@ -459,7 +460,7 @@ def test_corrupt_image_named_at_construction_and_at_load(tmp_path):
     (tmp_path / "cls").mkdir()
     Image.new("RGB", IMAGE_SIZE).save(tmp_path / "cls" / "good.png")
     (tmp_path / "cls" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(ValueError, match=r"corrupt image file .*broken\.png"):
+    with pytest.raises(ConfigError, match=r"broken\.png: corrupt image"):
         load_imbalanced_dataset(None, imbalance_ratio=None, train_data_dir=tmp_path)
     ds = load_imbalanced_dataset(None, imbalance_ratio=None, resolution=4, train_data_dir=tmp_path, verify_images=False)
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):

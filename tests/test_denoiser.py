@@ -18,10 +18,11 @@ from conftest import (
     readme_snippet,
     run_two_processes,
 )
+from diffusers import UNet2DModel
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from capman_peft import CapManConfig, class_weights, cm_loss
+from capman_peft import CapManConfig, cm_loss, cm_weights, expert_disabled
 from capman_peft.denoiser import CMDenoiser
 
 MODES = ["fused", "sequential", "shared_prefix"]
@@ -56,7 +57,7 @@ def inputs(kind: str, batch: int = 3):
 def outputs_and_grads(model, mode: str, kind: str, extra: bool):
     denoiser = CMDenoiser(model, forward_mode=mode)
     x, t, cond, extra_cond = inputs(kind)
-    outs = denoiser(x, t, cond, extra_cond if extra else None)
+    outs = [o for o in denoiser(x, t, cond, extra_cond if extra else None) if o is not None]
     gen = torch.Generator().manual_seed(1)
     loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,27 +91,127 @@ def count_unet_calls(model) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "mode, cm, expected_calls",
-    [("fused", False, 1), ("fused", True, 1), ("shared_prefix", True, 1), ("sequential", True, 2)],
+    "mode, cm, calls_plain, calls_extra",
+    [("fused", False, 1, 1), ("fused", True, 1, 1), ("shared_prefix", True, 1, 1), ("sequential", True, 2, 3)],
 )
-def test_unet_calls_per_step(mode, cm, expected_calls):
+def test_unet_calls_per_step(mode, cm, calls_plain, calls_extra):
     model = full_mode_model()
     calls = count_unet_calls(model)
     x, t, y, y_extra = inputs("unet2d")
     outs = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)(x, t, y)
-    assert len(calls) == expected_calls
-    assert (outs[1] is None) == (not cm)
+    assert len(calls) == calls_plain
+    assert (outs.general is None) == (not cm) and outs.extra is None
     calls.clear()
     outs = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)(x, t, y, y_extra)
-    assert len(calls) == expected_calls and len(outs) == 3
+    assert len(calls) == calls_extra and outs.extra is not None
 
 
 def test_cm_off_prediction_is_the_plain_model_output():
     model = full_mode_model()
     x, t, y, _ = inputs("unet2d")
-    full, general = CMDenoiser(model, capacity_manipulation=False)(x, t, y)
-    assert general is None
-    torch.testing.assert_close(full, model(x, t, class_labels=y).sample)
+    out = CMDenoiser(model, capacity_manipulation=False)(x, t, y)
+    assert out.general is None
+    torch.testing.assert_close(out.full, model(x, t, class_labels=y).sample)
+
+
+def with_dropout(kind: str, p: float = 0.1):
+    """A CM model whose UNet (and, in lora mode, adapter) dropout is on and whose expert is exactly zero."""
+    if kind == "unet2d":
+        unet = make_tiny_unet2d()
+        unet = UNet2DModel.from_config(unet.config, dropout=p)
+        cfg = CapManConfig(mode="full", expert_rank_ratio=0.5, lora_dropout=p, target_modules=UP_TARGETS)
+    else:
+        unet = make_tiny_sd_unet()
+        cfg = CapManConfig(
+            r=4, expert_r=2, lora_dropout=p, target_modules=ATTN_TARGETS, expert_target_modules=r"up_blocks\..*\.to_q"
+        )
+    model = get_peft_model(unet, cfg).train()
+    with torch.no_grad():  # the general part is non-zero, the expert exactly zero (B = 0)
+        for name, param in model.named_parameters():
+            if "capman_B" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["unet2d", "sd"])
+def test_theta_and_theta_g_share_dropout_masks(kind, mode):
+    """With dropout on and the expert exactly zero, theta and theta^g are the same function: d must be exactly 0."""
+    model = with_dropout(kind)
+    n_dropout = sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    assert n_dropout > 3
+    x, t, cond, extra_cond = inputs(kind)
+    torch.manual_seed(0)
+    out = CMDenoiser(model, forward_mode=mode)(x, t, cond, extra_cond)
+    assert torch.equal(out.full, out.general)
+    # the masks are random and really applied: two plain calls with independent masks differ
+    torch.manual_seed(0)
+    first = model(x, t, **{"class_labels" if kind == "unet2d" else "encoder_hidden_states": cond}).sample
+    second = model(x, t, **{"class_labels" if kind == "unet2d" else "encoder_hidden_states": cond}).sample
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_paired_dropout_uses_the_source_rows_mask():
+    """Row i of a PairedDropout output is row i of the input times the keep mask drawn for row source[i]."""
+    from capman_peft.tuner import PairedDropout
+
+    layer = PairedDropout(0.5).train()
+    x = torch.arange(1.0, 1.0 + 4 * 6).reshape(4, 6)
+    layer.mask_source = torch.tensor([0, 1, 0, 3])
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    keep = torch.empty_like(x).bernoulli_(0.5)
+    for i, source in enumerate([0, 1, 0, 3]):
+        assert out[i].tolist() == [v * k * 2 for v, k in zip(x[i].tolist(), keep[source].tolist(), strict=True)]
+    assert torch.equal(out[0] / x[0], out[2] / x[2])
+    layer.mask_source = torch.tensor([0, 1])  # another row count (the shared prefix): plain dropout
+    torch.manual_seed(3)
+    expected = torch.nn.functional.dropout(x, 0.5, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), expected)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+
+
+def test_paired_masks_survive_gradient_checkpointing():
+    """Checkpointed blocks recompute in backward after the gate's context has exited; the replayed masks must be
+    the forward's, so gradients with and without checkpointing agree (dropout on, fused theta/theta^g batch)."""
+    results = []
+    for checkpointing in (False, True):
+        model = with_dropout("unet2d", p=0.3)
+        if checkpointing:
+            model.get_base_model().enable_gradient_checkpointing()
+        x, t, y, _ = inputs("unet2d")
+        torch.manual_seed(5)
+        out = CMDenoiser(model, forward_mode="fused")(x, t, y)
+        gen = torch.Generator().manual_seed(1)
+        loss = (out.full * torch.randn(out.full.shape, generator=gen)).sum() + (out.general**2).sum()
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((out.full.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fused", "shared_prefix"])
+def test_general_rows_and_reference_pass(mode):
+    """theta^g on a subset of rows equals theta^g of those rows in a full call; the reference pass is theta under
+    the reference condition without gradient."""
+    model = full_mode_model()
+    x, t, y, _ = inputs("unet2d")
+    rows = torch.tensor([2, 0, 2])
+    null = torch.full((2,), 3)
+    out = CMDenoiser(model, forward_mode=mode)(x, t, y, general_rows=rows, reference_cond=null, reference_rows=rows[:2])
+    with expert_disabled(model):
+        general = model(x[rows], t[rows], class_labels=y[rows]).sample
+    torch.testing.assert_close(out.general, general, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.full, model(x, t, class_labels=y).sample, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.reference, model(x[[2, 0]], t[[2, 0]], class_labels=null).sample)
+    assert not out.reference.requires_grad and out.general.requires_grad
+    with pytest.raises(ValueError, match="sequential"):
+        CMDenoiser(model, forward_mode="sequential")(x, t, y, general_rows=rows)
 
 
 def test_shared_prefix_refuses_experts_outside_up_blocks():
@@ -124,9 +225,8 @@ def test_shared_prefix_refuses_experts_outside_up_blocks():
 def test_cm_loss_gradient_reaches_general_and_expert_parameters():
     model = full_mode_model()
     x, t, y, _ = inputs("unet2d")
-    full, general = CMDenoiser(model)(x, t, y)
-    omega_con, omega_div = class_weights([50, 20, 5])
-    loss, _ = cm_loss(full, general, y, omega_con, omega_div, diversity_weight=1.0)
+    full, general, _, _ = CMDenoiser(model)(x, t, y)
+    loss, _ = cm_loss(full, general, y, cm_weights([50, 20, 5], "paper"), form="paper")
     loss.backward()
     named = dict(model.named_parameters())
     expert = [p.grad for n, p in named.items() if "capman_expert" in n]

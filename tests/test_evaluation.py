@@ -160,17 +160,16 @@ def test_per_class_fid_is_zero_only_for_unchanged_classes():
     assert abs(fid[0]) < 1e-6 and abs(fid[2]) < 1e-6 and fid[1] > 0.05
 
 
-def test_reference_features_are_cached_under_a_name_with_split_resolution_and_count(tmp_path):
+def test_reference_features_are_cached_once_as_safetensors_under_a_name_with_resolution_and_count(tmp_path):
     real = random_images(30, seed=5)
     labels = torch.arange(3).repeat_interleave(10)
     kw = dict(metrics=["fid"], cache_prefix="capman-test-ref", cache_root=tmp_path)
     first = tiny_metrics(real // 2, labels, real, labels, 3, **kw)
-    cached = sorted(p.name for p in tmp_path.iterdir())
-    for split in ("all", "many", "medium", "few"):
-        assert any(name.startswith(f"capman-test-ref-{split}-{TINY}-") for name in cached), cached
-    # A second run reads the cache: even different "real" images give the first run's numbers.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"capman-test-ref-{TINY}.safetensors"]
+    # A second run reads the cache: even different "real" images give the first run's numbers (splits included).
     second = tiny_metrics(real // 2, labels, random_images(30, seed=6), labels, 3, **kw)
     assert second["overall"]["fid"] == first["overall"]["fid"]
+    assert second["splits"]["few"]["fid"] == first["splits"]["few"]["fid"]
 
     base = dict(dataset="imb-digits", source={}, resolution=8, count=20, extractor=TINY, weights=None)
     names = {_reference_cache_prefix(**base)}
@@ -313,7 +312,7 @@ def eval_args(out: Path, cache_dir: Path, *extra: str) -> list[str]:
 def test_capman_eval_writes_metrics_json_charts_and_model_card(tmp_path, cache_dir):
     out = tmp_path / "out"
     make_cm_run(out)
-    assert main(eval_args(out, cache_dir, "--per_class_fid", "--output_dir", str(tmp_path / "eval"))) == 0
+    main(eval_args(out, cache_dir, "--per_class_fid", "--output_dir", str(tmp_path / "eval")))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) == TOP_KEYS
     assert set(metrics["overall"]) == OVERALL_KEYS and set(metrics["splits"]) == {"many", "medium", "few"}
@@ -330,7 +329,7 @@ def test_capman_eval_writes_metrics_json_charts_and_model_card(tmp_path, cache_d
     assert f"{metrics['overall']['fid']:.4g}" in card
 
     # Same seed, same numbers; a second run replaces the card's section instead of adding one.
-    assert main(eval_args(out, cache_dir, "--metrics", "fid", "--output_dir", str(tmp_path / "eval2"))) == 0
+    main(eval_args(out, cache_dir, "--metrics", "fid", "--output_dir", str(tmp_path / "eval2")))
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert again["overall"]["fid"] == pytest.approx(metrics["overall"]["fid"], rel=1e-9)
     assert set(again["overall"]) == {"num_generated", "num_real", "fid"}
@@ -341,7 +340,7 @@ def test_capman_eval_writes_metrics_json_charts_and_model_card(tmp_path, cache_d
 def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm_run, cache_dir):
     out = cm_run[0]
     args = eval_args(out, cache_dir, "--expert", "both", "--metrics", "fid", "--no_model_card")
-    assert main([*args, "--feature_extractor", TINY, "--output_dir", str(tmp_path / "cmp")]) == 0
+    main([*args, "--feature_extractor", TINY, "--output_dir", str(tmp_path / "cmp")])
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [(r["label"], r["expert"]) for r in summary] == [("out", "on"), ("out-general", "off")]
     assert summary[0]["overall"]["fid"] != summary[1]["overall"]["fid"]
@@ -378,9 +377,11 @@ def test_bad_input_fails_with_one_clear_line(change, message, cm_run, tmp_path, 
     paths = {"NOT_A_PIPELINE": str(tmp_path), "NO_ADAPTER": str(plain)}
     values.update({k: paths.get(v, v) for k, v in change.items()})
     argv = [item for pair in values.items() for item in pair]
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("capman-eval: error: ") and message in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""The CM loss (Eq. 2-3), its stability check, the non-finite guard and the ddpm/cbdm/oc base objectives.
+"""The CM loss (Eq. 2-3) in its forms, its boundedness, the non-finite guard and the ddpm/cbdm/oc base objectives.
 
 Every expected number is computed independently in the test, with python floats and explicit loops.
 """
@@ -12,16 +12,19 @@ import torch
 from diffusers import DDPMScheduler
 
 from capman_peft.objective import (
+    CM_FORMS,
     NonFiniteLossError,
     build_objective,
-    check_cm_stability,
+    check_cm_bounded,
     check_finite,
     class_weights,
     cm_loss,
-    cm_stability,
-    format_stability_table,
+    cm_lower_bound,
+    cm_weights,
+    format_cm_table,
     oc_selection_probs,
 )
+from capman_peft.training import importance_rows
 
 CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -78,38 +81,62 @@ def test_class_weights_follow_eq3():
     assert values(omega_div) == pytest.approx(expected_div, rel=1e-6)
 
 
+def pull_push_by_hand(counts, form, w_con=1.0, w_div=1.0):
+    """Eq. 2's two coefficients (paper, capped) or the net c_y = w_div ω_div − w_con ω_con split by sign."""
+    omega_con, omega_div = eq3_by_hand(counts)
+    if form in ("paper", "capped"):
+        return [w_con * c for c in omega_con], [w_div * d for d in omega_div]
+    c = [w_div * d - w_con * k for k, d in zip(omega_con, omega_div, strict=True)]
+    return [max(-v, 0.0) for v in c], [max(v, 0.0) for v in c]
+
+
+@pytest.mark.parametrize("form", CM_FORMS)
+@pytest.mark.parametrize("w_con, w_div", [(1.0, 1.0), (1.0, 0.2), (0.0, 1.0), (1.0, 0.0)])
+def test_cm_weights_follow_eq3_and_the_form(form, w_con, w_div):
+    weights = cm_weights(CIFAR10_IR100, form, w_con, w_div)
+    pull, push = pull_push_by_hand(CIFAR10_IR100, form, w_con, w_div)
+    assert values(weights.pull) == pytest.approx(pull, rel=1e-6, abs=1e-7)
+    assert values(weights.push) == pytest.approx(push, rel=1e-6, abs=1e-7)
+    if form in ("target", "hinge"):  # every class is pulled or pushed, not both
+        assert all(p == 0 or q == 0 for p, q in zip(pull, push, strict=True))
+
+
+@pytest.mark.parametrize("form", ["target", "hinge", "paper"])  # capped: d − min(d, m) > 0 beyond the margin
 @pytest.mark.parametrize("counts", [[7] * 10, [3] * 7, [13] * 100])
-def test_balanced_counts_give_unit_weights_and_exactly_zero_cm_loss(counts):
+def test_balanced_counts_give_exactly_zero_cm_loss(form, counts):
     omega_con, omega_div = class_weights(counts)
-    assert torch.equal(omega_con, torch.ones(len(counts)))
-    assert torch.equal(omega_div, torch.ones(len(counts)))
+    assert torch.equal(omega_con, torch.ones(len(counts))) and torch.equal(omega_div, torch.ones(len(counts)))
     torch.manual_seed(0)
     labels = torch.randint(0, len(counts), (8,))
+    eps_full, eps_general, reference = torch.randn(3, 8, 3, 4, 4)
     loss, stats = cm_loss(
-        torch.randn(8, 3, 4, 4),
-        torch.randn(8, 3, 4, 4),
-        labels,
-        omega_con,
-        omega_div,
-        consistency_weight=1.0,
-        diversity_weight=1.0,
+        eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5, eps_reference=reference
     )
-    assert loss == 0
-    assert stats["cm_loss"] == 0
+    assert loss == 0 and stats["cm_loss"] == 0
 
 
-def cm_loss_by_hand(eps_full, eps_general, labels, counts, w_con, w_div, use_con, use_div, max_distance):
+def push_term_by_hand(form, full, general, reference, margin):
+    d = mean_sq(full, general)
+    if form == "target":
+        return mean_sq(general, reference)
+    if form == "hinge":
+        return max(0.0, margin - math.sqrt(d))
+    if form == "capped":
+        return -min(d, margin)
+    return -d
+
+
+def cm_loss_by_hand(form, eps_full, eps_general, reference, labels, counts, w_con, w_div, margin, sample_weight):
     """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances)."""
-    omega_con, omega_div = eq3_by_hand(counts)
+    pull, push = pull_push_by_hand(counts, form, w_con, w_div)
     con = div = 0.0
     distances = []
-    for full, general, y in zip(eps_full, eps_general, labels.tolist(), strict=True):
-        d = mean_sq(values(full), values(general))
+    for i, y in enumerate(labels.tolist()):
+        full, general = values(eps_full[i]), values(eps_general[i])
+        d = mean_sq(full, general)
         distances.append(d)
-        if use_con:
-            con += w_con * omega_con[y] * d
-        if use_div:
-            div -= w_div * omega_div[y] * (d if max_distance is None else min(d, max_distance))
+        con += sample_weight[i] * pull[y] * d
+        div += sample_weight[i] * push[y] * push_term_by_hand(form, full, general, values(reference[i]), margin)
     batch = len(distances)
     return (con + div) / batch, con / batch, div / batch, distances
 
@@ -122,42 +149,43 @@ def spread_pair(batch: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return eps_full, eps_full + scale * torch.randn(batch, 2, 3, 3, generator=generator)
 
 
-@pytest.mark.parametrize("max_distance", [None, 1.0])
-@pytest.mark.parametrize("diversity_weight", [1.0, 0.2])
-@pytest.mark.parametrize("use_con, use_div", [(True, True), (False, True), (True, False)])
-def test_cm_loss_matches_per_sample_loop(use_con, use_div, diversity_weight, max_distance):
+@pytest.mark.parametrize("form", CM_FORMS)
+@pytest.mark.parametrize("w_con, w_div", [(1.0, 1.0), (1.0, 0.2), (0.0, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "sample_weight"])
+def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
     eps_full, eps_general = spread_pair()
+    reference = torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(7))
     labels = torch.tensor([0, 9, 1, 8, 7, 2])
-    omega_con, omega_div = class_weights(CIFAR10_IR100)
+    sample_weight = [0.5, 2.0, 0.0, 1.0, 3.0, 1.0] if weighted else [1.0] * 6
+    margin = 1.0
     loss, stats = cm_loss(
         eps_full,
         eps_general,
         labels,
-        omega_con,
-        omega_div,
-        consistency_weight=1.0,
-        diversity_weight=diversity_weight,
-        use_consistency=use_con,
-        use_diversity=use_div,
-        max_distance=max_distance,
+        cm_weights(CIFAR10_IR100, form, w_con, w_div),
+        form=form,
+        margin=margin,
+        eps_reference=reference,
+        sample_weight=torch.tensor(sample_weight) if weighted else None,
     )
     expected, con, div, distances = cm_loss_by_hand(
-        eps_full, eps_general, labels, CIFAR10_IR100, 1.0, diversity_weight, use_con, use_div, max_distance
+        form, eps_full, eps_general, reference, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight
     )
-    if max_distance is not None:
-        assert min(distances) < max_distance < max(distances)  # the cap is actually exercised
+    if form in ("hinge", "capped"):  # the margin is actually exercised on both sides
+        scale = [math.sqrt(d) for d in distances] if form == "hinge" else distances
+        assert min(scale) < margin < max(scale)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_consistency"]) == pytest.approx(con, rel=1e-5, abs=1e-7)
     assert float(stats["cm_diversity"]) == pytest.approx(div, rel=1e-5, abs=1e-7)
 
 
-def test_cm_stats_report_group_distances_and_omit_absent_groups():
+def test_cm_stats_report_group_distances_and_nan_for_absent_groups():
     eps_full, eps_general = spread_pair()
     labels = torch.tensor([0, 9, 1, 8, 7, 2])  # Many: 0, 1, 2; Few: 7, 8, 9; no Medium (3-5)
-    _, stats = cm_loss(eps_full, eps_general, labels, *class_weights(CIFAR10_IR100))
-    *_, distances = cm_loss_by_hand(eps_full, eps_general, labels, CIFAR10_IR100, 1, 0.2, True, True, None)
-    assert "cm_distance_medium" not in stats
+    _, stats = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100, "paper"), form="paper")
+    distances = [mean_sq(values(a), values(b)) for a, b in zip(eps_full, eps_general, strict=True)]
+    assert math.isnan(stats["cm_distance_medium"])
     many = [distances[i] for i, y in enumerate(labels.tolist()) if y <= 2]
     few = [distances[i] for i, y in enumerate(labels.tolist()) if y >= 6]
     assert float(stats["cm_distance_many"]) == pytest.approx(sum(many) / len(many), rel=1e-6)
@@ -165,12 +193,12 @@ def test_cm_stats_report_group_distances_and_omit_absent_groups():
     assert all(not value.requires_grad and value.ndim == 0 for value in stats.values())
 
 
-def test_cm_gradient_flows_into_both_predictions():
+def test_paper_form_gradient_flows_into_both_predictions():
     eps_full, eps_general = spread_pair()
     eps_full.requires_grad_(True)
     eps_general.requires_grad_(True)
     labels = torch.tensor([0, 9, 1, 8, 7, 2])
-    loss, _ = cm_loss(eps_full, eps_general, labels, *class_weights(CIFAR10_IR100), diversity_weight=1.0)
+    loss, _ = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100, "paper"), form="paper")
     loss.backward()
     omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
     batch, elements = eps_full.shape[0], eps_full[0].numel()
@@ -179,83 +207,124 @@ def test_cm_gradient_flows_into_both_predictions():
         expected = 2 * coef * (eps_full[i] - eps_general[i]).detach() / (batch * elements)
         torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-5, atol=1e-8)
-    assert eps_full.grad.abs().sum() > 0 and eps_general.grad.abs().sum() > 0
+
+
+def test_target_form_pulls_general_to_the_reference_and_never_moves_it():
+    """Pushed classes: d/dε_θg = 2·push·(ε_θg − ε_ref)/(B·D), nothing into ε_θ or ε_ref; pulled classes: the
+    consistency gradient 2·pull·(ε_θ − ε_θg)/(B·D)."""
+    eps_full, eps_general = spread_pair()
+    reference = torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(7))
+    for tensor in (eps_full, eps_general, reference):
+        tensor.requires_grad_(True)
+    labels = torch.tensor([0, 9, 1, 8, 7, 2])
+    loss, _ = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), eps_reference=reference)
+    loss.backward()
+    pull, push = pull_push_by_hand(CIFAR10_IR100, "target")
+    batch, elements = eps_full.shape[0], eps_full[0].numel()
+    assert reference.grad is None or reference.grad.abs().sum() == 0
+    for i, y in enumerate(labels.tolist()):
+        consistency = 2 * pull[y] * (eps_full[i] - eps_general[i]).detach() / (batch * elements)
+        target = 2 * push[y] * (eps_general[i] - reference[i]).detach() / (batch * elements)
+        torch.testing.assert_close(eps_full.grad[i], consistency, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(eps_general.grad[i], target - consistency, rtol=1e-5, atol=1e-8)
+    assert sum(p > 0 for p in push) >= 3 and push[9] > 0 and pull[0] > 0
 
 
 @pytest.mark.parametrize("bad", [10, -1])
 def test_cm_loss_rejects_labels_outside_class_range(bad):
     eps_full, eps_general = spread_pair(batch=3)
     with pytest.raises(ValueError, match=rf"\[{bad}\]"):
-        cm_loss(eps_full, eps_general, torch.tensor([0, bad, 2]), *class_weights(CIFAR10_IR100))
+        cm_loss(eps_full, eps_general, torch.tensor([0, bad, 2]), cm_weights(CIFAR10_IR100, "paper"), form="paper")
 
 
-def test_cm_loss_refuses_both_terms_switched_off():
+def test_cm_loss_refuses_missing_inputs_of_its_form():
     eps_full, eps_general = spread_pair(batch=3)
-    with pytest.raises(ValueError, match="both False"):
-        cm_loss(
-            eps_full,
-            eps_general,
-            torch.tensor([0, 1, 2]),
-            *class_weights(CIFAR10_IR100),
-            use_consistency=False,
-            use_diversity=False,
-        )
+    labels = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="eps_reference"):
+        cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100))
+    for form in ("hinge", "capped"):
+        with pytest.raises(ValueError, match="positive margin"):
+            cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100, form), form=form)
+    with pytest.raises(ValueError, match="unknown CM form"):
+        cm_weights(CIFAR10_IR100, "repel")
 
 
-# --- stability -----------------------------------------------------------------------------------------
+# --- boundedness -----------------------------------------------------------------------------------------
 
 
-def test_cm_stability_on_cifar10_ir100_with_default_weights():
-    omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
-    rarest = 0.2 * omega_div[9] - omega_con[9]
-    assert rarest == pytest.approx(0.764, abs=1e-3)
-    stability = cm_stability(CIFAR10_IR100)
-    assert values(stability.c) == pytest.approx(
-        [0.2 * d - c for c, d in zip(omega_con, omega_div, strict=True)], rel=1e-9
-    )
-    assert float(stability.c.max()) == pytest.approx(rarest, rel=1e-9)
-    assert int(stability.c.argmax()) == 9
-    assert stability.unstable == []
+def toy_step_losses(form: str, w_div: float, steps: int = 300) -> list[float]:
+    """Eq. 4 on a toy class-conditional model: ε(y) = (W^g + s·B A) φ(y) with φ(y) one-hot, fitted by gradient
+    descent on L_base + L_CM. Returns the total loss per step."""
+    counts = [100, 40, 10]
+    torch.manual_seed(0)
+    targets = torch.randn(3, 4)
+    w_g = torch.nn.Parameter(torch.randn(4, 3) * 0.1)
+    a = torch.nn.Parameter(torch.randn(1, 3))
+    b = torch.nn.Parameter(torch.zeros(4, 1))
+    optimizer = torch.optim.Adam([w_g, a, b], lr=0.05)
+    weights = cm_weights(counts, form, 1.0, w_div)
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2])
+    phi = torch.eye(3)[labels]
+    losses = []
+    for _ in range(steps):
+        full, general = phi @ (w_g + b @ a).T, phi @ w_g.T
+        reference = targets.mean(0).expand_as(general)  # a class-blind prediction
+        base = (full - targets[labels]).pow(2).mean()
+        cm, _ = cm_loss(full, general, labels, weights, form=form, margin=0.3, eps_reference=reference)
+        loss = base + cm
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
-def test_cm_stability_flags_classes_with_lambda_c_at_least_one():
-    omega_con, omega_div = eq3_by_hand(CIFAR10_IR100)
-    c = [1.0 * d - 1.0 * k for k, d in zip(omega_con, omega_div, strict=True)]
-    assert [y for y in range(10) if c[y] >= 1] == [7, 8, 9]
-    assert cm_stability(CIFAR10_IR100, diversity_weight=1.0).unstable == [7, 8, 9]
-    assert cm_stability(CIFAR10_IR100, cm_lambda=0.5, diversity_weight=1.0).unstable == [
-        y for y in range(10) if 0.5 * c[y] >= 1
-    ]
+def test_paper_form_is_unbounded_below_even_where_the_old_rule_called_it_stable():
+    """DESIGN §2: for a fixed merged W the expert can grow a pushed class's distance at no cost to L_base, so Eq. 2
+    as written is unbounded below for any λ > 0 once some class has c_y > 0. With w_div = 0.4 the rarest class here
+    has c_y = 0.57 < 1 (the old rule's "stable"), and the toy model's loss still runs away."""
+    omega_con, omega_div = eq3_by_hand([100, 40, 10])
+    assert 0 < 0.4 * omega_div[2] - omega_con[2] < 1
+    assert min(toy_step_losses("paper", 0.4, steps=600)) < -100
+    assert cm_lower_bound(cm_weights([100, 40, 10], "paper", 1.0, 0.4), "paper") == -math.inf
 
 
-def test_check_cm_stability_refuses_unstable_classes_by_name():
+@pytest.mark.parametrize("form, bound", [("target", 0.0), ("hinge", 0.0), ("capped", None)])
+def test_bounded_forms_never_go_below_their_stated_minimum(form, bound):
+    weights = cm_weights([100, 40, 10], form)
+    if bound is None:  # capped: -max push * margin
+        bound = -max(pull_push_by_hand([100, 40, 10], form)[1]) * 0.3
+    assert cm_lower_bound(weights, form, 0.3) == pytest.approx(bound)
+    losses = toy_step_losses(form, 1.0)
+    assert min(losses) >= bound - 1e-6  # L_base >= 0, L_CM >= bound
+    assert losses[-1] < losses[0]
+
+
+def test_check_cm_bounded_refuses_the_unbounded_paper_form_by_name():
+    weights = cm_weights(CIFAR10_IR100, "paper", 1.0, 0.2)
+    pull, push = pull_push_by_hand(CIFAR10_IR100, "paper", 1.0, 0.2)
+    pushed = [y for y in range(10) if push[y] > pull[y]]
+    assert pushed == [7, 8, 9]
     with pytest.raises(ValueError, match="unbounded below") as error:
-        check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 1.0, class_names=CIFAR10_NAMES)
+        check_cm_bounded(weights, "paper", class_names=CIFAR10_NAMES)
     message = str(error.value)
-    for name in ("horse", "ship", "truck", "--cm_diversity_weight", "--cm_lambda", "--allow_unstable_cm"):
+    for name in ("horse", "ship", "truck", "--cm_diversity target", "--allow_unbounded_cm"):
         assert name in message
     assert "frog" not in message
     with pytest.warns(UserWarning, match="truck"):
-        stability = check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 1.0, CIFAR10_NAMES, allow_unstable=True)
-    assert stability.unstable == [7, 8, 9]
-    assert check_cm_stability(CIFAR10_IR100, 1.0, 1.0, 0.2).unstable == []
-    table = format_stability_table(stability, CIFAR10_NAMES)
-    assert table.count("UNSTABLE") == 3 and "truck" in table
+        assert check_cm_bounded(weights, "paper", class_names=CIFAR10_NAMES, allow_unbounded=True) == -math.inf
+    assert check_cm_bounded(cm_weights(CIFAR10_IR100, "paper", 1.0, 0.0), "paper") == 0.0  # consistency only
+    assert check_cm_bounded(cm_weights(CIFAR10_IR100), "target") == 0.0
+    table = format_cm_table(weights, CIFAR10_IR100, CIFAR10_NAMES)
+    assert "truck" in table and "5000" in table
 
 
-def test_max_distance_zeroes_the_diversity_gradient_beyond_it():
+def test_capped_form_zeroes_the_diversity_gradient_beyond_the_margin():
     eps_full, eps_general = spread_pair()
     eps_full.requires_grad_(True)
     labels = torch.tensor([9] * 6)
-    loss, _ = cm_loss(
-        eps_full,
-        eps_general,
-        labels,
-        *class_weights(CIFAR10_IR100),
-        diversity_weight=1.0,
-        use_consistency=False,
-        max_distance=1.0,
-    )
+    weights = cm_weights(CIFAR10_IR100, "capped", 0.0, 1.0)
+    loss, _ = cm_loss(eps_full, eps_general, labels, weights, form="capped", margin=1.0)
     loss.backward()
     omega_div = eq3_by_hand(CIFAR10_IR100)[1][9]
     elements = eps_full[0].numel()
@@ -266,6 +335,31 @@ def test_max_distance_zeroes_the_diversity_gradient_beyond_it():
         else:
             expected = -2 * omega_div * (eps_full[i] - eps_general[i]).detach() / (6 * elements)
             torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-5, atol=1e-8)
+
+
+# --- the partial general pass (--cm_general_fraction) ------------------------------------------------------
+
+
+def test_importance_rows_give_an_unbiased_estimate_of_the_batch_mean():
+    """E over draws of mean_j factor_j · L[row_j] equals the batch mean of L (rows of weight 0 contribute 0)."""
+    torch.manual_seed(0)
+    row_weights = torch.tensor([4.0, 0.0, 1.0, 0.5, 2.5, 0.0, 1.0, 3.0])
+    per_row = torch.tensor([0.3, 9.0, -1.2, 2.0, 0.1, 7.0, -0.4, 1.5]) * (row_weights > 0)
+    expected = sum(per_row.tolist()) / 8
+    k, draws = 3, 40000
+    estimates = []
+    for _ in range(draws):
+        rows, factor = importance_rows(row_weights, torch.rand(k))
+        assert set(rows.tolist()) <= {0, 2, 3, 4, 6, 7}  # weight-0 rows are never drawn
+        estimates.append(float((factor * per_row[rows]).mean()))
+    mean = sum(estimates) / draws
+    spread = (sum((e - mean) ** 2 for e in estimates) / (draws - 1)) ** 0.5 / draws**0.5
+    assert abs(mean - expected) < 4 * spread
+    probability = [w / sum(row_weights.tolist()) for w in row_weights.tolist()]
+    rows, factor = importance_rows(row_weights, torch.tensor([0.0, 0.5, 0.99]))
+    assert factor.tolist() == pytest.approx([1 / (8 * probability[r]) for r in rows.tolist()])
+    rows, factor = importance_rows(torch.zeros(4), torch.rand(2))  # nothing to estimate: zero weight
+    assert factor.tolist() == [0.0, 0.0] and rows.max() < 4
 
 
 # --- non-finite guard ----------------------------------------------------------------------------------

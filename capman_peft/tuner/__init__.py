@@ -1,8 +1,15 @@
 """The CapMan PEFT tuner: config, dual-adapter layers, model, and its registration with PEFT."""
 
 from .config import PEFT_TYPE, CapManConfig
-from .layer import CapManLayer
-from .model import CapManModel, capman_layers, expert_disabled, expert_gate, merge_general_and_unload
+from .layer import CapManLayer, PairedDropout
+from .model import (
+    CapManModel,
+    capman_layers,
+    expert_disabled,
+    expert_gate,
+    merge_general_and_unload,
+    pair_dropout,
+)
 
 
 def register_with_peft() -> None:
@@ -29,5 +36,7 @@ __all__ = [
     "expert_disabled",
     "expert_gate",
     "merge_general_and_unload",
+    "pair_dropout",
+    "PairedDropout",
     "register_with_peft",
 ]

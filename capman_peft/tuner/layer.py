@@ -232,10 +232,13 @@ class CapManLayer(BaseTunerLayer):
         for name in names:
             use_expert = name in self.capman_expert_A and gate != EXPERT_OFF
             has_general = name in self.capman_A
+            # Dropout is drawn whatever the gate, so that a theta call and a theta^g call consume the same random
+            # numbers (sequential mode pairs their masks by replaying the random state).
+            dropped = self.capman_dropout[name](x)
             if not (use_expert or has_general):
                 continue
             a_ref = self.capman_A[name] if has_general else self.capman_expert_A[name]
-            x_in = self._cast_input_dtype(self.capman_dropout[name](x), a_ref.dtype)
+            x_in = self._cast_input_dtype(dropped, a_ref.dtype)
             delta = None
             if has_general:
                 delta = self._up(self._down(x_in, self.capman_A[name]), self.capman_B[name]) * self.scaling[name]
@@ -250,6 +253,25 @@ class CapManLayer(BaseTunerLayer):
                 delta = expert if delta is None else delta + expert
             result = result + delta.to(result.dtype)
         return result
+
+
+class PairedDropout(nn.Dropout):
+    """``nn.Dropout`` whose rows can share a mask: row i is masked like row ``mask_source[i]``.
+
+    theta and theta^g are computed on copies of the same rows in one call; with independent masks their distance
+    would measure dropout noise instead of the expert (DESIGN.md §2). ``expert_gate(..., mask_source=...)`` sets the
+    sharing for the call; without it (or on a tensor with another number of rows, such as the shared prefix in
+    ``shared_prefix`` mode, which is computed once for both) this is exactly ``nn.Dropout``.
+    """
+
+    mask_source: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.mask_source
+        if source is None or not self.training or self.p == 0 or x.shape[0] != len(source):
+            return super().forward(x)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p)
+        return x * keep[source.to(x.device)] / (1 - self.p)
 
 
 class Linear(nn.Module, CapManLayer):

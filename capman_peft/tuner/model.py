@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import CapManConfig
-from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, GateRows, Linear
+from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, GateRows, Linear, PairedDropout
 
 
 def _matches(spec: Any, key: str) -> bool:
@@ -113,38 +113,51 @@ def capman_layers(model: nn.Module) -> list[CapManLayer]:
     return [m for m in model.modules() if isinstance(m, CapManLayer)]
 
 
-def _set_gates(layers: list[CapManLayer], gates: list[Gate]) -> list[Gate]:
-    previous = [layer._expert_gate for layer in layers]
-    for layer, gate in zip(layers, gates, strict=True):
-        layer._expert_gate = gate
+def _gate_state(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a module keeps the per-call row state that the gate sets: the expert switch or the shared masks."""
+    if isinstance(module, CapManLayer):
+        return module, "_expert_gate"
+    if isinstance(module, PairedDropout):
+        return module, "mask_source"
+    return None
+
+
+def _gated_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [state for module in model.modules() if (state := _gate_state(module)) is not None]
+
+
+def _set_states(states: list[tuple[nn.Module, str]], values: list[Any]) -> list[Any]:
+    previous = [getattr(module, attr) for module, attr in states]
+    for (module, attr), value in zip(states, values, strict=True):
+        setattr(module, attr, value)
     return previous
 
 
 class _GateReplay:
-    """Calls a checkpointed block with the gate it saw in the forward pass.
+    """Calls a checkpointed block with the gate (and shared dropout masks) it saw in the forward pass.
 
     Non-reentrant gradient checkpointing recomputes a block during backward, after the gate's context manager has
     exited; without this, the recomputation would run with the expert on for every sample and the gradients of a
     fused theta/theta^g batch would be wrong.
     """
 
-    def __init__(self, module: nn.Module, layers: list[CapManLayer]) -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.layers = layers
-        self.gates = [layer._expert_gate for layer in layers]
+        self.states = _gated_modules(module)
+        self.values = [getattr(m, attr) for m, attr in self.states]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        previous = _set_gates(self.layers, self.gates)
+        previous = _set_states(self.states, self.values)
         try:
             return self.module(*args, **kwargs)
         finally:
-            _set_gates(self.layers, previous)
+            _set_states(self.states, previous)
 
 
 def _gate_aware(checkpoint_func: Callable) -> Callable:
     def checkpoint_with_gate(module: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(module, nn.Module):
-            module = _GateReplay(module, capman_layers(module))
+            module = _GateReplay(module)
         return checkpoint_func(module, *args, **kwargs)
 
     checkpoint_with_gate.capman_gate_aware = True
@@ -159,29 +172,56 @@ def _make_checkpointing_gate_aware(model: nn.Module) -> None:
             module._gradient_checkpointing_func = _gate_aware(func)
 
 
+def pair_dropout(model: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` of `model` by a :class:`PairedDropout` (same p; idempotent); returns how many.
+
+    A PairedDropout is an ``nn.Dropout`` until a gate shares its masks, so this changes nothing else.
+    """
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                parent._modules[name] = PairedDropout(child.p, child.inplace).train(child.training)
+                replaced += 1
+    return replaced
+
+
 @contextmanager
-def _gated(model: nn.Module, gate: Gate) -> Iterator[None]:
-    layers = capman_layers(model)
-    if not layers:
+def _gated(model: nn.Module, gate: Gate, mask_source: torch.Tensor | None = None) -> Iterator[None]:
+    if not capman_layers(model):
         raise ValueError("the model has no CapMan layers: wrap it with get_peft_model(model, CapManConfig(...)) first")
     _make_checkpointing_gate_aware(model)
-    previous = _set_gates(layers, [gate] * len(layers))
+    if mask_source is not None:
+        pair_dropout(model)
+    states = _gated_modules(model)
+    values = [gate if isinstance(m, CapManLayer) else mask_source for m, _ in states]
+    previous = _set_states(states, values)
     try:
         yield
     finally:
-        _set_gates(layers, previous)
+        _set_states(states, previous)
 
 
-def expert_gate(model: nn.Module, gate: torch.Tensor) -> AbstractContextManager[None]:
+def expert_gate(
+    model: nn.Module, gate: torch.Tensor, mask_source: torch.Tensor | None = None
+) -> AbstractContextManager[None]:
     """Switch the expert on or off per sample: ``gate[i] = 1`` gives theta, ``0`` gives theta^g for batch row i.
 
     One call on ``cat([x, x])`` with gate ``[1]*B + [0]*B`` computes theta and theta^g together, so distributed
     wrappers see a single forward. The gate's values are read once here (one host sync per call, not per layer).
     The switch never touches ``requires_grad``.
+
+    ``mask_source[i]`` (optional, one entry per row) is the row whose dropout masks row i shares: pass
+    ``[0..B-1, 0..B-1]`` for the stacked batch above and the two predictions differ by the expert alone. The
+    model's ``nn.Dropout`` layers become :class:`PairedDropout` on first use.
     """
     if not isinstance(gate, torch.Tensor) or gate.ndim != 1:
         shape = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
         raise ValueError(f"gate must be a 1-D tensor with one 0/1 entry per batch row, got {shape}")
+    if mask_source is not None and mask_source.shape != gate.shape:
+        raise ValueError(
+            f"mask_source must have one entry per gate row: {tuple(mask_source.shape)} vs {tuple(gate.shape)}"
+        )
     values = gate.tolist()
     if any(v not in (0, 1) for v in values):
         raise ValueError(f"gate entries must be 0 or 1, got {sorted(set(values) - {0, 1})[:5]}")
@@ -190,7 +230,7 @@ def expert_gate(model: nn.Module, gate: torch.Tensor) -> AbstractContextManager[
         if i == len(values) or values[i] != values[start]:
             runs.append((start, i, bool(values[start])))
             start = i
-    return _gated(model, GateRows(gate, tuple(runs)))
+    return _gated(model, GateRows(gate, tuple(runs)), mask_source)
 
 
 def expert_disabled(model: nn.Module) -> AbstractContextManager[None]:

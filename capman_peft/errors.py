@@ -1,0 +1,24 @@
+"""The project's own error for bad user input: a flag, a recipe value, an input file or an unreachable source.
+
+Entry points print it as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and exit non-zero;
+any other exception is a bug and keeps its traceback.
+"""
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad flag, recipe value or input file; scripts print it as one ``error:`` line and exit non-zero."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss) become one ``error:`` line
+    on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
+    from .objective import NonFiniteLossError
+
+    try:
+        main(argv)
+    except (ConfigError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,419 @@
+"""The training scripts' command line: flags, YAML recipes read by the same parser, and the checks that run before
+any work.
+
+Every bad value is one line on stderr, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and a non-zero
+exit, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from diffusers.optimization import SchedulerType
+
+from .data import DATASETS
+from .denoiser import FORWARD_MODES
+from .errors import ConfigError
+from .objective import CM_FORMS, OBJECTIVES
+
+logger = logging.getLogger("capman_peft")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``error: --flag: ...`` (no usage block), exit status 2.
+
+    While a recipe is read, errors raise ``ConfigError`` naming the recipe file and key instead.
+    """
+
+    recipe_context: str | None = None
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = message.removeprefix("argument ")
+        if self.recipe_context is not None:
+            raise ConfigError(f"{self.recipe_context}: {message}")
+        self.exit(2, f"error: {message}\n")
+
+
+def _value(kind: type, check: Callable[[Any], bool], allowed: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts with `kind` and accepts only values passing `check`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
+        return value
+
+    parse.__name__ = allowed
+    return parse
+
+
+positive_int = _value(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _value(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _value(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _value(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+probability = _value(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+open_unit = _value(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+fraction = _value(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+ratio = _value(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
+
+
+def add_underscore_negation(group: argparse._ActionsContainer, flag: str) -> None:
+    """argparse spells the negation of a BooleanOptionalAction ``--x_y`` as ``--no-x_y``; accept ``--no_x_y`` too,
+    the spelling of every other flag here."""
+    group.add_argument(
+        f"--no_{flag}", dest=flag, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default_resolution: int | None) -> None:
+    parser.set_defaults(default_dataset=default_dataset)
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=None,
+        help=f"Named dataset. Default: {default_dataset}, unless --train_data_dir or --dataset_name names other data.",
+    )
+    group.add_argument("--dataset_name", default=None, help="Override the Hub id (or a local path) of --dataset.")
+    group.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="Local image folder with one sub-folder per class; its counts are kept unless --imbalance_ratio is given.",
+    )
+    group.add_argument(
+        "--imbalance_ratio",
+        type=ratio,
+        default=None,
+        help="N_max / N_min of the long-tailed training set (Cao et al. subsampling). Default: 100 for a named "
+        "dataset; a --train_data_dir folder keeps its own counts unless this is given.",
+    )
+    group.add_argument("--class_order", default=None, help="Comma-separated class names or ids, largest class first.")
+    group.add_argument(
+        "--data_seed", type=nonnegative_int, default=0, help="Seed of the long-tail subsampling (legacy: 0)."
+    )
+    group.add_argument("--resolution", type=positive_int, default=default_resolution, help="Training image size.")
+    group.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
+    group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    group.add_argument(
+        "--sampler",
+        choices=["random", "balanced"],
+        default="random",
+        help="'balanced' draws every class equally often (the paper's RS baseline).",
+    )
+    group.add_argument(
+        "--dataloader_num_workers", type=nonnegative_int, default=0, help="Data loading worker processes."
+    )
+
+
+def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) -> None:
+    group = parser.add_argument_group("objective and capacity manipulation")
+    group.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default=default_objective,
+        help="Base objective L_base (CM adds to any of them).",
+    )
+    group.add_argument("--cbdm_tau", type=nonnegative_float, default=1.0, help="CBDM regulariser weight tau.")
+    group.add_argument("--cbdm_gamma", type=nonnegative_float, default=0.25, help="CBDM commitment weight gamma.")
+    group.add_argument(
+        "--snr_gamma", type=positive_float, default=None, help="Min-SNR-gamma loss weighting (off by default)."
+    )
+    group.add_argument(
+        "--capacity_manipulation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Train with the CM loss and a reserved expert; --no_capacity_manipulation is the baseline.",
+    )
+    add_underscore_negation(group, "capacity_manipulation")
+    group.add_argument(
+        "--cm_lambda", type=nonnegative_float, default=1.0, help="Weight lambda of L_CM (paper Eq. 4; 0: no CM)."
+    )
+    group.add_argument(
+        "--cm_forward",
+        choices=list(FORWARD_MODES),
+        default="fused",
+        help="How theta and theta^g are computed in one module call (see CMDenoiser).",
+    )
+    group.add_argument("--no_consistency", action="store_true", help="Ablation: drop L_con (w_con = 0).")
+    group.add_argument("--no_diversity", action="store_true", help="Ablation: drop L_div (w_div = 0).")
+    group.add_argument(
+        "--cm_consistency_weight", type=nonnegative_float, default=1.0, help="w_con scaling omega_con (Eq. 3)."
+    )
+    group.add_argument(
+        "--cm_diversity_weight",
+        type=nonnegative_float,
+        default=1.0,
+        help="w_div scaling omega_div (Eq. 3; paper: 1).",
+    )
+    group.add_argument(
+        "--cm_diversity",
+        choices=list(CM_FORMS),
+        default="target",
+        help="How L_CM treats the classes it pushes apart (net weight c_y = w_div*omega_div - w_con*omega_con > 0). "
+        "'target' (default): theta^g's prediction for the class is pulled to theta's null-condition prediction "
+        "(theta^g should not know minority classes; bounded below, no scale to tune). 'hinge': the RMS gap "
+        "between theta and theta^g should reach --cm_margin. 'capped': Eq. 2 with the distance rewarded up to "
+        "--cm_margin. 'paper': Eq. 2 as written, unbounded below (refused unless --allow_unbounded_cm).",
+    )
+    group.add_argument(
+        "--cm_margin",
+        type=positive_float,
+        default=None,
+        help="Scale of the 'hinge' (RMS gap) and 'capped' (distance) forms.",
+    )
+    group.add_argument(
+        "--cm_general_fraction",
+        type=fraction,
+        default=1.0,
+        help="Fraction of each batch on which theta^g is computed (rows drawn with probability proportional to "
+        "their CM weight, importance-weighted so that L_CM is unbiased). Below 1 the general pass costs less; "
+        "needs --cm_forward fused or shared_prefix.",
+    )
+    group.add_argument(
+        "--allow_unbounded_cm",
+        "--allow_unstable_cm",
+        dest="allow_unbounded_cm",
+        action="store_true",
+        help="Train the 'paper' form even where it is unbounded below (to reproduce the paper's literal Eq. 2).",
+    )
+    group.add_argument(
+        "--label_dropout",
+        type=probability,
+        default=0.1,
+        help="Probability of replacing the condition by the null one (classifier-free guidance).",
+    )
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--output_dir",
+        default="capman-output",
+        help="Where the pipeline and checkpoints go: a new or empty folder, unless resuming or --overwrite_output_dir.",
+    )
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write into a non-empty --output_dir (its files of the same names are replaced).",
+    )
+    group.add_argument("--seed", type=nonnegative_int, default=0, help="Seed of initialisation, noise and timesteps.")
+    group.add_argument("--train_batch_size", type=positive_int, default=64, help="Batch size per device.")
+    group.add_argument("--max_train_steps", type=positive_int, default=None, help="Total optimizer steps.")
+    group.add_argument(
+        "--num_train_epochs", type=positive_int, default=None, help="Used when --max_train_steps is unset."
+    )
+    group.add_argument(
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-batches per optimizer step."
+    )
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    group.add_argument("--learning_rate", type=positive_float, help="Peak learning rate.")
+    group.add_argument(
+        "--lr_scheduler",
+        choices=[s.value for s in SchedulerType if s.value != "piecewise_constant"],
+        default="constant_with_warmup",
+        help="diffusers' learning-rate schedule.",
+    )
+    group.add_argument("--lr_warmup_steps", type=nonnegative_int, default=0, help="Linear warm-up steps.")
+    group.add_argument("--adam_beta1", type=probability, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam_beta2", type=probability, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam_weight_decay", type=nonnegative_float, default=0.0, help="Weight decay.")
+    group.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="Adam epsilon.")
+    group.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Keep an EMA of the weights; the exported pipeline uses it.",
+    )
+    add_underscore_negation(group, "use_ema")
+    group.add_argument("--ema_decay", type=open_unit, default=0.9999, help="EMA decay.")
+    group.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Overrides accelerate's config; frozen weights use this dtype, trainable ones fp32 (fp16 needs CUDA).",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument(
+        "--checkpointing_steps", type=positive_int, default=5000, help="Save a resumable checkpoint every N steps."
+    )
+    group.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints."
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest" for the newest valid one in --output_dir.',
+    )
+    group.add_argument(
+        "--report_to",
+        choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
+        default="tensorboard",
+        help="Experiment tracker.",
+    )
+    group.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the exported pipeline to the Hub.")
+    group.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (user/name).")
+    group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
+
+
+# --- YAML recipes ----------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, Path]]:
+    """A YAML recipe as ``{key: (value, file)}``; ``base: other.yaml`` (relative to the file) is read first and
+    overridden by this one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; give a YAML recipe")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"--config {path}: not valid YAML ({reason}); write one `flag: value` per line") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(
+            f"--config {path}: the top level is a {type(recipe).__name__}; it must be a mapping of `flag: value`"
+        )
+    values = {str(key): (value, path) for key, value in recipe.items()}
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base[0], str):
+        raise ConfigError(f"--config {path}: base: must be the file name of another recipe, got {base[0]!r}")
+    base_path = path.parent / base[0]
+    if base_path.resolve() in (*_seen, path.resolve()):
+        raise ConfigError(f"--config {path}: base: {base[0]} makes a cycle of recipes")
+    return {**load_recipe(base_path, (*_seen, path.resolve())), **values}
+
+
+def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) -> list[str] | None:
+    """The command-line tokens meaning ``key: value`` (None: the value None), so the recipe is parsed exactly as
+    the command line would be."""
+    flag = action.option_strings[0]
+    boolean = isinstance(
+        action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
+    )
+    if boolean:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: got {value!r}; allowed: true or false (unquoted)")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else action.option_strings[1]]
+        return [flag] if value == isinstance(action, argparse._StoreTrueAction) else []
+    if value is None:
+        if action.default is not None:
+            raise ConfigError(f"{where}: {key}: is empty; give a value")
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: {key}: got {str(value).lower()}, which YAML reads from an unquoted yes/no/on/off/true/false; "
+            f"allowed: a value for {flag} (quote it if you meant the word)"
+        )
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}: {key}: got a {type(value).__name__}; allowed: a single value for {flag}")
+    return [flag, str(value)]
+
+
+def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]]) -> dict[str, Any]:
+    """Parse a recipe with the script's own parser: every value is type-checked as on the command line."""
+    names = {opt.lstrip("-"): action for action in parser._actions for opt in action.option_strings}
+    names.update({action.dest: action for action in parser._actions if action.option_strings})
+    defaults: dict[str, Any] = {}
+    for key, (value, path) in recipe.items():
+        where = f"--config {path}"
+        action = names.get(key)
+        if action is None or action.dest in ("help", "config"):
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: the script's flag names without '--'")
+        tokens = _recipe_tokens(action, key, value, where)
+        if tokens is None:
+            defaults[action.dest] = None
+            continue
+        parser.recipe_context = f"{where}: {key}"
+        try:
+            parsed = parser.parse_args(tokens)
+        finally:
+            parser.recipe_context = None
+        defaults[action.dest] = getattr(parsed, action.dest)
+    return defaults
+
+
+def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--config recipe.yaml`` supplies defaults; flags on the command line override them."""
+    parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**recipe_defaults(parser, load_recipe(known.config)))
+        except ConfigError as err:
+            parser.exit(2, f"error: {err}\n")
+    return parser.parse_args(argv)
+
+
+# --- checks before any work ------------------------------------------------------------------------------------
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """The output folder policy: a new or empty folder, unless resuming or ``--overwrite_output_dir``.
+
+    An earlier run's pipeline, adapter and checkpoints are never mixed into a new run silently, and no file of the
+    user's (a README.md, say) is replaced without being asked.
+    """
+    if not args.output_dir or not str(args.output_dir).strip():
+        raise ConfigError("--output_dir: is empty; allowed: a folder for the pipeline and checkpoints")
+    path = Path(args.output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {path}: is a file; allowed: a new or empty folder")
+    if path.is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        entries = sorted(p.name for p in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(
+                f"--output_dir {path}: is not empty ({shown}); allowed: a new or empty folder, "
+                "--resume_from_checkpoint latest to continue the run there, or --overwrite_output_dir"
+            )
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Reject combinations that would only fail (or silently mislead) later; the message names the flag and value.
+
+    Also resolves ``--dataset`` (the script's default named dataset unless other data was named), the default
+    ``--imbalance_ratio`` (100 for a named dataset, the folder's own counts for ``--train_data_dir``) and
+    ``--cm_lambda 0``, which is training without CM: no expert and no second prediction.
+    """
+    if args.dataset is None and not (args.train_data_dir or args.dataset_name):
+        args.dataset = args.default_dataset
+    if args.imbalance_ratio is None and args.dataset is not None and not args.train_data_dir:
+        args.imbalance_ratio = 100.0
+    if args.cm_lambda == 0 and args.capacity_manipulation:
+        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
+        args.capacity_manipulation = False
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        raise ConfigError("--max_train_steps: not given; allowed: --max_train_steps or --num_train_epochs >= 1")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ConfigError("--hub_model_id: missing; --push_to_hub needs the user/name of the repository")
+    if args.capacity_manipulation and args.no_consistency and args.no_diversity:
+        raise ConfigError(
+            "--no_diversity: together with --no_consistency it leaves no CM loss; "
+            "allowed: one of them, or --no_capacity_manipulation"
+        )
+    if args.cm_general_fraction < 1 and args.cm_forward == "sequential":
+        raise ConfigError(
+            f"--cm_general_fraction {args.cm_general_fraction}: needs --cm_forward fused or shared_prefix "
+            "(sequential computes theta^g on every row); allowed: 1 with sequential"
+        )
+    if args.capacity_manipulation and args.cm_diversity in ("hinge", "capped") and args.cm_margin is None:
+        raise ConfigError(f"--cm_margin: missing; --cm_diversity {args.cm_diversity} needs a number > 0")
+    if args.learning_rate is None:
+        raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
+    check_output_dir(args)

@@ -1,0 +1,438 @@
+"""Bad or unusual input: one clear ``error:`` line before any work, no traceback, and nothing that existed is changed.
+
+Each case runs a script's ``main`` the way its command line does (``run_cli``) on tiny local data, and compares the
+whole test folder (every file, byte for byte) before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import accelerate
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from conftest import build_tiny_sd
+
+from capman_peft.errors import run_cli
+from capman_peft.evaluation import evaluate_pipeline
+from capman_peft.evaluation import main as eval_main
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_text_to_image_cm  # noqa: E402
+import train_unet_cm  # noqa: E402
+
+TINY_UNET = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 4,
+    "dropout": 0.1,
+}
+
+
+def as_argv(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def unet_args(tmp_path: Path, **overrides) -> list[str]:
+    config = tmp_path / "unet.json"
+    if not config.exists():
+        config.write_text(json.dumps(TINY_UNET))
+    values = {
+        "dataset": "imb-digits",
+        "imbalance_ratio": 10,
+        "resolution": 8,
+        "model_config_name_or_path": config,
+        "train_batch_size": 8,
+        "max_train_steps": 2,
+        "learning_rate": 1e-3,
+        "num_inference_steps": 2,
+        "validation_images_per_class": 1,
+        "report_to": "none",
+        "checkpointing_steps": 2,
+        "output_dir": tmp_path / "out",
+    }
+    values.update(overrides)
+    return as_argv(values)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and folder (None) under `root`."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(capsys, main, argv: list[str], root: Path, expected: str) -> str:
+    """`main` exits non-zero with exactly one ``error:`` line naming `expected`, no traceback, and `root` unchanged."""
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert snapshot(root) == before
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_empty_output_dir_is_refused_and_the_working_folder_keeps_its_readme(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("the user's own readme")
+    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path, output_dir=""), tmp_path, "--output_dir")
+    assert (tmp_path / "README.md").read_text() == "the user's own readme"
+
+
+def test_a_non_empty_output_dir_is_refused_unless_resuming_or_overwriting(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("notes")
+    line = assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "is not empty (README.md)")
+    assert "--overwrite_output_dir" in line and "--resume_from_checkpoint latest" in line
+    train_unet_cm.main(unet_args(tmp_path, overwrite_output_dir=True))
+    assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_checkpoint_limits_below_one_are_refused(tmp_path, capsys, limit):
+    assert_refused(
+        capsys,
+        train_unet_cm.main,
+        unet_args(tmp_path, checkpoints_total_limit=limit),
+        tmp_path,
+        "--checkpoints_total_limit",
+    )
+
+
+def test_an_adapter_left_over_from_another_run_is_never_evaluated_as_this_pipelines(tmp_path, capsys):
+    """A CM run, then a baseline written over it (--overwrite_output_dir): adapter/ is the old run's, and capman-eval
+    --expert off must refuse it instead of scoring a stale model."""
+    train_unet_cm.main(unet_args(tmp_path))
+    train_unet_cm.main(unet_args(tmp_path, overwrite_output_dir=True, no_capacity_manipulation=True))
+    argv = ["--pipeline", str(tmp_path / "out"), "--expert", "off", "--num_images_per_class", "2", "--steps", "2"]
+    assert_refused(capsys, eval_main, argv, tmp_path, "does not belong to the pipeline")
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, capsys):
+    train_unet_cm.main(unet_args(tmp_path))
+    line = assert_refused(
+        capsys,
+        train_unet_cm.main,
+        unet_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4, objective="ddpm"),
+        tmp_path,
+        "checkpoint-2: was written by a run with other settings",
+    )
+    assert "--objective oc (now ddpm)" in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors found before any work, one line each
+# ---------------------------------------------------------------------------------------------------------
+
+UNET_CASES = {
+    "zero steps": (dict(max_train_steps=0), "--max_train_steps: got '0'"),
+    "negative steps": (dict(max_train_steps=-3), "--max_train_steps: got '-3'"),
+    "zero inference steps": (dict(num_inference_steps=0), "--num_inference_steps"),
+    "zero validation images": (dict(validation_images_per_class=0), "--validation_images_per_class"),
+    "zero validation steps": (dict(validation_steps=0), "--validation_steps"),
+    "resolution not divisible": (dict(resolution=9), "--resolution 9: the UNet downsamples by 2"),
+    "ema decay above one": (dict(ema_decay=2), "--ema_decay: got '2'"),
+    "nan learning rate": (dict(learning_rate="nan"), "--learning_rate: got 'nan'"),
+    "negative learning rate": (dict(learning_rate=-1), "--learning_rate"),
+    "fp16 on the cpu": (dict(mixed_precision="fp16"), "--mixed_precision fp16: needs a CUDA device"),
+    "imbalance ratio below one": (dict(imbalance_ratio=0.5), "--imbalance_ratio"),
+    "label dropout of one": (dict(label_dropout=1), "--label_dropout"),
+    "general fraction zero": (dict(cm_general_fraction=0), "--cm_general_fraction"),
+    "partial general pass in sequential mode": (
+        dict(cm_general_fraction=0.5, cm_forward="sequential"),
+        "--cm_general_fraction 0.5: needs --cm_forward fused or shared_prefix",
+    ),
+    "unbounded paper form": (dict(cm_diversity="paper"), "--cm_diversity paper"),
+    "hinge without margin": (dict(cm_diversity="hinge"), "--cm_margin"),
+    "unknown dataset": (dict(dataset="imb-nope"), "--dataset"),
+    "missing data folder": (dict(dataset=None, train_data_dir="no-such-dir"), "--train_data_dir no-such-dir"),
+    "missing model config": (dict(model_config_name_or_path="no-such.json"), "--model_config_name_or_path"),
+    "expert targets matching nothing": (dict(expert_target_modules=r"nothing\.here"), "--expert_target_modules"),
+    "push without repo id": (dict(push_to_hub=True), "--hub_model_id"),
+    "no_consistency and no_diversity": (dict(no_consistency=True, no_diversity=True), "--no_diversity"),
+}
+
+
+@pytest.mark.parametrize("overrides, expected", list(UNET_CASES.values()), ids=list(UNET_CASES))
+def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, overrides, expected):
+    (tmp_path / "keep.txt").write_text("unrelated")
+    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path, **overrides), tmp_path, expected)
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "is a file")
+
+
+def test_sharded_distributed_types_are_refused_at_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "distributed_type FSDP")
+
+
+RECIPE_CASES = {
+    "yaml syntax error": ("max_train_steps: [2\n", "not valid YAML"),
+    "top level is a list": ("- max_train_steps: 2\n", "the top level is a list"),
+    "quoted boolean": ('use_ema: "false"\n', "use_ema: got 'false'; allowed: true or false"),
+    "fractional step count": ("max_train_steps: 3.7\n", "max_train_steps: --max_train_steps: got '3.7'"),
+    "unknown key": ("max_train_step: 2\n", "unknown key 'max_train_step'"),
+    "unquoted no": ("mixed_precision: no\n", "mixed_precision: got false"),
+    "wrong choice": ("objective: focal\n", "objective: --objective: invalid choice"),
+    "base cycle": ("base: recipe.yaml\n", "makes a cycle"),
+}
+
+
+@pytest.mark.parametrize("text, expected", list(RECIPE_CASES.values()), ids=list(RECIPE_CASES))
+def test_bad_recipes_are_read_like_the_command_line_and_named_by_file(tmp_path, capsys, text, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    line = assert_refused(capsys, train_unet_cm.main, ["--config", str(recipe)], tmp_path, expected)
+    assert f"--config {recipe}" in line
+
+
+def test_recipe_values_are_typed_like_flags(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("use_ema: false\nmax_train_steps: 7\nlearning_rate: 2.0e-3\nmixed_precision: 'no'\n")
+    args = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
+    assert (args.use_ema, args.max_train_steps, args.learning_rate, args.mixed_precision) == (False, 7, 2e-3, "no")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: corrupt files are named; `latest` falls back to the newest valid one
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    train_unet_cm.main(unet_args(root, max_train_steps=4, checkpointing_steps=2))
+    return root
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+CORRUPTIONS = {
+    "truncated weights": ("model.safetensors", truncate, "model.safetensors: cannot be read"),
+    "truncated state": ("state.safetensors", truncate, "state.safetensors: cannot be read"),
+    "broken state.json": ("state.json", lambda p: p.write_text("{not json"), "state.json: cannot be read"),
+    "missing weights": ("model.safetensors", Path.unlink, "model.safetensors: missing"),
+}
+
+
+@pytest.mark.parametrize("name, corrupt, expected", list(CORRUPTIONS.values()), ids=list(CORRUPTIONS))
+def test_a_corrupt_checkpoint_is_named_when_asked_for(two_checkpoints, tmp_path, capsys, name, corrupt, expected):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    corrupt(tmp_path / "out" / "checkpoint-4" / name)
+    argv = unet_args(tmp_path, max_train_steps=6, resume_from_checkpoint="checkpoint-4")
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, f"checkpoint-4/{expected}")
+
+
+def test_a_checkpoint_of_another_shape_is_named(two_checkpoints, tmp_path, capsys):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "unet.json").write_text(json.dumps({**TINY_UNET, "block_out_channels": [8, 24]}))
+    argv = unet_args(tmp_path, max_train_steps=6, resume_from_checkpoint="latest")
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "checkpoint-4/model.safetensors: ")
+
+
+def test_latest_skips_a_corrupt_checkpoint_and_resumes_from_the_newest_valid_one(two_checkpoints, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="capman_peft")
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    truncate(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
+    train_unet_cm.main(unet_args(tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
+    log = caplog.text
+    assert "Skipping checkpoint-4" in log and "cannot be read" in log and "Resumed from" in log
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["steps"] == 3
+
+
+def test_checkpoint_files_are_flushed_before_the_rename(tmp_path, monkeypatch):
+    """fsync of each file and of the folder happens before the temporary folder becomes checkpoint-N."""
+    import capman_peft.checkpointing as checkpointing
+
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(checkpointing.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, target: events.append("rename") or real_rename(self, target))
+    train_unet_cm.main(unet_args(tmp_path))
+    first_rename = events.index("rename")
+    assert events[:first_rename].count("fsync") >= 4  # three files and the folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hub without network: one line, quickly
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_hub_dataset_without_network_is_one_line_and_quick(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    line = assert_refused(
+        capsys, train_unet_cm.main, unet_args(tmp_path, dataset="imb-cifar10", resolution=32), tmp_path, "--dataset"
+    )
+    assert "cannot reach the Hugging Face Hub for 'uoft-cs/cifar10' (offline?)" in line and "local path" in line
+    assert time.time() - start < 20
+
+
+def test_a_hub_base_model_without_network_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = as_argv(
+        {
+            "pretrained_model_name_or_path": "someone/not-cached-sd",
+            "train_data_dir": make_class_folders(tmp_path / "data", [3, 3]),
+            "resolution": 16,
+            "max_train_steps": 1,
+            "report_to": "none",
+            "output_dir": tmp_path / "out",
+        }
+    )
+    line = assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "--pretrained_model_name_or_path")
+    assert "cannot reach the Hugging Face Hub for 'someone/not-cached-sd' (offline?)" in line
+
+
+def test_a_cached_hub_model_loads_offline_from_its_snapshot(tmp_path, monkeypatch):
+    """The real Hub cache layout (models--org--name/snapshots/<rev> + refs/main): offline, hub_source finds it."""
+    from capman_peft.hub import hub_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    snapshot_dir = cache / "models--someone--cached" / "snapshots" / "abc123"
+    snapshot_dir.mkdir(parents=True)
+    (snapshot_dir / "model_index.json").write_text("{}")
+    (cache / "models--someone--cached" / "refs").mkdir()
+    (cache / "models--someone--cached" / "refs" / "main").write_text("abc123")
+    assert Path(hub_source("someone/cached", "--flag", cache_dir=str(cache))) == snapshot_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A user's own class folders keep their counts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_class_folders(root: Path, counts: list[int]) -> Path:
+    from PIL import Image
+
+    for c, n in enumerate(counts):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (40 * c, 7 * i, 100)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_a_train_data_dir_keeps_its_counts_unless_a_ratio_is_given(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="capman_peft")
+    data = make_class_folders(tmp_path / "data", [6, 6, 6])
+    base = dict(dataset=None, train_data_dir=data, imbalance_ratio=None, train_batch_size=2, max_train_steps=1)
+    train_unet_cm.main(unet_args(tmp_path, **base, output_dir=tmp_path / "kept"))
+    assert json.loads((tmp_path / "kept" / "training_summary.json").read_text())["class_counts"] == [6, 6, 6]
+    assert "the folder's own counts" in caplog.text
+    train_unet_cm.main(unet_args(tmp_path, **{**base, "imbalance_ratio": 3}, output_dir=tmp_path / "cut"))
+    assert json.loads((tmp_path / "cut" / "training_summary.json").read_text())["class_counts"] == [6, 3, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: no pickles, and a truncated feature cache is recomputed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_pipeline(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evalrun")
+    train_unet_cm.main(unet_args(root))
+    return root / "out"
+
+
+def test_evaluation_never_unpickles_and_caches_features_as_safetensors(digits_pipeline, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was read")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, refuse)
+    kw = dict(num_images_per_class=3, steps=2, expert="off", cache_dir=tmp_path, progress=False)
+    first = evaluate_pipeline(digits_pipeline, "imb-digits", **kw)
+    second = evaluate_pipeline(digits_pipeline, "imb-digits", **kw)  # reads the cache
+    assert second["overall"]["fid"] == first["overall"]["fid"]
+    written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(name.endswith(".safetensors") for name in written), written
+
+
+def test_a_truncated_feature_cache_is_named_and_recomputed(digits_pipeline, tmp_path, capsys):
+    kw = dict(num_images_per_class=3, steps=2, cache_dir=tmp_path, progress=False)
+    first = evaluate_pipeline(digits_pipeline, "imb-digits", **kw)
+    (cache_file,) = (tmp_path / "fidelity").glob("*.safetensors")
+    truncate(cache_file)
+    second = evaluate_pipeline(digits_pipeline, "imb-digits", **kw)
+    err = capsys.readouterr().err
+    assert f"{cache_file}: cannot be used" in err and "recomputing" in err
+    assert second["overall"]["fid"] == pytest.approx(first["overall"]["fid"], rel=1e-6)
+    assert len(cache_file.read_bytes()) > 0 and list((tmp_path / "fidelity").glob("*")) == [cache_file]
+
+
+def test_sd_base_weights_load_only_from_safetensors(tmp_path, capsys):
+    """A base model holding only pickled weights (diffusion_pytorch_model.bin) is refused, not unpickled."""
+    base = build_tiny_sd(tmp_path / "sd")
+    unet_dir = base / "unet"
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    weights.rename(unet_dir / "diffusion_pytorch_model.bin.bak")
+    (unet_dir / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle either")
+    argv = as_argv(
+        {
+            "pretrained_model_name_or_path": base,
+            "train_data_dir": make_class_folders(tmp_path / "data", [3, 3]),
+            "resolution": 16,
+            "max_train_steps": 1,
+            "report_to": "none",
+            "output_dir": tmp_path / "out",
+        }
+    )
+    line = assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "--pretrained_model_name_or_path")
+    assert "cannot load unet" in line
+
+
+def test_tracker_logs_are_averaged_over_processes_and_absent_groups_are_left_out():
+    """Two processes: each logs its own losses; a group missing on one process (NaN) is the other's value, and a
+    group missing everywhere is dropped."""
+    from types import SimpleNamespace
+
+    from capman_peft.training import reduce_logs
+
+    other = {"loss": 0.5, "cm_distance_few": 0.25, "cm_distance_medium": float("nan")}
+
+    def gather(local):
+        return torch.cat([local, torch.tensor([[other[k] for k in sorted(other)]])])
+
+    accelerator = SimpleNamespace(device="cpu", num_processes=2, gather=gather)
+    mine = {
+        "loss": torch.tensor(0.25),
+        "cm_distance_few": torch.tensor(float("nan")),
+        "cm_distance_medium": torch.tensor(float("nan")),
+    }
+    assert reduce_logs(accelerator, mine) == {"loss": 0.375, "cm_distance_few": 0.25}
