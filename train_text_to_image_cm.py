@@ -62,8 +62,8 @@ from capman_peft.flags import (
     positive_int,
     probability,
 )
-from capman_peft.hub import hub_source, push_to_hub, write_model_card
-from capman_peft.pipelines import image_grid, save_adapter_and_merge
+from capman_peft.hub import card_license, hub_source, push_to_hub, write_model_card
+from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights
 from capman_peft.training import (
     StepDraws,
     StepRandomness,
@@ -99,6 +99,17 @@ BASE_MODEL = "lambdalabs/miniSD-diffusers"
 BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
 ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
+LORA_CARD_NOTE = """
+
+The trained adapter is also a plain diffusers LoRA (general and expert part stacked, rank r_g + r_e, scale 1):
+`pytorch_lora_weights.safetensors`, and the general part alone (theta^g) in `pytorch_lora_weights_general.safetensors`.
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference overhead
+```"""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -172,6 +183,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument(
         "--guidance_scale", type=nonnegative_float, default=7.5, help="Classifier-free guidance for validation."
+    )
+    group.add_argument(
+        "--push_merged_pipeline",
+        action="store_true",
+        help="With --push_to_hub, upload the whole merged pipeline folder instead of only the LoRA file and card.",
     )
     group.add_argument(
         "--license",
@@ -420,6 +436,8 @@ def export_pipeline(
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected or set(weights) != set(trainable_state(model)):
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
+    if args.capacity_manipulation:
+        save_lora_weights(model, args.output_dir)  # before merging: the adapter as a diffusers LoRA
     merged = save_adapter_and_merge(model, args.output_dir, args.run_id)
     pipeline = StableDiffusionPipeline.from_pretrained(
         base_source(args),
@@ -450,11 +468,7 @@ def base_model_license(args: argparse.Namespace) -> str:
         except ValueError:  # not a Hub id either
             cached = None
         card = Path(cached) if isinstance(cached, str) else card
-    if card.is_file():
-        header = card.read_text(errors="replace").split("---")
-        if len(header) > 2 and (found := re.search(r"^license:\s*(\S+)", header[1], re.MULTILINE)):
-            return found.group(1)
-    return BASE_LICENSE
+    return (card_license(card) if card.is_file() else None) or BASE_LICENSE
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -658,6 +672,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             + ", ".join(f'"{prompt}"' for prompt in prompts)
             + "."
         )
+        if args.capacity_manipulation:
+            note += LORA_CARD_NOTE.format(
+                base=args.pretrained_model_name_or_path, repo=args.hub_model_id or "<this repo or folder>"
+            )
         if base_is_local:
             note += f" Fine-tuned from a local base model folder `{Path(args.pretrained_model_name_or_path).name}`."
         write_model_card(
@@ -679,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             license=base_model_license(args),
             pipeline_note=note,
             expert_use=report,
+            widget_prompts=prompts,
         )
         pipeline.set_progress_bar_config(disable=True)
         grid = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
@@ -686,7 +705,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, train_seconds, samples)
         logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
         if args.push_to_hub:
-            repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token)
+            # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
+            lora_only = args.capacity_manipulation and not args.push_merged_pipeline
+            repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
             logger.info("Pushed to https://huggingface.co/%s", repo)
     accelerator.end_training()
 

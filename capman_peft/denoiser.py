@@ -44,8 +44,6 @@ class Predictions(NamedTuple):
     """theta^g(x_t, t, cond) on the rows ``general_rows`` (all rows when None)."""
     extra: torch.Tensor | None
     """theta(x_t, t, extra_cond): CBDM's y' pass."""
-    reference: torch.Tensor | None
-    """theta(x_t, t, reference_cond) on ``reference_rows``, without gradient: the target of the CM target form."""
 
 
 class _RandomState:
@@ -110,27 +108,19 @@ class CMDenoiser(nn.Module):
         cond: torch.Tensor,
         extra_cond: torch.Tensor | None = None,
         general_rows: torch.Tensor | None = None,
-        reference_cond: torch.Tensor | None = None,
-        reference_rows: torch.Tensor | None = None,
     ) -> Predictions:
-        """theta for every row, theta^g for `general_rows` (default: all), and the optional extra passes.
+        """theta for every row, theta^g for `general_rows` (default: all), and theta under `extra_cond`.
 
         Args:
             extra_cond: a second condition per row for theta (CBDM's y').
             general_rows: row indices for theta^g; fewer rows make the step cheaper (``--cm_general_fraction``).
                 Not with ``sequential`` (its mask replay needs the same rows in both calls).
-            reference_cond, reference_rows: a no-grad theta prediction for those rows under that condition (one
-                entry per listed row).
         """
         batch = sample.shape[0]
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        reference = None
-        if reference_cond is not None and reference_rows is not None and len(reference_rows):
-            with torch.no_grad():
-                reference = self._call(sample[reference_rows], timestep[reference_rows], reference_cond)
         if not self.capacity_manipulation:
             full, extra = self._theta(sample, timestep, cond, extra_cond)
-            return Predictions(full, None, extra, reference)
+            return Predictions(full, None, extra)
         if self.forward_mode == "sequential":
             if general_rows is not None:
                 raise ValueError(
@@ -144,7 +134,7 @@ class CMDenoiser(nn.Module):
                 general = self._call(sample, timestep, cond)
             after_theta.restore()
             extra = None if extra_cond is None else self._call(sample, timestep, extra_cond)
-            return Predictions(full, general, extra, reference)
+            return Predictions(full, general, extra)
 
         # Row blocks: theta(cond) | theta^g(cond) on the general rows | theta(extra_cond)
         rows = torch.arange(batch, device=sample.device) if general_rows is None else general_rows.to(sample.device)
@@ -175,7 +165,7 @@ class CMDenoiser(nn.Module):
             finally:
                 self._expand_index = None
         extra = outputs[2] if extra_cond is not None else None
-        return Predictions(outputs[0], outputs[1], extra, reference)
+        return Predictions(outputs[0], outputs[1], extra)
 
     def _theta(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, extra_cond: torch.Tensor | None

@@ -20,7 +20,7 @@ from diffusers.optimization import SchedulerType
 from .data import DATASETS
 from .denoiser import FORWARD_MODES
 from .errors import ConfigError
-from .objective import CM_FORMS, OBJECTIVES
+from .objective import CM_FORMS, DEFAULT_MARGIN, OBJECTIVES
 
 logger = logging.getLogger("capman_peft")
 
@@ -157,18 +157,19 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     group.add_argument(
         "--cm_diversity",
         choices=list(CM_FORMS),
-        default="target",
-        help="How L_CM treats the classes it pushes apart (net weight c_y = w_div*omega_div - w_con*omega_con > 0). "
-        "'target' (default): theta^g's prediction for the class is pulled to theta's null-condition prediction "
-        "(theta^g should not know minority classes; bounded below, no scale to tune). 'hinge': the RMS gap "
-        "between theta and theta^g should reach --cm_margin. 'capped': Eq. 2 with the distance rewarded up to "
-        "--cm_margin. 'paper': Eq. 2 as written, unbounded below (refused unless --allow_unbounded_cm).",
+        default="hinge",
+        help="How L_CM pushes apart the classes with net weight c_y = w_div*omega_div - w_con*omega_con > 0 (the "
+        "minorities). 'hinge' (default): such a class pays c_y * max(0, m - RMS(eps_theta - eps_theta^g)), which is "
+        "bounded below by 0 and has slope 1 where theta and theta^g agree, so the expert is taken into use; classes "
+        "with c_y < 0 are pulled together with weight -c_y. 'paper': Eq. 2 as written, unbounded below as soon as "
+        "a class has c_y > 0 (refused unless --allow_unbounded_cm).",
     )
     group.add_argument(
         "--cm_margin",
         type=positive_float,
-        default=None,
-        help="Scale of the 'hinge' (RMS gap) and 'capped' (distance) forms.",
+        default=DEFAULT_MARGIN,
+        help="The hinge's m: the RMS gap between theta's and theta^g's predictions that a pushed class should "
+        f"reach, in units of the (unit-variance) noise. Default {DEFAULT_MARGIN}, chosen a priori, not tuned.",
     )
     group.add_argument(
         "--cm_general_fraction",
@@ -412,8 +413,6 @@ def check_common_args(args: argparse.Namespace) -> None:
             f"--cm_general_fraction {args.cm_general_fraction}: needs --cm_forward fused or shared_prefix "
             "(sequential computes theta^g on every row); allowed: 1 with sequential"
         )
-    if args.capacity_manipulation and args.cm_diversity in ("hinge", "capped") and args.cm_margin is None:
-        raise ConfigError(f"--cm_margin: missing; --cm_diversity {args.cm_diversity} needs a number > 0")
     if args.learning_rate is None:
         raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
     check_output_dir(args)

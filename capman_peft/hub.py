@@ -51,6 +51,7 @@ def hub_source(
             "local cache; allowed: a local path"
         ) from None
 
+
 METRICS_START, METRICS_END = "<!-- capman-metrics -->", "<!-- /capman-metrics -->"
 
 
@@ -66,13 +67,19 @@ def write_model_card(
     license: str = "apache-2.0",
     pipeline_note: str = "",
     expert_use: dict[str, Any] | None = None,
+    widget_prompts: Sequence[str] = (),
 ) -> Path:
-    """README.md with YAML metadata (tags, base model, license) and the facts a user needs to trust the weights."""
-    tags = ["diffusers", "capman-peft", "capacity-manipulation", "class-imbalanced"]
-    header = ["---", f"license: {license}", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
-    if base_model:
-        header.append(f"base_model: {base_model}")
-    header.append("---")
+    """README.md with the Hub's metadata (tags, base model, license, widget prompts) and the facts a user needs to
+    trust the weights."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        tags=["diffusers", "capman-peft", "capacity-manipulation", "class-imbalanced"],
+        base_model=base_model,
+        widget=[{"text": prompt} for prompt in widget_prompts] or None,
+    )
     rows = "\n".join(
         f"| {i} | {name} | {count} |" for i, (name, count) in enumerate(zip(class_names, class_counts, strict=True))
     )
@@ -107,8 +114,18 @@ Not evaluated yet: run `capman-eval --pipeline <this folder> --dataset {dataset}
 {METRICS_END}
 """
     path = Path(output_dir) / "README.md"
-    path.write_text("\n".join(header) + "\n" + body)
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
     return path
+
+
+def card_license(path: str | Path) -> str | None:
+    """The ``license`` in a model card's metadata (None when the card or the field is missing)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # unreadable or malformed metadata counts as no license
+        return None
 
 
 def _expert_use_section(report: dict[str, Any] | None) -> str:
@@ -122,8 +139,8 @@ def _expert_use_section(report: dict[str, Any] | None) -> str:
     verdict = "used" if report["expert_used"] else "barely used (Few/Many distance below 10×)"
     return f"""## Expert use
 
-θ (expert on) vs θ^g (expert off) on {report['images_per_class']} training images per class with fixed noise: the
-reserved expert is **{verdict}** (Few/Many distance {report['few_over_many']:.3g}×).
+θ (expert on) vs θ^g (expert off) on {report["images_per_class"]} training images per class with fixed noise: the
+reserved expert is **{verdict}** (Few/Many distance {report["few_over_many"]:.3g}×).
 
 | split | mean (ε_θ − ε_θg)² | loss θ | loss θ^g |
 |---|---|---|---|
@@ -145,17 +162,25 @@ def update_model_card_metrics(output_dir: str | Path, metrics_markdown: str) -> 
     path.write_text(text)
 
 
-def push_to_hub(output_dir: str | Path, repo_id: str, token: str | None = None) -> str:
-    """Create (or reuse) the model repo and upload the exported folder, checkpoints and logs excluded."""
+def push_to_hub(output_dir: str | Path, repo_id: str, token: str | None = None, lora_only: bool = False) -> str:
+    """Create (or reuse) the model repo and upload the exported folder, checkpoints and logs excluded; with
+    `lora_only`, only the LoRA files, the model card, the training summary and the sample grid."""
     from huggingface_hub import create_repo, upload_folder
 
+    from .pipelines import GENERAL_LORA_FILE, LORA_FILE
+
     repo = create_repo(repo_id, token=token, exist_ok=True)
+    selection = (
+        {"allow_patterns": [LORA_FILE, GENERAL_LORA_FILE, "README.md", "training_summary.json", "samples.png"]}
+        if lora_only
+        else {"ignore_patterns": ["checkpoint-*", ".checkpoint-*", "logs/*", "validation/*", "eval/*"]}
+    )
     upload_folder(
         repo_id=repo.repo_id,
         folder_path=str(output_dir),
         token=token,
-        commit_message="Upload CapMan pipeline",
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", "validation/*", "eval/*"],
+        commit_message="Upload CapMan LoRA" if lora_only else "Upload CapMan pipeline",
+        **selection,
     )
     return repo.repo_id
 

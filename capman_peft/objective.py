@@ -77,10 +77,13 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-# How L_CM treats the classes it pushes apart (c_y > 0), DESIGN.md §2. "target" is the default: bounded below by
-# construction, it leaves the E = 0 saddle, and it has no scale to tune. "paper" is Eq. 2 as written, kept for
+# How L_CM treats the classes it pushes apart (c_y > 0), DESIGN.md §2. "hinge" is the default: bounded below by
+# construction and, with slope 1 at d = 0, it leaves the E = 0 saddle. "paper" is Eq. 2 as written, kept for
 # reproduction; it is unbounded below as soon as some class has c_y > 0.
-CM_FORMS = ("target", "hinge", "capped", "paper")
+CM_FORMS = ("hinge", "paper")
+# The hinge's margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the prediction
+# (unit-variance noise for ε-prediction). Chosen once, a priori, and not tuned (README "Does CM help?").
+DEFAULT_MARGIN = 0.1
 
 
 class CMWeights(NamedTuple):
@@ -92,21 +95,21 @@ class CMWeights(NamedTuple):
 
 def cm_weights(
     class_counts: ClassCounts,
-    form: str = "target",
+    form: str = "hinge",
     consistency_weight: float = 1.0,
     diversity_weight: float = 1.0,
 ) -> CMWeights:
     """The (pull, push) coefficients per class, float32.
 
-    ``paper`` and ``capped`` keep Eq. 2's two terms apart (pull w_con·ω_con, push w_div·ω_div, so every class is
-    pulled and pushed); ``target`` and ``hinge`` use the net c_y of Algorithm C.1: pull max(−c_y, 0), push
-    max(c_y, 0), so each class is either pulled or pushed. Setting a weight to 0 drops its term (the paper's
-    "w/o L_Con" / "w/o L_Div" ablations).
+    ``hinge`` uses the net weight of Algorithm C.1, c_y = w_div·ω_div[y] − w_con·ω_con[y]: pull max(−c_y, 0), push
+    max(c_y, 0), so each class is either pulled together with θ^g (majorities) or pushed away from it (minorities).
+    ``paper`` keeps Eq. 2's two terms apart: every class is pulled with w_con·ω_con and pushed with w_div·ω_div.
+    Setting a weight to 0 drops its term (the paper's "w/o L_Con" / "w/o L_Div" ablations).
     """
     if form not in CM_FORMS:
         raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
     omega_con, omega_div = _class_weights64(class_counts)
-    if form in ("paper", "capped"):
+    if form == "paper":
         pull, push = consistency_weight * omega_con, diversity_weight * omega_div
     else:
         c = diversity_weight * omega_div - consistency_weight * omega_con
@@ -120,22 +123,19 @@ def cm_loss(
     labels: Tensor,
     weights: CMWeights,
     *,
-    form: str = "target",
-    margin: float | None = None,
-    eps_reference: Tensor | None = None,
+    form: str = "hinge",
+    margin: float = DEFAULT_MARGIN,
     sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Capacity manipulation loss L_CM (Eq. 2), a weighted mean over the rows given.
 
     With d_i the per-sample mean of (ε_θ − ε_θg)², each row contributes ``pull[y]·d_i + push[y]·R_i``:
 
-    * ``target``: R_i = mean(ε_θg − sg(ε_ref))², with ε_ref = θ's prediction for the same x_t under the null
-      condition (``eps_reference``): θ^g should not know the class. ≥ 0, a regression with a unique optimum.
-    * ``hinge``: R_i = max(0, margin − √d_i): the gap's RMS should reach ``margin``. ≥ 0, slope 1 at d = 0.
-    * ``capped``: R_i = −min(d_i, margin). ≥ −margin, zero slope at d = 0.
+    * ``hinge``: R_i = max(0, margin − √d_i): the RMS gap of a pushed class should reach ``margin``. R ≥ 0, so
+      L_CM ≥ 0; the slope at d = 0 is 1, so θ and θ^g, equal at initialisation, move apart.
     * ``paper``: R_i = −d_i (Eq. 2 as written). Unbounded below when some class has push > pull.
 
-    Gradients flow into both predictions (appendix C), not into ε_ref.
+    Gradients flow into both predictions (appendix C).
 
     Args:
         labels: true class ids, one per row.
@@ -152,32 +152,23 @@ def cm_loss(
         raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
     if eps_full.shape != eps_general.shape:
         raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
-    if form in ("hinge", "capped") and not (margin is not None and margin > 0):
-        raise ValueError(f"the {form} form needs a positive margin, got {margin}")
-    if form == "target" and (eps_reference is None or eps_reference.shape != eps_general.shape):
-        raise ValueError("the target form needs eps_reference, the null-condition prediction for each row")
+    if not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin}")
     num_classes = len(weights.pull)
     ids = _check_labels(labels, num_classes)
     if len(ids) != len(eps_full):
         raise ValueError(f"{len(ids)} labels for a batch of {len(eps_full)} predictions")
 
-    def per_row(a: Tensor, b: Tensor) -> Tensor:
-        return (a.float() - b.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
-
-    distance = per_row(eps_full, eps_general)
-    if form == "target":
-        push_term = per_row(eps_general, eps_reference.detach())
-    elif form == "hinge":
+    distance = (eps_full.float() - eps_general.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
+    if form == "hinge":
         # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
         push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
-    elif form == "capped":
-        push_term = -distance.clamp(max=margin)
     else:
         push_term = -distance
     rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
     consistency = rows * weights.pull.to(distance.device)[labels] * distance
     diversity = rows * weights.push.to(distance.device)[labels] * push_term
-    # One sum per row: for balanced counts both coefficients are exact (0, or equal ω = 1 for paper/capped with
+    # One sum per row: for balanced counts the coefficients are exact (0 for hinge; equal ω = 1 for paper with
     # w_con = w_div), so L_CM is exactly 0 as Eq. 3 promises.
     loss = (consistency + diversity).mean()
 
@@ -196,14 +187,12 @@ def cm_loss(
     return loss, stats
 
 
-def cm_lower_bound(weights: CMWeights, form: str, margin: float | None = None) -> float:
-    """The least value L_CM can take (per row and so for the mean): 0 for target and hinge, −max push·margin for
-    capped, −inf for paper when some class has push > pull (DESIGN.md §2: for a fixed merged W the expert can grow
-    the distance of that class without changing L_base, so Eq. 4 is unbounded below for any λ > 0)."""
-    if form in ("target", "hinge"):
+def cm_lower_bound(weights: CMWeights, form: str) -> float:
+    """The least value L_CM can take (per row and so for the mean): 0 for hinge; for paper −inf as soon as some
+    class has push > pull (DESIGN.md §2: for a fixed merged W the expert can grow that class's distance without
+    changing L_base, so Eq. 4 is unbounded below for any λ > 0), else 0."""
+    if form == "hinge":
         return 0.0
-    if form == "capped":
-        return -float(weights.push.max()) * margin
     return -math.inf if bool((weights.push > weights.pull).any()) else 0.0
 
 
@@ -214,7 +203,6 @@ def _class_label(index: int, class_names: Sequence[str] | None) -> str:
 def check_cm_bounded(
     weights: CMWeights,
     form: str,
-    margin: float | None = None,
     class_names: Sequence[str] | None = None,
     allow_unbounded: bool = False,
 ) -> float:
@@ -224,7 +212,7 @@ def check_cm_bounded(
     """
     if class_names is not None and len(class_names) != len(weights.pull):
         raise ValueError(f"{len(class_names)} class names for {len(weights.pull)} classes")
-    bound = cm_lower_bound(weights, form, margin)
+    bound = cm_lower_bound(weights, form)
     if bound > -math.inf:
         return bound
     pushed = [k for k in range(len(weights.pull)) if weights.push[k] > weights.pull[k]]
@@ -232,7 +220,7 @@ def check_cm_bounded(
         "--cm_diversity paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
         f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
         "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (DESIGN.md §2); allowed: --cm_diversity target (the default), or --allow_unbounded_cm "
+        "--cm_lambda > 0 (DESIGN.md §2); allowed: --cm_diversity hinge (the default), or --allow_unbounded_cm "
         "to train the literal form anyway"
     )
     if not allow_unbounded:

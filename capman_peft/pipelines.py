@@ -25,8 +25,13 @@ __all__ = [
     "image_grid",
     "save_adapter_and_merge",
     "save_class_conditional_pipeline",
+    "save_lora_weights",
     "write_custom_pipeline_file",
 ]
+
+# diffusers' LoRA file names: the full model theta (what users load), and theta^g alone for analysis.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+GENERAL_LORA_FILE = "pytorch_lora_weights_general.safetensors"
 
 
 def save_class_conditional_pipeline(
@@ -54,6 +59,38 @@ def save_class_conditional_pipeline(
 # Beside the adapter: the id of the run that wrote it, also in training_summary.json, so that an adapter left over
 # from an earlier run in the same folder is never taken for this pipeline's.
 RUN_FILE = "capman_run.json"
+
+
+def lora_state_dict(model: torch.nn.Module, include_expert: bool = True) -> dict[str, torch.Tensor]:
+    """The CapMan adapter of a lora-mode model as one plain LoRA (PEFT key names, ``lora_A`` / ``lora_B``): theta
+    with the expert, or theta^g without it. ``W^f + B A`` then equals the merged weight."""
+    from .tuner import CapManLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = {}
+    for name, layer in base.named_modules():
+        if isinstance(layer, CapManLayer) and layer.capman_A:
+            (adapter,) = layer.capman_A.keys()
+            a, b = layer.lora_factors(adapter, include_expert)
+            if a.ndim == 4:  # conv: B is a 1x1 conv
+                b = b[:, :, None, None]
+            state[f"{name}.lora_A.weight"] = a.contiguous()
+            state[f"{name}.lora_B.weight"] = b.contiguous()
+    return state
+
+
+def save_lora_weights(model: torch.nn.Module, output_dir: str | Path) -> list[Path]:
+    """Write the adapter as diffusers LoRA files that ``StableDiffusionPipeline.load_lora_weights`` reads:
+    ``pytorch_lora_weights.safetensors`` (theta = general + expert) and ``..._general.safetensors`` (theta^g)."""
+    from diffusers import StableDiffusionPipeline
+
+    written = []
+    for name, include_expert in ((LORA_FILE, True), (GENERAL_LORA_FILE, False)):
+        StableDiffusionPipeline.save_lora_weights(
+            str(output_dir), unet_lora_layers=lora_state_dict(model, include_expert), weight_name=name
+        )
+        written.append(Path(output_dir) / name)
+    return written
 
 
 def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> torch.nn.Module:

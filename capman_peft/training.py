@@ -58,7 +58,7 @@ class CMSettings:
 
     weights: CMWeights
     form: str
-    margin: float | None
+    margin: float
     cm_lambda: float
     general_fraction: float = 1.0
 
@@ -79,7 +79,7 @@ def prepare_cm(
         consistency_weight=0.0 if args.no_consistency else args.cm_consistency_weight,
         diversity_weight=0.0 if args.no_diversity else args.cm_diversity_weight,
     )
-    check_cm_bounded(weights, args.cm_diversity, args.cm_margin, class_names, args.allow_unbounded_cm)
+    check_cm_bounded(weights, args.cm_diversity, class_names, args.allow_unbounded_cm)
     logger.info(
         "CM loss, %s form (pull: weight of the distance d; push: weight of the diversity term):\n%s",
         args.cm_diversity,
@@ -281,7 +281,7 @@ def diffusion_loss(
     def condition(ids: torch.Tensor | None) -> torch.Tensor | None:
         return ids if ids is None or cond_table is None else cond_table[ids]
 
-    cm_inputs: dict[str, Any] = {}
+    general_rows = sample_weight = None
     if cm is not None:
         kept = (~dropped).float()
         batch, k = len(labels), cm.general_rows(len(labels))
@@ -289,17 +289,9 @@ def diffusion_loss(
             row_weights = (cm.weights.pull + cm.weights.push)[labels] * kept
             general_rows, sample_weight = importance_rows(row_weights, draws.general_draw[:k])
         else:
-            general_rows, sample_weight = None, kept
-        rows = torch.arange(batch, device=labels.device) if general_rows is None else general_rows
-        cm_inputs = {"general_rows": general_rows}
-        if cm.form == "target":  # theta's null-condition prediction for the rows that are pushed
-            positions = ((cm.weights.push[labels[rows]] > 0) & (sample_weight > 0)).nonzero().squeeze(1)
-            cm_inputs.update(
-                reference_rows=rows[positions],
-                reference_cond=condition(torch.full_like(positions, num_classes)),
-            )
+            sample_weight = kept
 
-    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels), **cm_inputs)
+    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels), general_rows)
     loss, logs = objective(
         outputs.full,
         x0=x0,
@@ -312,19 +304,13 @@ def diffusion_loss(
     )
     logs = dict(logs)
     if cm is not None:
-        reference = None
-        if cm.form == "target":
-            reference = torch.zeros_like(outputs.general)
-            if len(positions):
-                reference[positions] = outputs.reference.to(reference.dtype)
         cm_value, cm_logs = cm_loss(
-            outputs.full[rows] if general_rows is not None else outputs.full,
+            outputs.full if general_rows is None else outputs.full[general_rows],
             outputs.general,
-            labels[rows],
+            labels if general_rows is None else labels[general_rows],
             cm.weights,
             form=cm.form,
             margin=cm.margin,
-            eps_reference=reference,
             sample_weight=sample_weight,
         )
         loss = loss + cm.cm_lambda * cm_value

@@ -46,9 +46,9 @@ def main(out_path: str) -> None:
     x0, noise, t, y = x0[part], noise[part], t[part], y[part]
     x_t = scheduler.add_noise(x0, noise, t)
 
-    out = denoiser(x_t, t, y, reference_cond=torch.full_like(y, 3), reference_rows=torch.arange(len(y)))
+    out = denoiser(x_t, t, y)
     base, _ = objective(out.full, x0=x0, noise=noise, x_t=x_t, timesteps=t, labels=y)
-    cm, _ = cm_loss(out.full, out.general, y, weights, eps_reference=out.reference)
+    cm, _ = cm_loss(out.full, out.general, y, weights)
     accelerator.backward(base + cm)
     optimizer.step()
     if accelerator.is_main_process:

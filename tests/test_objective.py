@@ -82,9 +82,9 @@ def test_class_weights_follow_eq3():
 
 
 def pull_push_by_hand(counts, form, w_con=1.0, w_div=1.0):
-    """Eq. 2's two coefficients (paper, capped) or the net c_y = w_div ω_div − w_con ω_con split by sign."""
+    """Eq. 2's two coefficients (paper), or the net c_y = w_div ω_div − w_con ω_con split by sign (hinge)."""
     omega_con, omega_div = eq3_by_hand(counts)
-    if form in ("paper", "capped"):
+    if form == "paper":
         return [w_con * c for c in omega_con], [w_div * d for d in omega_div]
     c = [w_div * d - w_con * k for k, d in zip(omega_con, omega_div, strict=True)]
     return [max(-v, 0.0) for v in c], [max(v, 0.0) for v in c]
@@ -97,46 +97,32 @@ def test_cm_weights_follow_eq3_and_the_form(form, w_con, w_div):
     pull, push = pull_push_by_hand(CIFAR10_IR100, form, w_con, w_div)
     assert values(weights.pull) == pytest.approx(pull, rel=1e-6, abs=1e-7)
     assert values(weights.push) == pytest.approx(push, rel=1e-6, abs=1e-7)
-    if form in ("target", "hinge"):  # every class is pulled or pushed, not both
+    if form == "hinge":  # every class is pulled or pushed, not both
         assert all(p == 0 or q == 0 for p, q in zip(pull, push, strict=True))
 
 
-@pytest.mark.parametrize("form", ["target", "hinge", "paper"])  # capped: d − min(d, m) > 0 beyond the margin
+@pytest.mark.parametrize("form", CM_FORMS)
 @pytest.mark.parametrize("counts", [[7] * 10, [3] * 7, [13] * 100])
 def test_balanced_counts_give_exactly_zero_cm_loss(form, counts):
     omega_con, omega_div = class_weights(counts)
     assert torch.equal(omega_con, torch.ones(len(counts))) and torch.equal(omega_div, torch.ones(len(counts)))
     torch.manual_seed(0)
     labels = torch.randint(0, len(counts), (8,))
-    eps_full, eps_general, reference = torch.randn(3, 8, 3, 4, 4)
-    loss, stats = cm_loss(
-        eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5, eps_reference=reference
-    )
+    eps_full, eps_general = torch.randn(2, 8, 3, 4, 4)
+    loss, stats = cm_loss(eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5)
     assert loss == 0 and stats["cm_loss"] == 0
 
 
-def push_term_by_hand(form, full, general, reference, margin):
-    d = mean_sq(full, general)
-    if form == "target":
-        return mean_sq(general, reference)
-    if form == "hinge":
-        return max(0.0, margin - math.sqrt(d))
-    if form == "capped":
-        return -min(d, margin)
-    return -d
-
-
-def cm_loss_by_hand(form, eps_full, eps_general, reference, labels, counts, w_con, w_div, margin, sample_weight):
+def cm_loss_by_hand(form, eps_full, eps_general, labels, counts, w_con, w_div, margin, sample_weight):
     """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances)."""
     pull, push = pull_push_by_hand(counts, form, w_con, w_div)
     con = div = 0.0
     distances = []
     for i, y in enumerate(labels.tolist()):
-        full, general = values(eps_full[i]), values(eps_general[i])
-        d = mean_sq(full, general)
+        d = mean_sq(values(eps_full[i]), values(eps_general[i]))
         distances.append(d)
         con += sample_weight[i] * pull[y] * d
-        div += sample_weight[i] * push[y] * push_term_by_hand(form, full, general, values(reference[i]), margin)
+        div += sample_weight[i] * push[y] * (max(0.0, margin - math.sqrt(d)) if form == "hinge" else -d)
     batch = len(distances)
     return (con + div) / batch, con / batch, div / batch, distances
 
@@ -154,7 +140,6 @@ def spread_pair(batch: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "sample_weight"])
 def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
     eps_full, eps_general = spread_pair()
-    reference = torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(7))
     labels = torch.tensor([0, 9, 1, 8, 7, 2])
     sample_weight = [0.5, 2.0, 0.0, 1.0, 3.0, 1.0] if weighted else [1.0] * 6
     margin = 1.0
@@ -165,15 +150,13 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
         cm_weights(CIFAR10_IR100, form, w_con, w_div),
         form=form,
         margin=margin,
-        eps_reference=reference,
         sample_weight=torch.tensor(sample_weight) if weighted else None,
     )
     expected, con, div, distances = cm_loss_by_hand(
-        form, eps_full, eps_general, reference, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight
+        form, eps_full, eps_general, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight
     )
-    if form in ("hinge", "capped"):  # the margin is actually exercised on both sides
-        scale = [math.sqrt(d) for d in distances] if form == "hinge" else distances
-        assert min(scale) < margin < max(scale)
+    if form == "hinge":  # the margin is exercised on both sides
+        assert min(distances) < margin**2 < max(distances)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_consistency"]) == pytest.approx(con, rel=1e-5, abs=1e-7)
@@ -183,7 +166,7 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
 def test_cm_stats_report_group_distances_and_nan_for_absent_groups():
     eps_full, eps_general = spread_pair()
     labels = torch.tensor([0, 9, 1, 8, 7, 2])  # Many: 0, 1, 2; Few: 7, 8, 9; no Medium (3-5)
-    _, stats = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100, "paper"), form="paper")
+    _, stats = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100))
     distances = [mean_sq(values(a), values(b)) for a, b in zip(eps_full, eps_general, strict=True)]
     assert math.isnan(stats["cm_distance_medium"])
     many = [distances[i] for i, y in enumerate(labels.tolist()) if y <= 2]
@@ -209,42 +192,43 @@ def test_paper_form_gradient_flows_into_both_predictions():
         torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-5, atol=1e-8)
 
 
-def test_target_form_pulls_general_to_the_reference_and_never_moves_it():
-    """Pushed classes: d/dε_θg = 2·push·(ε_θg − ε_ref)/(B·D), nothing into ε_θ or ε_ref; pulled classes: the
-    consistency gradient 2·pull·(ε_θ − ε_θg)/(B·D)."""
+def test_hinge_gradient_pushes_with_unit_slope_inside_the_margin_and_stops_beyond_it():
+    """Pushed class y, gap g = ε_θ − ε_θg with RMS r = √d: d/dε_θ of push·max(0, m − r) is −push·g/(B·D·r) while
+    r < m (a unit step in RMS, whatever the size of g: the E = 0 saddle is left), and 0 beyond m. Pulled classes get
+    the consistency gradient 2·pull·g/(B·D)."""
     eps_full, eps_general = spread_pair()
-    reference = torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(7))
-    for tensor in (eps_full, eps_general, reference):
-        tensor.requires_grad_(True)
-    labels = torch.tensor([0, 9, 1, 8, 7, 2])
-    loss, _ = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), eps_reference=reference)
+    eps_full.requires_grad_(True)
+    labels = torch.tensor([0, 9, 1, 8, 7, 9])
+    margin = 1.0
+    loss, _ = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), margin=margin)
     loss.backward()
-    pull, push = pull_push_by_hand(CIFAR10_IR100, "target")
+    pull, push = pull_push_by_hand(CIFAR10_IR100, "hinge")
     batch, elements = eps_full.shape[0], eps_full[0].numel()
-    assert reference.grad is None or reference.grad.abs().sum() == 0
+    inside = 0
     for i, y in enumerate(labels.tolist()):
-        consistency = 2 * pull[y] * (eps_full[i] - eps_general[i]).detach() / (batch * elements)
-        target = 2 * push[y] * (eps_general[i] - reference[i]).detach() / (batch * elements)
-        torch.testing.assert_close(eps_full.grad[i], consistency, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(eps_general.grad[i], target - consistency, rtol=1e-5, atol=1e-8)
-    assert sum(p > 0 for p in push) >= 3 and push[9] > 0 and pull[0] > 0
+        gap = (eps_full[i] - eps_general[i]).detach()
+        rms = math.sqrt(mean_sq(values(eps_full[i]), values(eps_general[i])))
+        if push[y] > 0:
+            inside += rms < margin
+            expected = -push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
+        else:
+            expected = 2 * pull[y] * gap / (batch * elements)
+        torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-4, atol=1e-7)
+    assert 0 < inside < 4  # pushed rows on both sides of the margin
 
 
 @pytest.mark.parametrize("bad", [10, -1])
 def test_cm_loss_rejects_labels_outside_class_range(bad):
     eps_full, eps_general = spread_pair(batch=3)
     with pytest.raises(ValueError, match=rf"\[{bad}\]"):
-        cm_loss(eps_full, eps_general, torch.tensor([0, bad, 2]), cm_weights(CIFAR10_IR100, "paper"), form="paper")
+        cm_loss(eps_full, eps_general, torch.tensor([0, bad, 2]), cm_weights(CIFAR10_IR100))
 
 
-def test_cm_loss_refuses_missing_inputs_of_its_form():
+def test_cm_loss_refuses_bad_settings():
     eps_full, eps_general = spread_pair(batch=3)
     labels = torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match="eps_reference"):
-        cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100))
-    for form in ("hinge", "capped"):
-        with pytest.raises(ValueError, match="positive margin"):
-            cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100, form), form=form)
+    with pytest.raises(ValueError, match="margin must be positive"):
+        cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), margin=0.0)
     with pytest.raises(ValueError, match="unknown CM form"):
         cm_weights(CIFAR10_IR100, "repel")
 
@@ -253,14 +237,14 @@ def test_cm_loss_refuses_missing_inputs_of_its_form():
 
 
 def toy_step_losses(form: str, w_div: float, steps: int = 300) -> list[float]:
-    """Eq. 4 on a toy class-conditional model: ε(y) = (W^g + s·B A) φ(y) with φ(y) one-hot, fitted by gradient
-    descent on L_base + L_CM. Returns the total loss per step."""
+    """Eq. 4 on a toy class-conditional model: ε(y) = (W^g + B A) φ(y) with φ(y) one-hot, fitted by Adam on
+    L_base + L_CM. Returns the total loss per step."""
     counts = [100, 40, 10]
     torch.manual_seed(0)
     targets = torch.randn(3, 4)
     w_g = torch.nn.Parameter(torch.randn(4, 3) * 0.1)
     a = torch.nn.Parameter(torch.randn(1, 3))
-    b = torch.nn.Parameter(torch.zeros(4, 1))
+    b = torch.nn.Parameter(torch.zeros(4, 1))  # the expert starts at exactly zero, as a LoRA does
     optimizer = torch.optim.Adam([w_g, a, b], lr=0.05)
     weights = cm_weights(counts, form, 1.0, w_div)
     labels = torch.tensor([0] * 10 + [1] * 4 + [2])
@@ -268,15 +252,14 @@ def toy_step_losses(form: str, w_div: float, steps: int = 300) -> list[float]:
     losses = []
     for _ in range(steps):
         full, general = phi @ (w_g + b @ a).T, phi @ w_g.T
-        reference = targets.mean(0).expand_as(general)  # a class-blind prediction
         base = (full - targets[labels]).pow(2).mean()
-        cm, _ = cm_loss(full, general, labels, weights, form=form, margin=0.3, eps_reference=reference)
+        cm, stats = cm_loss(full, general, labels, weights, form=form, margin=0.3)
         loss = base + cm
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    return losses, stats
 
 
 def test_paper_form_is_unbounded_below_even_where_the_old_rule_called_it_stable():
@@ -285,56 +268,36 @@ def test_paper_form_is_unbounded_below_even_where_the_old_rule_called_it_stable(
     has c_y = 0.57 < 1 (the old rule's "stable"), and the toy model's loss still runs away."""
     omega_con, omega_div = eq3_by_hand([100, 40, 10])
     assert 0 < 0.4 * omega_div[2] - omega_con[2] < 1
-    assert min(toy_step_losses("paper", 0.4, steps=600)) < -100
+    losses, _ = toy_step_losses("paper", 0.4, steps=600)
+    assert min(losses) < -100
     assert cm_lower_bound(cm_weights([100, 40, 10], "paper", 1.0, 0.4), "paper") == -math.inf
 
 
-@pytest.mark.parametrize("form, bound", [("target", 0.0), ("hinge", 0.0), ("capped", None)])
-def test_bounded_forms_never_go_below_their_stated_minimum(form, bound):
-    weights = cm_weights([100, 40, 10], form)
-    if bound is None:  # capped: -max push * margin
-        bound = -max(pull_push_by_hand([100, 40, 10], form)[1]) * 0.3
-    assert cm_lower_bound(weights, form, 0.3) == pytest.approx(bound)
-    losses = toy_step_losses(form, 1.0)
-    assert min(losses) >= bound - 1e-6  # L_base >= 0, L_CM >= bound
-    assert losses[-1] < losses[0]
+def test_hinge_never_goes_below_zero_and_leaves_the_saddle():
+    """The hinge form's loss stays >= its stated minimum 0 and the expert, started at exactly 0, is taken into use:
+    the rare class's RMS gap reaches the margin while the frequent class's stays near 0."""
+    assert cm_lower_bound(cm_weights([100, 40, 10]), "hinge") == 0.0
+    losses, stats = toy_step_losses("hinge", 1.0)
+    assert min(losses) >= -1e-7 and losses[-1] < losses[0]
+    assert float(stats["cm_distance_few"]) > 0.8 * 0.3**2 and float(stats["cm_distance_many"]) < 1e-3
 
 
 def test_check_cm_bounded_refuses_the_unbounded_paper_form_by_name():
     weights = cm_weights(CIFAR10_IR100, "paper", 1.0, 0.2)
     pull, push = pull_push_by_hand(CIFAR10_IR100, "paper", 1.0, 0.2)
-    pushed = [y for y in range(10) if push[y] > pull[y]]
-    assert pushed == [7, 8, 9]
+    assert [y for y in range(10) if push[y] > pull[y]] == [7, 8, 9]
     with pytest.raises(ValueError, match="unbounded below") as error:
         check_cm_bounded(weights, "paper", class_names=CIFAR10_NAMES)
     message = str(error.value)
-    for name in ("horse", "ship", "truck", "--cm_diversity target", "--allow_unbounded_cm"):
+    for name in ("horse", "ship", "truck", "--cm_diversity hinge", "--allow_unbounded_cm"):
         assert name in message
     assert "frog" not in message
     with pytest.warns(UserWarning, match="truck"):
         assert check_cm_bounded(weights, "paper", class_names=CIFAR10_NAMES, allow_unbounded=True) == -math.inf
     assert check_cm_bounded(cm_weights(CIFAR10_IR100, "paper", 1.0, 0.0), "paper") == 0.0  # consistency only
-    assert check_cm_bounded(cm_weights(CIFAR10_IR100), "target") == 0.0
+    assert check_cm_bounded(cm_weights(CIFAR10_IR100), "hinge") == 0.0
     table = format_cm_table(weights, CIFAR10_IR100, CIFAR10_NAMES)
     assert "truck" in table and "5000" in table
-
-
-def test_capped_form_zeroes_the_diversity_gradient_beyond_the_margin():
-    eps_full, eps_general = spread_pair()
-    eps_full.requires_grad_(True)
-    labels = torch.tensor([9] * 6)
-    weights = cm_weights(CIFAR10_IR100, "capped", 0.0, 1.0)
-    loss, _ = cm_loss(eps_full, eps_general, labels, weights, form="capped", margin=1.0)
-    loss.backward()
-    omega_div = eq3_by_hand(CIFAR10_IR100)[1][9]
-    elements = eps_full[0].numel()
-    for i in range(6):
-        d = mean_sq(values(eps_full[i]), values(eps_general[i]))
-        if d > 1.0:
-            assert torch.count_nonzero(eps_full.grad[i]) == 0
-        else:
-            expected = -2 * omega_div * (eps_full[i] - eps_general[i]).detach() / (6 * elements)
-            torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-5, atol=1e-8)
 
 
 # --- the partial general pass (--cm_general_fraction) ------------------------------------------------------

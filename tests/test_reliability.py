@@ -171,7 +171,7 @@ UNET_CASES = {
         "--cm_general_fraction 0.5: needs --cm_forward fused or shared_prefix",
     ),
     "unbounded paper form": (dict(cm_diversity="paper"), "--cm_diversity paper"),
-    "hinge without margin": (dict(cm_diversity="hinge"), "--cm_margin"),
+    "zero margin": (dict(cm_margin=0), "--cm_margin: got '0'"),
     "unknown dataset": (dict(dataset="imb-nope"), "--dataset"),
     "missing data folder": (dict(dataset=None, train_data_dir="no-such-dir"), "--train_data_dir no-such-dir"),
     "missing model config": (dict(model_config_name_or_path="no-such.json"), "--model_config_name_or_path"),

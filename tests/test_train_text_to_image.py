@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_sd, run_python_without_capman, run_two_processes
+from conftest import build_tiny_sd, make_tiny_sd_unet, run_python_without_capman, run_two_processes
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -257,17 +257,87 @@ def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
     assert train_text_to_image_cm.base_model_license(args) == "creativeml-openrail-m"
 
 
-def test_push_to_hub_uploads_the_merged_pipeline_with_its_card(trained):
+def test_push_to_hub_uploads_the_lora_file_with_its_card(trained):
     (upload,) = trained.uploads
     assert upload["repo_id"] == "someone/tiny-capman-sd" and Path(upload["folder_path"]) == trained.out
-    for name in (
-        "model_index.json",
+    assert set(upload["allow_patterns"]) == {
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_general.safetensors",
         "README.md",
-        "unet/diffusion_pytorch_model.safetensors",
-        "adapter/adapter_config.json",
-    ):
-        assert name in upload["files"]
-    assert "checkpoint-*" in upload["ignore_patterns"]
+        "training_summary.json",
+        "samples.png",
+    }
+    card = (trained.out / "README.md").read_text()
+    assert "widget:" in card and "- text: a realism painting" in card
+    assert 'pipe.load_lora_weights("someone/tiny-capman-sd")' in card
+
+
+def test_push_merged_pipeline_uploads_the_whole_folder(tmp_path):
+    from capman_peft.hub import push_to_hub
+
+    uploads = []
+    with pytest.MonkeyPatch.context() as patch:
+        import huggingface_hub
+
+        patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
+        patch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+        push_to_hub(tmp_path, "someone/x", lora_only=False)
+    assert "checkpoint-*" in uploads[0]["ignore_patterns"] and "allow_patterns" not in uploads[0]
+
+
+@pytest.mark.slow
+def test_lora_file_loads_into_the_base_pipeline_with_diffusers_alone(trained, assets, tmp_path):
+    """base + load_lora_weights(out) (and fuse_lora) computes what the merged UNet computes, without capman_peft;
+    the general-only file gives theta^g."""
+    code = """
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+out, base = sys.argv[1], sys.argv[2]
+merged = UNet2DConditionModel.from_pretrained(out + "/unet").eval()
+torch.manual_seed(1)
+x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
+def unet_of(pipe):
+    with torch.no_grad():
+        return pipe.unet(x, t, encoder_hidden_states=text).sample
+with torch.no_grad():
+    expected = merged(x, t, encoder_hidden_states=text).sample
+pipe = StableDiffusionPipeline.from_pretrained(base)
+plain = unet_of(pipe)
+pipe.load_lora_weights(out)
+torch.testing.assert_close(unet_of(pipe), expected, atol=1e-5, rtol=1e-5)
+pipe.fuse_lora()
+torch.testing.assert_close(unet_of(pipe), expected, atol=1e-5, rtol=1e-5)
+general = StableDiffusionPipeline.from_pretrained(base)
+general.load_lora_weights(out, weight_name="pytorch_lora_weights_general.safetensors")
+g = unet_of(general)
+assert (g - expected).abs().max() > 1e-6 and (g - plain).abs().max() > 1e-6
+print("ok")
+"""
+    result = run_python_without_capman(code, [trained.out, assets.base], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_lora_factors_stack_the_general_and_expert_parts_exactly():
+    """B @ A of the exported pair equals s_g B^g A^g + s_e B^e A^e, written out here for a Linear and a Conv2d."""
+    from peft import get_peft_model
+
+    from capman_peft import CapManConfig
+    from capman_peft.pipelines import lora_state_dict
+
+    cfg = CapManConfig(
+        r=4, expert_r=2, lora_alpha=8, expert_alpha=3, init_lora_weights=False, target_modules=["to_q", "conv1"]
+    )
+    model = get_peft_model(make_tiny_sd_unet(), cfg)
+    state = lora_state_dict(model)
+    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.0.resnets.0.conv1"):
+        layer = model.get_base_model().get_submodule(name)
+        a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        general = 2.0 * layer.capman_B["default"] @ layer.capman_A["default"].flatten(1)
+        expert = 1.5 * layer.capman_expert_B["default"] @ layer.capman_expert_A["default"].flatten(1)
+        assert a.shape[0] == 6
+        torch.testing.assert_close(b.flatten(1) @ a.flatten(1), (general + expert).detach(), atol=1e-6, rtol=1e-5)
+    assert len(lora_state_dict(model, include_expert=False)["up_blocks.0.resnets.0.conv1.lora_A.weight"]) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -138,6 +138,23 @@ class CapManLayer(BaseTunerLayer):
                 delta = delta.to(value.device) + value.float()
         return delta
 
+    def lora_factors(self, adapter_name: str, include_expert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One plain LoRA pair (A, B) of rank r_g + r_e with scale 1 whose ``B @ A`` is ``get_delta_weight``.
+
+        ``A = [A^g; A^e]`` (rows stacked) and ``B = [s_g B^g, s_e B^e]`` (columns stacked), in float32; A keeps the
+        base layer's layout (``(r, k)`` or ``(r, in, kh, kw)``) so that diffusers and PEFT load it as their own LoRA.
+        """
+        if self.get_base_layer().weight.ndim == 4 and self.get_base_layer().groups > 1:
+            raise ValueError("a grouped convolution's CapMan delta is not a plain LoRA; it cannot be exported as one")
+        parts = [(self.capman_A, self.capman_B, self.scaling)]
+        if include_expert:
+            parts.append((self.capman_expert_A, self.capman_expert_B, self.expert_scaling))
+        a = [a_dict[adapter_name].float() for a_dict, _, _ in parts if adapter_name in a_dict]
+        b = [scale[adapter_name] * b_dict[adapter_name].float() for _, b_dict, scale in parts if adapter_name in b_dict]
+        if not a:
+            raise ValueError(f"adapter {adapter_name!r} has no low-rank part on this layer")
+        return torch.cat(a), torch.cat(b, dim=1)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters (general and expert) into the base weight: theta = theta^g + theta^e."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
