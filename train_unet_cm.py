@@ -37,6 +37,7 @@ from capman_peft.flags import (
     check_common_args,
     fraction,
     nonnegative_float,
+    nonnegative_int,
     parse_args_with_config,
     positive_int,
 )
@@ -65,6 +66,7 @@ from capman_peft.training import (
     steps_per_epoch,
     total_steps,
     train_batches,
+    validation_due,
     write_training_summary,
 )
 
@@ -93,9 +95,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--expert_target_modules", default=UP_PATH_TARGETS, help="Regex of layers with an expert.")
     group = parser.add_argument_group("validation")
     group.add_argument(
-        "--validation_steps", type=positive_int, default=None, help="Sample a per-class grid every N steps."
+        "--validation_epochs",
+        type=nonnegative_int,
+        default=0,
+        help="Sample a per-class grid every N epochs (0: only at the end).",
     )
-    group.add_argument("--validation_images_per_class", type=positive_int, default=4, help="Columns of the grid.")
+    group.add_argument(
+        "--num_validation_images", type=positive_int, default=4, help="Images per class in the grids (columns)."
+    )
+    # The first release's names, kept working for one release: a grid every N steps, and the old name of the column
+    # count.
+    group.add_argument("--validation_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
+    group.add_argument(
+        "--validation_images_per_class",
+        dest="num_validation_images",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
     group.add_argument("--num_inference_steps", type=positive_int, default=50, help="DDIM steps for validation.")
     group.add_argument("--guidance_scale", type=nonnegative_float, default=1.5, help="Classifier-free guidance scale.")
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
@@ -157,7 +174,7 @@ def save_validation_grid(
         unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
     )
     pipeline.set_progress_bar_config(disable=True)
-    labels = [c for c in range(len(class_names)) for _ in range(args.validation_images_per_class)]
+    labels = [c for c in range(len(class_names)) for _ in range(args.num_validation_images)]
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     was_training = unet.training
     unet.eval()
@@ -169,7 +186,7 @@ def save_validation_grid(
             generator=generator,
         ).images
     unet.train(was_training)
-    grid = image_grid(images, rows=len(class_names), cols=args.validation_images_per_class)
+    grid = image_grid(images, rows=len(class_names), cols=args.num_validation_images)
     return publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
 
@@ -230,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    num_epochs = -(-max_steps // steps_per_epoch(len(dataloader), args.gradient_accumulation_steps))
+    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    num_epochs = -(-max_steps // per_epoch)
     global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
     init_trackers(accelerator, "capman-unet", args)
 
@@ -281,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = accelerator.unwrap_model(denoiser).unet
             if global_step % args.checkpointing_steps == 0:
                 save_training_checkpoint(args, global_step, model, optimizer, lr_scheduler, ema)
-            if args.validation_steps and global_step % args.validation_steps == 0:
+            if validation_due(args, global_step, per_epoch):
                 with ema_weights(ema, params):
                     unet_for_sampling = model.get_base_model() if cm is not None else model
                     save_validation_grid(

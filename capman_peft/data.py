@@ -11,6 +11,7 @@ import io
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +166,16 @@ def readable_class_name(name: str) -> str:
 
 
 def class_prompts(class_names: Sequence[str], template: str = "a {} painting") -> list[str]:
-    """One text prompt per class, e.g. ``"a renaissance painting"`` (the paper's ArtBench prompt)."""
-    return [template.format(readable_class_name(n)) for n in class_names]
+    """One text prompt per class, e.g. ``"a renaissance painting"`` (the paper's ArtBench prompt).
+
+    An article "a" right before the class name becomes "an" before a vowel: "a photo of an airplane".
+    """
+    prompts = []
+    for name in class_names:
+        readable = readable_class_name(name)
+        article = "an" if readable[:1].lower() in "aeiou" else "a"
+        prompts.append(re.sub(r"\ba \{\}", f"{article} {{}}", template).format(readable))
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ class ImbalancedImageDataset(torch.utils.data.Dataset):
         labels: class id per item, ``0`` the largest class.
         class_names: name per class id.
         transform: PIL image -> tensor; see :func:`image_transform`.
-        prompt_template: default template for :meth:`prompts`.
+        prompt_template: the dataset's class prompt template (``class_prompts``).
     """
 
     def __init__(
@@ -313,9 +322,6 @@ class ImbalancedImageDataset(torch.utils.data.Dataset):
         item = self.images[i]
         return repr(str(item)) if isinstance(item, (str, os.PathLike)) else f"item {i}"
 
-    def prompts(self, template: str | None = None) -> list[str]:
-        """One prompt per class (default template: this dataset's, e.g. ``"a {} painting"``)."""
-        return class_prompts(self.class_names, self.prompt_template if template is None else template)
 
 
 # ----------------------------------------------------------------------------------------------------------

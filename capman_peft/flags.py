@@ -177,7 +177,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         default=1.0,
         help="Fraction of each batch on which theta^g is computed (rows drawn with probability proportional to "
         "their CM weight, importance-weighted so that L_CM is unbiased). Below 1 the general pass costs less; "
-        "needs --cm_forward fused or shared_prefix.",
+        "needs --cm_forward fused or shared_prefix. Default here: %(default)s.",
     )
     group.add_argument(
         "--allow_unbounded_cm",

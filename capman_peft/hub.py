@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
 from collections.abc import Sequence
@@ -183,8 +182,3 @@ def push_to_hub(output_dir: str | Path, repo_id: str, token: str | None = None, 
         **selection,
     )
     return repo.repo_id
-
-
-def read_summary(output_dir: str | Path) -> dict[str, Any]:
-    path = Path(output_dir) / "training_summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -484,6 +484,15 @@ def train_batches(
             yield epoch, micro, batch
 
 
+def validation_due(args: argparse.Namespace, step: int, per_epoch: int) -> bool:
+    """Whether a validation grid is due after optimizer step `step`: at the end of every ``--validation_epochs``-th
+    epoch, or every ``--validation_steps`` steps (the UNet script's first-release flag)."""
+    epochs_done, epoch_end = divmod(step, per_epoch)
+    by_epoch = bool(args.validation_epochs) and epoch_end == 0 and epochs_done % args.validation_epochs == 0
+    by_step = bool(getattr(args, "validation_steps", None)) and step % args.validation_steps == 0
+    return by_epoch or by_step
+
+
 def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int):
     # accelerate steps a prepared scheduler once per process per optimizer step.
     return get_scheduler(

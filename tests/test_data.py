@@ -21,6 +21,7 @@ from capman_peft.data import (
     class_balanced_sampler,
     class_prompts,
     class_splits,
+    get_dataset_spec,
     load_imbalanced_dataset,
     load_reference_dataset,
     long_tail_counts,
@@ -238,7 +239,7 @@ def test_artbench_baroque_image_gets_label_1(hub_mirrors, tmp_path):
         if decode(item["pixel_values"])[1] in baroque_rows:
             assert item["label"] == 1 and item["class_name"] == "baroque"  # ... we call it 1
     assert ds.class_counts == [6] * 10
-    assert ds.prompts()[4] == "a post impressionism painting"
+    assert class_prompts(ds.class_names, ds.prompt_template)[4] == "a post impressionism painting"
 
 
 @pytest.mark.parametrize("name", list(HUB_CASES))
@@ -495,12 +496,21 @@ def test_balanced_sampler_draws_each_class_at_rate_one_over_c():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_class_prompts_use_readable_names():
+def test_class_prompts_use_readable_names_and_the_right_article():
     names = ["post_impressionism", "ukiyo_e", "art_nouveau", "renaissance"]
     assert class_prompts(names) == [
         "a post impressionism painting",
-        "a ukiyo-e painting",
-        "a art nouveau painting",
+        "an ukiyo-e painting",
+        "an art nouveau painting",
         "a renaissance painting",
     ]
-    assert class_prompts(["maple_tree"], "a photo of a {}") == ["a photo of a maple tree"]
+    assert class_prompts(["maple_tree", "airplane"], "a photo of a {}") == [
+        "a photo of a maple tree",
+        "a photo of an airplane",
+    ]
+    assert class_prompts(["apple"], "a handwritten digit {}") == ["a handwritten digit apple"]  # no article: as is
+
+
+def test_each_named_dataset_brings_its_own_prompt_template():
+    assert get_dataset_spec("imb-cifar10").prompt_template == "a photo of a {}"
+    assert get_dataset_spec("imb-artbench10").prompt_template == "a {} painting"

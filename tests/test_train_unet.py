@@ -47,7 +47,7 @@ def tiny_args(tmp_path: Path, out: str = "out", **overrides) -> list[str]:
         "learning_rate": 1e-3,
         "lr_warmup_steps": 2,
         "num_inference_steps": 2,
-        "validation_images_per_class": 1,
+        "num_validation_images": 1,
         "report_to": "none",
         "ema_decay": 0.9,
         "output_dir": tmp_path / out,
