@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import re
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from capman_peft import CapManConfig, CMDenoiser
 from capman_peft.checkpointing import trainable_state
-from capman_peft.data import ImbalancedImageDataset, class_prompts, load_imbalanced_dataset
+from capman_peft.data import ImbalancedImageDataset, class_prompts
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
     ArgumentParser,
@@ -57,41 +56,32 @@ from capman_peft.flags import (
     check_common_args,
     nonnegative_float,
     nonnegative_int,
-    parse_args_with_config,
     positive_float,
     positive_int,
     probability,
 )
-from capman_peft.hub import card_license, hub_source, push_to_hub, write_model_card
+from capman_peft.hub import card_license, hub_source
+from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights
-from capman_peft.training import (
-    StepDraws,
-    StepRandomness,
-    backward_and_step,
-    cast_frozen_weights,
+from capman_peft.recipes import parse_args_with_config
+from capman_peft.run_folder import encode_prompts
+from capman_peft.training.export import (
     cm_card_settings,
     describe_expert_use,
-    diffusion_loss,
-    ema_weights,
     expert_use,
-    finish_step,
-    frozen_weight_dtype,
-    guard_finite,
-    init_trackers,
-    log_training_data,
-    make_accelerator,
-    make_lr_scheduler,
-    make_objective,
-    make_train_dataloader,
-    prepare_cm,
+    finish_export,
     publish_image,
-    resume_training,
-    save_training_checkpoint,
-    steps_per_epoch,
-    total_steps,
-    train_batches,
-    validation_due,
-    write_training_summary,
+)
+from capman_peft.training.loop import train
+from capman_peft.training.randomness import StepDraws, StepRandomness
+from capman_peft.training.setup import (
+    cast_frozen_weights,
+    frozen_weight_dtype,
+    load_training_data,
+    make_accelerator,
+    make_objective,
+    prepare_cm,
+    prepare_training,
 )
 
 logger = logging.getLogger("capman_peft")
@@ -315,17 +305,6 @@ def load_unet(args: argparse.Namespace) -> UNet2DConditionModel:
     return unet
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    mask = tokens.attention_mask.to(text_encoder.device) if use_mask else None
-    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
-
-
 class LatentCache(Dataset):
     """VAE posterior moments (mean and log-variance) of every training image, one entry per flip state."""
 
@@ -484,35 +463,22 @@ def base_model_license(args: argparse.Namespace) -> str:
     return (card_license(card) if card.is_file() else None) or BASE_LICENSE
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
-    device = accelerator.device
-    # Frozen weights (VAE, text encoder, UNet base) in the precision in effect, adapters in float32.
-    weight_dtype = frozen_weight_dtype(accelerator)
+@dataclass
+class Base:
+    """The frozen parts of the base pipeline after the work done once per run."""
 
-    # Data: the long-tailed training set, class 0 largest; flips are drawn per step (see StepRandomness).
-    dataset = load_imbalanced_dataset(
-        args.dataset,
-        split="train",
-        imbalance_ratio=args.imbalance_ratio,
-        resolution=args.resolution,
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        class_order=args.class_order.split(",") if args.class_order else None,
-        seed=args.data_seed,
-        center_crop=args.center_crop or args.cache_latents,
-        random_flip=False,
-        cache_dir=args.cache_dir,
-    )
-    class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
-    num_classes = len(class_names)
-    log_training_data(args, class_names, class_counts)
-    cm = prepare_cm(args, class_counts, class_names, device)
+    noise_scheduler: SchedulerMixin
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    prompts: list[str]
+    cond_table: torch.Tensor
+    """Text embeddings of the C class prompts and, in row C, of the empty prompt (the null condition)."""
+    latent_shape: tuple[int, int, int]
 
-    # Models. Work done once: the C class prompts and the empty prompt (row C, the null condition) are encoded in
-    # one text-encoder call; the text encoder is not needed again, not even for validation.
+
+def load_base(args: argparse.Namespace, dataset: ImbalancedImageDataset, dtype: torch.dtype, device) -> Base:
+    """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
+    text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
     noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
     tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
     # Weights are read from safetensors only: a base model with nothing but pickled .bin files is refused.
@@ -528,15 +494,56 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"of {factor}"
         )
     args.prompt_template = args.prompt_template or dataset.prompt_template
-    prompts = class_prompts(class_names, args.prompt_template)
+    prompts = class_prompts(dataset.class_names, args.prompt_template)
     for frozen in (text_encoder, vae):
-        cast_frozen_weights(frozen.requires_grad_(False), weight_dtype)
+        cast_frozen_weights(frozen.requires_grad_(False), dtype)
     text_encoder.to(device)
     cond_table = encode_prompts(tokenizer, text_encoder, [*prompts, ""]).float()
     del text_encoder, tokenizer
     free_memory()
     vae.to(device)
     latent_shape = (vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    return Base(noise_scheduler, vae, unet, prompts, cond_table, latent_shape)
+
+
+def card(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    """The model card's run-specific parts: base model, license, CM settings, how to load, widget prompts."""
+    base_is_local = Path(args.pretrained_model_name_or_path).exists()
+    note = (
+        "A plain `StableDiffusionPipeline`: `DiffusionPipeline.from_pretrained(path)` loads it without "
+        "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
+        + ", ".join(f'"{prompt}"' for prompt in prompts)
+        + "."
+    )
+    if args.capacity_manipulation:
+        note += LORA_CARD_NOTE.format(
+            base=args.pretrained_model_name_or_path, repo=args.hub_model_id or "<this repo or folder>"
+        )
+    if base_is_local:
+        note += f" Fine-tuned from a local base model folder `{Path(args.pretrained_model_name_or_path).name}`."
+    adapter = dict(mode="lora", rank=args.rank, expert_rank=args.expert_rank, lora_dropout=args.lora_dropout)
+    return dict(
+        base_model=None if base_is_local else args.pretrained_model_name_or_path,  # the Hub rejects local paths
+        cm_settings=cm_card_settings(args, **adapter, target_modules=args.target_modules),
+        license=base_model_license(args),
+        pipeline_note=note,
+        widget_prompts=prompts,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    # Frozen weights (VAE, text encoder, UNet base) in the precision in effect, adapters in float32.
+    weight_dtype = frozen_weight_dtype(accelerator)
+    # Flips are drawn per step (see StepRandomness), not by the data transform.
+    dataset = load_training_data(args, center_crop=args.center_crop or args.cache_latents, random_flip=False)
+    class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
+    num_classes = len(class_names)
+    cm = prepare_cm(args, class_counts, class_names, device)
+    base = load_base(args, dataset, weight_dtype, device)
+    vae, noise_scheduler, unet = base.vae, base.noise_scheduler, base.unet
     train_set: Dataset = dataset
     if args.cache_latents:
         train_set = cache_latents(vae, dataset, args.random_flip, args, not accelerator.is_main_process)
@@ -552,45 +559,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     objective = make_objective(args, noise_scheduler, class_counts)
-
-    dataloader, order = make_train_dataloader(train_set, dataset.labels, args)
+    optimizer_cls = torch.optim.AdamW
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+    run = prepare_training(
+        accelerator, args, denoiser, params, optimizer_cls, train_set, dataset.labels, ema, "capman-text-to-image"
     )
-    max_steps, _ = total_steps(args, len(dataloader) // accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
-    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
-    cond_table = cond_table.to(device)
-    if ema is not None:
-        ema.to(device)
-    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
-    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
-    init_trackers(accelerator, "capman-text-to-image", args)
-
-    logger.info(
-        "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation, frozen weights in %s",
-        max_steps,
-        -(-max_steps // per_epoch),
-        args.train_batch_size,
-        accelerator.num_processes,
-        args.gradient_accumulation_steps,
-        weight_dtype,
-    )
+    logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
+    cond_table = base.cond_table.to(device)
     randomness = StepRandomness(
         accelerator,
         args.seed,
         args.train_batch_size,
-        latent_shape,
+        base.latent_shape,
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         label_dropout=args.label_dropout,
         objective=objective,
@@ -599,54 +582,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         flip=args.random_flip,
         latent_noise=True,
     )
-    scaling_factor = vae.config.scaling_factor
-    logs: dict[str, float] = {}
-    start = time.time()
-    with tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as progress:
-        for epoch, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
-            if global_step >= max_steps:
-                break
-            draws = randomness.micro_batch(global_step, micro)
-            with accelerator.accumulate(denoiser):
-                latents = sample_latents(batch_moments(batch, draws, vae), draws.latent_noise, scaling_factor)
-                loss, step_logs = diffusion_loss(
-                    denoiser,
-                    objective,
-                    noise_scheduler,
-                    latents,
-                    batch["label"],
-                    num_classes=num_classes,
-                    cm=cm,
-                    draws=draws,
-                    cond_table=cond_table,
-                )
-                guard_finite(global_step + 1, step_logs)
-                backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = finish_step(accelerator, progress, ema, params, step_logs, lr_scheduler, global_step)
-            trained = accelerator.unwrap_model(denoiser).unet
-            if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-                save_training_checkpoint(args, global_step, trained, optimizer, lr_scheduler, ema)
-            if accelerator.is_main_process and validation_due(args, global_step, per_epoch):
-                with ema_weights(ema, params):
-                    validate(
-                        accelerator,
-                        trained.get_base_model(),
-                        vae,
-                        noise_scheduler,
-                        cond_table,
-                        args,
-                        epoch + 1,
-                        global_step,
-                    )
-    train_seconds = time.time() - start
+    scaling = vae.config.scaling_factor
+
+    def step_loss(batch, draws):
+        latents = sample_latents(batch_moments(batch, draws, vae), draws.latent_noise, scaling)
+        return diffusion_loss(
+            run.denoiser, objective, noise_scheduler, latents, batch["label"], num_classes=num_classes, cm=cm,
+            draws=draws, cond_table=cond_table,
+        )  # fmt: skip
+
+    def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
+        validate(accelerator, trained.get_base_model(), vae, noise_scheduler, cond_table, args, epoch, step)
+
+    logs, step, seconds = train(accelerator, args, run, randomness, step_loss, params, ema, validate_grid)
 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(denoiser).unet
+        trained = accelerator.unwrap_model(run.denoiser).unet
         if ema is not None:
             ema.copy_to(params)
         report = None
@@ -657,66 +610,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                     noise_scheduler,
                     dataset,
                     num_classes,
-                    lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling_factor,
+                    lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling,
                     lambda y: {"encoder_hidden_states": cond_table[y]},
                 )
             logger.info(describe_expert_use(report))
         pipeline = export_pipeline(args, trained, noise_scheduler)
-        write_training_summary(
-            output_dir / "training_summary.json",
+        pipeline.set_progress_bar_config(disable=True)
+        finish_export(
+            accelerator,
             args,
-            class_names,
-            class_counts,
-            logs,
-            steps=global_step,
-            train_seconds=round(train_seconds, 1),
-            prompts=prompts,
-            expert_use=report,
-        )
-        base_is_local = Path(args.pretrained_model_name_or_path).exists()
-        note = (
-            "A plain `StableDiffusionPipeline`: `DiffusionPipeline.from_pretrained(path)` loads it without "
-            "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
-            + ", ".join(f'"{prompt}"' for prompt in prompts)
-            + "."
-        )
-        if args.capacity_manipulation:
-            note += LORA_CARD_NOTE.format(
-                base=args.pretrained_model_name_or_path, repo=args.hub_model_id or "<this repo or folder>"
-            )
-        if base_is_local:
-            note += f" Fine-tuned from a local base model folder `{Path(args.pretrained_model_name_or_path).name}`."
-        write_model_card(
-            output_dir,
-            # The Hub rejects a base_model that is not a Hub id.
-            base_model=None if base_is_local else args.pretrained_model_name_or_path,
-            dataset=args.dataset or args.dataset_name or str(args.train_data_dir),
-            imbalance_ratio=args.imbalance_ratio,
             class_names=class_names,
             class_counts=class_counts,
-            cm_settings=cm_card_settings(
-                args,
-                mode="lora",
-                rank=args.rank,
-                expert_rank=args.expert_rank,
-                lora_dropout=args.lora_dropout,
-                target_modules=args.target_modules,
-            ),
-            license=base_model_license(args),
-            pipeline_note=note,
-            expert_use=report,
-            widget_prompts=prompts,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        grid = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
-        samples = publish_image(accelerator, grid, output_dir / "samples.png", global_step, key="samples")
-        logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, train_seconds, samples)
-        logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
-        if args.push_to_hub:
+            logs=logs,
+            steps=step,
+            seconds=seconds,
+            expert_report=report,
+            samples=sample_class_grid(pipeline.to(device), cond_table, args, torch.float32),
+            card=card(args, base.prompts),
+            summary=dict(prompts=base.prompts),
             # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
-            lora_only = args.capacity_manipulation and not args.push_merged_pipeline
-            repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
-            logger.info("Pushed to https://huggingface.co/%s", repo)
+            lora_only=args.capacity_manipulation and not args.push_merged_pipeline,
+        )
     accelerator.end_training()
 
 

@@ -13,21 +13,16 @@ DDPM / CBDM / OC baseline with one UNet call per step. The output folder is a Cl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from peft import get_peft_model
-from tqdm.auto import tqdm
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
-from capman_peft.data import load_imbalanced_dataset
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
     ArgumentParser,
@@ -38,39 +33,35 @@ from capman_peft.flags import (
     fraction,
     nonnegative_float,
     nonnegative_int,
-    parse_args_with_config,
     positive_int,
 )
-from capman_peft.hub import hub_source, push_to_hub, write_model_card
+from capman_peft.hub import hub_source
+from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
-from capman_peft.training import (
-    StepRandomness,
-    backward_and_step,
+from capman_peft.recipes import parse_args_with_config
+from capman_peft.training.export import (
     cm_card_settings,
     describe_expert_use,
-    diffusion_loss,
-    ema_weights,
     expert_use,
-    finish_step,
-    guard_finite,
-    init_trackers,
-    log_training_data,
-    make_accelerator,
-    make_lr_scheduler,
-    make_objective,
-    make_train_dataloader,
-    prepare_cm,
+    finish_export,
     publish_image,
-    resume_training,
-    save_training_checkpoint,
-    steps_per_epoch,
-    total_steps,
-    train_batches,
-    validation_due,
-    write_training_summary,
+)
+from capman_peft.training.loop import train
+from capman_peft.training.randomness import StepRandomness
+from capman_peft.training.setup import (
+    load_training_data,
+    make_accelerator,
+    make_objective,
+    prepare_cm,
+    prepare_training,
 )
 
 logger = logging.getLogger("capman_peft")
+
+PIPELINE_NOTE = (
+    "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
+    '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
+)
 
 # The paper's expert placement: every weight matrix of the up path (G.1): the resnets' convs and time-embedding
 # projections, the attention projections and the upsampler convs.
@@ -161,21 +152,16 @@ def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
     return UNet2DModel.from_config({**config, "sample_size": resolution, "num_class_embeds": num_classes + 1})
 
 
-def save_validation_grid(
-    accelerator: Accelerator,
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    class_names: list[str],
-    args: argparse.Namespace,
-    step: int,
-) -> Path:
-    """A per-class sample grid (rows = classes), saved as PNG and sent to the trackers."""
+def class_grid(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], args: argparse.Namespace, device
+):
+    """A per-class sample grid (rows = classes) with DDIM and guidance, from fixed seeds."""
     pipeline = ClassConditionalPipeline(
         unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
     )
     pipeline.set_progress_bar_config(disable=True)
     labels = [c for c in range(len(class_names)) for _ in range(args.num_validation_images)]
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
     was_training = unet.training
     unet.eval()
     with torch.no_grad():
@@ -186,31 +172,15 @@ def save_validation_grid(
             generator=generator,
         ).images
     unet.train(was_training)
-    grid = image_grid(images, rows=len(class_names), cols=args.num_validation_images)
-    return publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
+    return image_grid(images, rows=len(class_names), cols=args.num_validation_images)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
-
-    # Data: the long-tailed training set (Cao et al. subsampling), class 0 largest.
-    dataset = load_imbalanced_dataset(
-        args.dataset,
-        split="train",
-        imbalance_ratio=args.imbalance_ratio,
-        resolution=args.resolution,
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        class_order=args.class_order.split(",") if args.class_order else None,
-        seed=args.data_seed,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-    )
+    dataset = load_training_data(args, center_crop=args.center_crop, random_flip=args.random_flip)
     class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
     num_classes = len(class_names)
-    log_training_data(args, class_names, class_counts)
     cm = prepare_cm(args, class_counts, class_names, accelerator.device)
 
     # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
@@ -219,13 +189,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
     if cm is not None:
+        config = CapManConfig(
+            mode="full", expert_rank_ratio=args.expert_rank_ratio, target_modules=args.expert_target_modules
+        )
         try:
-            model = get_peft_model(
-                unet,
-                CapManConfig(
-                    mode="full", expert_rank_ratio=args.expert_rank_ratio, target_modules=args.expert_target_modules
-                ),
-            )
+            model = get_peft_model(unet, config)
         except ValueError as err:
             raise ConfigError(f"--expert_target_modules {args.expert_target_modules}: {err}") from None
     denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
@@ -233,32 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     objective = make_objective(args, noise_scheduler, class_counts)
-
-    dataloader, order = make_train_dataloader(dataset, dataset.labels, args)
-    optimizer = torch.optim.Adam(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    max_steps, _ = total_steps(args, len(dataloader) // accelerator.num_processes)
-    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
-    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
-    num_epochs = -(-max_steps // per_epoch)
-    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
-    init_trackers(accelerator, "capman-unet", args)
-
-    logger.info(
-        "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation",
-        max_steps,
-        num_epochs,
-        args.train_batch_size,
-        accelerator.num_processes,
-        args.gradient_accumulation_steps,
+    run = prepare_training(
+        accelerator, args, denoiser, params, torch.optim.Adam, dataset, dataset.labels, ema, "capman-unet"
     )
     randomness = StepRandomness(
         accelerator,
@@ -270,95 +214,56 @@ def main(argv: Sequence[str] | None = None) -> None:
         objective=objective,
         general_draw=cm is not None and cm.general_fraction < 1,
     )
-    logs: dict[str, float] = {}
-    start = time.time()
-    with tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as progress:
-        for _, micro, batch in train_batches(accelerator, dataloader, order, args.seed, global_step):
-            if global_step >= max_steps:
-                break
-            draws = randomness.micro_batch(global_step, micro)
-            with accelerator.accumulate(denoiser):
-                loss, step_logs = diffusion_loss(
-                    denoiser,
-                    objective,
-                    noise_scheduler,
-                    batch["pixel_values"],
-                    batch["label"],
-                    num_classes=num_classes,
-                    cm=cm,
-                    draws=draws,
-                )
-                guard_finite(global_step + 1, step_logs)
-                backward_and_step(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = finish_step(accelerator, progress, ema, params, step_logs, lr_scheduler, global_step)
-            if not accelerator.is_main_process:
-                continue
-            model = accelerator.unwrap_model(denoiser).unet
-            if global_step % args.checkpointing_steps == 0:
-                save_training_checkpoint(args, global_step, model, optimizer, lr_scheduler, ema)
-            if validation_due(args, global_step, per_epoch):
-                with ema_weights(ema, params):
-                    unet_for_sampling = model.get_base_model() if cm is not None else model
-                    save_validation_grid(
-                        accelerator, unet_for_sampling, noise_scheduler, class_names, args, global_step
-                    )
-    train_seconds = time.time() - start
+
+    def step_loss(batch, draws):
+        x0, labels = batch["pixel_values"], batch["label"]
+        return diffusion_loss(
+            run.denoiser, objective, noise_scheduler, x0, labels, num_classes=num_classes, cm=cm, draws=draws
+        )
+
+    def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
+        grid = class_grid(
+            trained.get_base_model() if cm is not None else trained,
+            noise_scheduler,
+            class_names,
+            args,
+            accelerator.device,
+        )
+        publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
+
+    logs, step, seconds = train(accelerator, args, run, randomness, step_loss, params, ema, validate)
 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(denoiser).unet
+        model = accelerator.unwrap_model(run.denoiser).unet
         if ema is not None:
             ema.copy_to(params)
-        inference_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
         report = None
         if cm is not None:
             report = expert_use(
                 model, noise_scheduler, dataset, num_classes, lambda x: x, lambda y: {"class_labels": y}
             )
             logger.info(describe_expert_use(report))
-            grid_unet = save_adapter_and_merge(model, output_dir, args.run_id)
-        else:
-            grid_unet = model
-        save_class_conditional_pipeline(grid_unet, inference_scheduler, class_names, output_dir)
-        write_training_summary(
-            output_dir / "training_summary.json",
+            model = save_adapter_and_merge(model, args.output_dir, args.run_id)
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        save_class_conditional_pipeline(model, scheduler, class_names, args.output_dir)
+        finish_export(
+            accelerator,
             args,
-            class_names,
-            class_counts,
-            logs,
-            steps=global_step,
-            train_seconds=round(train_seconds, 1),
-            expert_use=report,
-        )
-        write_model_card(
-            output_dir,
-            base_model=None,
-            dataset=args.dataset,
-            imbalance_ratio=args.imbalance_ratio,
             class_names=class_names,
             class_counts=class_counts,
-            cm_settings=cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio),
-            expert_use=report,
-            pipeline_note="Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
-            '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", '
-            "trust_remote_code=True)`.",
+            logs=logs,
+            steps=step,
+            seconds=seconds,
+            expert_report=report,
+            samples=class_grid(model, noise_scheduler, class_names, args, accelerator.device),
+            card=dict(
+                base_model=None,
+                cm_settings=cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio),
+                pipeline_note=PIPELINE_NOTE,
+            ),
         )
-        grid = save_validation_grid(accelerator, grid_unet, noise_scheduler, class_names, args, global_step)
-        (output_dir / "samples.png").write_bytes(grid.read_bytes())
-        logger.info(
-            "Saved the pipeline to %s (%.0f s of training); samples in %s",
-            output_dir,
-            train_seconds,
-            output_dir / "samples.png",
-        )
-        logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
-        if args.push_to_hub:
-            repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token)
-            logger.info("Pushed to https://huggingface.co/%s", repo)
     accelerator.end_training()
 
 

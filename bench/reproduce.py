@@ -86,16 +86,17 @@ def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path) -> dic
     import train_unet_cm
     from capman_peft.evaluation import evaluate_pipeline
     from capman_peft.objective import NonFiniteLossError
+    from capman_peft.training import loop
 
     losses: list[float] = []
-    finish_step = train_unet_cm.finish_step
+    finish_step = loop.finish_step
 
     def recording(*args, **kwargs):
         values = finish_step(*args, **kwargs)
         losses.append(values["loss"])
         return values
 
-    train_unet_cm.finish_step = recording
+    loop.finish_step = recording
     flags = ["--config", str(TESTBED), "--max_train_steps", str(steps), "--seed", str(seed)]
     flags += ["--output_dir", str(run_dir), "--overwrite_output_dir", "--report_to", "none", *METHODS[method]]
     record: dict = {"method": method, "seed": seed, "steps": steps}

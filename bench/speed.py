@@ -23,8 +23,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from peft import get_peft_model
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
-from capman_peft.objective import build_objective, class_weights
-from capman_peft.training import CMWeights, diffusion_loss, draw_step
+from capman_peft.objective import CMSettings, build_objective, cm_weights, diffusion_loss
+from capman_peft.training.randomness import draw_step
 
 UP_TARGETS = r"up_blocks\..*\.(conv1|conv2|conv_shortcut|to_q|to_k|to_v|to_out\.0)"
 NUM_CLASSES = 10
@@ -84,8 +84,7 @@ def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size:
     denoiser = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     objective = build_objective("ddpm", scheduler=scheduler, class_counts=COUNTS)
-    omega_con, omega_div = class_weights(COUNTS)
-    weights = CMWeights(omega_con, omega_div, 1.0, 1.0, 0.2, True, True, None) if cm else None
+    weights = CMSettings(cm_weights(COUNTS), "hinge", 0.1, 1.0) if cm else None
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x0 = torch.randn(batch, 3, size, size)
     labels = torch.arange(batch) % NUM_CLASSES

@@ -51,16 +51,17 @@ def make_assets(root: Path) -> tuple[Path, Path]:
 def measure(base: Path, data: Path, flags: list[str], out: Path) -> float:
     """Median seconds per optimizer step of steps TIMED_FROM..STEPS of one training run in this process."""
     import train_text_to_image_cm
+    from capman_peft.training import loop
 
     stamps: list[float] = []
-    finish_step = train_text_to_image_cm.finish_step
+    finish_step = loop.finish_step
 
     def timed(*args, **kwargs):
         values = finish_step(*args, **kwargs)
         stamps.append(time.perf_counter())
         return values
 
-    train_text_to_image_cm.finish_step = timed
+    loop.finish_step = timed
     train_text_to_image_cm.main(
         [
             "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--resolution", "64",

@@ -10,10 +10,13 @@ after that. A checkpoint that cannot be read is reported by file name (``Checkpo
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ConfigError
+
+logger = logging.getLogger("capman_peft")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -156,23 +161,23 @@ def _read(path: Path, reader: Any) -> Any:
         raise CheckpointError(f"{path}: cannot be read ({reason}); the file is truncated or corrupt") from None
 
 
-def _check_run(path: Path, state: dict[str, Any], run_config: dict[str, Any]) -> None:
+def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
     saved = state.get("run", {}).get("config")
     if saved is None:
         return  # written before runs recorded their settings
-    changed = [k for k in sorted(set(saved) | set(run_config)) if saved.get(k) != run_config.get(k)]
+    changed = [k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
     if changed:
-        listed = ", ".join(f"--{k} {saved.get(k)} (now {run_config.get(k)})" for k in changed[:4])
+        listed = ", ".join(f"--{k} {saved.get(k)} (now {expected.get(k)})" for k in changed[:4])
         raise ForeignCheckpointError(
             f"{path}: was written by a run with other settings: {listed}; allowed: resume with the settings it "
             "was trained with, or start a new run in another --output_dir"
         )
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check and load a checkpoint: the trainable parameters into `model`, and return the training state.
 
-    Everything is read and checked (the run's settings against `run_config`, names and shapes of the weights, the
+    Everything is read and checked (the run's settings against `expected_run`, names and shapes of the weights, the
     state files) before `model` is touched.
     """
     path = Path(path)
@@ -202,7 +207,122 @@ def load_checkpoint(path: str | Path, model: nn.Module, run_config: dict[str, An
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path / 'state.json'}: has no step counter; the checkpoint is corrupt")
-    if run_config is not None:
-        _check_run(path, state, run_config)
+    if expected_run is not None:
+        _check_run(path, state, expected_run)
     model.load_state_dict(weights, strict=False)
     return state
+
+
+# The settings that define what a run trains (data, model, objective): a checkpoint written with other values of
+# these is refused on resume. Learning rate, step counts and logging may change when a run is continued.
+RUN_IDENTITY_FLAGS = (
+    "dataset",
+    "dataset_name",
+    "train_data_dir",
+    "imbalance_ratio",
+    "class_order",
+    "data_seed",
+    "resolution",
+    "unet_config",  # the content of --model_config_name_or_path, so a moved config file does not matter
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "rank",
+    "expert_rank",
+    "lora_alpha",
+    "expert_alpha",
+    "target_modules",
+    "expert_target_modules",
+    "expert_rank_ratio",
+    "prompt_template",
+    "objective",
+    "capacity_manipulation",
+    "cm_lambda",
+    "cm_diversity",
+    "cm_consistency_weight",
+    "cm_diversity_weight",
+    "cm_margin",
+    "no_consistency",
+    "no_diversity",
+    "use_ema",
+)
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's identity: the values of ``RUN_IDENTITY_FLAGS`` this script has."""
+    return {k: getattr(args, k) for k in RUN_IDENTITY_FLAGS if hasattr(args, k)}
+
+
+def save_training_checkpoint(
+    args: argparse.Namespace,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: Any | None = None,
+) -> Path:
+    """``output_dir/checkpoint-<step>``: the trainable parameters of `model`, the optimizer/LR/EMA state and the
+    run's identity (``args.run_id`` and ``run_config``)."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "run": {"id": args.run_id, "config": run_config(args)},
+    }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return save_checkpoint(args.output_dir, step, model, state, args.checkpoints_total_limit)
+
+
+def _restore(path: Path, state: dict[str, Any], optimizer: Any, lr_scheduler: Any, ema: Any | None) -> None:
+    if ema is not None and "ema" not in state:
+        raise ForeignCheckpointError(f"{path}: has no EMA state; allowed: resume it without --use_ema")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(
+            f"{path / 'state.safetensors'}: the optimizer, LR or EMA state does not fit this run ({reason})"
+        ) from None
+
+
+def resume_training(
+    args: argparse.Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: Any | None = None,
+) -> int:
+    """Load ``--resume_from_checkpoint`` (if any) into the model and training state; the step to continue from.
+
+    Sets ``args.run_id``: the checkpoint's on resume, a new one otherwise. With ``latest``, a checkpoint that cannot
+    be read is skipped with a warning naming it and the reason, and the next older one is tried; a checkpoint of
+    another run configuration is refused.
+    """
+    args.run_id = uuid.uuid4().hex
+    if not args.resume_from_checkpoint:
+        return 0
+    candidates = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if not candidates:
+        logger.info("No checkpoint in %s; starting from scratch", args.output_dir)
+        return 0
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, model, run_config(args))
+            _restore(path, state, optimizer, lr_scheduler, ema)
+        except CheckpointError as err:
+            if args.resume_from_checkpoint != "latest" or isinstance(err, ForeignCheckpointError):
+                raise
+            logger.warning("Skipping %s: %s", path.name, err)
+            skipped.append(path.name)
+            continue
+        args.run_id = state.get("run", {}).get("id", args.run_id)
+        logger.info("Resumed from %s at step %d%s", path, state["step"], f" (skipped {skipped})" if skipped else "")
+        return state["step"]
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: no readable checkpoint in {args.output_dir} (skipped {skipped}; see the "
+        "warnings above); allowed: a folder with a valid checkpoint, or no --resume_from_checkpoint"
+    )

@@ -54,8 +54,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         num_class_embeds = unet.config.num_class_embeds
         if num_class_embeds is None or num_class_embeds < 2:
             raise ValueError(
-                f"unet.config.num_class_embeds must be C + 1 >= 2 (C classes and a null class), "
-                f"got {num_class_embeds}."
+                f"unet.config.num_class_embeds must be C + 1 >= 2 (C classes and a null class), got {num_class_embeds}."
             )
         if id2label is not None:
             id2label = {str(key): str(name) for key, name in id2label.items()}

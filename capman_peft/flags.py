@@ -1,5 +1,5 @@
-"""The training scripts' command line: flags, YAML recipes read by the same parser, and the checks that run before
-any work.
+"""The training scripts' command line: flags with typed values, and the checks that run before any work (YAML
+recipes, read by the same parser, are in ``recipes.py``).
 
 Every bad value is one line on stderr, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and a non-zero
 exit, before anything is written.
@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from diffusers.optimization import SchedulerType
 
 from .data import DATASETS
@@ -265,100 +264,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--push_to_hub", action="store_true", help="Upload the exported pipeline to the Hub.")
     group.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (user/name).")
     group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
-
-
-# --- YAML recipes ----------------------------------------------------------------------------------------------
-
-
-def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, Path]]:
-    """A YAML recipe as ``{key: (value, file)}``; ``base: other.yaml`` (relative to the file) is read first and
-    overridden by this one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file; give a YAML recipe")
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        reason = " ".join(str(err).split())
-        raise ConfigError(f"--config {path}: not valid YAML ({reason}); write one `flag: value` per line") from None
-    if recipe is None:
-        recipe = {}
-    if not isinstance(recipe, dict):
-        raise ConfigError(
-            f"--config {path}: the top level is a {type(recipe).__name__}; it must be a mapping of `flag: value`"
-        )
-    values = {str(key): (value, path) for key, value in recipe.items()}
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base[0], str):
-        raise ConfigError(f"--config {path}: base: must be the file name of another recipe, got {base[0]!r}")
-    base_path = path.parent / base[0]
-    if base_path.resolve() in (*_seen, path.resolve()):
-        raise ConfigError(f"--config {path}: base: {base[0]} makes a cycle of recipes")
-    return {**load_recipe(base_path, (*_seen, path.resolve())), **values}
-
-
-def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) -> list[str] | None:
-    """The command-line tokens meaning ``key: value`` (None: the value None), so the recipe is parsed exactly as
-    the command line would be."""
-    flag = action.option_strings[0]
-    boolean = isinstance(
-        action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
-    )
-    if boolean:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}: got {value!r}; allowed: true or false (unquoted)")
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return [flag if value else action.option_strings[1]]
-        return [flag] if value == isinstance(action, argparse._StoreTrueAction) else []
-    if value is None:
-        if action.default is not None:
-            raise ConfigError(f"{where}: {key}: is empty; give a value")
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(
-            f"{where}: {key}: got {str(value).lower()}, which YAML reads from an unquoted yes/no/on/off/true/false; "
-            f"allowed: a value for {flag} (quote it if you meant the word)"
-        )
-    if isinstance(value, (list, dict)):
-        raise ConfigError(f"{where}: {key}: got a {type(value).__name__}; allowed: a single value for {flag}")
-    return [flag, str(value)]
-
-
-def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]]) -> dict[str, Any]:
-    """Parse a recipe with the script's own parser: every value is type-checked as on the command line."""
-    names = {opt.lstrip("-"): action for action in parser._actions for opt in action.option_strings}
-    names.update({action.dest: action for action in parser._actions if action.option_strings})
-    defaults: dict[str, Any] = {}
-    for key, (value, path) in recipe.items():
-        where = f"--config {path}"
-        action = names.get(key)
-        if action is None or action.dest in ("help", "config"):
-            raise ConfigError(f"{where}: unknown key {key!r}; allowed: the script's flag names without '--'")
-        tokens = _recipe_tokens(action, key, value, where)
-        if tokens is None:
-            defaults[action.dest] = None
-            continue
-        parser.recipe_context = f"{where}: {key}"
-        try:
-            parsed = parser.parse_args(tokens)
-        finally:
-            parser.recipe_context = None
-        defaults[action.dest] = getattr(parsed, action.dest)
-    return defaults
-
-
-def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--config recipe.yaml`` supplies defaults; flags on the command line override them."""
-    parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        try:
-            parser.set_defaults(**recipe_defaults(parser, load_recipe(known.config)))
-        except ConfigError as err:
-            parser.exit(2, f"error: {err}\n")
-    return parser.parse_args(argv)
 
 
 # --- checks before any work ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from capman_peft.analysis import (
     fixed_batches,
     magnitude_prune_,
     main,
-    make_denoiser,
+    make_loss_setup,
     prepare_analysis,
     prunable_weights,
     pruning_sensitivity,
@@ -125,7 +125,7 @@ def test_per_class_loss_matches_a_direct_computation(cm_run):
     setup = prepare_analysis(cm_run)
     unet = load_pipeline(cm_run).unet
     scheduler = DDPMScheduler.from_pretrained(cm_run, subfolder="scheduler")
-    denoiser = make_denoiser(setup.pipe, setup.folder, DIGITS, "imb-digits")
+    denoiser = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
     batch = next(b for b in fixed_batches(denoiser, setup.data, 10, 1, 4, seed=3) if b.class_id == 9)
     # the batch is class 9's first four training images, noised as DDPM does
     images = torch.stack([setup.data[i]["pixel_values"] for i, y in enumerate(setup.data.labels) if y == 9][:4])
@@ -159,7 +159,7 @@ def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
     result = expert_capacity(cm_run, num_batches=1, batch_size=4, progress=False)
     setup = prepare_analysis(cm_run)
     theta, theta_g = load_pipeline(cm_run).unet, load_pipeline(cm_run, expert="off").unet
-    denoiser = make_denoiser(setup.pipe, setup.folder, DIGITS, "imb-digits")
+    denoiser = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
     for batch in fixed_batches(denoiser, setup.data, 10, 1, 4):
         with torch.no_grad():
             a = theta(batch.noisy, batch.timesteps, **batch.condition).sample

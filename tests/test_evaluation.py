@@ -23,7 +23,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from capman_peft import CapManConfig, ClassConditionalPipeline, expert_disabled, save_class_conditional_pipeline
 from capman_peft.evaluation import (
     DIGITS_CLASSIFIER,
-    _reference_cache_prefix,
     classifier_accuracy,
     digits_classifier_file,
     digits_training_images,
@@ -34,6 +33,7 @@ from capman_peft.evaluation import (
     measure_fidelity,
     train_digits_classifier,
 )
+from capman_peft.evaluation.fidelity import _reference_cache_prefix
 from capman_peft.hub import METRICS_START
 
 TINY = "capman-test-tiny"

@@ -22,9 +22,9 @@ from capman_peft.objective import (
     cm_lower_bound,
     cm_weights,
     format_cm_table,
+    importance_rows,
     oc_selection_probs,
 )
-from capman_peft.training import importance_rows
 
 CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

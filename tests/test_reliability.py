@@ -423,7 +423,7 @@ def test_tracker_logs_are_averaged_over_processes_and_absent_groups_are_left_out
     group missing everywhere is dropped."""
     from types import SimpleNamespace
 
-    from capman_peft.training import reduce_logs
+    from capman_peft.training.loop import reduce_logs
 
     other = {"loss": 0.5, "cm_distance_few": 0.25, "cm_distance_medium": float("nan")}
 

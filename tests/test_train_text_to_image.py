@@ -34,7 +34,7 @@ from transformers import CLIPTextModel
 import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
 from capman_peft.data import get_dataset_spec
 from capman_peft.errors import run_cli
-from capman_peft.training import EXPERT_USE_IMAGES
+from capman_peft.training.export import EXPERT_USE_IMAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -1,23 +1,17 @@
-"""The training objective: the CM loss (paper Eq. 2-3) in its bounded forms, and the base objectives.
+"""The base objectives L_base of Eq. 4 (DDPM, CBDM, OC), chosen by name with ``build_objective``.
 
-``L_total = L_base + λ·L_CM`` (Eq. 4). This module holds the math only: ``cm_loss`` consumes the two noise
-predictions ε_θ (expert on) and ε_θg (expert off) that the CM forward wrapper returns from one call, and
-the base objectives (``ddpm`` / ``cbdm`` / ``oc``, chosen by name with ``build_objective``) consume the full
-model's prediction. Every loss is computed in float32 whatever the prediction dtype, as diffusers' scripts do.
+They consume the full model's prediction ε_θ; CM (``cm.py``) is added on top of any of them (paper Fig. 4a). Every
+loss is computed in float32 whatever the prediction dtype, as diffusers' scripts do.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
+from diffusers.training_utils import compute_snr
 from torch import Tensor
-
-from .data import class_splits
-from .errors import ConfigError
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -32,27 +26,6 @@ def _counts64(class_counts: ClassCounts) -> Tensor:
     if not bool((counts > 0).all()):
         raise ValueError(f"every class needs a training sample, got class_counts={counts.tolist()}")
     return counts
-
-
-def _class_weights64(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
-    counts = _counts64(class_counts)
-    num_classes = counts.numel()
-    omega_con = num_classes * counts / counts.sum()
-    # C / (N_c · Σ_j 1/N_j) written as C / Σ_j (N_c / N_j): every ratio is exactly 1 for balanced counts, so
-    # ω_div is exactly 1 there and L_CM is exactly 0 (Eq. 3), which 1/N summed in floating point would miss.
-    omega_div = num_classes / (counts[:, None] / counts[None, :]).sum(dim=1)
-    return omega_con, omega_div
-
-
-def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
-    """ω_con and ω_div of Eq. 3 from the training-set class counts N_c, as float32 tensors of shape (C,).
-
-    ω_con[c] = C·N_c / Σ_j N_j grows with the class size (majorities are pulled to agree with θ^g),
-    ω_div[c] = C / (N_c · Σ_j 1/N_j) shrinks with it (minorities are pushed away from θ^g); both are
-    exactly 1 for a balanced set. Move them to the training device once: ``cm_loss`` indexes them per step.
-    """
-    omega_con, omega_div = _class_weights64(class_counts)
-    return omega_con.float(), omega_div.float()
 
 
 def _check_labels(labels: Tensor, num_classes: int) -> list[int]:
@@ -75,192 +48,6 @@ def _check_labels(labels: Tensor, num_classes: int) -> list[int]:
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """(B,) → (B, 1, ..., 1) so that it broadcasts against ``like``."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-# How L_CM treats the classes it pushes apart (c_y > 0), DESIGN.md §2. "hinge" is the default: bounded below by
-# construction and, with slope 1 at d = 0, it leaves the E = 0 saddle. "paper" is Eq. 2 as written, kept for
-# reproduction; it is unbounded below as soon as some class has c_y > 0.
-CM_FORMS = ("hinge", "paper")
-# The hinge's margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the prediction
-# (unit-variance noise for ε-prediction). Chosen once, a priori, and not tuned (README "Does CM help?").
-DEFAULT_MARGIN = 0.1
-
-
-class CMWeights(NamedTuple):
-    """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term."""
-
-    pull: Tensor
-    push: Tensor
-
-
-def cm_weights(
-    class_counts: ClassCounts,
-    form: str = "hinge",
-    consistency_weight: float = 1.0,
-    diversity_weight: float = 1.0,
-) -> CMWeights:
-    """The (pull, push) coefficients per class, float32.
-
-    ``hinge`` uses the net weight of Algorithm C.1, c_y = w_div·ω_div[y] − w_con·ω_con[y]: pull max(−c_y, 0), push
-    max(c_y, 0), so each class is either pulled together with θ^g (majorities) or pushed away from it (minorities).
-    ``paper`` keeps Eq. 2's two terms apart: every class is pulled with w_con·ω_con and pushed with w_div·ω_div.
-    Setting a weight to 0 drops its term (the paper's "w/o L_Con" / "w/o L_Div" ablations).
-    """
-    if form not in CM_FORMS:
-        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
-    omega_con, omega_div = _class_weights64(class_counts)
-    if form == "paper":
-        pull, push = consistency_weight * omega_con, diversity_weight * omega_div
-    else:
-        c = diversity_weight * omega_div - consistency_weight * omega_con
-        pull, push = (-c).clamp(min=0), c.clamp(min=0)
-    return CMWeights(pull.float(), push.float())
-
-
-def cm_loss(
-    eps_full: Tensor,
-    eps_general: Tensor,
-    labels: Tensor,
-    weights: CMWeights,
-    *,
-    form: str = "hinge",
-    margin: float = DEFAULT_MARGIN,
-    sample_weight: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Capacity manipulation loss L_CM (Eq. 2), a weighted mean over the rows given.
-
-    With d_i the per-sample mean of (ε_θ − ε_θg)², each row contributes ``pull[y]·d_i + push[y]·R_i``:
-
-    * ``hinge``: R_i = max(0, margin − √d_i): the RMS gap of a pushed class should reach ``margin``. R ≥ 0, so
-      L_CM ≥ 0; the slope at d = 0 is 1, so θ and θ^g, equal at initialisation, move apart.
-    * ``paper``: R_i = −d_i (Eq. 2 as written). Unbounded below when some class has push > pull.
-
-    Gradients flow into both predictions (appendix C).
-
-    Args:
-        labels: true class ids, one per row.
-        weights: from ``cm_weights`` (the same form); C is their length.
-        sample_weight: per-row factor of the mean (default 1): 0 leaves a row out (label-dropped samples), an
-            importance weight makes a subset of rows an unbiased estimate of the batch mean.
-
-    Returns:
-        The loss and detached scalar stats: ``cm_loss``, ``cm_consistency`` and ``cm_diversity`` (the two terms'
-        contributions) and ``cm_distance_{many,medium,few}`` (mean d over the rows of that group, NaN when there
-        are none).
-    """
-    if form not in CM_FORMS:
-        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
-    if eps_full.shape != eps_general.shape:
-        raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
-    if not margin > 0:
-        raise ValueError(f"margin must be positive, got {margin}")
-    num_classes = len(weights.pull)
-    ids = _check_labels(labels, num_classes)
-    if len(ids) != len(eps_full):
-        raise ValueError(f"{len(ids)} labels for a batch of {len(eps_full)} predictions")
-
-    distance = (eps_full.float() - eps_general.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
-    if form == "hinge":
-        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
-        push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
-    else:
-        push_term = -distance
-    rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
-    consistency = rows * weights.pull.to(distance.device)[labels] * distance
-    diversity = rows * weights.push.to(distance.device)[labels] * push_term
-    # One sum per row: for balanced counts the coefficients are exact (0 for hinge; equal ω = 1 for paper with
-    # w_con = w_div), so L_CM is exactly 0 as Eq. 3 promises.
-    loss = (consistency + diversity).mean()
-
-    stats = {
-        "cm_loss": loss.detach(),
-        "cm_consistency": consistency.detach().mean(),
-        "cm_diversity": diversity.detach().mean(),
-    }
-    for group, classes in class_splits(num_classes).items():
-        if not classes:
-            continue
-        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device. A group
-        # without rows in the batch gives NaN: every process logs the same keys (the logs are averaged over them).
-        mask = ((labels >= classes[0]) & (labels <= classes[-1])).to(distance.dtype)
-        stats[f"cm_distance_{group}"] = (distance.detach() * mask).sum() / mask.sum()
-    return loss, stats
-
-
-def cm_lower_bound(weights: CMWeights, form: str) -> float:
-    """The least value L_CM can take (per row and so for the mean): 0 for hinge; for paper −inf as soon as some
-    class has push > pull (DESIGN.md §2: for a fixed merged W the expert can grow that class's distance without
-    changing L_base, so Eq. 4 is unbounded below for any λ > 0), else 0."""
-    if form == "hinge":
-        return 0.0
-    return -math.inf if bool((weights.push > weights.pull).any()) else 0.0
-
-
-def _class_label(index: int, class_names: Sequence[str] | None) -> str:
-    return f"{index} ({class_names[index]})" if class_names is not None else str(index)
-
-
-def check_cm_bounded(
-    weights: CMWeights,
-    form: str,
-    class_names: Sequence[str] | None = None,
-    allow_unbounded: bool = False,
-) -> float:
-    """``cm_lower_bound``, refusing (ValueError) an unbounded objective unless ``allow_unbounded`` (then a warning).
-
-    Only the paper's literal form can be unbounded: it is kept selectable to reproduce the paper.
-    """
-    if class_names is not None and len(class_names) != len(weights.pull):
-        raise ValueError(f"{len(class_names)} class names for {len(weights.pull)} classes")
-    bound = cm_lower_bound(weights, form)
-    if bound > -math.inf:
-        return bound
-    pushed = [k for k in range(len(weights.pull)) if weights.push[k] > weights.pull[k]]
-    message = (
-        "--cm_diversity paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
-        f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
-        "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (DESIGN.md §2); allowed: --cm_diversity hinge (the default), or --allow_unbounded_cm "
-        "to train the literal form anyway"
-    )
-    if not allow_unbounded:
-        raise ConfigError(message)
-    warnings.warn(message, stacklevel=2)
-    return bound
-
-
-def format_cm_table(weights: CMWeights, class_counts: Sequence[int], class_names: Sequence[str] | None = None) -> str:
-    """A printable per-class table of the CM coefficients for the training scripts' start-up report."""
-    rows = [f"{'class':<24} {'N_c':>7} {'pull':>8} {'push':>8}"]
-    for k, (count, pull, push) in enumerate(
-        zip(class_counts, weights.pull.tolist(), weights.push.tolist(), strict=True)
-    ):
-        rows.append(f"{_class_label(k, class_names):<24} {count:>7} {pull:>8.3f} {push:>8.3f}")
-    return "\n".join(rows)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf: training stops instead of silently corrupting the weights."""
-
-
-def check_finite(step: int, **terms: Tensor) -> None:
-    """Raise ``NonFiniteLossError`` naming the non-finite scalar loss terms, with the finite ones for context.
-
-    One host sync for all terms; the message is built only on failure.
-    """
-    if not terms:
-        return
-    values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    named = dict(zip(terms, values.tolist(), strict=True))
-    bad = ", ".join(f"{name} = {value}" for name, value in named.items() if not math.isfinite(value))
-    finite = ", ".join(f"{name} = {value:.4g}" for name, value in named.items() if math.isfinite(value))
-    context = f" ({finite})" if finite else ""
-    raise NonFiniteLossError(
-        f"Non-finite loss at step {step}: {bad}{context}. Training stopped; lower the learning rate or "
-        "--cm_diversity_weight, or check the data."
-    )
 
 
 class DDPMObjective:
@@ -315,8 +102,7 @@ class DDPMObjective:
         per_sample = (pred.float() - target.float()).pow(2).reshape(len(pred), -1).mean(dim=1)
         if self.snr_gamma is None:
             return per_sample.mean()
-        alphas = self._alphas_at(timesteps)
-        snr = alphas / (1 - alphas)
+        snr = compute_snr(self.scheduler, timesteps)
         if self.prediction_type == "epsilon":
             # min(snr, γ)/snr as min(γ/snr, 1): the same for snr > 0, and 1 (not NaN) at zero terminal SNR.
             weight = (self.snr_gamma / snr).clamp(max=1.0)

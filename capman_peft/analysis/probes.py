@@ -1,0 +1,258 @@
+"""The shared setup of the per-class analyses: the run's pipeline and training data, and the training loss per class
+on fixed noise and timesteps (also used by training to check that the reserved expert is used)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import ImbalancedImageDataset, class_prompts, class_splits, get_dataset_spec, load_imbalanced_dataset
+from ..errors import ConfigError
+from ..evaluation.sampling import derived_seed
+from ..run_folder import PipelineFolder, encode_prompts, load_pipeline, pipeline_resolution, read_pipeline_folder
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loss per class on fixed noise and timesteps
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossSetup:
+    """What the per-class loss needs from a pipeline: noising, the image encoder and the class condition.
+
+    (Not a denoising model: :class:`capman_peft.denoiser.CMDenoiser` is that.)
+    """
+
+    unet: nn.Module
+    noise_scheduler: Any
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    """pixels in [-1, 1] -> the UNet's sample space (identity, or VAE latents for Stable Diffusion)."""
+    condition: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    """class ids -> the UNet's conditioning kwargs (``class_labels`` or ``encoder_hidden_states``)."""
+    device: torch.device
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        if prediction_type == "sample":
+            return x0
+        raise ConfigError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], dataset: str) -> LossSetup:
+    """A :class:`LossSetup` for a loaded pipeline (class-conditional, or Stable Diffusion with class prompts)."""
+    from diffusers import DDPMScheduler
+
+    device = pipe.unet.device
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if folder.kind == "class-conditional":
+        return LossSetup(pipe.unet, noise_scheduler, lambda x: x, lambda y: {"class_labels": y}, device)
+
+    template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
+    embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, class_prompts(class_names, template))
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    return LossSetup(pipe.unet, noise_scheduler, encode, lambda y: {"encoder_hidden_states": embeddings[y]}, device)
+
+
+@dataclass
+class FixedBatch:
+    class_id: int
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    condition: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+
+@torch.no_grad()
+def fixed_batches(
+    loss_setup: LossSetup,
+    data: ImbalancedImageDataset,
+    num_classes: int,
+    num_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Iterator[FixedBatch]:
+    """``num_batches`` noised batches of ``batch_size`` training images per class, the same on every call."""
+    labels = np.asarray(data.labels)
+    num_train_timesteps = loss_setup.noise_scheduler.config.num_train_timesteps
+    needed = num_batches * batch_size
+    for c in range(num_classes):
+        indices = np.flatnonzero(labels == c)
+        if len(indices) == 0:
+            raise ConfigError(f"class {c} ({data.class_names[c]!r}) has no training images")
+        pixels = torch.stack([data[int(i)]["pixel_values"] for i in indices[:needed]])
+        for b in range(num_batches):
+            rows = torch.arange(b * batch_size, (b + 1) * batch_size) % len(pixels)  # cycle through small classes
+            x0 = loss_setup.encode(pixels[rows].to(loss_setup.device))
+            generator = torch.Generator().manual_seed(derived_seed(seed, c, b))
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
+            y = torch.full((batch_size,), c, dtype=torch.long, device=loss_setup.device)
+            yield FixedBatch(
+                c,
+                loss_setup.noise_scheduler.add_noise(x0, noise, t),
+                t,
+                loss_setup.condition(y),
+                loss_setup.target(x0, noise, t),
+            )
+
+
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def measure_expert_use(
+    capman: nn.Module,
+    loss_setup: LossSetup,
+    data: ImbalancedImageDataset,
+    num_classes: int,
+    num_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Per class: ``expert_usage`` = mean (ε_θ − ε_θg)², and the loss of θ (``loss_full``) and θ^g
+    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode)."""
+    from tqdm.auto import tqdm
+
+    from ..tuner import expert_disabled
+
+    was_training = capman.training
+    capman.eval()
+    sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
+    counts = torch.zeros(num_classes)
+    batches = fixed_batches(loss_setup, data, num_classes, num_batches, batch_size, seed)
+    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
+        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        with expert_disabled(capman):
+            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        for key, (a, b) in {
+            "expert_usage": (full, general),
+            "loss_full": (full, batch.target),
+            "loss_general": (general, batch.target),
+        }.items():
+            sums[key][batch.class_id] += _per_sample_mse(a, b).sum().item()
+        counts[batch.class_id] += len(batch.timesteps)
+    capman.train(was_training)
+    return {k: (v / counts).tolist() for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared setup: pipeline, training data aligned with the pipeline's class ids
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnalysisSetup:
+    folder: PipelineFolder
+    pipe: Any
+    data: ImbalancedImageDataset
+    class_names: list[str]
+    dataset: str
+    imbalance_ratio: float | None
+    resolution: int
+
+
+def prepare_analysis(
+    pipeline: str | os.PathLike,
+    dataset: str | None = None,
+    *,
+    imbalance_ratio: float | None = None,
+    resolution: int | None = None,
+    dataset_name: str | None = None,
+    train_data_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> AnalysisSetup:
+    """Load the merged pipeline and the long-tailed training set, labels in the pipeline's class ids.
+
+    Defaults come from ``training_summary.json`` (dataset, imbalance_ratio, resolution, sources); the subsampling
+    seed is the legacy 0, and the pipeline's class names (its id order) are passed as ``class_order`` so that class
+    ids and sizes match training.
+    """
+    folder = read_pipeline_folder(pipeline)
+    args = folder.args
+    dataset = dataset or args.get("dataset")
+    if dataset is None:
+        raise ConfigError(f"no dataset given and {str(folder.path)!r} has no training_summary.json naming one")
+    get_dataset_spec(dataset)
+    if imbalance_ratio is None:
+        imbalance_ratio = args.get("imbalance_ratio", 100)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(folder, expert="on", scheduler="pipeline", device=device)
+    resolution = resolution or args.get("resolution") or pipeline_resolution(pipe)
+    names = pipe.class_names if folder.kind == "class-conditional" else folder.summary.get("class_names")
+    data_kwargs = dict(
+        name=dataset,
+        imbalance_ratio=imbalance_ratio,
+        resolution=resolution,
+        dataset_name=dataset_name or args.get("dataset_name"),
+        train_data_dir=train_data_dir or args.get("train_data_dir"),
+        center_crop=True,
+    )
+    try:
+        data = load_imbalanced_dataset(**data_kwargs, class_order=names)
+    except ValueError:
+        if names is None:
+            raise
+        data = load_imbalanced_dataset(**data_kwargs)  # names differ from the dataset's: match by class id
+    num_classes = pipe.num_classes if folder.kind == "class-conditional" else len(names or data.class_names)
+    if num_classes != data.num_classes:
+        raise ConfigError(
+            f"the pipeline has {num_classes} classes but {dataset!r} has {data.num_classes}; "
+            "pass the dataset the model was trained on"
+        )
+    counts = folder.summary.get("class_counts")
+    if counts is not None and list(counts) != data.class_counts:
+        print(
+            f"capman-analyze: warning: training class counts {list(counts)[:5]}... differ from the reloaded data "
+            f"{data.class_counts[:5]}...; check --imbalance_ratio / --dataset",
+            file=sys.stderr,
+        )
+    return AnalysisSetup(folder, pipe, data, list(names or data.class_names), dataset, imbalance_ratio, resolution)
+
+
+def _per_split_means(values: dict[str, list[float]], num_classes: int) -> dict[str, dict[str, float]]:
+    return {
+        split: {key: float(np.mean([v[c] for c in ids])) for key, v in values.items()}
+        for split, ids in class_splits(num_classes).items()
+        if ids
+    }
+
+
+def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed: int) -> dict[str, Any]:
+    return {
+        "pipeline": str(setup.folder.path),
+        "dataset": setup.dataset,
+        "imbalance_ratio": setup.imbalance_ratio,
+        "resolution": setup.resolution,
+        "num_batches": num_batches,
+        "batch_size": batch_size,
+        "samples_per_class": num_batches * batch_size,
+        "seed": seed,
+        "prediction_type": setup.pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "class_names": setup.class_names,
+        "class_counts": setup.data.class_counts,
+        "order_by_size": sorted(range(len(setup.class_names)), key=lambda c: -setup.data.class_counts[c]),
+    }
+
+
+def _check_sampling(num_batches: int, batch_size: int, seed: int) -> None:
+    for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")

@@ -1,0 +1,35 @@
+"""Class-imbalanced image data, one role per module:
+
+* ``longtail.py``: long-tail subsampling (Cao et al. 2019 / CBDM), Many/Medium/Few splits, the balanced sampler;
+* ``images.py``: class names and prompts, RGB conversion, transforms, the labelled training dataset;
+* ``sources.py``: the named datasets and their sources, the long-tailed training set and the balanced reference set.
+"""
+
+from .images import (
+    IMAGE_EXTENSIONS,
+    ImbalancedImageDataset,
+    class_prompts,
+    image_transform,
+    readable_class_name,
+    to_rgb,
+)
+from .longtail import class_balanced_sampler, class_splits, long_tail_counts, long_tail_indices
+from .sources import DATASETS, DatasetSpec, get_dataset_spec, load_imbalanced_dataset, load_reference_dataset
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "DatasetSpec",
+    "ImbalancedImageDataset",
+    "class_balanced_sampler",
+    "class_prompts",
+    "class_splits",
+    "get_dataset_spec",
+    "image_transform",
+    "load_imbalanced_dataset",
+    "load_reference_dataset",
+    "long_tail_counts",
+    "long_tail_indices",
+    "readable_class_name",
+    "to_rgb",
+]

@@ -1,0 +1,176 @@
+"""Images as training items: class names and prompts, RGB conversion, transforms, and the labelled dataset the
+scripts train on."""
+
+from __future__ import annotations
+
+import io
+import numbers
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+
+
+def readable_class_name(name: str) -> str:
+    """``post_impressionism`` -> ``post impressionism``, ``ukiyo_e`` -> ``ukiyo-e`` (prompts, plots)."""
+    return name.replace("_", " ").replace("ukiyo e", "ukiyo-e")
+
+
+def class_prompts(class_names: Sequence[str], template: str = "a {} painting") -> list[str]:
+    """One text prompt per class, e.g. ``"a renaissance painting"`` (the paper's ArtBench prompt).
+
+    An article "a" right before the class name becomes "an" before a vowel: "a photo of an airplane".
+    """
+    prompts = []
+    for name in class_names:
+        readable = readable_class_name(name)
+        article = "an" if readable[:1].lower() in "aeiou" else "a"
+        prompts.append(re.sub(r"\ba \{\}", f"{article} {{}}", template).format(readable))
+    return prompts
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited onto white, 16-bit images are scaled.
+
+    Why not just ``convert("RGB")``: that drops alpha, so transparent pixels keep whatever colour they
+    happen to store (often black), and it clips 16-bit grey at 255 (measured: a 0..60000 ramp turns
+    into 0 then all-255).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        image = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def image_transform(
+    resolution: int, center_crop: bool = False, random_flip: bool = False
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The diffusers training-script transform: resize shorter side (bilinear), crop, flip, to [-1, 1]."""
+    from torchvision import transforms
+
+    _check_resolution(resolution)
+    steps = [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+    if random_flip:  # no identity Lambda otherwise: lambdas do not pickle into spawned DataLoader workers
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+
+def _check_resolution(resolution: int) -> None:
+    if not isinstance(resolution, numbers.Integral) or resolution < 1:
+        raise ValueError(f"resolution must be an integer >= 1, got {resolution!r}")
+
+
+class _HubImages:
+    """Lazy view of one image column of a Hub dataset: rows are decoded only when an item is read."""
+
+    def __init__(self, hf_dataset: Any, image_column: str, rows: np.ndarray, source: str):
+        self.hf_dataset = hf_dataset.select_columns([image_column])
+        self.image_column = image_column
+        self.rows = rows
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        value = self.hf_dataset[int(self.rows[i])][self.image_column]
+        if isinstance(value, Image.Image):
+            return value
+        # Parquet written without the datasets metadata leaves the column as a raw {bytes, path} struct.
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, bytes):
+            return Image.open(io.BytesIO(value))
+        return Image.open(value)
+
+    def describe(self, i: int) -> str:
+        return f"row {int(self.rows[i])} of {self.source}"
+
+
+class ImbalancedImageDataset(torch.utils.data.Dataset):
+    """Labelled images with their class names and counts; items are decoded and transformed lazily.
+
+    Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str}``.
+
+    Args:
+        images: per item a PIL image, a file path, or any indexable returning those (read in ``__getitem__``).
+        labels: class id per item, ``0`` the largest class.
+        class_names: name per class id.
+        transform: PIL image -> tensor; see :func:`image_transform`.
+        prompt_template: the dataset's class prompt template (``class_prompts``).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        prompt_template: str = "a {} painting",
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = [int(y) for y in labels]
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.prompt_template = prompt_template
+        self.class_counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes).tolist()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        label = self.labels[i]
+        return {
+            "pixel_values": self.transform(self.load_image(i)),
+            "label": label,
+            "class_name": self.class_names[label],
+        }
+
+    def load_image(self, i: int) -> Image.Image:
+        """The RGB image of item ``i``; a file that cannot be decoded raises ValueError naming it."""
+        try:
+            image = self.images[i]
+            if isinstance(image, (str, os.PathLike)):
+                with Image.open(image) as opened:
+                    opened.load()
+                    rgb = to_rgb(opened)
+                    # Closing an image frees its pixels, so an RGB file must be copied out first.
+                    return rgb.copy() if rgb is opened else rgb
+            image.load()
+            return to_rgb(image)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ConfigError(f"cannot read image {self._describe(i)}: {err}") from err
+
+    def _describe(self, i: int) -> str:
+        if isinstance(self.images, _HubImages):
+            return self.images.describe(i)
+        item = self.images[i]
+        return repr(str(item)) if isinstance(item, (str, os.PathLike)) else f"item {i}"

@@ -1,0 +1,140 @@
+"""Long-tail subsampling exactly as Cao et al. 2019 / CBDM select it, the Many/Medium/Few splits, and the
+class-balanced sampler of the re-sampling baseline."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+def long_tail_counts(n_max: int = 5000, num_classes: int = 10, imbalance_ratio: float = 100) -> list[int]:
+    """Images kept per class: ``n_c = int(n_max * IR ** (-c / (C - 1)))``, class 0 largest.
+
+    CIFAR-10 at IR 100 gives [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50].
+    """
+    _check_imbalance_ratio(imbalance_ratio)
+    if n_max < 1:
+        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 1:
+        return [int(n_max)]
+    return [int(n_max * imbalance_ratio ** (-c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def long_tail_indices(
+    labels: Sequence[int] | np.ndarray,
+    imbalance_ratio: float | None = 100,
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Indices of the long-tailed subset, exactly as the legacy CBDM / LDAM data code selects them.
+
+    The legacy procedure is ``np.random.seed(seed)`` once, then for each class in ascending order
+    ``np.random.shuffle`` that class's indices and keep the first ``n_c``. We replay it call for call so
+    published splits are reproduced, and restore the global numpy RNG state afterwards.
+
+    Args:
+        labels: class id per item.
+        imbalance_ratio: ``n_0 / n_{C-1}``; ``None`` keeps every item in its original order.
+        class_order: class ids in the order they become index 0, 1, ... (``class_order[0]`` is the
+            largest class). Default: ascending ids. The returned indices follow this order.
+        num_classes: number of classes; default ``len(class_order)`` or ``max(labels) + 1``.
+        class_names: only used to name a class in error messages.
+
+    Returns:
+        Indices into ``labels``, grouped by class in the order above. ``n_max`` is the size of the first
+        class; a class with fewer than ``n_c`` items keeps all it has (as the legacy slicing does).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if imbalance_ratio is None:
+        return np.arange(len(labels), dtype=np.int64)
+    _check_imbalance_ratio(imbalance_ratio)
+    if len(labels) == 0:
+        raise ValueError("labels is empty; nothing to subsample")
+    if num_classes is None:
+        num_classes = len(class_order) if class_order is not None else int(labels.max()) + 1
+    order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {list(class_order)}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+
+    def name(c: int) -> str:
+        return f"{c} ({class_names[c]!r})" if class_names is not None else str(c)
+
+    per_class = [np.where(labels == c)[0] for c in order]
+    for c, idx in zip(order, per_class, strict=True):
+        if len(idx) == 0:
+            raise ConfigError(f"class {name(c)} has no images; every class needs at least one")
+    counts = long_tail_counts(len(per_class[0]), num_classes, imbalance_ratio)
+    emptied = [name(c) for c, n in zip(order, counts, strict=True) if n < 1]
+    if emptied:
+        raise ConfigError(
+            f"class {', '.join(emptied)} would be left with zero images at imbalance_ratio={imbalance_ratio} "
+            f"(largest class has {len(per_class[0])}); use a smaller imbalance_ratio"
+        )
+
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        kept = []
+        for idx, n in zip(per_class, counts, strict=True):
+            np.random.shuffle(idx)
+            kept.append(idx[:n])
+    finally:
+        np.random.set_state(state)
+    return np.concatenate(kept).astype(np.int64)
+
+
+def _check_imbalance_ratio(imbalance_ratio: float) -> None:
+    if not (isinstance(imbalance_ratio, numbers.Real) and math.isfinite(imbalance_ratio) and imbalance_ratio >= 1):
+        raise ConfigError(
+            f"imbalance_ratio must be a finite number >= 1 (None: no subsampling), got {imbalance_ratio!r}"
+        )
+
+
+def class_splits(num_classes: int) -> dict[str, list[int]]:
+    """Many / Medium / Few as class-index thirds (paper sec. 4.1; Jiang et al. 2021).
+
+    Class 0 is the largest class, so the first third is "many". The remainder of the division goes to
+    "few": 10 classes give 0-2 / 3-5 / 6-9, 100 classes give 0-32 / 33-65 / 66-99.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    third = num_classes // 3
+    return {
+        "many": list(range(0, third)),
+        "medium": list(range(third, 2 * third)),
+        "few": list(range(2 * third, num_classes)),
+    }
+
+
+def class_balanced_sampler(
+    labels: Sequence[int] | np.ndarray,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.WeightedRandomSampler:
+    """The paper's RS baseline: draw items with weight ``1 / N_c`` so every class comes up at rate 1/C.
+
+    Sampling is with replacement, ``num_samples`` defaults to ``len(labels)`` (one "epoch").
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("labels is empty; cannot build a class-balanced sampler")
+    counts = np.bincount(labels)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(
+        weights,
+        num_samples=len(labels) if num_samples is None else num_samples,
+        replacement=True,
+        generator=generator,
+    )

@@ -1,0 +1,383 @@
+"""Evaluating trained pipelines: :func:`evaluate_pipeline` (one model) and :func:`evaluate_pipelines` (capman-eval).
+
+One model is evaluated in four steps: resolve (the run folder, dataset, feature extractor and its weights, the real
+reference), generate (a class-balanced seeded set), measure (torch-fidelity metrics) and record (``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import class_prompts, class_splits, get_dataset_spec, load_reference_dataset
+from ..errors import ConfigError
+from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
+from .digits import (
+    DIGITS_CLASSIFIER,
+    classifier_accuracy,
+    digits_classifier_file,
+    load_digits_classifier,
+    resolve_feature_extractor,
+)
+from .fidelity import METRIC_NAMES, _check_metrics, _reference_cache_prefix, default_cache_dir, measure_fidelity
+from .report import _print_summary, update_model_card_sections, write_comparison, write_model_outputs
+from .sampling import _check_settings, generate_balanced
+
+EXPERT_SETTINGS = ("on", "off", "both")
+
+
+@dataclass
+class EvalSettings:
+    """How one model is sampled and measured (``capman-eval``'s flags; the defaults are its defaults).
+
+    Attributes:
+        metrics: any of ``fid``, ``kid``, ``isc``, ``prc`` (a list or a comma-separated string).
+        scheduler: ``ddim``, ``dpm`` (DPM-Solver++ multistep) or ``pipeline`` (keep the saved one).
+        expert: ``"on"`` (θ, the merged model) or ``"off"`` (θ^g, from ``output_dir/adapter``).
+        feature_extractor: a torch-fidelity extractor name; default ``inception-v3-compat``, or
+            ``digits-classifier`` for ``imb-digits``.
+        feature_extractor_weights_path: local weights for the extractor (offline machines).
+        resolution: image side for generation (SD) and the reference; default: the pipeline's sample size.
+        reference_images_per_class: real images per class; default: as many as the smallest class has.
+        dataset_name, train_data_dir: passed to the data module (Hub id / local copy, class-folder tree); default:
+            the training summary's.
+        prompt_template: SD prompt template; default: the training summary's, else the dataset's.
+        cache_dir: digits classifier and reference-feature cache; default ``~/.cache/capman_peft``.
+        cache: cache the reference features.
+        device: default ``cuda`` when available, else ``cpu``.
+    """
+
+    num_images_per_class: int = 500
+    metrics: Sequence[str] | str = METRIC_NAMES
+    scheduler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 1.5
+    expert: str = "on"
+    feature_extractor: str | None = None
+    feature_extractor_weights_path: str | os.PathLike | None = None
+    batch_size: int = 64
+    seed: int = 0
+    per_class_fid: bool = False
+    resolution: int | None = None
+    reference_images_per_class: int | None = None
+    dataset_name: str | None = None
+    train_data_dir: str | os.PathLike | None = None
+    prompt_template: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    cache: bool = True
+    device: str | None = None
+    progress: bool = True
+
+
+def _with_overrides(settings: EvalSettings | None, overrides: dict[str, Any]) -> EvalSettings:
+    """``settings`` (default: all defaults) with the fields named in ``overrides`` replaced."""
+    return replace(settings if settings is not None else EvalSettings(), **overrides)
+
+
+@dataclass
+class _Run:
+    """What the resolve step settles before any sampling."""
+
+    folder: PipelineFolder
+    dataset: str
+    spec: Any
+    dataset_name: str | None
+    train_data_dir: str | os.PathLike | None
+    metrics: list[str]
+    extractor: str
+    weights: str | None
+    cache_dir: Path
+    device: str
+    resolution: int
+    reference: Any
+    reference_labels: torch.Tensor
+    class_names: list[str]
+    num_classes: int
+    prompts: list[str] | None
+
+    @property
+    def reference_per_class(self) -> int:
+        return len(self.reference) // self.num_classes
+
+
+def evaluate_pipeline(
+    pipeline: str | os.PathLike,
+    dataset: str | None = None,
+    settings: EvalSettings | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    label: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Generate a balanced set from one pipeline folder and return its metrics (the ``metrics.json`` dict).
+
+    Args:
+        pipeline: a training run's ``output_dir`` (must hold ``model_index.json``).
+        dataset: a :data:`capman_peft.data.DATASETS` name; default: the one in ``training_summary.json``.
+        settings: an :class:`EvalSettings`; default: all its defaults.
+        output_dir: where ``metrics.json`` and ``samples.png`` go; ``None`` writes nothing.
+        label: the model's name in the results; default: the pipeline folder's name.
+        overrides: :class:`EvalSettings` fields replacing those of ``settings``, e.g. ``num_images_per_class=3``.
+    """
+    settings = _with_overrides(settings, overrides)
+    run, pipe = _resolve(pipeline, dataset, settings)
+    images, labels = _generate(pipe, run, settings)
+    del pipe
+    measured = _measure(run, settings, images, labels)
+    return _record(run, settings, measured, images, labels, output_dir=output_dir, label=label)
+
+
+def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSettings) -> tuple[_Run, Any]:
+    """Check the settings, read the folder, settle dataset, extractor and weights; load the model and the reference."""
+    s = settings
+    metrics = _check_metrics(s.metrics)
+    _check_settings(s.num_images_per_class, s.steps, s.guidance_scale, s.batch_size, s.seed)
+    if s.expert not in ("on", "off"):
+        raise ConfigError(f"expert must be 'on' or 'off', got {s.expert!r}")
+    folder = read_pipeline_folder(pipeline)
+    dataset = _resolve_dataset(folder, dataset)
+    spec = get_dataset_spec(dataset)
+    dataset_name = s.dataset_name or folder.args.get("dataset_name")
+    train_data_dir = s.train_data_dir or folder.args.get("train_data_dir")
+    extractor = resolve_feature_extractor(dataset, s.feature_extractor)
+    cache_dir = Path(s.cache_dir or default_cache_dir())
+    weights = _resolve_weights(extractor, s.feature_extractor_weights_path, cache_dir)
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    pipe = load_pipeline(folder, expert=s.expert, scheduler=s.scheduler, device=device)
+    resolution = s.resolution or pipeline_resolution(pipe)
+    reference = load_reference_dataset(
+        dataset,
+        resolution,
+        s.reference_images_per_class,
+        dataset_name=dataset_name,
+        train_data_dir=train_data_dir,
+    )
+    class_names, num_classes, prompts = _model_classes(pipe, folder, reference, spec, s.prompt_template)
+    reference_labels = _align_reference_labels(reference.labels, reference.class_names, class_names, num_classes)
+    class_names = list(class_names or reference.class_names)
+    run = _Run(
+        folder=folder,
+        dataset=dataset,
+        spec=spec,
+        dataset_name=dataset_name,
+        train_data_dir=train_data_dir,
+        metrics=metrics,
+        extractor=extractor,
+        weights=weights,
+        cache_dir=cache_dir,
+        device=device,
+        resolution=resolution,
+        reference=reference,
+        reference_labels=reference_labels,
+        class_names=class_names,
+        num_classes=num_classes,
+        prompts=prompts,
+    )
+    return run, pipe
+
+
+def _resolve_dataset(folder: PipelineFolder, dataset: str | None) -> str:
+    dataset = dataset or folder.args.get("dataset")
+    if dataset is None:
+        raise ConfigError(
+            f"no dataset given and {str(folder.path / 'training_summary.json')!r} names none; "
+            f"pass --dataset (one of {', '.join(_known_datasets())})"
+        )
+    return dataset
+
+
+def _resolve_weights(extractor: str, weights_path: str | os.PathLike | None, cache_dir: Path) -> str | None:
+    """The extractor's weights file: the given one (must exist), else the digits classifier's cached file, if it is
+    the extractor (trained on first use), else None (the extractor's own default)."""
+    weights = None if weights_path is None else str(weights_path)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"feature_extractor_weights_path {weights!r} is not a file")
+    if extractor == DIGITS_CLASSIFIER and weights is None:
+        weights = str(digits_classifier_file(cache_dir))
+    return weights
+
+
+def _model_classes(
+    pipe: Any, folder: PipelineFolder, reference: Any, spec: Any, prompt_template: str | None
+) -> tuple[list[str] | None, int, list[str] | None]:
+    """The model's class names and count and, for Stable Diffusion, one prompt per class."""
+    if folder.kind == "class-conditional":
+        return pipe.class_names, pipe.num_classes, None
+    class_names = folder.summary.get("class_names") or reference.class_names
+    template = prompt_template or folder.args.get("prompt_template") or spec.prompt_template
+    return class_names, len(class_names), class_prompts(class_names, template)
+
+
+def _align_reference_labels(
+    reference_labels: Sequence[int], reference_names: list[str], class_names: list[str] | None, num_classes: int
+) -> torch.Tensor:
+    """Reference labels in the pipeline's class ids: by name when both name the same classes, else by id."""
+    labels = torch.as_tensor(list(reference_labels))
+    if num_classes != len(reference_names):
+        raise ConfigError(
+            f"the pipeline has {num_classes} classes but the reference data has {len(reference_names)} "
+            f"({', '.join(reference_names[:5])}, ...); pass the dataset the model was trained on"
+        )
+    if class_names is not None and list(class_names) != list(reference_names):
+        if sorted(class_names) == sorted(reference_names):
+            return torch.tensor([list(class_names).index(n) for n in reference_names])[labels]
+        print(
+            f"capman-eval: warning: pipeline classes {list(class_names)[:5]} and dataset classes "
+            f"{reference_names[:5]} differ; matching them by class id",
+            file=sys.stderr,
+        )
+    return labels
+
+
+def _generate(pipe: Any, run: _Run, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    return generate_balanced(
+        pipe,
+        settings.num_images_per_class,
+        run.num_classes,
+        prompts=run.prompts,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        resolution=run.resolution,
+        progress=settings.progress,
+    )
+
+
+def _measure(run: _Run, settings: EvalSettings, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    source = {"dataset_name": run.dataset_name, "train_data_dir": run.train_data_dir, "class_names": run.class_names}
+    prefix = _reference_cache_prefix(
+        run.dataset, source, run.resolution, run.reference_per_class, run.extractor, run.weights
+    )
+    return measure_fidelity(
+        images,
+        labels,
+        run.reference,
+        run.reference_labels,
+        run.num_classes,
+        metrics=run.metrics,
+        feature_extractor=run.extractor,
+        feature_extractor_weights_path=run.weights,
+        per_class_fid=settings.per_class_fid,
+        cache_prefix=prefix if settings.cache else None,
+        cache_root=run.cache_dir / "fidelity",
+        batch_size=settings.batch_size,
+        device=run.device,
+    )
+
+
+def _record(
+    run: _Run,
+    settings: EvalSettings,
+    measured: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    output_dir: str | os.PathLike | None,
+    label: str | None,
+) -> dict[str, Any]:
+    """The ``metrics.json`` dict (with the digits classifier's accuracy for imb-digits), written to ``output_dir``."""
+    import torch_fidelity
+
+    result: dict[str, Any] = {
+        "pipeline": str(run.folder.path),
+        "label": label or run.folder.path.resolve().name,
+        "kind": run.folder.kind,
+        "expert": settings.expert,
+        "dataset": run.dataset,
+        "dataset_name": run.dataset_name,
+        "train_data_dir": None if run.train_data_dir is None else str(run.train_data_dir),
+        "class_names": run.class_names,
+        "num_classes": run.num_classes,
+        "splits_classes": {k: v for k, v in class_splits(run.num_classes).items() if v},
+        "num_images_per_class": settings.num_images_per_class,
+        "reference_images_per_class": run.reference_per_class,
+        "resolution": run.resolution,
+        "scheduler": settings.scheduler,
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
+        "seed": settings.seed,
+        "feature_extractor": run.extractor,
+        "feature_extractor_weights_path": run.weights,
+        "metrics": run.metrics,
+        "torch_fidelity_version": torch_fidelity.__version__,
+        **measured,
+    }
+    if run.spec is get_dataset_spec("imb-digits") and run.class_names == [str(d) for d in range(10)]:
+        classifier = load_digits_classifier(
+            run.weights if run.extractor == DIGITS_CLASSIFIER else digits_classifier_file(run.cache_dir)
+        )
+        result["classifier_accuracy"] = classifier_accuracy(classifier, images, labels, run.num_classes)
+    if output_dir is not None:
+        write_model_outputs(result, images, labels, run.num_classes, output_dir)
+    return result
+
+
+def _known_datasets() -> list[str]:
+    from .data import DATASETS
+
+    return list(DATASETS)
+
+
+def evaluate_pipelines(
+    pipelines: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike | None = None,
+    expert: str | None = None,
+    update_model_cards: bool = True,
+    *,
+    dataset: str | None = None,
+    settings: EvalSettings | None = None,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """What ``capman-eval`` does: evaluate each pipeline (and expert setting), then write files and charts.
+
+    One model: ``output_dir/{metrics.json,samples.png,fid_splits.png}``. Several (more than one ``pipelines`` or
+    ``expert="both"``): ``output_dir/<label>/{metrics.json,samples.png}`` per model, plus ``output_dir/summary.json``
+    (the list of all results) and ``output_dir/fid_splits.png``. Default ``output_dir``: ``<pipeline>/eval`` for a
+    single pipeline folder, else ``./capman_eval``. ``expert``: ``on``, ``off`` or ``both``; default: the settings'
+    (``on``). With ``update_model_cards``, each pipeline's README.md gets its results in the section between the
+    ``capman-metrics`` markers (replaced, or appended when the card has none). ``dataset``, ``settings`` and
+    ``overrides`` go to :func:`evaluate_pipeline`.
+    """
+    settings = _with_overrides(settings, overrides)
+    expert = settings.expert if expert is None else expert
+    if expert not in EXPERT_SETTINGS:
+        raise ConfigError(f"expert must be one of {', '.join(EXPERT_SETTINGS)}, got {expert!r}")
+    if not pipelines:
+        raise ConfigError("no pipeline given")
+    folders = [read_pipeline_folder(p) for p in pipelines]  # fail fast on a bad folder before any sampling
+    experts = ["on", "off"] if expert == "both" else [expert]
+    jobs = [(f, e) for f in folders for e in experts]
+    if output_dir is None:
+        output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")
+    output_dir = Path(output_dir)
+    labels = _unique_labels([f.path.resolve().name for f, _ in jobs], [e for _, e in jobs])
+    results = []
+    for (folder, setting), label in zip(jobs, labels, strict=True):
+        target = output_dir if len(jobs) == 1 else output_dir / label
+        result = evaluate_pipeline(
+            folder.path, dataset, replace(settings, expert=setting), output_dir=target, label=label
+        )
+        results.append(result)
+        _print_summary(result)
+    write_comparison(results, output_dir)
+    if update_model_cards:
+        update_model_card_sections(folders, results)
+    return results
+
+
+def _unique_labels(names: list[str], experts: list[str]) -> list[str]:
+    labels = [n + ("-general" if e == "off" else "") for n, e in zip(names, experts, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if labels.count(label) == 1 else f"{label}-{seen[label]}")
+    return out

@@ -1,0 +1,44 @@
+"""The training objective of paper Eq. 4, ``L_total = L_base + λ·L_CM``, one role per module:
+
+* ``cm.py``: the capacity manipulation loss L_CM (Eq. 2-3): class weights, the bounded default form and the paper's
+  literal one, the boundedness check;
+* ``base.py``: the base objectives L_base (DDPM, CBDM, OC) by name;
+* ``total.py``: Eq. 4 for one batch from one call of the CM forward module, and the non-finite-loss guard.
+"""
+
+from .base import OBJECTIVES, CBDMObjective, DDPMObjective, OCObjective, build_objective, oc_selection_probs
+from .cm import (
+    CM_FORMS,
+    DEFAULT_MARGIN,
+    CMWeights,
+    check_cm_bounded,
+    class_weights,
+    cm_loss,
+    cm_lower_bound,
+    cm_weights,
+    format_cm_table,
+)
+from .total import CMSettings, NonFiniteLossError, check_finite, diffusion_loss, importance_rows
+
+__all__ = [
+    "CM_FORMS",
+    "DEFAULT_MARGIN",
+    "OBJECTIVES",
+    "CBDMObjective",
+    "CMSettings",
+    "CMWeights",
+    "DDPMObjective",
+    "NonFiniteLossError",
+    "OCObjective",
+    "build_objective",
+    "check_cm_bounded",
+    "check_finite",
+    "class_weights",
+    "cm_loss",
+    "cm_lower_bound",
+    "cm_weights",
+    "diffusion_loss",
+    "format_cm_table",
+    "importance_rows",
+    "oc_selection_probs",
+]

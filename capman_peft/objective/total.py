@@ -1,0 +1,143 @@
+"""Eq. 4 for one batch: L_total = L_base + λ·L_CM, from one call of the CM forward module, and the guard that stops
+training on a non-finite loss.
+
+The noise, timesteps, label dropout and row draws of the batch come from ``capman_peft.training.randomness``; the
+base objective from ``base.py`` and L_CM from ``cm.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .cm import CMWeights, cm_loss
+
+if TYPE_CHECKING:
+    from ..training.randomness import StepDraws
+
+
+@dataclass
+class CMSettings:
+    """The CM loss of one run: per-class coefficients, form, and its weight λ in Eq. 4."""
+
+    weights: CMWeights
+    form: str
+    margin: float
+    cm_lambda: float
+    general_fraction: float = 1.0
+
+    def general_rows(self, batch_size: int) -> int:
+        """Rows of a batch that get a theta^g prediction (the same on every process: DDP-safe)."""
+        return max(1, round(self.general_fraction * batch_size))
+
+
+def importance_rows(row_weights: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """k = len(uniforms) rows drawn with replacement with probability p_i ∝ row_weights[i], and the factor
+    1 / (B·p_i) that makes the mean over the drawn rows of factor·L an unbiased estimate of the batch mean of L
+    (rows of weight 0 are never drawn; they must contribute 0). No host sync."""
+    batch = len(row_weights)
+    total = row_weights.sum()
+    probs = row_weights / total.clamp(min=torch.finfo(row_weights.dtype).tiny)
+    cdf = probs.cumsum(0)
+    rows = torch.searchsorted(cdf, uniforms.to(cdf) * cdf[-1], right=True).clamp(max=batch - 1)
+    chosen = probs[rows]
+    factor = torch.where(chosen > 0, 1 / (batch * chosen.clamp(min=torch.finfo(chosen.dtype).tiny)), 0.0)
+    return rows, factor
+
+
+def diffusion_loss(
+    denoiser: nn.Module,
+    objective: Any,
+    noise_scheduler: Any,
+    x0: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    cm: CMSettings | None,
+    draws: StepDraws,
+    cond_table: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
+
+    The condition of sample i is class id ``labels[i]`` (UNet2DModel) or ``cond_table[labels[i]]`` (text
+    embeddings); a dropped label uses the null entry ``num_classes``. The objectives see the true labels. L_CM
+    leaves label-dropped samples out: both predictions were made without the class, so there is no class to
+    allocate capacity for (their weight is 0 in the batch mean). With ``cm.general_fraction < 1`` theta^g runs on
+    rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and CBDM
+    labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
+    device)`).
+    """
+    if draws.noise.shape != x0.shape:
+        raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
+    noise, timesteps, dropped = draws.noise.to(x0.dtype), draws.timesteps, draws.label_dropped
+    x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+    cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
+    extra_labels = draws.extra_labels
+
+    def condition(ids: Tensor | None) -> Tensor | None:
+        return ids if ids is None or cond_table is None else cond_table[ids]
+
+    general_rows = sample_weight = None
+    if cm is not None:
+        kept = (~dropped).float()
+        batch, k = len(labels), cm.general_rows(len(labels))
+        if k < batch:
+            row_weights = (cm.weights.pull + cm.weights.push)[labels] * kept
+            general_rows, sample_weight = importance_rows(row_weights, draws.general_draw[:k])
+        else:
+            sample_weight = kept
+
+    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels), general_rows)
+    loss, logs = objective(
+        outputs.full,
+        x0=x0,
+        noise=noise,
+        x_t=x_t,
+        timesteps=timesteps,
+        labels=labels,
+        pred_extra=outputs.extra,
+        label_dropped=dropped,
+    )
+    logs = dict(logs)
+    if cm is not None:
+        cm_value, cm_logs = cm_loss(
+            outputs.full if general_rows is None else outputs.full[general_rows],
+            outputs.general,
+            labels if general_rows is None else labels[general_rows],
+            cm.weights,
+            form=cm.form,
+            margin=cm.margin,
+            sample_weight=sample_weight,
+        )
+        loss = loss + cm.cm_lambda * cm_value
+        logs.update(cm_logs)
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf: training stops instead of silently corrupting the weights."""
+
+
+def check_finite(step: int, **terms: Tensor) -> None:
+    """Raise ``NonFiniteLossError`` naming the non-finite scalar loss terms, with the finite ones for context.
+
+    One host sync for all terms; the message is built only on failure.
+    """
+    if not terms:
+        return
+    values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    named = dict(zip(terms, values.tolist(), strict=True))
+    bad = ", ".join(f"{name} = {value}" for name, value in named.items() if not math.isfinite(value))
+    finite = ", ".join(f"{name} = {value:.4g}" for name, value in named.items() if math.isfinite(value))
+    context = f" ({finite})" if finite else ""
+    raise NonFiniteLossError(
+        f"Non-finite loss at step {step}: {bad}{context}. Training stopped; lower the learning rate or "
+        "--cm_diversity_weight, or check the data."
+    )

@@ -1,0 +1,179 @@
+"""Reading a training run's output folder: the pipeline it holds, its training summary, the unmerged adapter.
+
+Shared by ``capman-eval`` (:mod:`capman_peft.evaluation`) and ``capman-analyze`` (:mod:`capman_peft.analysis`):
+:func:`read_pipeline_folder` checks the folder and reads ``model_index.json`` and ``training_summary.json``,
+:func:`load_pipeline` loads the model to sample from (θ merged, or θ^g built from ``output_dir/adapter``) and
+:func:`encode_prompts` makes the text embeddings of class prompts as the Stable Diffusion pipeline does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+SCHEDULERS = ("ddim", "dpm", "pipeline")
+
+
+@dataclass
+class PipelineFolder:
+    """What ``capman-eval`` / ``capman-analyze`` read from a training run's ``output_dir``."""
+
+    path: Path
+    model_index: dict[str, Any]
+    summary: dict[str, Any]
+    """``training_summary.json`` (empty when absent)."""
+
+    @property
+    def kind(self) -> str:
+        """``class-conditional`` (UNet2DModel + class ids) or ``text-to-image`` (Stable Diffusion + prompts)."""
+        is_class_conditional = self.model_index.get("_class_name") == "ClassConditionalPipeline"
+        return "class-conditional" if is_class_conditional else "text-to-image"
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.summary.get("args") or {}
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+
+def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
+    """Check that ``path`` is a diffusers pipeline folder and read its index and training summary."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"{str(path)!r} is not a pipeline folder (no model_index.json); pass a training run's output_dir"
+        )
+    model_index = json.loads((path / "model_index.json").read_text())
+    summary_file = path / "training_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    folder = PipelineFolder(path, model_index, summary)
+    if folder.kind == "text-to-image" and "unet" not in model_index:
+        raise ConfigError(
+            f"{str(path)!r} holds a {model_index.get('_class_name')} without a unet; capman-eval evaluates "
+            "ClassConditionalPipeline and Stable Diffusion pipelines"
+        )
+    return folder
+
+
+def require_adapter(folder: PipelineFolder) -> Path:
+    """``output_dir/adapter/adapter_config.json`` of the run that wrote the pipeline, or a ValueError: θ^g needs it,
+    and an adapter left over from another run in the same folder must not be taken for it."""
+    from .pipelines import RUN_FILE
+
+    config_file = folder.adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{str(folder.path)!r} has no adapter/adapter_config.json: the expert-off model θ^g needs the unmerged "
+            "CapMan adapter that training saves next to the merged pipeline"
+        )
+    run_file = folder.adapter_dir / RUN_FILE
+    adapter_run = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    pipeline_run = folder.summary.get("run_id")
+    if adapter_run != pipeline_run:
+        raise ConfigError(
+            f"{str(folder.adapter_dir)!r} does not belong to the pipeline next to it (adapter of run {adapter_run}, "
+            f"pipeline of run {pipeline_run}): it is left over from an earlier run in this folder; retrain, or "
+            "evaluate the expert-on model only"
+        )
+    return config_file
+
+
+def load_capman_unet(folder: PipelineFolder) -> nn.Module:
+    """The unmerged CapMan UNet (a ``PeftModel``, eval mode) from ``output_dir/adapter``.
+
+    Full mode: the adapter holds every trained weight, so the base is built from ``output_dir/unet``'s config.
+    LoRA mode: the base is the pretrained UNet named by ``base_model_name_or_path`` in the adapter config (falling
+    back to the summary's ``pretrained_model_name_or_path``); it must be available locally when offline.
+    """
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    from peft import PeftModel
+
+    from . import tuner  # noqa: F401  (registers the CapMan tuner with PEFT)
+
+    config_file = require_adapter(folder)
+    adapter_config = json.loads(config_file.read_text())
+    unet_cls = UNet2DModel if folder.kind == "class-conditional" else UNet2DConditionModel
+    if adapter_config.get("mode") == "full":
+        base = unet_cls.from_config(unet_cls.load_config(folder.path / "unet"))
+    else:
+        name = adapter_config.get("base_model_name_or_path") or folder.args.get("pretrained_model_name_or_path")
+        if not name:
+            raise ConfigError(
+                f"{str(config_file)!r} names no base_model_name_or_path; θ^g of a LoRA run needs the pretrained base"
+            )
+        from .hub import hub_source
+
+        name = hub_source(name, f"base model of {config_file}", "model")
+        try:
+            as_pipeline = not Path(name).exists() or (Path(name) / "unet").is_dir()
+            where = {"subfolder": "unet"} if as_pipeline else {}
+            base = unet_cls.from_pretrained(name, use_safetensors=True, **where)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"θ^g of a LoRA run needs the base model {name!r} (base_model_name_or_path in {str(config_file)!r}) "
+                f"available locally or from the Hub: {str(err).splitlines()[0]}"
+            ) from err
+    return PeftModel.from_pretrained(base, str(folder.adapter_dir)).eval()
+
+
+def load_pipeline(
+    path: str | os.PathLike | PipelineFolder,
+    expert: str = "on",
+    scheduler: str = "pipeline",
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Load a training run's pipeline for sampling, with the expert merged in (θ) or dropped (θ^g).
+
+    Args:
+        expert: ``"on"``: the merged pipeline as saved; ``"off"``: its UNet replaced by θ^g built from
+            ``output_dir/adapter`` (:func:`load_capman_unet` + ``merge_general_and_unload``).
+        scheduler: ``"ddim"``, ``"dpm"`` (DPM-Solver++ multistep) or ``"pipeline"`` (keep the saved one).
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+
+    from .pipelines import ClassConditionalPipeline
+    from .tuner import merge_general_and_unload
+
+    folder = path if isinstance(path, PipelineFolder) else read_pipeline_folder(path)
+    if expert not in ("on", "off"):
+        raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+    loader = ClassConditionalPipeline if folder.kind == "class-conditional" else DiffusionPipeline
+    pipe = loader.from_pretrained(str(folder.path), use_safetensors=True)
+    if expert == "off":
+        pipe.unet = merge_general_and_unload(load_capman_unet(folder)).eval()
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_resolution(pipe: Any) -> int:
+    """Side length of the images a pipeline generates by default (UNet sample size, times the VAE factor for SD)."""
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return int(size * getattr(pipe, "vae_scale_factor", 1)) if hasattr(pipe, "vae") else int(size)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    mask = tokens.attention_mask.to(text_encoder.device) if use_mask else None
+    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]

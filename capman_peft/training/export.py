@@ -1,0 +1,183 @@
+"""Exporting a finished run: the expert-use report, ``training_summary.json``, the model card, the sample grid,
+the upload; and publishing images to the trackers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+
+from ..objective import class_weights
+
+logger = logging.getLogger("capman_peft")
+
+
+def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step: int, key: str = "validation") -> Path:
+    """Save `image` as PNG at `path` and send it to the trackers (tensorboard, wandb)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(key, np.asarray(image)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: wandb.Image(image)}, step=step)
+    return path
+
+
+def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any] | None:
+    """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
+    if not args.capacity_manipulation:
+        return None
+    return {
+        **adapter,
+        "lambda": args.cm_lambda,
+        "w_con": args.cm_consistency_weight,
+        "w_div": args.cm_diversity_weight,
+        "form": args.cm_diversity,
+        "objective": args.objective,
+    }
+
+
+# Few-class distance / Many-class distance below which the expert counts as unused (issue 11's criterion), and the
+# training images per class of the end-of-training check.
+EXPERT_USE_RATIO = 10.0
+EXPERT_USE_IMAGES = 16
+
+
+def expert_use(
+    capman: nn.Module,
+    noise_scheduler: Any,
+    data: Any,
+    num_classes: int,
+    encode: Any,
+    condition: Any,
+    images_per_class: int = EXPERT_USE_IMAGES,
+) -> dict[str, Any]:
+    """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
+    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and one log line.
+
+    Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
+    loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
+    """
+    from ..analysis import LossSetup, measure_expert_use
+    from ..data import class_splits
+
+    device = next(capman.parameters()).device
+    denoiser = LossSetup(capman, noise_scheduler, encode, condition, device)
+    values = measure_expert_use(capman, denoiser, data, num_classes, num_batches=1, batch_size=images_per_class)
+    splits = {
+        split: {
+            "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
+            "loss_full": float(np.mean([values["loss_full"][c] for c in ids])),
+            "loss_general": float(np.mean([values["loss_general"][c] for c in ids])),
+        }
+        for split, ids in class_splits(num_classes).items()
+        if ids
+    }
+    many, few = splits["many"]["distance"], splits.get("few", splits["many"])["distance"]
+    ratio = few / many if many > 0 else math.inf
+    return {
+        "images_per_class": images_per_class,
+        "splits": splits,
+        "per_class_distance": values["expert_usage"],
+        "few_over_many": ratio,
+        "expert_used": ratio >= EXPERT_USE_RATIO,
+    }
+
+
+def describe_expert_use(report: dict[str, Any]) -> str:
+    """One line: the per-split distances, theta^g's loss increase, and whether the expert is used."""
+    splits = report["splits"]
+    distances = ", ".join(f"{k} {v['distance']:.2g}" for k, v in splits.items())
+    losses = ", ".join(f"{k} {100 * (v['loss_general'] / v['loss_full'] - 1):+.0f}%" for k, v in splits.items())
+    verdict = (
+        "the expert is used"
+        if report["expert_used"]
+        else f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
+    )
+    return (
+        f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
+        f"loss of theta^g over theta {losses}: {verdict}."
+    )
+
+
+def write_training_summary(
+    path: Path,
+    args: argparse.Namespace,
+    class_names: Sequence[str],
+    class_counts: Sequence[int],
+    final_logs: dict[str, float],
+    **extra: Any,
+) -> None:
+    """``training_summary.json``: what was trained on what, the omega tables and the final losses."""
+    omega_con, omega_div = class_weights(class_counts)
+    summary = {
+        "run_id": args.run_id,
+        "args": {k: v for k, v in vars(args).items() if k not in ("hub_token", "run_id")},
+        "class_names": list(class_names),
+        "class_counts": list(class_counts),
+        "omega_con": omega_con.tolist(),
+        "omega_div": omega_div.tolist(),
+        "final_losses": final_logs,
+        **extra,
+    }
+    path.write_text(json.dumps(summary, indent=2, default=str))
+
+
+def finish_export(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    *,
+    class_names: Sequence[str],
+    class_counts: Sequence[int],
+    logs: dict[str, float],
+    steps: int,
+    seconds: float,
+    expert_report: dict[str, Any] | None,
+    samples: Image.Image,
+    card: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    lora_only: bool = False,
+) -> None:
+    """What both scripts write after their pipeline: ``training_summary.json``, the model card, ``samples.png``,
+    the closing log lines, and the upload with ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
+    from ..hub import push_to_hub, write_model_card
+
+    output_dir = Path(args.output_dir)
+    write_training_summary(
+        output_dir / "training_summary.json",
+        args,
+        class_names,
+        class_counts,
+        logs,
+        steps=steps,
+        train_seconds=round(seconds, 1),
+        expert_use=expert_report,
+        **(summary or {}),
+    )
+    write_model_card(
+        output_dir,
+        dataset=args.dataset or args.dataset_name or str(args.train_data_dir),
+        imbalance_ratio=args.imbalance_ratio,
+        class_names=class_names,
+        class_counts=class_counts,
+        expert_use=expert_report,
+        **card,
+    )
+    path = publish_image(accelerator, samples, output_dir / "samples.png", steps, key="samples")
+    logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, seconds, path)
+    logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
+    if args.push_to_hub:
+        repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
+        logger.info("Pushed to https://huggingface.co/%s", repo)

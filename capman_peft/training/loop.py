@@ -1,0 +1,184 @@
+"""The training loop both scripts run: batches in a resumable order, the Eq. 4 loss of each micro-batch, backward
+and optimizer step, logs averaged over processes, checkpoints and validation grids."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpointing import save_training_checkpoint
+from ..objective import check_finite
+from .randomness import StepDraws, StepRandomness
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch; accelerate also steps on the last, shorter accumulation of an epoch."""
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+def train_batches(
+    accelerator: Accelerator, dataloader: DataLoader, order: torch.Generator, seed: int, global_step: int
+) -> Iterator[tuple[int, int, Any]]:
+    """``(epoch, micro, batch)`` from optimizer step `global_step` on, endlessly (the caller stops at its last step).
+
+    `micro` is the batch's index within the epoch's iteration, so ``micro % accumulation`` is its place in the
+    optimizer step; a resumed run skips the batches of the steps already taken in its first epoch.
+    """
+    accumulation = accelerator.gradient_accumulation_steps
+    first_epoch, skip = divmod(global_step, steps_per_epoch(len(dataloader), accumulation))
+    for epoch in itertools.count(first_epoch):
+        order.manual_seed(seed * 100_003 + epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip:
+            batches = accelerator.skip_first_batches(dataloader, skip * accumulation)
+        for micro, batch in enumerate(batches):
+            yield epoch, micro, batch
+
+
+def validation_due(args: argparse.Namespace, step: int, per_epoch: int) -> bool:
+    """Whether a validation grid is due after optimizer step `step`: at the end of every ``--validation_epochs``-th
+    epoch, or every ``--validation_steps`` steps (the UNet script's first-release flag)."""
+    epochs_done, epoch_end = divmod(step, per_epoch)
+    by_epoch = bool(args.validation_epochs) and epoch_end == 0 and epochs_done % args.validation_epochs == 0
+    by_step = bool(getattr(args, "validation_steps", None)) and step % args.validation_steps == 0
+    return by_epoch or by_step
+
+
+def backward_and_step(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    max_grad_norm: float,
+) -> None:
+    """Backward, clip on the steps that update, optimizer and LR step (no-ops while gradients accumulate)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def guard_finite(step: int, logs: dict[str, torch.Tensor]) -> None:
+    """Stop on a non-finite loss, naming the term (base loss, L_con or L_div) and the step."""
+    terms = {k: logs[k] for k in ("base_loss", "cm_consistency", "cm_diversity") if k in logs}
+    check_finite(step, **terms)
+
+
+def reduce_logs(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean of each logged scalar over processes, in one collective; a value missing on some processes (NaN, such
+    as the distance of a class group absent from that process's batch) is averaged over the others, and dropped when
+    it is missing everywhere."""
+    keys = sorted(logs)
+    local = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.gather(local[None]).nanmean(0)
+    return {k: v for k, v in zip(keys, local.tolist(), strict=True) if math.isfinite(v)}
+
+
+def finish_step(
+    accelerator: Accelerator,
+    progress: Any,
+    ema: Any,
+    params: list[nn.Parameter],
+    step_logs: dict[str, torch.Tensor],
+    lr_scheduler: Any,
+    step: int,
+) -> dict[str, float]:
+    """After an optimizer step: EMA update, progress bar, tracker log. Returns the step's values as floats, averaged
+    over processes (every process must call this)."""
+    if ema is not None:
+        ema.step(params)
+    values = reduce_logs(accelerator, step_logs)
+    values["lr"] = lr_scheduler.get_last_lr()[0]
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    accelerator.log(values, step=step)
+    return values
+
+
+@contextmanager
+def ema_weights(ema: Any, params: list[nn.Parameter]) -> Iterator[None]:
+    """Sample with the EMA weights (when EMA is on), then put the training weights back."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+@dataclass
+class Training:
+    """What the loop needs, as `prepare_training` leaves it: the prepared objects, the step counts and the place a
+    resumed run starts from."""
+
+    denoiser: nn.Module
+    optimizer: torch.optim.Optimizer
+    dataloader: DataLoader
+    order: torch.Generator
+    lr_scheduler: Any
+    max_steps: int
+    per_epoch: int
+    global_step: int
+
+
+def train(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    run: Training,
+    randomness: StepRandomness,
+    step_loss: Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    params: list[nn.Parameter],
+    ema: Any,
+    validate: Callable[[nn.Module, int, int], Any] | None = None,
+) -> tuple[dict[str, float], int, float]:
+    """Train from ``run.global_step`` to ``run.max_steps``; returns the last step's logs, the step reached and the
+    seconds spent.
+
+    `step_loss(batch, draws)` is Eq. 4 for one micro-batch (the scripts differ only in how a batch becomes x0 and
+    a condition). On the main process a checkpoint is written every ``--checkpointing_steps`` and, when due,
+    `validate(model, epoch, step)` runs with the EMA weights.
+    """
+    logs: dict[str, float] = {}
+    global_step = run.global_step
+    start = time.time()
+    with tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as bar:
+        for epoch, micro, batch in train_batches(accelerator, run.dataloader, run.order, args.seed, global_step):
+            if global_step >= run.max_steps:
+                break
+            draws = randomness.micro_batch(global_step, micro)
+            with accelerator.accumulate(run.denoiser):
+                loss, step_logs = step_loss(batch, draws)
+                guard_finite(global_step + 1, step_logs)
+                backward_and_step(accelerator, loss, params, run.optimizer, run.lr_scheduler, args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = finish_step(accelerator, bar, ema, params, step_logs, run.lr_scheduler, global_step)
+            if not accelerator.is_main_process:
+                continue
+            model = accelerator.unwrap_model(run.denoiser).unet
+            if global_step % args.checkpointing_steps == 0:
+                save_training_checkpoint(args, global_step, model, run.optimizer, run.lr_scheduler, ema)
+            if validate is not None and validation_due(args, global_step, run.per_epoch):
+                with ema_weights(ema, params):
+                    validate(model, epoch + 1, global_step)
+    return logs, global_step, time.time() - start

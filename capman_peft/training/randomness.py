@@ -1,0 +1,121 @@
+"""Per-step randomness: every random choice of a training step is drawn from a generator seeded by (seed, step,
+process), so a resumed run takes exactly the steps an uninterrupted one would, and gradient accumulation equals one
+larger batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+# Independent random streams derived from one step seed (see `step_seed`).
+DRAW_STREAM, DROPOUT_STREAM = 0, 1
+
+
+def step_seed(seed: int, step: int, process_index: int, stream: int = DRAW_STREAM) -> int:
+    """A seed per (run, step, process, stream): the random choices of a step depend only on these, so a resumed run
+    takes exactly the steps an uninterrupted one would. Hashing a tuple of ints is stable across processes."""
+    return hash((seed, step, process_index, stream)) % (2**63)
+
+
+@dataclass
+class StepDraws:
+    """The random choices of a batch, one row per sample.
+
+    ``noise`` and ``timesteps`` make x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; ``label_dropped`` swaps the
+    condition for the null one; ``extra_labels`` is CBDM's y' (None for other objectives). Latent-diffusion training
+    adds ``flip`` (horizontal flip of the image) and ``latent_noise`` (VAE posterior sample z = mean + std * noise).
+    ``general_draw`` (uniform in [0, 1)) picks the rows of the theta^g pass when it runs on part of the batch.
+    """
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    label_dropped: torch.Tensor
+    extra_labels: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+    latent_noise: torch.Tensor | None = None
+    general_draw: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int, device: torch.device | str) -> StepDraws:
+        """Rows ``start:stop`` on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return StepDraws(
+            **{k: None if v is None else v[start:stop].to(device, non_blocking=True) for k, v in values.items()}
+        )
+
+
+def draw_step(
+    generator: torch.Generator | None,
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    num_train_timesteps: int,
+    label_dropout: float,
+    objective: Any,
+    noise_offset: float = 0.0,
+    flip: bool = False,
+    latent_noise: bool = False,
+    general_draw: bool = False,
+) -> StepDraws:
+    """Draw every random choice of `num_samples` samples at once, on the generator's device (None: the global RNG,
+    on the CPU).
+
+    Args:
+        sample_shape: shape of one x0 (C, H, W).
+        noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (diffusers' flag).
+        flip, latent_noise: also draw flips (p = 0.5) and VAE posterior noise of `sample_shape`.
+        general_draw: also draw one uniform per sample for choosing the rows of a partial theta^g pass.
+    """
+    rng = {"generator": generator, "device": generator.device if generator is not None else "cpu"}
+    shape = (num_samples, *sample_shape)
+    noise = torch.randn(shape, **rng)
+    if noise_offset:
+        noise += noise_offset * torch.randn((num_samples, shape[1], *[1] * (len(shape) - 2)), **rng)
+    timesteps = torch.randint(0, num_train_timesteps, (num_samples,), **rng)
+    dropped = torch.rand(num_samples, **rng) < label_dropout
+    # CBDM's y' ~ Categorical(N_c) does not depend on y, so placeholder labels of the right length suffice.
+    extra = objective.extra_labels(
+        torch.zeros(num_samples, dtype=torch.long, device=rng["device"]), generator=generator
+    )
+    flips = torch.rand(num_samples, **rng) < 0.5 if flip else None
+    posterior = torch.randn(shape, **rng) if latent_noise else None
+    general = torch.rand(num_samples, **rng) if general_draw else None
+    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general)
+
+
+class StepRandomness:
+    """Per-step random choices that make resume exact and gradient accumulation equal to one larger batch.
+
+    The choices of a whole optimizer step (accumulation x batch rows) are drawn at once from a generator seeded by
+    (seed, step, process); micro-batch m takes rows ``m*B:(m+1)*B``. Sample j of a step therefore gets the same
+    noise, timestep and label-dropout decision whether the step is 1 x 2B or 2 x B, and since every objective term is a
+    per-sample mean, 2 x B accumulated equals 1 x 2B (OC, whose references come from the batch, is the exception).
+    Model dropout uses the global RNG, reseeded per micro-batch from an independent stream.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, seed: int, batch_size: int, sample_shape: Sequence[int], **draw_options: Any
+    ) -> None:
+        self.accelerator = accelerator
+        self.seed = seed
+        self.batch_size = batch_size
+        self.sample_shape = tuple(sample_shape)
+        self.draw_options = draw_options
+        self._step: int | None = None
+        self._draws: StepDraws | None = None
+
+    def micro_batch(self, global_step: int, micro: int) -> StepDraws:
+        """The draws of micro-batch `micro` (its index in the epoch) of optimizer step `global_step` (0-based)."""
+        accumulation = self.accelerator.gradient_accumulation_steps
+        process = self.accelerator.process_index
+        index = micro % accumulation
+        if self._step != global_step:
+            generator = torch.Generator().manual_seed(step_seed(self.seed, global_step, process))
+            self._draws = draw_step(generator, accumulation * self.batch_size, self.sample_shape, **self.draw_options)
+            self._step = global_step
+        torch.manual_seed(step_seed(self.seed, global_step * accumulation + index, process, DROPOUT_STREAM))
+        start = index * self.batch_size
+        return self._draws.rows(start, start + self.batch_size, self.accelerator.device)

@@ -1,0 +1,251 @@
+"""Setting a training run up: the accelerator, the training data, the CM settings, the optimizer and schedule,
+``accelerator.prepare`` and resuming. Everything here runs before the first step."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from ..checkpointing import resume_training
+from ..data import ImbalancedImageDataset, class_balanced_sampler, load_imbalanced_dataset
+from ..errors import ConfigError
+from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
+from .loop import Training, steps_per_epoch
+
+logger = logging.getLogger("capman_peft")
+
+
+def setup_logging(is_main_process: bool) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if is_main_process else logging.WARNING,
+        stream=sys.stdout,
+    )
+
+
+# Sharded training keeps optimizer state on several processes; our checkpoints save it from the main process only.
+UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator (accumulation, mixed precision, trackers under ``output_dir``), plus logging, TF32 and
+    the initialisation seed."""
+    output_dir = Path(args.output_dir)
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16" and on_cpu:
+        raise ConfigError(
+            "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
+        )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    setup_logging(accelerator.is_main_process)
+    if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
+        raise ConfigError(
+            f"accelerate config: distributed_type {accelerator.distributed_type.value} is not supported (checkpoints "
+            "gather the optimizer state on one process, which cannot capture state sharded by FSDP or DeepSpeed); "
+            "allowed: a single device, or DDP (multi-GPU/multi-CPU)"
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
+        )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    return accelerator
+
+
+def init_trackers(accelerator: Accelerator, project_name: str, args: argparse.Namespace) -> None:
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers(project_name, config=config)
+
+
+def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen weights: the mixed precision in effect (the flag or accelerate's config), else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to `dtype` (memory); trainable ones to float32 (optimizer updates must not round away)."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
+    cast_training_params(model, torch.float32)
+
+
+def make_train_dataloader(
+    dataset: Dataset, labels: Sequence[int], args: argparse.Namespace
+) -> tuple[DataLoader, torch.Generator]:
+    """The training DataLoader (random or class-balanced order, full batches) and the generator of its order, which
+    `train_batches` reseeds per epoch so that the order depends only on (seed, epoch)."""
+    order = torch.Generator()
+    sampler = (
+        class_balanced_sampler(labels, generator=order)
+        if args.sampler == "balanced"
+        else RandomSampler(dataset, generator=order)
+    )
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    if len(dataloader) == 0:
+        raise ConfigError(f"--train_batch_size {args.train_batch_size} exceeds the {len(dataset)} training images")
+    return dataloader, order
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int):
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )
+
+
+def prepare_cm(
+    args: argparse.Namespace, class_counts: Sequence[int], class_names: Sequence[str], device: torch.device
+) -> CMSettings | None:
+    """The CM coefficients on the training device, after the boundedness check (DESIGN 'Stability of the CM loss')."""
+    if not args.capacity_manipulation:
+        return None
+    weights = cm_weights(
+        class_counts,
+        args.cm_diversity,
+        consistency_weight=0.0 if args.no_consistency else args.cm_consistency_weight,
+        diversity_weight=0.0 if args.no_diversity else args.cm_diversity_weight,
+    )
+    check_cm_bounded(weights, args.cm_diversity, class_names, args.allow_unbounded_cm)
+    logger.info(
+        "CM loss, %s form (pull: weight of the distance d; push: weight of the diversity term):\n%s",
+        args.cm_diversity,
+        format_cm_table(weights, class_counts, class_names),
+    )
+    return CMSettings(
+        CMWeights(weights.pull.to(device), weights.push.to(device)),
+        args.cm_diversity,
+        args.cm_margin,
+        args.cm_lambda,
+        args.cm_general_fraction,
+    )
+
+
+def log_training_data(args: argparse.Namespace, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
+    """The training set's classes and counts, as a table at the start of the log."""
+    source = args.dataset or args.dataset_name or args.train_data_dir
+    how = (
+        f"long-tail subsampled to imbalance ratio {args.imbalance_ratio:g}"
+        if args.imbalance_ratio is not None
+        else "the folder's own counts (--imbalance_ratio R subsamples it)"
+    )
+    rows = "\n".join(
+        f"  {k:>4}  {name:<24} {n:>7}" for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
+    )
+    logger.info(
+        "Training data: %s, %s: %d images in %d classes\n  %4s  %-24s %7s\n%s",
+        source,
+        how,
+        sum(class_counts),
+        len(class_names),
+        "id",
+        "class",
+        "images",
+        rows,
+    )
+
+
+def make_objective(args: argparse.Namespace, noise_scheduler: Any, class_counts: Sequence[int]):
+    options: dict[str, Any] = {"snr_gamma": args.snr_gamma}
+    if args.objective == "cbdm":
+        options.update(tau=args.cbdm_tau, gamma=args.cbdm_gamma)
+    return build_objective(args.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
+
+
+def load_training_data(args: argparse.Namespace, center_crop: bool, random_flip: bool) -> ImbalancedImageDataset:
+    """The long-tailed training set the flags name (Cao et al. subsampling, class 0 largest), logged as a table."""
+    dataset = load_imbalanced_dataset(
+        args.dataset,
+        split="train",
+        imbalance_ratio=args.imbalance_ratio,
+        resolution=args.resolution,
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        class_order=args.class_order.split(",") if args.class_order else None,
+        seed=args.data_seed,
+        center_crop=center_crop,
+        random_flip=random_flip,
+        cache_dir=getattr(args, "cache_dir", None),
+    )
+    log_training_data(args, dataset.class_names, dataset.class_counts)
+    return dataset
+
+
+def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
+    """``--max_train_steps``, or ``--num_train_epochs`` times the optimizer steps of an epoch."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    return args.num_train_epochs * steps_per_epoch(batches_per_epoch, args.gradient_accumulation_steps)
+
+
+def prepare_training(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    denoiser: nn.Module,
+    params: list[nn.Parameter],
+    optimizer_cls: type,
+    train_set: Dataset,
+    labels: Sequence[int],
+    ema: Any,
+    project: str,
+) -> Training:
+    """Data loader, optimizer, LR schedule, ``accelerator.prepare``, resume from ``--resume_from_checkpoint`` and
+    the trackers, in that order."""
+    dataloader, order = make_train_dataloader(train_set, labels, args)
+    optimizer = optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    max_steps = total_steps(args, len(dataloader) // accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
+    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
+    init_trackers(accelerator, project, args)
+    logger.info(
+        "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation",
+        max_steps,
+        -(-max_steps // per_epoch),
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+    )
+    return Training(denoiser, optimizer, dataloader, order, lr_scheduler, max_steps, per_epoch, global_step)
