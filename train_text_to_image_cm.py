@@ -36,7 +36,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import EMAModel, free_memory
+from diffusers.training_utils import free_memory
 from diffusers.utils.import_utils import is_xformers_available
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
@@ -44,21 +44,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from capman_peft import CapManConfig, CMDenoiser
+from capman_peft import CapManConfig
 from capman_peft.checkpointing import trainable_state
 from capman_peft.data import ImbalancedImageDataset, class_prompts
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
-    ArgumentParser,
-    add_data_args,
-    add_objective_args,
-    add_training_args,
-    check_common_args,
     nonnegative_float,
-    nonnegative_int,
     positive_float,
     positive_int,
     probability,
+    script_parser,
 )
 from capman_peft.hub import card_license, hub_source
 from capman_peft.objective import diffusion_loss
@@ -67,13 +62,13 @@ from capman_peft.recipes import parse_args_with_config
 from capman_peft.run_folder import encode_prompts
 from capman_peft.training.export import (
     cm_card_settings,
-    describe_expert_use,
     expert_use,
+    final_model,
     finish_export,
     publish_image,
 )
 from capman_peft.training.loop import train
-from capman_peft.training.randomness import StepDraws, StepRandomness
+from capman_peft.training.randomness import StepDraws
 from capman_peft.training.setup import (
     cast_frozen_weights,
     frozen_weight_dtype,
@@ -104,10 +99,9 @@ pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference o
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser, default_dataset="imb-artbench10", default_resolution=256)
-    add_objective_args(parser, default_objective="ddpm")
-    add_training_args(parser)
+    parser = script_parser(
+        __doc__, dataset="imb-artbench10", resolution=256, objective="ddpm", validation_epochs=10, guidance_scale=7.5
+    )
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -164,22 +158,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="VAE-encode every training image once per flip state before training (implies a center crop).",
     )
-    group = parser.add_argument_group("validation and export")
-    group.add_argument(
-        "--validation_epochs",
-        type=nonnegative_int,
-        default=10,
-        help="Sample every class every N epochs (0: only at the end).",
-    )
-    group.add_argument(
-        "--num_validation_images", type=positive_int, default=4, help="Images per class in validation grids."
-    )
-    group.add_argument(
-        "--num_inference_steps", type=positive_int, default=50, help="DDIM steps for validation (paper: 50)."
-    )
-    group.add_argument(
-        "--guidance_scale", type=nonnegative_float, default=7.5, help="Classifier-free guidance for validation."
-    )
+    group = parser.add_argument_group("export")
     group.add_argument(
         "--push_merged_pipeline",
         action="store_true",
@@ -201,7 +180,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         cm_general_fraction=0.25,
     )
     args = parse_args_with_config(parser, argv)
-    check_common_args(args)
     check_text_to_image_args(args)
     return args
 
@@ -539,9 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     weight_dtype = frozen_weight_dtype(accelerator)
     # Flips are drawn per step (see StepRandomness), not by the data transform.
     dataset = load_training_data(args, center_crop=args.center_crop or args.cache_latents, random_flip=False)
-    class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
-    num_classes = len(class_names)
-    cm = prepare_cm(args, class_counts, class_names, device)
+    cm = prepare_cm(args, dataset, device)
     base = load_base(args, dataset, weight_dtype, device)
     vae, noise_scheduler, unet = base.vae, base.noise_scheduler, base.unet
     train_set: Dataset = dataset
@@ -555,82 +531,63 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(args.seed)  # adapter initialisation independent of the data work above
     model = add_adapter(unet, args)
     cast_frozen_weights(model, weight_dtype)
-    denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
-    objective = make_objective(args, noise_scheduler, class_counts)
+    objective = make_objective(args, noise_scheduler, dataset.class_counts)
     optimizer_cls = torch.optim.AdamW
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
     run = prepare_training(
-        accelerator, args, denoiser, params, optimizer_cls, train_set, dataset.labels, ema, "capman-text-to-image"
-    )
-    logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
-    cond_table = base.cond_table.to(device)
-    randomness = StepRandomness(
         accelerator,
-        args.seed,
-        args.train_batch_size,
+        args,
+        model,
+        cm,
+        objective,
+        optimizer_cls,
+        train_set,
+        dataset.labels,
         base.latent_shape,
-        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-        label_dropout=args.label_dropout,
-        objective=objective,
-        general_draw=cm is not None and cm.general_fraction < 1,
+        "capman-text-to-image",
         noise_offset=args.noise_offset,
         flip=args.random_flip,
         latent_noise=True,
     )
+    logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
+    cond_table = base.cond_table.to(device)
     scaling = vae.config.scaling_factor
 
     def step_loss(batch, draws):
         latents = sample_latents(batch_moments(batch, draws, vae), draws.latent_noise, scaling)
         return diffusion_loss(
-            run.denoiser, objective, noise_scheduler, latents, batch["label"], num_classes=num_classes, cm=cm,
+            run.denoiser, objective, noise_scheduler, latents, batch["label"], num_classes=dataset.num_classes, cm=cm,
             draws=draws, cond_table=cond_table,
         )  # fmt: skip
 
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
         validate(accelerator, trained.get_base_model(), vae, noise_scheduler, cond_table, args, epoch, step)
 
-    logs, step, seconds = train(accelerator, args, run, randomness, step_loss, params, ema, validate_grid)
+    trained = train(accelerator, args, run, step_loss, validate_grid)
 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(run.denoiser).unet
-        if ema is not None:
-            ema.copy_to(params)
-        report = None
+        model, report = final_model(accelerator, run), None
         if cm is not None:
             with accelerator.autocast():
                 report = expert_use(
-                    trained,
+                    model,
                     noise_scheduler,
                     dataset,
-                    num_classes,
                     lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling,
                     lambda y: {"encoder_hidden_states": cond_table[y]},
                 )
-            logger.info(describe_expert_use(report))
-        pipeline = export_pipeline(args, trained, noise_scheduler)
+        pipeline = export_pipeline(args, model, noise_scheduler)
         pipeline.set_progress_bar_config(disable=True)
-        finish_export(
-            accelerator,
-            args,
-            class_names=class_names,
-            class_counts=class_counts,
-            logs=logs,
-            steps=step,
-            seconds=seconds,
-            expert_report=report,
-            samples=sample_class_grid(pipeline.to(device), cond_table, args, torch.float32),
-            card=card(args, base.prompts),
-            summary=dict(prompts=base.prompts),
-            # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
-            lora_only=args.capacity_manipulation and not args.push_merged_pipeline,
-        )
+        samples = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
+        # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
+        lora_only = args.capacity_manipulation and not args.push_merged_pipeline
+        card_parts, summary = card(args, base.prompts), dict(prompts=base.prompts)
+        finish_export(accelerator, args, dataset, trained, report, samples, card_parts, summary, lora_only)
     accelerator.end_training()
 
 

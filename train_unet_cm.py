@@ -19,21 +19,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from peft import get_peft_model
 
-from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
+from capman_peft import CapManConfig, ClassConditionalPipeline
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
-    ArgumentParser,
-    add_data_args,
-    add_objective_args,
-    add_training_args,
-    check_common_args,
     fraction,
-    nonnegative_float,
-    nonnegative_int,
     positive_int,
+    script_parser,
 )
 from capman_peft.hub import hub_source
 from capman_peft.objective import diffusion_loss
@@ -41,13 +34,12 @@ from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class
 from capman_peft.recipes import parse_args_with_config
 from capman_peft.training.export import (
     cm_card_settings,
-    describe_expert_use,
     expert_use,
+    final_model,
     finish_export,
     publish_image,
 )
 from capman_peft.training.loop import train
-from capman_peft.training.randomness import StepRandomness
 from capman_peft.training.setup import (
     load_training_data,
     make_accelerator,
@@ -71,10 +63,9 @@ UP_PATH_TARGETS = (
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser, default_dataset="imb-cifar10", default_resolution=32)
-    add_objective_args(parser, default_objective="oc")
-    add_training_args(parser)
+    parser = script_parser(
+        __doc__, dataset="imb-cifar10", resolution=32, objective="oc", validation_epochs=0, guidance_scale=1.5
+    )
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model_config_name_or_path",
@@ -84,35 +75,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument("--expert_rank_ratio", type=fraction, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
     group.add_argument("--expert_target_modules", default=UP_PATH_TARGETS, help="Regex of layers with an expert.")
-    group = parser.add_argument_group("validation")
-    group.add_argument(
-        "--validation_epochs",
-        type=nonnegative_int,
-        default=0,
-        help="Sample a per-class grid every N epochs (0: only at the end).",
-    )
-    group.add_argument(
-        "--num_validation_images", type=positive_int, default=4, help="Images per class in the grids (columns)."
-    )
     # The first release's names, kept working for one release: a grid every N steps, and the old name of the column
     # count.
-    group.add_argument("--validation_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
-    group.add_argument(
+    parser.add_argument("--validation_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--validation_images_per_class",
         dest="num_validation_images",
         type=positive_int,
         default=argparse.SUPPRESS,
         help=argparse.SUPPRESS,
     )
-    group.add_argument("--num_inference_steps", type=positive_int, default=50, help="DDIM steps for validation.")
-    group.add_argument("--guidance_scale", type=nonnegative_float, default=1.5, help="Classifier-free guidance scale.")
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
     # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
     parser.set_defaults(
         learning_rate=2e-4, lr_warmup_steps=5000, max_train_steps=300_000, use_ema=True, cm_forward="shared_prefix"
     )
     args = parse_args_with_config(parser, argv)
-    check_common_args(args)
     args.unet_config = unet_config(args)
     return args
 
@@ -179,12 +157,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     dataset = load_training_data(args, center_crop=args.center_crop, random_flip=args.random_flip)
-    class_names, class_counts = list(dataset.class_names), list(dataset.class_counts)
-    num_classes = len(class_names)
-    cm = prepare_cm(args, class_counts, class_names, accelerator.device)
+    cm = prepare_cm(args, dataset, accelerator.device)
 
     # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
-    unet = build_unet(args.unet_config, args.resolution, num_classes)
+    unet = build_unet(args.unet_config, args.resolution, dataset.num_classes)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
@@ -196,74 +172,39 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = get_peft_model(unet, config)
         except ValueError as err:
             raise ConfigError(f"--expert_target_modules {args.expert_target_modules}: {err}") from None
-    denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    objective = make_objective(args, noise_scheduler, class_counts)
+    objective = make_objective(args, noise_scheduler, dataset.class_counts)
+    shape = (unet.config.in_channels, args.resolution, args.resolution)
     run = prepare_training(
-        accelerator, args, denoiser, params, torch.optim.Adam, dataset, dataset.labels, ema, "capman-unet"
-    )
-    randomness = StepRandomness(
-        accelerator,
-        args.seed,
-        args.train_batch_size,
-        (unet.config.in_channels, args.resolution, args.resolution),
-        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-        label_dropout=args.label_dropout,
-        objective=objective,
-        general_draw=cm is not None and cm.general_fraction < 1,
+        accelerator, args, model, cm, objective, torch.optim.Adam, dataset, dataset.labels, shape, "capman-unet"
     )
 
     def step_loss(batch, draws):
         x0, labels = batch["pixel_values"], batch["label"]
         return diffusion_loss(
-            run.denoiser, objective, noise_scheduler, x0, labels, num_classes=num_classes, cm=cm, draws=draws
+            run.denoiser, objective, noise_scheduler, x0, labels, num_classes=dataset.num_classes, cm=cm, draws=draws
         )
 
     def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
-        grid = class_grid(
-            trained.get_base_model() if cm is not None else trained,
-            noise_scheduler,
-            class_names,
-            args,
-            accelerator.device,
-        )
+        sampler = trained.get_base_model() if cm is not None else trained
+        grid = class_grid(sampler, noise_scheduler, dataset.class_names, args, accelerator.device)
         publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
-    logs, step, seconds = train(accelerator, args, run, randomness, step_loss, params, ema, validate)
+    trained = train(accelerator, args, run, step_loss, validate)
 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.denoiser).unet
-        if ema is not None:
-            ema.copy_to(params)
-        report = None
+        model, report = final_model(accelerator, run), None
         if cm is not None:
-            report = expert_use(
-                model, noise_scheduler, dataset, num_classes, lambda x: x, lambda y: {"class_labels": y}
-            )
-            logger.info(describe_expert_use(report))
+            report = expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
             model = save_adapter_and_merge(model, args.output_dir, args.run_id)
         scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-        save_class_conditional_pipeline(model, scheduler, class_names, args.output_dir)
-        finish_export(
-            accelerator,
-            args,
-            class_names=class_names,
-            class_counts=class_counts,
-            logs=logs,
-            steps=step,
-            seconds=seconds,
-            expert_report=report,
-            samples=class_grid(model, noise_scheduler, class_names, args, accelerator.device),
-            card=dict(
-                base_model=None,
-                cm_settings=cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio),
-                pipeline_note=PIPELINE_NOTE,
-            ),
-        )
+        save_class_conditional_pipeline(model, scheduler, dataset.class_names, args.output_dir)
+        samples = class_grid(model, noise_scheduler, dataset.class_names, args, accelerator.device)
+        settings = cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio)
+        card = dict(base_model=None, cm_settings=settings, pipeline_note=PIPELINE_NOTE)
+        finish_export(accelerator, args, dataset, trained, report, samples, card)
     accelerator.end_training()
 
 

@@ -266,6 +266,37 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
 
 
+def add_validation_args(parser: argparse.ArgumentParser, validation_epochs: int, guidance_scale: float) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument(
+        "--validation_epochs",
+        type=nonnegative_int,
+        default=validation_epochs,
+        help="Sample a per-class grid every N epochs (0: only at the end).",
+    )
+    group.add_argument(
+        "--num_validation_images", type=positive_int, default=4, help="Images per class in the grids (columns)."
+    )
+    group.add_argument(
+        "--num_inference_steps", type=positive_int, default=50, help="DDIM steps for the grids (paper: 50)."
+    )
+    group.add_argument(
+        "--guidance_scale", type=nonnegative_float, default=guidance_scale, help="Classifier-free guidance scale."
+    )
+
+
+def script_parser(
+    description: str, *, dataset: str, resolution: int, objective: str, validation_epochs: int, guidance_scale: float
+) -> ArgumentParser:
+    """The flags both training scripts have, with the script's defaults; the script adds its model's flags."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser, dataset, resolution)
+    add_objective_args(parser, objective)
+    add_training_args(parser)
+    add_validation_args(parser, validation_epochs, guidance_scale)
+    return parser
+
+
 # --- checks before any work ------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .flags import ArgumentParser
+from .flags import ArgumentParser, check_common_args
 
 
 def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, Path]]:
@@ -94,7 +94,8 @@ def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]])
 
 
 def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--config recipe.yaml`` supplies defaults; flags on the command line override them."""
+    """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the checks both
+    training scripts share (``check_common_args``) run."""
     parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -102,4 +103,6 @@ def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = 
             parser.set_defaults(**recipe_defaults(parser, load_recipe(known.config)))
         except ConfigError as err:
             parser.exit(2, f"error: {err}\n")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    return args

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..objective import class_weights
+from .loop import Trained, Training
 
 logger = logging.getLogger("capman_peft")
 
@@ -59,13 +60,13 @@ def expert_use(
     capman: nn.Module,
     noise_scheduler: Any,
     data: Any,
-    num_classes: int,
     encode: Any,
     condition: Any,
     images_per_class: int = EXPERT_USE_IMAGES,
 ) -> dict[str, Any]:
     """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
-    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and one log line.
+    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and the log line it
+    writes.
 
     Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
     loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
@@ -75,6 +76,7 @@ def expert_use(
 
     device = next(capman.parameters()).device
     denoiser = LossSetup(capman, noise_scheduler, encode, condition, device)
+    num_classes = data.num_classes
     values = measure_expert_use(capman, denoiser, data, num_classes, num_batches=1, batch_size=images_per_class)
     splits = {
         split: {
@@ -87,13 +89,15 @@ def expert_use(
     }
     many, few = splits["many"]["distance"], splits.get("few", splits["many"])["distance"]
     ratio = few / many if many > 0 else math.inf
-    return {
+    report = {
         "images_per_class": images_per_class,
         "splits": splits,
         "per_class_distance": values["expert_usage"],
         "few_over_many": ratio,
         "expert_used": ratio >= EXPERT_USE_RATIO,
     }
+    logger.info(describe_expert_use(report))
+    return report
 
 
 def describe_expert_use(report: dict[str, Any]) -> str:
@@ -135,15 +139,18 @@ def write_training_summary(
     path.write_text(json.dumps(summary, indent=2, default=str))
 
 
+def final_model(accelerator: Accelerator, run: Training) -> nn.Module:
+    """The trained UNet (PEFT-wrapped with CM) with the weights to export: the EMA weights when EMA is on."""
+    if run.ema is not None:
+        run.ema.copy_to(run.params)
+    return accelerator.unwrap_model(run.denoiser).unet
+
+
 def finish_export(
     accelerator: Accelerator,
     args: argparse.Namespace,
-    *,
-    class_names: Sequence[str],
-    class_counts: Sequence[int],
-    logs: dict[str, float],
-    steps: int,
-    seconds: float,
+    dataset: Any,
+    trained: Trained,
     expert_report: dict[str, Any] | None,
     samples: Image.Image,
     card: dict[str, Any],
@@ -158,11 +165,11 @@ def finish_export(
     write_training_summary(
         output_dir / "training_summary.json",
         args,
-        class_names,
-        class_counts,
-        logs,
-        steps=steps,
-        train_seconds=round(seconds, 1),
+        dataset.class_names,
+        dataset.class_counts,
+        trained.logs,
+        steps=trained.steps,
+        train_seconds=round(trained.seconds, 1),
         expert_use=expert_report,
         **(summary or {}),
     )
@@ -170,14 +177,14 @@ def finish_export(
         output_dir,
         dataset=args.dataset or args.dataset_name or str(args.train_data_dir),
         imbalance_ratio=args.imbalance_ratio,
-        class_names=class_names,
-        class_counts=class_counts,
+        class_names=dataset.class_names,
+        class_counts=dataset.class_counts,
         expert_use=expert_report,
         **card,
     )
-    path = publish_image(accelerator, samples, output_dir / "samples.png", steps, key="samples")
-    logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, seconds, path)
-    logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in logs.items()}))
+    path = publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
+    logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, trained.seconds, path)
+    logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in trained.logs.items()}))
     if args.push_to_hub:
         repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
         logger.info("Pushed to https://huggingface.co/%s", repo)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -127,44 +127,51 @@ def ema_weights(ema: Any, params: list[nn.Parameter]) -> Iterator[None]:
 
 @dataclass
 class Training:
-    """What the loop needs, as `prepare_training` leaves it: the prepared objects, the step counts and the place a
-    resumed run starts from."""
+    """What the loop needs, as `prepare_training` leaves it: the prepared objects, the trainable parameters and
+    their EMA, the per-step randomness, the step counts and the place a resumed run starts from."""
 
     denoiser: nn.Module
+    params: list[nn.Parameter]
+    ema: Any
     optimizer: torch.optim.Optimizer
     dataloader: DataLoader
     order: torch.Generator
     lr_scheduler: Any
+    randomness: StepRandomness
     max_steps: int
     per_epoch: int
     global_step: int
+
+
+class Trained(NamedTuple):
+    """What a finished loop reports: the last step's logs, the step reached and the seconds spent."""
+
+    logs: dict[str, float]
+    steps: int
+    seconds: float
 
 
 def train(
     accelerator: Accelerator,
     args: argparse.Namespace,
     run: Training,
-    randomness: StepRandomness,
     step_loss: Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    params: list[nn.Parameter],
-    ema: Any,
     validate: Callable[[nn.Module, int, int], Any] | None = None,
-) -> tuple[dict[str, float], int, float]:
-    """Train from ``run.global_step`` to ``run.max_steps``; returns the last step's logs, the step reached and the
-    seconds spent.
+) -> Trained:
+    """Train from ``run.global_step`` to ``run.max_steps``.
 
     `step_loss(batch, draws)` is Eq. 4 for one micro-batch (the scripts differ only in how a batch becomes x0 and
     a condition). On the main process a checkpoint is written every ``--checkpointing_steps`` and, when due,
     `validate(model, epoch, step)` runs with the EMA weights.
     """
     logs: dict[str, float] = {}
-    global_step = run.global_step
+    params, ema, global_step = run.params, run.ema, run.global_step
     start = time.time()
     with tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as bar:
         for epoch, micro, batch in train_batches(accelerator, run.dataloader, run.order, args.seed, global_step):
             if global_step >= run.max_steps:
                 break
-            draws = randomness.micro_batch(global_step, micro)
+            draws = run.randomness.micro_batch(global_step, micro)
             with accelerator.accumulate(run.denoiser):
                 loss, step_logs = step_loss(batch, draws)
                 guard_finite(global_step + 1, step_logs)
@@ -181,4 +188,4 @@ def train(
             if validate is not None and validation_due(args, global_step, run.per_epoch):
                 with ema_weights(ema, params):
                     validate(model, epoch + 1, global_step)
-    return logs, global_step, time.time() - start
+    return Trained(logs, global_step, time.time() - start)

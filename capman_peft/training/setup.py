@@ -15,15 +15,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..checkpointing import resume_training
 from ..data import ImbalancedImageDataset, class_balanced_sampler, load_imbalanced_dataset
+from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from .loop import Training, steps_per_epoch
+from .randomness import StepRandomness
 
 logger = logging.getLogger("capman_peft")
 
@@ -127,12 +129,11 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer
     )
 
 
-def prepare_cm(
-    args: argparse.Namespace, class_counts: Sequence[int], class_names: Sequence[str], device: torch.device
-) -> CMSettings | None:
+def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device: torch.device) -> CMSettings | None:
     """The CM coefficients on the training device, after the boundedness check (DESIGN 'Stability of the CM loss')."""
     if not args.capacity_manipulation:
         return None
+    class_counts, class_names = dataset.class_counts, dataset.class_names
     weights = cm_weights(
         class_counts,
         args.cm_diversity,
@@ -214,16 +215,22 @@ def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
 def prepare_training(
     accelerator: Accelerator,
     args: argparse.Namespace,
-    denoiser: nn.Module,
-    params: list[nn.Parameter],
+    model: nn.Module,
+    cm: CMSettings | None,
+    objective: Any,
     optimizer_cls: type,
     train_set: Dataset,
     labels: Sequence[int],
-    ema: Any,
+    sample_shape: Sequence[int],
     project: str,
+    **draw_options: Any,
 ) -> Training:
-    """Data loader, optimizer, LR schedule, ``accelerator.prepare``, resume from ``--resume_from_checkpoint`` and
-    the trackers, in that order."""
+    """Everything between the model and the first step, in this order: the CM forward module, EMA, data loader,
+    optimizer, LR schedule, ``accelerator.prepare``, resume from ``--resume_from_checkpoint``, the trackers, and the
+    per-step randomness (`sample_shape`: one x0; `draw_options`: latent-diffusion extras of ``draw_step``)."""
+    denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     dataloader, order = make_train_dataloader(train_set, labels, args)
     optimizer = optimizer_cls(
         params,
@@ -248,4 +255,17 @@ def prepare_training(
         accelerator.num_processes,
         args.gradient_accumulation_steps,
     )
-    return Training(denoiser, optimizer, dataloader, order, lr_scheduler, max_steps, per_epoch, global_step)
+    randomness = StepRandomness(
+        accelerator,
+        args.seed,
+        args.train_batch_size,
+        sample_shape,
+        num_train_timesteps=objective.num_train_timesteps,
+        label_dropout=args.label_dropout,
+        objective=objective,
+        general_draw=cm is not None and cm.general_fraction < 1,
+        **draw_options,
+    )
+    return Training(
+        denoiser, params, ema, optimizer, dataloader, order, lr_scheduler, randomness, max_steps, per_epoch, global_step
+    )
