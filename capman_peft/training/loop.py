@@ -40,10 +40,11 @@ def train_batches(
     first_epoch, skip = divmod(global_step, steps_per_epoch(len(dataloader), accumulation))
     for epoch in itertools.count(first_epoch):
         order.manual_seed(seed * 100_003 + epoch)
-        batches = dataloader
+        batches, start = dataloader, 0
         if epoch == first_epoch and skip:
-            batches = accelerator.skip_first_batches(dataloader, skip * accumulation)
-        for micro, batch in enumerate(batches):
+            start = skip * accumulation
+            batches = accelerator.skip_first_batches(dataloader, start)
+        for micro, batch in enumerate(batches, start):
             yield epoch, micro, batch
 
 
