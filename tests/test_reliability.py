@@ -437,3 +437,15 @@ def test_tracker_logs_are_averaged_over_processes_and_absent_groups_are_left_out
         "cm_distance_medium": torch.tensor(float("nan")),
     }
     assert reduce_logs(accelerator, mine) == {"loss": 0.375, "cm_distance_few": 0.25}
+
+
+def test_capman_eval_without_a_dataset_to_use_names_the_choices(tmp_path, capsys):
+    """A pipeline folder without training_summary.json and no --dataset: one line listing the known datasets."""
+    from conftest import make_tiny_unet2d
+    from diffusers import DDPMScheduler
+
+    from capman_peft import save_class_conditional_pipeline
+
+    save_class_conditional_pipeline(make_tiny_unet2d(num_classes=10), DDPMScheduler(), None, tmp_path / "bare")
+    line = assert_refused(capsys, eval_main, ["--pipeline", str(tmp_path / "bare")], tmp_path, "no --dataset given")
+    assert "imb-digits" in line

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data import class_prompts, class_splits, get_dataset_spec, load_reference_dataset
+from ..data import DATASETS, class_prompts, class_splits, get_dataset_spec, load_reference_dataset
 from ..errors import ConfigError
 from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
 from .digits import (
@@ -321,8 +321,6 @@ def _record(
 
 
 def _known_datasets() -> list[str]:
-    from .data import DATASETS
-
     return list(DATASETS)
 
 
