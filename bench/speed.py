@@ -5,6 +5,8 @@ model costs at inference (nothing). Every figure is a ratio against a baseline m
 
     python bench/speed.py                 # paper UNet (32x32) and a small UNet, batch 8, CPU
     python bench/speed.py --quick         # small UNet only, fewer repeats
+
+The text-to-image script's own step time, CM off vs on: bench/speed_text_to_image.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -26,7 +29,10 @@ from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
 from capman_peft.objective import CMSettings, build_objective, cm_weights, diffusion_loss
 from capman_peft.training.randomness import draw_step
 
-UP_TARGETS = r"up_blocks\..*\.(conv1|conv2|conv_shortcut|to_q|to_k|to_v|to_out\.0)"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from train_unet_cm import UP_PATH_TARGETS as UP_TARGETS  # noqa: E402  (the script's expert placement)
+
 NUM_CLASSES = 10
 COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10 IR 100
 
@@ -205,74 +211,6 @@ def bench_inference(name: str, config: dict, batch: int, repeats: int, warmup: i
         print(f"| {key} | {seconds:.3f} | {seconds / base:.3f} |")
 
 
-def bench_text_to_image(repeats: int, steps: int = 40) -> None:
-    """train_text_to_image_cm.py itself on the offline tiny SD pipeline of its tests: CM off vs on, and the latent
-    cache. Per-step time = the script's own loop time (training_summary.json) / steps."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    sys.path[:0] = [str(root), str(root / "tests")]
-    from conftest import build_tiny_sd
-    from test_train_text_to_image import write_artbench_mirror
-
-    import train_text_to_image_cm
-
-    tmp = Path(tempfile.mkdtemp(prefix="capman-bench-"))
-    base, data = build_tiny_sd(tmp), write_artbench_mirror(tmp / "artbench")
-    common = [
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--dataset",
-        "imb-artbench10",
-        "--dataset_name",
-        str(data),
-        "--imbalance_ratio",
-        "4",
-        "--resolution",
-        "16",
-        "--train_batch_size",
-        "8",
-        "--max_train_steps",
-        str(steps),
-        "--rank",
-        "16",
-        "--expert_rank",
-        "4",
-        "--validation_epochs",
-        "0",
-        "--report_to",
-        "none",
-        "--checkpointing_steps",
-        str(10 * steps),
-        "--num_inference_steps",
-        "2",
-        "--num_validation_images",
-        "1",
-        "--center_crop",
-    ]
-    variants = {
-        "CM off (LoRA)": ["--no_capacity_manipulation"],
-        "CM on (fused)": [],
-        "CM on (sequential)": ["--cm_forward", "sequential"],
-        "CM on (fused), --cache_latents": ["--cache_latents"],
-    }
-    per_step: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(repeats):
-        for name, flags in variants.items():
-            out = tmp / f"run-{repeat}-{list(variants).index(name)}"
-            train_text_to_image_cm.main([*common, *flags, "--output_dir", str(out)])
-            summary = json.loads((out / "training_summary.json").read_text())
-            per_step[name].append(summary["train_seconds"] / steps)
-    medians = {name: statistics.median(t) for name, t in per_step.items()}
-    print(f"\n### train_text_to_image_cm.py step time, tiny SD (16 px, batch 8), {steps} steps x {repeats} runs\n")
-    print("| run | step time (s) | ÷ CM off |")
-    print("|---|---|---|")
-    for name, seconds in medians.items():
-        print(f"| {name} | {seconds:.4f} | {seconds / medians['CM off (LoRA)']:.2f} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="Batch size of every measurement.")
@@ -291,7 +229,6 @@ def main() -> None:
     for name, config in configs.items():
         bench_training(name, args.batch, repeats, args.warmup)
         bench_inference(name, config, args.batch, repeats, args.warmup)
-    bench_text_to_image(3 if args.quick else 5)
 
 
 if __name__ == "__main__":
