@@ -56,6 +56,53 @@ def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DCon
     )
 
 
+# A UNet2DModel config for train_unet_cm.py's tests: 8x8 digits, dropout on.
+TINY_UNET_CONFIG = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 4,
+    "dropout": 0.1,
+}
+
+
+def as_argv(values: dict) -> list[str]:
+    """``{"flag": value}`` as command-line tokens: True is a bare flag, False and None are left out."""
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def digits_run_args(tmp_path: Path, **overrides) -> list[str]:
+    """train_unet_cm.py on the bundled digits (IR 10, 8x8, the tiny UNet written to `tmp_path`), 2 steps, into
+    `tmp_path/out`, checkpoint at step 2; `overrides` change or add flags."""
+    config = tmp_path / "unet.json"
+    if not config.exists():
+        config.write_text(json.dumps(TINY_UNET_CONFIG))
+    values = {
+        "dataset": "imb-digits",
+        "imbalance_ratio": 10,
+        "resolution": 8,
+        "model_config_name_or_path": config,
+        "train_batch_size": 8,
+        "max_train_steps": 2,
+        "learning_rate": 1e-3,
+        "num_inference_steps": 2,
+        "num_validation_images": 1,
+        "report_to": "none",
+        "checkpointing_steps": 2,
+        "output_dir": tmp_path / "out",
+    }
+    return as_argv({**values, **overrides})
+
+
 @pytest.fixture
 def tiny_unet2d() -> UNet2DModel:
     return make_tiny_unet2d()

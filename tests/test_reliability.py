@@ -19,7 +19,7 @@ import accelerate
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import build_tiny_sd
+from conftest import TINY_UNET_CONFIG, as_argv, build_tiny_sd, digits_run_args
 
 from capman_peft.errors import run_cli
 from capman_peft.evaluation import evaluate_pipeline
@@ -29,49 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_text_to_image_cm  # noqa: E402
 import train_unet_cm  # noqa: E402
-
-TINY_UNET = {
-    "_class_name": "UNet2DModel",
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 4,
-    "dropout": 0.1,
-}
-
-
-def as_argv(values: dict) -> list[str]:
-    argv = []
-    for key, value in values.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False and value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def unet_args(tmp_path: Path, **overrides) -> list[str]:
-    config = tmp_path / "unet.json"
-    if not config.exists():
-        config.write_text(json.dumps(TINY_UNET))
-    values = {
-        "dataset": "imb-digits",
-        "imbalance_ratio": 10,
-        "resolution": 8,
-        "model_config_name_or_path": config,
-        "train_batch_size": 8,
-        "max_train_steps": 2,
-        "learning_rate": 1e-3,
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-        "report_to": "none",
-        "checkpointing_steps": 2,
-        "output_dir": tmp_path / "out",
-    }
-    values.update(overrides)
-    return as_argv(values)
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -102,7 +59,7 @@ def assert_refused(capsys, main, argv: list[str], root: Path, expected: str) -> 
 def test_empty_output_dir_is_refused_and_the_working_folder_keeps_its_readme(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("the user's own readme")
-    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path, output_dir=""), tmp_path, "--output_dir")
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path, output_dir=""), tmp_path, "--output_dir")
     assert (tmp_path / "README.md").read_text() == "the user's own readme"
 
 
@@ -110,9 +67,9 @@ def test_a_non_empty_output_dir_is_refused_unless_resuming_or_overwriting(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "README.md").write_text("notes")
-    line = assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "is not empty (README.md)")
+    line = assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "is not empty (README.md)")
     assert "--overwrite_output_dir" in line and "--resume_from_checkpoint latest" in line
-    train_unet_cm.main(unet_args(tmp_path, overwrite_output_dir=True))
+    train_unet_cm.main(digits_run_args(tmp_path, overwrite_output_dir=True))
     assert (out / "model_index.json").is_file()
 
 
@@ -121,7 +78,7 @@ def test_checkpoint_limits_below_one_are_refused(tmp_path, capsys, limit):
     assert_refused(
         capsys,
         train_unet_cm.main,
-        unet_args(tmp_path, checkpoints_total_limit=limit),
+        digits_run_args(tmp_path, checkpoints_total_limit=limit),
         tmp_path,
         "--checkpoints_total_limit",
     )
@@ -130,18 +87,18 @@ def test_checkpoint_limits_below_one_are_refused(tmp_path, capsys, limit):
 def test_an_adapter_left_over_from_another_run_is_never_evaluated_as_this_pipelines(tmp_path, capsys):
     """A CM run, then a baseline written over it (--overwrite_output_dir): adapter/ is the old run's, and capman-eval
     --expert off must refuse it instead of scoring a stale model."""
-    train_unet_cm.main(unet_args(tmp_path))
-    train_unet_cm.main(unet_args(tmp_path, overwrite_output_dir=True, no_capacity_manipulation=True))
+    train_unet_cm.main(digits_run_args(tmp_path))
+    train_unet_cm.main(digits_run_args(tmp_path, overwrite_output_dir=True, no_capacity_manipulation=True))
     argv = ["--pipeline", str(tmp_path / "out"), "--expert", "off", "--num_images_per_class", "2", "--steps", "2"]
     assert_refused(capsys, eval_main, argv, tmp_path, "does not belong to the pipeline")
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, capsys):
-    train_unet_cm.main(unet_args(tmp_path))
+    train_unet_cm.main(digits_run_args(tmp_path))
     line = assert_refused(
         capsys,
         train_unet_cm.main,
-        unet_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4, objective="ddpm"),
+        digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4, objective="ddpm"),
         tmp_path,
         "checkpoint-2: was written by a run with other settings",
     )
@@ -185,17 +142,17 @@ UNET_CASES = {
 @pytest.mark.parametrize("overrides, expected", list(UNET_CASES.values()), ids=list(UNET_CASES))
 def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, overrides, expected):
     (tmp_path / "keep.txt").write_text("unrelated")
-    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path, **overrides), tmp_path, expected)
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path, **overrides), tmp_path, expected)
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
-    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "is a file")
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "is a file")
 
 
 def test_sharded_distributed_types_are_refused_at_start(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-    assert_refused(capsys, train_unet_cm.main, unet_args(tmp_path), tmp_path, "distributed_type FSDP")
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "distributed_type FSDP")
 
 
 RECIPE_CASES = {
@@ -233,7 +190,7 @@ def test_recipe_values_are_typed_like_flags(tmp_path):
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
-    train_unet_cm.main(unet_args(root, max_train_steps=4, checkpointing_steps=2))
+    train_unet_cm.main(digits_run_args(root, max_train_steps=4, checkpointing_steps=2))
     return root
 
 
@@ -253,14 +210,14 @@ CORRUPTIONS = {
 def test_a_corrupt_checkpoint_is_named_when_asked_for(two_checkpoints, tmp_path, capsys, name, corrupt, expected):
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     corrupt(tmp_path / "out" / "checkpoint-4" / name)
-    argv = unet_args(tmp_path, max_train_steps=6, resume_from_checkpoint="checkpoint-4")
+    argv = digits_run_args(tmp_path, max_train_steps=6, resume_from_checkpoint="checkpoint-4")
     assert_refused(capsys, train_unet_cm.main, argv, tmp_path, f"checkpoint-4/{expected}")
 
 
 def test_a_checkpoint_of_another_shape_is_named(two_checkpoints, tmp_path, capsys):
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "unet.json").write_text(json.dumps({**TINY_UNET, "block_out_channels": [8, 24]}))
-    argv = unet_args(tmp_path, max_train_steps=6, resume_from_checkpoint="latest")
+    (tmp_path / "unet.json").write_text(json.dumps({**TINY_UNET_CONFIG, "block_out_channels": [8, 24]}))
+    argv = digits_run_args(tmp_path, max_train_steps=6, resume_from_checkpoint="latest")
     assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "checkpoint-4/model.safetensors: ")
 
 
@@ -268,7 +225,7 @@ def test_latest_skips_a_corrupt_checkpoint_and_resumes_from_the_newest_valid_one
     caplog.set_level(logging.INFO, logger="capman_peft")
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     truncate(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
-    train_unet_cm.main(unet_args(tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
+    train_unet_cm.main(digits_run_args(tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
     log = caplog.text
     assert "Skipping checkpoint-4" in log and "cannot be read" in log and "Resumed from" in log
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
@@ -283,7 +240,7 @@ def test_checkpoint_files_are_flushed_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_rename = os.fsync, Path.rename
     monkeypatch.setattr(checkpointing.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
     monkeypatch.setattr(Path, "rename", lambda self, target: events.append("rename") or real_rename(self, target))
-    train_unet_cm.main(unet_args(tmp_path))
+    train_unet_cm.main(digits_run_args(tmp_path))
     first_rename = events.index("rename")
     assert events[:first_rename].count("fsync") >= 4  # three files and the folder
 
@@ -297,24 +254,26 @@ def test_a_hub_dataset_without_network_is_one_line_and_quick(tmp_path, capsys, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()
     line = assert_refused(
-        capsys, train_unet_cm.main, unet_args(tmp_path, dataset="imb-cifar10", resolution=32), tmp_path, "--dataset"
+        capsys,
+        train_unet_cm.main,
+        digits_run_args(tmp_path, dataset="imb-cifar10", resolution=32),
+        tmp_path,
+        "--dataset",
     )
     assert "cannot reach the Hugging Face Hub for 'uoft-cs/cifar10' (offline?)" in line and "local path" in line
     assert time.time() - start < 20
 
 
+def sd_args(tmp_path: Path, base: Path | str) -> list[str]:
+    """train_text_to_image_cm.py on two tiny class folders, one step."""
+    data = make_class_folders(tmp_path / "data", [3, 3])
+    values = {"pretrained_model_name_or_path": base, "train_data_dir": data, "resolution": 16, "max_train_steps": 1}
+    return as_argv({**values, "report_to": "none", "output_dir": tmp_path / "out"})
+
+
 def test_a_hub_base_model_without_network_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = as_argv(
-        {
-            "pretrained_model_name_or_path": "someone/not-cached-sd",
-            "train_data_dir": make_class_folders(tmp_path / "data", [3, 3]),
-            "resolution": 16,
-            "max_train_steps": 1,
-            "report_to": "none",
-            "output_dir": tmp_path / "out",
-        }
-    )
+    argv = sd_args(tmp_path, "someone/not-cached-sd")
     line = assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "--pretrained_model_name_or_path")
     assert "cannot reach the Hugging Face Hub for 'someone/not-cached-sd' (offline?)" in line
 
@@ -352,10 +311,10 @@ def test_a_train_data_dir_keeps_its_counts_unless_a_ratio_is_given(tmp_path, cap
     caplog.set_level(logging.INFO, logger="capman_peft")
     data = make_class_folders(tmp_path / "data", [6, 6, 6])
     base = dict(dataset=None, train_data_dir=data, imbalance_ratio=None, train_batch_size=2, max_train_steps=1)
-    train_unet_cm.main(unet_args(tmp_path, **base, output_dir=tmp_path / "kept"))
+    train_unet_cm.main(digits_run_args(tmp_path, **base, output_dir=tmp_path / "kept"))
     assert json.loads((tmp_path / "kept" / "training_summary.json").read_text())["class_counts"] == [6, 6, 6]
     assert "the folder's own counts" in caplog.text
-    train_unet_cm.main(unet_args(tmp_path, **{**base, "imbalance_ratio": 3}, output_dir=tmp_path / "cut"))
+    train_unet_cm.main(digits_run_args(tmp_path, **{**base, "imbalance_ratio": 3}, output_dir=tmp_path / "cut"))
     assert json.loads((tmp_path / "cut" / "training_summary.json").read_text())["class_counts"] == [6, 3, 2]
 
 
@@ -367,7 +326,7 @@ def test_a_train_data_dir_keeps_its_counts_unless_a_ratio_is_given(tmp_path, cap
 @pytest.fixture(scope="module")
 def digits_pipeline(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evalrun")
-    train_unet_cm.main(unet_args(root))
+    train_unet_cm.main(digits_run_args(root))
     return root / "out"
 
 
@@ -404,16 +363,7 @@ def test_sd_base_weights_load_only_from_safetensors(tmp_path, capsys):
     weights = unet_dir / "diffusion_pytorch_model.safetensors"
     weights.rename(unet_dir / "diffusion_pytorch_model.bin.bak")
     (unet_dir / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle either")
-    argv = as_argv(
-        {
-            "pretrained_model_name_or_path": base,
-            "train_data_dir": make_class_folders(tmp_path / "data", [3, 3]),
-            "resolution": 16,
-            "max_train_steps": 1,
-            "report_to": "none",
-            "output_dir": tmp_path / "out",
-        }
-    )
+    argv = sd_args(tmp_path, base)
     line = assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "--pretrained_model_name_or_path")
     assert "cannot load unet" in line
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_python_without_capman, run_two_processes
+from conftest import digits_run_args, run_python_without_capman, run_two_processes
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -22,45 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_unet_cm  # noqa: E402
 
-TINY_UNET = {
-    "_class_name": "UNet2DModel",
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 4,
-    "dropout": 0.1,
-}
-
 
 def tiny_args(tmp_path: Path, out: str = "out", **overrides) -> list[str]:
-    config = tmp_path / "unet.json"
-    config.write_text(json.dumps(TINY_UNET))
-    values = {
-        "dataset": "imb-digits",
-        "imbalance_ratio": 10,
-        "resolution": 8,
-        "model_config_name_or_path": config,
-        "train_batch_size": 8,
-        "max_train_steps": 4,
-        "learning_rate": 1e-3,
-        "lr_warmup_steps": 2,
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-        "report_to": "none",
-        "ema_decay": 0.9,
-        "output_dir": tmp_path / out,
-        "checkpointing_steps": 2,
-    }
-    values.update(overrides)
-    args = []
-    for key, value in values.items():
-        if value is True:
-            args.append(f"--{key}")
-        elif value is not False:
-            args += [f"--{key}", str(value)]
-    return args
+    """The shared digits run, 4 steps with warm-up and an EMA decay of 0.9, into `tmp_path/out`."""
+    defaults = dict(max_train_steps=4, lr_warmup_steps=2, ema_decay=0.9, output_dir=tmp_path / out)
+    return digits_run_args(tmp_path, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
