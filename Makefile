@@ -19,8 +19,9 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest -q
 
-# CPU demo: CM + OC on the bundled digits (IR 10), then the per-split evaluation of theta and theta^g.
+# CPU demo: CM + OC on the bundled digits (IR 10), then the per-split evaluation of theta and theta^g. The demo
+# writes over its own demo_output/ when run again.
 demo: install
-	$(PY) train_unet_cm.py --config configs/demo_digits.yaml
+	$(PY) train_unet_cm.py --config configs/demo_digits.yaml --overwrite_output_dir
 	$(VENV)/bin/capman-eval --pipeline demo_output --expert both --num_images_per_class 50 --steps 25 \
 		--output_dir demo_output/eval
