@@ -427,3 +427,26 @@ def test_stable_diffusion_output_generates_per_class_prompts_and_expert_off_uses
     off_images, _ = generate_balanced(off, 1, 10, **kw)
     assert on_images.shape == (10, 3, 16, 16) and on_images.dtype == torch.uint8
     assert torch.equal(labels, torch.arange(10)) and not torch.equal(on_images, off_images)
+
+
+def test_the_feature_cache_keeps_the_layers_of_other_metric_sets(tmp_path):
+    """A fid-only evaluation and a full one share one cache file: the second extends it instead of replacing it, so
+    neither recomputes the other's features next time."""
+    from capman_peft.evaluation.fidelity import cached_reference_features
+
+    images = random_images(6, seed=1)
+    calls = []
+
+    def extract(layers):
+        def run(_):
+            calls.append(layers)
+            return {name: torch.full((6, 2), float(i)) for i, name in enumerate(layers)}
+
+        return run
+
+    cache = tmp_path / "ref.safetensors"
+    cached_reference_features(images, ["features"], extract(["features"]), cache)
+    both = cached_reference_features(images, ["features", "logits"], extract(["logits"]), cache)
+    assert set(both) == {"features", "logits"} and len(calls) == 2
+    again = cached_reference_features(images, ["features", "logits"], extract(["never"]), cache)
+    assert set(again) == {"features", "logits"} and len(calls) == 2  # read from the file

@@ -188,21 +188,22 @@ def cached_reference_features(
 ) -> dict[str, torch.Tensor]:
     """The reference set's features, read from / written to `cache_file` (safetensors; None: no cache).
 
-    A cache file that cannot be read (truncated, corrupt) or does not hold these features is named in a warning,
-    recomputed and replaced; the new file is written under a temporary name first.
+    A cache file that cannot be read (truncated, corrupt) is named in a warning, recomputed and replaced; one that
+    lacks some of `layers` (another metric set) is recomputed and extended, keeping its other layers. The file is
+    written under a temporary name first.
     """
     from safetensors.torch import load_file, save_file
 
+    cached: dict[str, torch.Tensor] = {}
     if cache_file is not None and cache_file.is_file():
         try:
-            cached = load_file(str(cache_file))
-            if set(layers) <= set(cached) and all(len(cached[k]) == len(images) for k in layers):
-                return cached
-            reason = "it holds other features"
+            cached = {k: v for k, v in load_file(str(cache_file)).items() if len(v) == len(images)}
         except Exception as err:  # safetensors reports truncation and corruption with its own error types
             reason = " ".join(str(err).split()) or type(err).__name__
-        print(f"capman-eval: warning: {cache_file}: cannot be used ({reason}); recomputing it", file=sys.stderr)
-    features = extract(images)
+            print(f"capman-eval: warning: {cache_file}: cannot be used ({reason}); recomputing it", file=sys.stderr)
+        if set(layers) <= set(cached):
+            return cached
+    features = {**cached, **extract(images)}
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(cache_file.name + ".incomplete")
