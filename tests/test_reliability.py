@@ -399,3 +399,13 @@ def test_capman_eval_without_a_dataset_to_use_names_the_choices(tmp_path, capsys
     save_class_conditional_pipeline(make_tiny_unet2d(num_classes=10), DDPMScheduler(), None, tmp_path / "bare")
     line = assert_refused(capsys, eval_main, ["--pipeline", str(tmp_path / "bare")], tmp_path, "no --dataset given")
     assert "imb-digits" in line
+
+
+def test_two_classes_report_expert_use_for_the_larger_and_the_smaller_class(tmp_path):
+    """CelebA-HQ has two classes, so the class-index thirds leave Many empty: the end-of-training report compares
+    the larger class (Many) with the smaller (Few) instead of failing."""
+    data = make_class_folders(tmp_path / "data", [12, 3])
+    overrides = dict(dataset=None, train_data_dir=data, imbalance_ratio=None, train_batch_size=4)
+    train_unet_cm.main(digits_run_args(tmp_path, **overrides))
+    report = json.loads((tmp_path / "out" / "training_summary.json").read_text())["expert_use"]
+    assert set(report["splits"]) == {"many", "few"} and len(report["per_class_distance"]) == 2

@@ -78,16 +78,18 @@ def expert_use(
     denoiser = LossSetup(capman, noise_scheduler, encode, condition, device)
     num_classes = data.num_classes
     values = measure_expert_use(capman, denoiser, data, num_classes, num_batches=1, batch_size=images_per_class)
+    # The class-index thirds; with fewer than 3 classes (CelebA-HQ's two) Many is the largest class, Few the smallest.
+    groups = class_splits(num_classes) if num_classes >= 3 else {"many": [0], "few": [num_classes - 1]}
     splits = {
         split: {
             "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
             "loss_full": float(np.mean([values["loss_full"][c] for c in ids])),
             "loss_general": float(np.mean([values["loss_general"][c] for c in ids])),
         }
-        for split, ids in class_splits(num_classes).items()
+        for split, ids in groups.items()
         if ids
     }
-    many, few = splits["many"]["distance"], splits.get("few", splits["many"])["distance"]
+    many, few = splits["many"]["distance"], splits["few"]["distance"]
     ratio = few / many if many > 0 else math.inf
     report = {
         "images_per_class": images_per_class,
