@@ -175,25 +175,29 @@ def _make_checkpointing_gate_aware(model: nn.Module) -> None:
 def pair_dropout(model: nn.Module) -> int:
     """Replace every ``nn.Dropout`` of `model` by a :class:`PairedDropout` (same p; idempotent); returns how many.
 
-    A PairedDropout is an ``nn.Dropout`` until a gate shares its masks, so this changes nothing else.
+    A PairedDropout is an ``nn.Dropout`` until a gate shares its masks, so this changes nothing else. The model is
+    marked, so that the gate, which calls this every step, walks the model only once.
     """
+    if getattr(model, "_capman_dropout_paired", False):
+        return 0
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 parent._modules[name] = PairedDropout(child.p, child.inplace).train(child.training)
                 replaced += 1
+    model._capman_dropout_paired = True
     return replaced
 
 
 @contextmanager
 def _gated(model: nn.Module, gate: Gate, mask_source: torch.Tensor | None = None) -> Iterator[None]:
-    if not capman_layers(model):
-        raise ValueError("the model has no CapMan layers: wrap it with get_peft_model(model, CapManConfig(...)) first")
-    _make_checkpointing_gate_aware(model)
     if mask_source is not None:
         pair_dropout(model)
     states = _gated_modules(model)
+    if not any(isinstance(module, CapManLayer) for module, _ in states):
+        raise ValueError("the model has no CapMan layers: wrap it with get_peft_model(model, CapManConfig(...)) first")
+    _make_checkpointing_gate_aware(model)
     values = [gate if isinstance(m, CapManLayer) else mask_source for m, _ in states]
     previous = _set_states(states, values)
     try:
