@@ -242,6 +242,7 @@ RUN_IDENTITY_FLAGS = (
     "cm_consistency_weight",
     "cm_diversity_weight",
     "cm_margin",
+    "cm_relative_margin",
     "no_consistency",
     "no_diversity",
     "use_ema",

@@ -19,7 +19,7 @@ from diffusers.optimization import SchedulerType
 from .data import DATASETS
 from .denoiser import FORWARD_MODES
 from .errors import ConfigError
-from .objective import CM_FORMS, DEFAULT_MARGIN, OBJECTIVES
+from .objective import CM_FORMS, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
 
 logger = logging.getLogger("capman_peft")
 
@@ -158,17 +158,27 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         choices=list(CM_FORMS),
         default="hinge",
         help="How L_CM pushes apart the classes with net weight c_y = w_div*omega_div - w_con*omega_con > 0 (the "
-        "minorities). 'hinge' (default): such a class pays c_y * max(0, m - RMS(eps_theta - eps_theta^g)), which is "
-        "bounded below by 0 and has slope 1 where theta and theta^g agree, so the expert is taken into use; classes "
-        "with c_y < 0 are pulled together with weight -c_y. 'paper': Eq. 2 as written, unbounded below as soon as "
-        "a class has c_y > 0 (refused unless --allow_unbounded_cm).",
+        "minorities); classes with c_y < 0 are pulled together with weight -c_y. 'hinge' (default): such a class "
+        "pays c_y * max(0, m - RMS(eps_theta - eps_theta^g)), bounded below by 0, and the push moves both "
+        "predictions (the expert may meet the margin by perturbing theta itself). 'hinge_general': the same push "
+        "moves theta^g only. 'relative': theta^g only, with a margin per sample of --cm_relative_margin times "
+        "theta's own RMS error. 'paper': Eq. 2 as written, unbounded below as soon as a class has c_y > 0 (refused "
+        "unless --allow_unbounded_cm).",
     )
     group.add_argument(
         "--cm_margin",
         type=positive_float,
         default=DEFAULT_MARGIN,
-        help="The hinge's m: the RMS gap between theta's and theta^g's predictions that a pushed class should "
-        f"reach, in units of the (unit-variance) noise. Default {DEFAULT_MARGIN}, chosen a priori, not tuned.",
+        help="The m of 'hinge' and 'hinge_general': the RMS gap between theta's and theta^g's predictions that a "
+        f"pushed class should reach, in units of the (unit-variance) noise. Default {DEFAULT_MARGIN}, chosen a "
+        "priori, not tuned.",
+    )
+    group.add_argument(
+        "--cm_relative_margin",
+        type=positive_float,
+        default=DEFAULT_RELATIVE_MARGIN,
+        help="The margin of 'relative' as a fraction of theta's own RMS error on each sample (theta^g's loss is then "
+        f"about 1 + rho^2 times theta's on a pushed class). Default {DEFAULT_RELATIVE_MARGIN}, chosen a priori.",
     )
     group.add_argument(
         "--cm_general_fraction",

@@ -22,11 +22,13 @@ class), per-split means and the settings; the plots put classes on the x axis so
 
 Modules: :mod:`.probes` (the shared setup: pipeline and training data, :class:`LossSetup`, the fixed batches, expert
 usage), :mod:`.prune` (magnitude pruning, :func:`pruning_sensitivity`), :mod:`.capacity` (:func:`expert_capacity`),
-:mod:`.plot` (the per-class chart), :mod:`.cli` (``capman-analyze``).
+:mod:`.heldout` (:func:`heldout_loss` on images training never saw, :func:`push_gradient`: where the CM push
+goes), :mod:`.plot` (the per-class chart), :mod:`.cli` (``capman-analyze``).
 """
 
 from .capacity import expert_capacity
 from .cli import main, parse_args
+from .heldout import heldout_loss, push_gradient, timestep_grid
 from .plot import plot_per_class
 from .probes import (
     AnalysisSetup,
@@ -45,6 +47,7 @@ __all__ = [
     "LossSetup",
     "expert_capacity",
     "fixed_batches",
+    "heldout_loss",
     "magnitude_prune_",
     "main",
     "make_loss_setup",
@@ -54,4 +57,6 @@ __all__ = [
     "prepare_analysis",
     "prunable_weights",
     "pruning_sensitivity",
+    "push_gradient",
+    "timestep_grid",
 ]

@@ -1,4 +1,5 @@
-"""``capman-analyze``: the command line of :func:`pruning_sensitivity` and :func:`expert_capacity`."""
+"""``capman-analyze``: the command line of :func:`pruning_sensitivity`, :func:`expert_capacity`, :func:`heldout_loss`
+and :func:`push_gradient`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 
 from ..errors import run_cli
 from .capacity import expert_capacity
+from .heldout import heldout_loss, push_gradient
 from .prune import pruning_sensitivity
 
 
@@ -29,7 +31,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..flags import ArgumentParser
+    from ..flags import ArgumentParser, positive_int
 
     parser = ArgumentParser(
         prog="capman-analyze", description="Per-class capacity analyses of a trained (CM) diffusion model."
@@ -44,6 +46,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "capacity", help="Per-class mean (ε_θ − ε_θg)² of a CM run: where the expert is used (needs out/adapter)."
     )
     _add_common(capacity)
+    heldout = commands.add_parser(
+        "heldout",
+        help="Per-class denoising loss of θ (and θ^g) on held-out real images, fixed timestep grid and noise.",
+    )
+    _add_common(heldout)
+    push = commands.add_parser(
+        "push",
+        help="Where the CM push's gradient goes (through θ or θ^g, into W^g or the expert) and what a step of it "
+        "does to θ's held-out loss per class (needs out/adapter).",
+    )
+    _add_common(push)
+    push.add_argument(
+        "--form",
+        choices=["hinge", "hinge_general", "relative"],
+        default=None,
+        help="The hinge form whose push is measured; default: the run's.",
+    )
+    for command in (heldout, push):
+        command.add_argument(
+            "--images_per_class", type=positive_int, default=None, help="Images per class (heldout 64, push 16)."
+        )
+        command.add_argument("--timesteps", type=positive_int, default=10, help="Points of the fixed timestep grid.")
     return parser.parse_args(argv)
 
 
@@ -66,7 +90,18 @@ def _analyze_from_command_line(argv: Sequence[str] | None) -> None:
         train_data_dir=args.train_data_dir,
         device=args.device,
     )
-    if args.command == "prune":
+    if args.command in ("heldout", "push"):
+        data = {k: common[k] for k in ("dataset", "imbalance_ratio", "resolution", "dataset_name", "train_data_dir")}
+        sampling = dict(timesteps=args.timesteps, seed=args.seed, output_dir=args.output_dir, device=args.device)
+        if args.images_per_class is not None:
+            sampling["images_per_class"] = args.images_per_class
+        if args.command == "heldout":
+            result = heldout_loss(args.pipeline, **data, **sampling)
+            key = "loss_full"
+        else:
+            result = push_gradient(args.pipeline, form=args.form, **data, **sampling)
+            key = "push"
+    elif args.command == "prune":
         result = pruning_sensitivity(args.pipeline, fraction=args.fraction, **common)
         key = "relative_loss_change"
     else:

@@ -14,7 +14,14 @@ from .images import (
     to_rgb,
 )
 from .longtail import class_balanced_sampler, class_splits, long_tail_counts, long_tail_indices
-from .sources import DATASETS, DatasetSpec, get_dataset_spec, load_imbalanced_dataset, load_reference_dataset
+from .sources import (
+    DATASETS,
+    DatasetSpec,
+    get_dataset_spec,
+    load_heldout_dataset,
+    load_imbalanced_dataset,
+    load_reference_dataset,
+)
 
 __all__ = [
     "DATASETS",
@@ -26,6 +33,7 @@ __all__ = [
     "class_splits",
     "get_dataset_spec",
     "image_transform",
+    "load_heldout_dataset",
     "load_imbalanced_dataset",
     "load_reference_dataset",
     "long_tail_counts",

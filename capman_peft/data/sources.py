@@ -217,6 +217,48 @@ def load_reference_dataset(
     )
 
 
+def load_heldout_dataset(
+    name: str | None = "imb-digits",
+    imbalance_ratio: float | None = 100,
+    resolution: int | None = None,
+    *,
+    dataset_name: str | None = None,
+    train_data_dir: str | os.PathLike | None = None,
+    class_order: Sequence[int | str] | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> ImbalancedImageDataset:
+    """Real images of each class that training never saw, to measure per-class generalisation.
+
+    The source's reference split where it has one (it is disjoint from training); otherwise (digits, local
+    folders) the source images that the long-tail subsampling of :func:`load_imbalanced_dataset` left out, with
+    the same ``imbalance_ratio``, ``seed`` and ``class_order``. A class may have none (digits at IR 100 keep
+    all of class 0): its entries are missing, and callers report NaN for it.
+    """
+    spec = _GENERIC if name is None else get_dataset_spec(name)
+    if spec.reference_split is not None and train_data_dir is None:
+        return load_reference_dataset(
+            name, resolution, dataset_name=dataset_name, class_order=class_order, cache_dir=cache_dir
+        )
+    if imbalance_ratio is None:
+        raise ConfigError("no held-out images: the training set keeps every source image (imbalance_ratio None)")
+    resolution = spec.resolution if resolution is None else resolution
+    _check_resolution(resolution)
+    images, labels, class_names = _load_source(
+        spec, name, "train", dataset_name, train_data_dir, None, None, cache_dir, verify_images=False
+    )
+    labels, class_names = _apply_class_order(labels, class_names, class_order)
+    kept = long_tail_indices(labels, imbalance_ratio, seed=seed, class_names=class_names)
+    heldout = np.setdiff1d(np.arange(len(labels)), kept)
+    return ImbalancedImageDataset(
+        _subset(images, heldout),
+        labels[heldout],
+        class_names,
+        image_transform(resolution, center_crop=True, random_flip=False),
+        spec.prompt_template,
+    )
+
+
 def _subset(images: Any, keep: np.ndarray) -> Any:
     if isinstance(images, _HubImages):
         return _HubImages(images.hf_dataset, images.image_column, images.rows[keep], images.source)

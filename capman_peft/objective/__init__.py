@@ -10,6 +10,7 @@ from .base import OBJECTIVES, CBDMObjective, DDPMObjective, OCObjective, build_o
 from .cm import (
     CM_FORMS,
     DEFAULT_MARGIN,
+    DEFAULT_RELATIVE_MARGIN,
     CMWeights,
     check_cm_bounded,
     class_weights,
@@ -23,6 +24,7 @@ from .total import CMSettings, NonFiniteLossError, check_finite, diffusion_loss,
 __all__ = [
     "CM_FORMS",
     "DEFAULT_MARGIN",
+    "DEFAULT_RELATIVE_MARGIN",
     "OBJECTIVES",
     "CBDMObjective",
     "CMSettings",

@@ -40,13 +40,21 @@ def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
     return omega_con.float(), omega_div.float()
 
 
-# How L_CM treats the classes it pushes apart (c_y > 0), DESIGN.md §2. "hinge" is the default: bounded below by
-# construction and, with slope 1 at d = 0, it leaves the E = 0 saddle. "paper" is Eq. 2 as written, kept for
-# reproduction; it is unbounded below as soon as some class has c_y > 0.
-CM_FORMS = ("hinge", "paper")
-# The hinge's margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the prediction
-# (unit-variance noise for ε-prediction). Chosen once, a priori, and not tuned (README "Does CM help?").
+# How L_CM treats the classes it pushes apart (c_y > 0), docs/design.md "The CM loss". The three hinge forms are
+# bounded below by construction and differ in what the push may move and how far:
+# * "hinge": the push's gradient reaches both predictions, so the expert can meet the margin by perturbing θ itself;
+# * "hinge_general": the push moves θ^g only (ε_θ is a constant in it); the expert has to compensate through L_base;
+# * "relative": as "hinge_general", with a margin per row of ``relative_margin`` times θ's own RMS error on that row.
+# "paper" is Eq. 2 as written, kept for reproduction; it is unbounded below as soon as some class has c_y > 0.
+CM_FORMS = ("hinge", "hinge_general", "relative", "paper")
+HINGE_FORMS = ("hinge", "hinge_general", "relative")
+# The absolute hinges' margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the
+# prediction (unit-variance noise for ε-prediction). Chosen once, a priori, and not tuned.
 DEFAULT_MARGIN = 0.1
+# The relative hinge's margin as a fraction ρ of θ's own RMS error on the row. With the gap orthogonal to θ's error,
+# θ^g's loss is then (1 + ρ²) times θ's: ρ = 0.5 asks θ^g to be 25% worse on a pushed class, a push an expert of a
+# few percent of the weights can carry. Chosen a priori, not tuned.
+DEFAULT_RELATIVE_MARGIN = 0.5
 
 
 class CMWeights(NamedTuple):
@@ -64,13 +72,12 @@ def cm_weights(
 ) -> CMWeights:
     """The (pull, push) coefficients per class, float32.
 
-    ``hinge`` uses the net weight of Algorithm C.1, c_y = w_div·ω_div[y] − w_con·ω_con[y]: pull max(−c_y, 0), push
+    The hinge forms use the net weight of Algorithm C.1, c_y = w_div·ω_div[y] − w_con·ω_con[y]: pull max(−c_y, 0), push
     max(c_y, 0), so each class is either pulled together with θ^g (majorities) or pushed away from it (minorities).
     ``paper`` keeps Eq. 2's two terms apart: every class is pulled with w_con·ω_con and pushed with w_div·ω_div.
     Setting a weight to 0 drops its term (the paper's "w/o L_Con" / "w/o L_Div" ablations).
     """
-    if form not in CM_FORMS:
-        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
+    _check_form(form)
     omega_con, omega_div = _class_weights64(class_counts)
     if form == "paper":
         pull, push = consistency_weight * omega_con, diversity_weight * omega_div
@@ -78,6 +85,16 @@ def cm_weights(
         c = diversity_weight * omega_div - consistency_weight * omega_con
         pull, push = (-c).clamp(min=0), c.clamp(min=0)
     return CMWeights(pull.float(), push.float())
+
+
+def _check_form(form: str) -> None:
+    if form not in CM_FORMS:
+        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
+
+
+def _rms(difference: Tensor) -> Tensor:
+    # 1e-12 keeps the square root differentiable at 0 (where θ and θ^g start out equal).
+    return (difference.pow(2).flatten(1).mean(dim=1) + 1e-12).sqrt()
 
 
 def cm_loss(
@@ -88,21 +105,27 @@ def cm_loss(
     *,
     form: str = "hinge",
     margin: float = DEFAULT_MARGIN,
+    relative_margin: float = DEFAULT_RELATIVE_MARGIN,
+    target: Tensor | None = None,
     sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Capacity manipulation loss L_CM (Eq. 2), a weighted mean over the rows given.
 
-    With d_i the per-sample mean of (ε_θ − ε_θg)², each row contributes ``pull[y]·d_i + push[y]·R_i``:
+    With d_i the per-sample mean of (ε_θ − ε_θg)², each row contributes ``pull[y]·d_i + push[y]·R_i``; the pull
+    always moves both predictions (θ and θ^g should agree on the majorities):
 
     * ``hinge``: R_i = max(0, margin − √d_i): the RMS gap of a pushed class should reach ``margin``. R ≥ 0, so
-      L_CM ≥ 0; the slope at d = 0 is 1, so θ and θ^g, equal at initialisation, move apart.
+      L_CM ≥ 0; the gradient reaches both predictions (appendix C).
+    * ``hinge_general``: the same with ε_θ held constant in R_i: only θ^g is pushed away; θ keeps its own
+      prediction, and the expert has to compensate what the general part loses.
+    * ``relative``: as ``hinge_general`` with margin_i = ``relative_margin`` · RMS(ε_θ − target)_i (held constant):
+      the gap asked of a row is a fixed fraction of θ's own error there. Needs ``target``.
     * ``paper``: R_i = −d_i (Eq. 2 as written). Unbounded below when some class has push > pull.
-
-    Gradients flow into both predictions (appendix C).
 
     Args:
         labels: true class ids, one per row.
         weights: from ``cm_weights`` (the same form); C is their length.
+        target: the diffusion target (ε or v) of each row, for ``relative``.
         sample_weight: per-row factor of the mean (default 1): 0 leaves a row out (label-dropped samples), an
             importance weight makes a subset of rows an unbiased estimate of the batch mean.
 
@@ -111,23 +134,29 @@ def cm_loss(
         contributions) and ``cm_distance_{many,medium,few}`` (mean d over the rows of that group, NaN when there
         are none).
     """
-    if form not in CM_FORMS:
-        raise ValueError(f"unknown CM form {form!r}; choose one of {', '.join(CM_FORMS)}")
+    _check_form(form)
     if eps_full.shape != eps_general.shape:
         raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
-    if not margin > 0:
-        raise ValueError(f"margin must be positive, got {margin}")
+    if not (margin > 0 and relative_margin > 0):
+        raise ValueError(f"margin and relative_margin must be positive, got {margin} and {relative_margin}")
+    if form == "relative" and (target is None or target.shape != eps_full.shape):
+        raise ValueError("form='relative' needs the diffusion target, shaped like eps_full")
     num_classes = len(weights.pull)
     ids = _check_labels(labels, num_classes)
     if len(ids) != len(eps_full):
         raise ValueError(f"{len(ids)} labels for a batch of {len(eps_full)} predictions")
 
-    distance = (eps_full.float() - eps_general.float()).pow(2).reshape(len(ids), -1).mean(dim=1)
-    if form == "hinge":
-        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
-        push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
-    else:
+    full, general = eps_full.float(), eps_general.float()
+    distance = (full - general).pow(2).reshape(len(ids), -1).mean(dim=1)
+    if form == "paper":
         push_term = -distance
+    elif form == "hinge":
+        push_term = (margin - _rms(full - general)).clamp(min=0)
+    else:
+        gap = _rms(full.detach() - general)
+        if form == "relative":
+            margin = relative_margin * _rms(full.detach() - target.float())
+        push_term = (margin - gap).clamp(min=0)
     rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
     consistency = rows * weights.pull.to(distance.device)[labels] * distance
     diversity = rows * weights.push.to(distance.device)[labels] * push_term
@@ -151,10 +180,11 @@ def cm_loss(
 
 
 def cm_lower_bound(weights: CMWeights, form: str) -> float:
-    """The least value L_CM can take (per row and so for the mean): 0 for hinge; for paper −inf as soon as some
-    class has push > pull (DESIGN.md §2: for a fixed merged W the expert can grow that class's distance without
-    changing L_base, so Eq. 4 is unbounded below for any λ > 0), else 0."""
-    if form == "hinge":
+    """The least value L_CM can take (per row and so for the mean): 0 for the hinge forms; for paper −inf as soon as
+    some class has push > pull (docs/design.md: for a fixed merged W the expert can grow that class's distance
+    without changing L_base, so Eq. 4 is unbounded below for any λ > 0), else 0."""
+    _check_form(form)
+    if form in HINGE_FORMS:
         return 0.0
     return -math.inf if bool((weights.push > weights.pull).any()) else 0.0
 
@@ -183,8 +213,8 @@ def check_cm_bounded(
         "--cm_diversity paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
         f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
         "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (DESIGN.md §2); allowed: --cm_diversity hinge (the default), or --allow_unbounded_cm "
-        "to train the literal form anyway"
+        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_diversity hinge, hinge_general or "
+        "relative), or --allow_unbounded_cm to train the literal form anyway"
     )
     if not allow_unbounded:
         raise ConfigError(message)

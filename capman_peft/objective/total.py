@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .cm import CMWeights, cm_loss
+from .cm import DEFAULT_RELATIVE_MARGIN, CMWeights, cm_loss
 
 if TYPE_CHECKING:
     from ..training.randomness import StepDraws
@@ -29,6 +29,7 @@ class CMSettings:
     margin: float
     cm_lambda: float
     general_fraction: float = 1.0
+    relative_margin: float = DEFAULT_RELATIVE_MARGIN
 
     def general_rows(self, batch_size: int) -> int:
         """Rows of a batch that get a theta^g prediction (the same on every process: DDP-safe)."""
@@ -104,13 +105,17 @@ def diffusion_loss(
     )
     logs = dict(logs)
     if cm is not None:
+        rows = slice(None) if general_rows is None else general_rows
+        target = objective.target(x0[rows], noise[rows], timesteps[rows]) if cm.form == "relative" else None
         cm_value, cm_logs = cm_loss(
-            outputs.full if general_rows is None else outputs.full[general_rows],
+            outputs.full[rows],
             outputs.general,
-            labels if general_rows is None else labels[general_rows],
+            labels[rows],
             cm.weights,
             form=cm.form,
             margin=cm.margin,
+            relative_margin=cm.relative_margin,
+            target=target,
             sample_weight=sample_weight,
         )
         loss = loss + cm.cm_lambda * cm_value

@@ -46,6 +46,7 @@ def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any]
         "w_con": args.cm_consistency_weight,
         "w_div": args.cm_diversity_weight,
         "form": args.cm_diversity,
+        "margin": args.cm_relative_margin if args.cm_diversity == "relative" else args.cm_margin,
         "objective": args.objective,
     }
 

@@ -130,7 +130,7 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer
 
 
 def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device: torch.device) -> CMSettings | None:
-    """The CM coefficients on the training device, after the boundedness check (DESIGN 'Stability of the CM loss')."""
+    """The CM coefficients on the training device, after the boundedness check (docs/design.md "The CM loss")."""
     if not args.capacity_manipulation:
         return None
     class_counts, class_names = dataset.class_counts, dataset.class_names
@@ -152,6 +152,7 @@ def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device
         args.cm_margin,
         args.cm_lambda,
         args.cm_general_fraction,
+        args.cm_relative_margin,
     )
 
 

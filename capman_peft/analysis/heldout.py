@@ -1,0 +1,243 @@
+"""What CM does to θ on images it never trained on, and where the push's gradient goes.
+
+* :func:`heldout_loss`: per class, the denoising loss of θ (and θ^g) on held-out real images, on a fixed grid of
+  timesteps with fixed noise. Far less noisy than FID at small scale, and it measures generalisation, which is what
+  the minority classes lack.
+* :func:`push_gradient`: for a CM run, the gradient of the push term alone, split by the prediction it flows through
+  (θ or θ^g) and the weights it reaches (the general part W^g or the expert E), and the first-order change of θ's
+  held-out loss per class along it (positive: a step of the push makes θ worse on that class).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import class_splits, load_heldout_dataset
+from ..errors import ConfigError
+from ..evaluation.report import write_json
+from ..evaluation.sampling import derived_seed
+from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, cm_weights
+from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
+from ..tuner import expert_disabled
+from .probes import AnalysisSetup, LossSetup, make_loss_setup, prepare_analysis
+
+
+def timestep_grid(num_train_timesteps: int, points: int) -> torch.Tensor:
+    """``points`` timesteps at the centres of equal bins of [0, T): the same grid for every image and run."""
+    return ((torch.arange(points, dtype=torch.float64) + 0.5) * num_train_timesteps / points).long()
+
+
+def _heldout_rows(setup: AnalysisSetup, images_per_class: int) -> tuple[Any, list[np.ndarray]]:
+    args = setup.folder.args
+    heldout = load_heldout_dataset(
+        setup.dataset,
+        setup.imbalance_ratio,
+        setup.resolution,
+        dataset_name=args.get("dataset_name"),
+        train_data_dir=args.get("train_data_dir"),
+        class_order=setup.class_names,
+    )
+    labels = np.asarray(heldout.labels)
+    return heldout, [np.flatnonzero(labels == c)[:images_per_class] for c in range(len(setup.class_names))]
+
+
+def _class_inputs(
+    loss_setup: LossSetup, heldout: Any, rows: np.ndarray, class_id: int, grid: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Every held-out image of one class at every grid timestep, with noise fixed by (seed, class)."""
+    device = loss_setup.device
+    x0 = loss_setup.encode(torch.stack([heldout[int(i)]["pixel_values"] for i in rows]).to(device))
+    x0 = x0.repeat_interleave(len(grid), dim=0)
+    t = grid.repeat(len(rows)).to(device)
+    generator = torch.Generator().manual_seed(derived_seed(seed, class_id))
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    y = torch.full((len(t),), class_id, dtype=torch.long, device=device)
+    noisy = loss_setup.noise_scheduler.add_noise(x0, noise, t)
+    return noisy, t, loss_setup.condition(y), loss_setup.target(x0, noise, t)
+
+
+def _split_means(per_class: dict[str, list[float]], num_classes: int) -> dict[str, dict[str, float]]:
+    """Mean over the classes of each split that have a value (NaN where none has)."""
+    out = {}
+    for split, ids in class_splits(num_classes).items():
+        if ids:
+            out[split] = {}
+            for key, values in per_class.items():
+                known = [values[c] for c in ids if not math.isnan(values[c])]
+                out[split][key] = float(np.mean(known)) if known else math.nan
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(
+    pipeline: str | os.PathLike,
+    dataset: str | None = None,
+    *,
+    images_per_class: int = 64,
+    timesteps: int = 10,
+    batch_size: int = 256,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    **data_kwargs: Any,
+) -> dict[str, Any]:
+    """Per-class mean denoising MSE of θ (``loss_full``) and, when the run has an adapter, θ^g (``loss_general``)
+    on up to ``images_per_class`` held-out images × ``timesteps`` grid points (fixed noise). Classes without
+    held-out images get NaN. Writes ``heldout.json`` to ``output_dir`` when given."""
+    for name, value in (("images_per_class", images_per_class), ("timesteps", timesteps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"--{name}: must be an integer >= 1, got {value!r}")
+    setup = prepare_analysis(pipeline, dataset, **data_kwargs)
+    models = {"loss_full": setup.pipe.unet}
+    if (setup.folder.adapter_dir / "adapter_config.json").is_file():
+        models = {"loss_full": load_capman_unet(setup.folder).to(setup.pipe.unet.device)}
+        models["loss_general"] = models["loss_full"]
+    loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
+    heldout, per_class_rows = _heldout_rows(setup, images_per_class)
+    grid = timestep_grid(loss_setup.noise_scheduler.config.num_train_timesteps, timesteps)
+    num_classes = len(setup.class_names)
+    values = {key: [math.nan] * num_classes for key in models}
+    for c, rows in enumerate(per_class_rows):
+        if len(rows) == 0:
+            continue
+        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows, c, grid, seed)
+        for key, model in models.items():
+            model.eval()
+            total = 0.0
+            for start in range(0, len(t), batch_size):
+                part = slice(start, start + batch_size)
+                kwargs = {k: v[part] for k, v in condition.items()}
+                if key == "loss_general":
+                    with expert_disabled(model):
+                        pred = model(noisy[part], t[part], **kwargs).sample
+                else:
+                    pred = model(noisy[part], t[part], **kwargs).sample
+                total += (pred.float() - target[part].float()).pow(2).flatten(1).mean(1).sum().item()
+            values[key][c] = total / len(t)
+    result = {
+        "analysis": "heldout",
+        "pipeline": str(setup.folder.path),
+        "dataset": setup.dataset,
+        "class_names": setup.class_names,
+        "class_counts": setup.data.class_counts,
+        "heldout_images": [len(r) for r in per_class_rows],
+        "timesteps": grid.tolist(),
+        "seed": seed,
+        **values,
+        "splits": _split_means(values, num_classes),
+    }
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(result, Path(output_dir) / "heldout.json")
+    return result
+
+
+def _flat(grads: tuple[torch.Tensor | None, ...], params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)])
+
+
+def push_gradient(
+    pipeline: str | os.PathLike,
+    dataset: str | None = None,
+    *,
+    form: str | None = None,
+    images_per_class: int = 16,
+    timesteps: int = 10,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    **data_kwargs: Any,
+) -> dict[str, Any]:
+    """Where the push term of L_CM sends its gradient, at the run's final weights (dropout off).
+
+    The push term (weights and margin as the run trained them; ``form`` overrides the run's hinge form) is evaluated
+    on up to ``images_per_class`` training images of every pushed class × the timestep grid. Its gradient is split
+    into the part through ε_θ and the part through ε_θg, each on the general weights W^g and on the expert E.
+    For each class with held-out images, ``theta_heldout_rate`` is the first-order change of θ's held-out loss per
+    unit step along the negative push gradient (> 0: the push makes θ worse there), for the whole push and for its
+    θ^g part alone (what ``hinge_general`` keeps).
+    """
+    folder = read_pipeline_folder(pipeline)
+    require_adapter(folder)
+    setup = prepare_analysis(pipeline, dataset, **data_kwargs)
+    args = folder.args
+    form = form or args.get("cm_diversity", "hinge")
+    if form not in ("hinge", "hinge_general", "relative"):
+        raise ConfigError(f"--form: the push gradient is measured for the hinge forms, got {form!r}")
+    capman = load_capman_unet(folder).to(setup.pipe.unet.device)
+    capman.eval()
+    names, params = zip(*[(n, p) for n, p in capman.named_parameters() if p.is_floating_point()], strict=True)
+    for p in params:
+        p.requires_grad_(True)
+    is_expert = torch.cat([torch.full((p.numel(),), "capman_expert_" in n) for n, p in zip(names, params, strict=True)])
+    loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
+    weights = cm_weights(
+        setup.data.class_counts,
+        "hinge",
+        consistency_weight=0.0 if args.get("no_consistency") else args.get("cm_consistency_weight", 1.0),
+        diversity_weight=0.0 if args.get("no_diversity") else args.get("cm_diversity_weight", 1.0),
+    )
+    margin = args.get("cm_margin", DEFAULT_MARGIN)
+    relative_margin = args.get("cm_relative_margin", DEFAULT_RELATIVE_MARGIN)
+    grid = timestep_grid(loss_setup.noise_scheduler.config.num_train_timesteps, timesteps)
+    labels = np.asarray(setup.data.labels)
+    pushed = [c for c in range(len(setup.class_names)) if weights.push[c] > 0]
+    through = {"theta": None, "theta_g": None}
+    active = 0
+    for c in pushed:
+        rows = np.flatnonzero(labels == c)[:images_per_class]
+        noisy, t, condition, target = _class_inputs(loss_setup, setup.data, rows, c, grid, seed + 1)
+        full = capman(noisy, t, **condition).sample.float()
+        with expert_disabled(capman):
+            general = capman(noisy, t, **condition).sample.float()
+        gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
+        if form == "relative":
+            m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
+        else:
+            m = torch.full_like(gap, margin)
+        active += int((gap < m).sum())
+        scale = float(weights.push[c]) / (len(pushed) * len(t))
+        # d(push)/d(gap) = -scale where the hinge is active; the two routes are the chain rule through each side.
+        slope = -scale * (gap < m).float() / gap
+        upstream = slope.reshape(-1, *[1] * (full.ndim - 1)) * (full - general).detach() / full[0].numel()
+        for key, pred, sign in (("theta", full, 1.0), ("theta_g", general, -1.0)):
+            grads = torch.autograd.grad(
+                pred, params, grad_outputs=sign * upstream, retain_graph=key == "theta", allow_unused=True
+            )
+            flat = _flat(grads, list(params))
+            through[key] = flat if through[key] is None else through[key] + flat
+    record: dict[str, Any] = {"form": form, "pushed_classes": pushed, "active_rows": active}
+    for key, flat in through.items():
+        record[f"norm_through_{key}_general_weights"] = float(flat[~is_expert].norm())
+        record[f"norm_through_{key}_expert"] = float(flat[is_expert].norm())
+    directions = {"push": through["theta"] + through["theta_g"], "push_theta_g_part": through["theta_g"]}
+
+    heldout, per_class_rows = _heldout_rows(setup, images_per_class)
+    rates: dict[str, list[float]] = {key: [math.nan] * len(setup.class_names) for key in directions}
+    for c, rows in enumerate(per_class_rows):
+        if len(rows) == 0:
+            continue
+        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows, c, grid, seed)
+        loss = (capman(noisy, t, **condition).sample.float() - target.float()).pow(2).mean()
+        grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), list(params))
+        for key, direction in directions.items():
+            norm = float(direction.norm())
+            rates[key][c] = float(grad @ -direction / norm) if norm > 0 else 0.0
+    result = {
+        "analysis": "push",
+        "pipeline": str(folder.path),
+        "class_names": setup.class_names,
+        "class_counts": setup.data.class_counts,
+        **record,
+        "theta_heldout_rate": rates,
+        "splits": _split_means(rates, len(setup.class_names)),
+    }
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(result, Path(output_dir) / "push.json")
+    return result
