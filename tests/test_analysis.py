@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,17 @@ from capman_peft import CapManConfig, save_class_conditional_pipeline
 from capman_peft.analysis import (
     expert_capacity,
     fixed_batches,
+    heldout_loss,
     magnitude_prune_,
     main,
     make_loss_setup,
     prepare_analysis,
     prunable_weights,
     pruning_sensitivity,
+    push_gradient,
 )
-from capman_peft.data import long_tail_counts
+from capman_peft.data import load_heldout_dataset, load_imbalanced_dataset, long_tail_counts
+from capman_peft.tuner import expert_disabled
 from capman_peft.evaluation import load_pipeline
 
 DIGITS = [str(d) for d in range(10)]
@@ -168,6 +173,93 @@ def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Held-out loss and the push's gradient
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_heldout_digits_are_exactly_those_training_left_out():
+    heldout = load_heldout_dataset("imb-digits", 10, 8)
+    training = load_imbalanced_dataset("imb-digits", imbalance_ratio=10, resolution=8)
+    all_digits = load_digits()
+    per_class = [int((all_digits.target == c).sum()) for c in range(10)]
+    assert [h + t for h, t in zip(heldout.class_counts, training.class_counts, strict=True)] == per_class
+    train_images = {training[i]["pixel_values"].numpy().tobytes() for i in range(len(training))}
+    held_images = [heldout[i]["pixel_values"].numpy().tobytes() for i in range(len(heldout))]
+    # digits has a few exact duplicates; apart from those, no held-out image was trained on
+    assert sum(image in train_images for image in held_images) <= 5
+
+
+def test_heldout_loss_matches_a_direct_computation(cm_run):
+    """Class c's loss is the ε-MSE of θ (merged) and θ^g (expert off) on its first held-out images at the centres of
+    `timesteps` equal bins of [0, 1000), with the noise drawn from the seeded generator."""
+    result = heldout_loss(cm_run, images_per_class=3, timesteps=4, seed=5)
+    assert result["timesteps"] == [125, 375, 625, 875]
+    theta, theta_g = load_pipeline(cm_run).unet, load_pipeline(cm_run, expert="off").unet
+    scheduler = DDPMScheduler.from_pretrained(cm_run, subfolder="scheduler")
+    heldout = load_heldout_dataset("imb-digits", 10, 8, class_order=DIGITS)
+    from capman_peft.evaluation.sampling import derived_seed
+
+    assert math.isnan(result["loss_full"][0])  # the largest class keeps all its digits: none held out
+    for c in (1, 9):
+        rows = [i for i, y in enumerate(heldout.labels) if y == c][:3]
+        images = torch.stack([heldout[i]["pixel_values"] for i in rows])
+        x0 = images.repeat_interleave(4, dim=0)
+        t = torch.tensor([125, 375, 625, 875] * 3)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derived_seed(5, c)))
+        alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        with torch.no_grad():
+            for key, unet in (("loss_full", theta), ("loss_general", theta_g)):
+                expected = (unet(noisy, t, class_labels=torch.full((12,), c)).sample - noise).pow(2).mean()
+                assert result[key][c] == pytest.approx(expected.item(), rel=1e-4)
+    splits = result["splits"]
+    assert splits["few"]["loss_full"] == pytest.approx(sum(result["loss_full"][6:]) / 4)
+
+
+def test_push_gradient_splits_the_hinge_gradient_by_route_and_weights(cm_run, tmp_path):
+    """The two routes add up to the autograd gradient of the push term; θ^g's route never reaches the expert; a
+    general-only push moves θ by the θ^g route alone."""
+    run = tmp_path / "run"
+    shutil.copytree(cm_run, run)
+    summary = json.loads((run / "training_summary.json").read_text())
+    summary["args"]["cm_margin"] = 50.0  # the fixture's random expert is far beyond the default margin
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    result = push_gradient(run, images_per_class=2, timesteps=2)
+    assert result["pushed_classes"] == [c for c in range(10) if c >= 5]  # digits IR 10: c_y > 0 from class 5 on
+    assert result["active_rows"] > 0
+    assert result["norm_through_theta_g_expert"] == 0.0
+    assert result["norm_through_theta_expert"] > 0 and result["norm_through_theta_general_weights"] > 0
+    assert set(result["theta_heldout_rate"]) == {"push", "push_theta_g_part"}
+    assert all(math.isfinite(v) for v in result["theta_heldout_rate"]["push"][1:])  # class 0: none held out
+
+    # the θ route's norm on the expert, by a direct computation of the hinge's gradient on the merged model
+    from capman_peft.analysis.heldout import _class_inputs, timestep_grid
+    from capman_peft.objective import cm_weights
+    from capman_peft.run_folder import load_capman_unet
+
+    setup = prepare_analysis(run)
+    capman = load_capman_unet(setup.folder).eval()
+    experts = [p for n, p in capman.named_parameters() if "capman_expert_" in n]
+    for p in experts:
+        p.requires_grad_(True)
+    loss_setup = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
+    weights = cm_weights(setup.data.class_counts, "hinge")
+    labels = torch.tensor(setup.data.labels)
+    total = 0.0
+    for c in result["pushed_classes"]:
+        rows = torch.nonzero(labels == c).flatten()[:2].numpy()
+        noisy, t, condition, _ = _class_inputs(loss_setup, setup.data, rows, c, timestep_grid(1000, 2), 1)
+        full = capman(noisy, t, **condition).sample
+        with torch.no_grad(), expert_disabled(capman):
+            general = capman(noisy, t, **condition).sample
+        rms = (full - general).pow(2).flatten(1).mean(1).sqrt()
+        total = total + weights.push[c] * (50.0 - rms).clamp(min=0).sum() / (5 * len(t))
+    grads = torch.autograd.grad(total, experts)
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert result["norm_through_theta_expert"] == pytest.approx(norm, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------
 
@@ -180,6 +272,8 @@ def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
         (["prune", "--pipeline", "RUN", "--dataset", "imb-nope"], "unknown dataset 'imb-nope'; known datasets:"),
         (["capacity", "--pipeline", "RUN", "--num_batches", "0"], "num_batches must be an integer >= 1, got 0"),
         (["capacity", "--pipeline", "NOADAPTER"], "has no adapter/adapter_config.json"),
+        (["push", "--pipeline", "NOADAPTER"], "has no adapter/adapter_config.json"),
+        (["heldout", "--pipeline", "RUN", "--timesteps", "0"], "--timesteps: got '0'; allowed: an integer >= 1"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(argv, message, cm_run, tmp_path, capsys):

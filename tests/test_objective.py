@@ -108,13 +108,18 @@ def test_balanced_counts_give_exactly_zero_cm_loss(form, counts):
     assert torch.equal(omega_con, torch.ones(len(counts))) and torch.equal(omega_div, torch.ones(len(counts)))
     torch.manual_seed(0)
     labels = torch.randint(0, len(counts), (8,))
-    eps_full, eps_general = torch.randn(2, 8, 3, 4, 4)
-    loss, stats = cm_loss(eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5)
+    eps_full, eps_general, target = torch.randn(3, 8, 3, 4, 4)
+    loss, stats = cm_loss(
+        eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5, target=target
+    )
     assert loss == 0 and stats["cm_loss"] == 0
 
 
-def cm_loss_by_hand(form, eps_full, eps_general, labels, counts, w_con, w_div, margin, sample_weight):
-    """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances)."""
+def cm_loss_by_hand(
+    form, eps_full, eps_general, labels, counts, w_con, w_div, margin, sample_weight, target=None, rho=None
+):
+    """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances). ``relative`` takes the margin of
+    row i as rho · RMS(ε_θ − target)_i."""
     pull, push = pull_push_by_hand(counts, form, w_con, w_div)
     con = div = 0.0
     distances = []
@@ -122,7 +127,11 @@ def cm_loss_by_hand(form, eps_full, eps_general, labels, counts, w_con, w_div, m
         d = mean_sq(values(eps_full[i]), values(eps_general[i]))
         distances.append(d)
         con += sample_weight[i] * pull[y] * d
-        div += sample_weight[i] * push[y] * (max(0.0, margin - math.sqrt(d)) if form == "hinge" else -d)
+        if form == "paper":
+            div += sample_weight[i] * push[y] * -d
+        else:
+            m = rho * math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if form == "relative" else margin
+            div += sample_weight[i] * push[y] * max(0.0, m - math.sqrt(d))
     batch = len(distances)
     return (con + div) / batch, con / batch, div / batch, distances
 
@@ -142,7 +151,8 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
     eps_full, eps_general = spread_pair()
     labels = torch.tensor([0, 9, 1, 8, 7, 2])
     sample_weight = [0.5, 2.0, 0.0, 1.0, 3.0, 1.0] if weighted else [1.0] * 6
-    margin = 1.0
+    margin, rho = 1.0, 0.7
+    target = eps_full + torch.linspace(0.5, 2.5, 6).reshape(-1, 1, 1, 1) * torch.randn(eps_full.shape)
     loss, stats = cm_loss(
         eps_full,
         eps_general,
@@ -150,12 +160,14 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
         cm_weights(CIFAR10_IR100, form, w_con, w_div),
         form=form,
         margin=margin,
+        relative_margin=rho,
+        target=target,
         sample_weight=torch.tensor(sample_weight) if weighted else None,
     )
     expected, con, div, distances = cm_loss_by_hand(
-        form, eps_full, eps_general, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight
+        form, eps_full, eps_general, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight, target, rho
     )
-    if form == "hinge":  # the margin is exercised on both sides
+    if form in ("hinge", "hinge_general"):  # the margin is exercised on both sides
         assert min(distances) < margin**2 < max(distances)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -217,6 +229,48 @@ def test_hinge_gradient_pushes_with_unit_slope_inside_the_margin_and_stops_beyon
     assert 0 < inside < 4  # pushed rows on both sides of the margin
 
 
+@pytest.mark.parametrize("form", ["hinge_general", "relative"])
+def test_general_forms_push_theta_g_only(form):
+    """With ε_θ held constant in the push, a pushed row's gradient is 0 on ε_θ and +push·g/(B·D·r) on ε_θg while
+    r < m (m = 1, or rho·RMS(ε_θ − target) for relative; the target gets no gradient); pulled rows keep the
+    consistency gradient on both predictions."""
+    eps_full, eps_general = spread_pair()
+    target = eps_full.detach() + 1.5 * torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(3))
+    for tensor in (eps_full, eps_general, target):
+        tensor.requires_grad_(True)
+    labels = torch.tensor([0, 9, 1, 8, 7, 9])
+    rho = 0.8
+    loss, _ = cm_loss(
+        eps_full,
+        eps_general,
+        labels,
+        cm_weights(CIFAR10_IR100, form),
+        form=form,
+        margin=1.0,
+        relative_margin=rho,
+        target=target,
+    )
+    loss.backward()
+    pull, push = pull_push_by_hand(CIFAR10_IR100, form)
+    batch, elements = eps_full.shape[0], eps_full[0].numel()
+    inside = 0
+    for i, y in enumerate(labels.tolist()):
+        gap = (eps_full[i] - eps_general[i]).detach()
+        rms = math.sqrt(mean_sq(values(eps_full[i]), values(eps_general[i])))
+        if push[y] > 0:
+            margin = rho * math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if form == "relative" else 1.0
+            inside += rms < margin
+            expected = push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
+            torch.testing.assert_close(eps_full.grad[i], torch.zeros_like(gap))
+            torch.testing.assert_close(eps_general.grad[i], expected, rtol=1e-4, atol=1e-7)
+        else:
+            expected = 2 * pull[y] * gap / (batch * elements)
+            torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-4, atol=1e-7)
+    assert 0 < inside < 4  # pushed rows on both sides of the margin
+    assert target.grad is None or not target.grad.any()
+
+
 @pytest.mark.parametrize("bad", [10, -1])
 def test_cm_loss_rejects_labels_outside_class_range(bad):
     eps_full, eps_general = spread_pair(batch=3)
@@ -231,6 +285,8 @@ def test_cm_loss_refuses_bad_settings():
         cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), margin=0.0)
     with pytest.raises(ValueError, match="unknown CM form"):
         cm_weights(CIFAR10_IR100, "repel")
+    with pytest.raises(ValueError, match="needs the diffusion target"):
+        cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), form="relative")
 
 
 # --- boundedness -----------------------------------------------------------------------------------------

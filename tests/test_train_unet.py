@@ -168,6 +168,16 @@ def test_every_recipe_parses_and_builds_its_model(recipe):
     assert unet.config.sample_size == args.resolution
 
 
+@pytest.mark.parametrize("form, margin", [("hinge_general", "0.1"), ("relative", "0.5")])
+def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
+    train_unet_cm.main(tiny_args(tmp_path, cm_diversity=form, max_train_steps=2))
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["args"]["cm_diversity"] == form
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["final_losses"].values())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"form={form}, margin={margin}," in card
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

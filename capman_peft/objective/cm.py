@@ -155,7 +155,7 @@ def cm_loss(
     else:
         gap = _rms(full.detach() - general)
         if form == "relative":
-            margin = relative_margin * _rms(full.detach() - target.float())
+            margin = relative_margin * _rms(full - target.float()).detach()
         push_term = (margin - gap).clamp(min=0)
     rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
     consistency = rows * weights.pull.to(distance.device)[labels] * distance
