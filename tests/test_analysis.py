@@ -31,8 +31,8 @@ from capman_peft.analysis import (
     push_gradient,
 )
 from capman_peft.data import load_heldout_dataset, load_imbalanced_dataset, long_tail_counts
-from capman_peft.tuner import expert_disabled
 from capman_peft.evaluation import load_pipeline
+from capman_peft.tuner import expert_disabled
 
 DIGITS = [str(d) for d in range(10)]
 SMALL = ["--num_batches", "2", "--batch_size", "8"]

@@ -109,9 +109,7 @@ def test_balanced_counts_give_exactly_zero_cm_loss(form, counts):
     torch.manual_seed(0)
     labels = torch.randint(0, len(counts), (8,))
     eps_full, eps_general, target = torch.randn(3, 8, 3, 4, 4)
-    loss, stats = cm_loss(
-        eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5, target=target
-    )
+    loss, stats = cm_loss(eps_full, eps_general, labels, cm_weights(counts, form), form=form, margin=0.5, target=target)
     assert loss == 0 and stats["cm_loss"] == 0
 
 
