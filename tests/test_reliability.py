@@ -344,6 +344,53 @@ def test_evaluation_never_unpickles_and_caches_features_as_safetensors(digits_pi
     assert written and all(name.endswith(".safetensors") for name in written), written
 
 
+class _Marker:
+    """Unpickling this writes a file: the proof that a loader ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+@pytest.mark.parametrize(
+    "extractor, suffix, expected",
+    [
+        ("vgg16", ".pkl", "torch's restricted loader refused it"),
+        ("inception-v3-compat", ".pth", "torch's restricted loader refused it"),
+        ("digits-classifier", ".pkl", "digits-classifier weights are read from safetensors only"),
+        ("digits-classifier", ".safetensors", "cannot be read as safetensors"),
+        ("clip-rn50", ".pt", "--feature_extractor clip-rn50: its weights load as a TorchScript archive"),
+        ("dinov2-vit-s-14", None, "through torch.hub code"),
+    ],
+)
+def test_feature_extractor_weights_never_run_code_and_are_checked_before_sampling(
+    digits_pipeline, tmp_path, capsys, monkeypatch, extractor, suffix, expected
+):
+    marker = tmp_path / "marker"
+    argv = ["--pipeline", str(digits_pipeline), "--feature_extractor", extractor, "--cache_dir", str(tmp_path / "c")]
+    if suffix is not None:
+        evil = tmp_path / f"evil{suffix}"
+        evil.write_bytes(pickle.dumps(_Marker(marker)))
+        argv += ["--feature_extractor_weights_path", str(evil)]
+    monkeypatch.setattr(
+        "capman_peft.evaluation.evaluate.load_pipeline", lambda *a, **k: pytest.fail("sampling began before the check")
+    )
+    assert_refused(capsys, eval_main, argv + ["--output_dir", str(tmp_path / "eval")], digits_pipeline, expected)
+    assert not marker.exists()
+
+
+def test_extractor_weights_of_the_wrong_network_are_named(digits_pipeline, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(wrong))
+    argv = ["--pipeline", str(digits_pipeline), "--feature_extractor_weights_path", str(wrong)]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--cache_dir", str(tmp_path / "c")]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, f"{wrong}: not digits-classifier weights")
+
+
 def test_a_truncated_feature_cache_is_named_and_recomputed(digits_pipeline, tmp_path, capsys):
     kw = dict(num_images_per_class=3, steps=2, cache_dir=tmp_path, progress=False)
     first = evaluate_pipeline(digits_pipeline, "imb-digits", **kw)

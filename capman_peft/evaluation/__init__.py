@@ -17,7 +17,7 @@ Diffusion needs the pretrained base UNet named by ``base_model_name_or_path`` in
 
 Feature extractors. The default is torch-fidelity's ``inception-v3-compat`` for every metric, precision/recall
 included (torch-fidelity's own default for it is VGG-16). Its weights download on first use, are read once with
-torch's restricted loader and kept as safetensors (:func:`.fidelity.inception_safetensors`); offline, pass
+torch's restricted loader and kept as safetensors (:func:`.fidelity.safe_weights_file`); offline, pass
 ``--feature_extractor_weights_path``. For ``--dataset imb-digits`` the default is ``digits-classifier``: a small CNN
 trained deterministically on scikit-learn's digits (seconds on a CPU, cached as safetensors), whose penultimate layer
 feeds FID/KID/precision/recall and whose logits feed IS; its predictions also give the per-class accuracy of the

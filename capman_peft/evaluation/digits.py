@@ -19,9 +19,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from ..data import class_splits, get_dataset_spec, load_reference_dataset
 from ..errors import ConfigError
-from .fidelity import INCEPTION, default_cache_dir, to_uint8
-
-DIGITS_CLASSIFIER = "digits-classifier"
+from .fidelity import DIGITS_CLASSIFIER, INCEPTION, check_safe_extractor, default_cache_dir, to_uint8
 
 
 class DigitsClassifier(nn.Module):
@@ -157,7 +155,8 @@ register_digits_feature_extractor()
 
 
 def resolve_feature_extractor(dataset: str, feature_extractor: str | None) -> str:
-    """The extractor to use: the given one (must be registered), else digits-classifier for digits, else Inception."""
+    """The extractor to use: the given one (registered, and one whose weights load without running code), else
+    digits-classifier for digits, else Inception."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if feature_extractor is None:
@@ -166,6 +165,7 @@ def resolve_feature_extractor(dataset: str, feature_extractor: str | None) -> st
         raise ConfigError(
             f"unknown feature extractor {feature_extractor!r}; registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
         )
+    check_safe_extractor(feature_extractor)
     return feature_extractor
 
 

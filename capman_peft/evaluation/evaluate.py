@@ -25,7 +25,15 @@ from .digits import (
     load_digits_classifier,
     resolve_feature_extractor,
 )
-from .fidelity import METRIC_NAMES, _check_metrics, _reference_cache_prefix, default_cache_dir, measure_fidelity
+from .fidelity import (
+    METRIC_NAMES,
+    _check_metrics,
+    _reference_cache_prefix,
+    build_feature_extractor,
+    default_cache_dir,
+    measure_fidelity,
+    safe_weights_file,
+)
 from .report import _print_summary, update_model_card_sections, write_comparison, write_model_outputs
 from .sampling import _check_settings, generate_balanced
 
@@ -194,13 +202,17 @@ def _resolve_dataset(folder: PipelineFolder, dataset: str | None) -> str:
 
 
 def _resolve_weights(extractor: str, weights_path: str | os.PathLike | None, cache_dir: Path) -> str | None:
-    """The extractor's weights file: the given one (must exist), else the digits classifier's cached file, if it is
-    the extractor (trained on first use), else None (the extractor's own default)."""
-    weights = None if weights_path is None else str(weights_path)
-    if weights is not None and not Path(weights).is_file():
-        raise ConfigError(f"feature_extractor_weights_path {weights!r} is not a file")
-    if extractor == DIGITS_CLASSIFIER and weights is None:
-        weights = str(digits_classifier_file(cache_dir))
+    """The extractor's weights as safetensors (the digits classifier's cached file when none is given, trained on
+    first use), checked by building the extractor once on the CPU: a bad file fails here, before any sampling."""
+    if extractor == DIGITS_CLASSIFIER and weights_path is None:
+        weights_path = digits_classifier_file(cache_dir)
+    weights = safe_weights_file(extractor, weights_path, cache_dir)
+    weights = None if weights is None else str(weights)
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    build_feature_extractor(
+        extractor, [resolve_feature_layer_for_metric("fid", feature_extractor=extractor)], weights, cache_dir, "cpu"
+    )
     return weights
 
 

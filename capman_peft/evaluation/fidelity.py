@@ -92,75 +92,153 @@ class UInt8Images(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The Inception weights torch-fidelity uses (its own release); read once and kept as safetensors, see below.
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
+# Weights are read without unpickling anything: Inception (torch-fidelity's release) and VGG-16 (torchvision's) are
+# converted once to safetensors; every other extractor (our digits classifier, one a user registers) gets a
+# .safetensors file or none. torch-fidelity's CLIP and DINOv2 extractors are refused: they load TorchScript archives
+# or run code from torch.hub.
+VGG16 = "vgg16"
+DIGITS_CLASSIFIER = "digits-classifier"
+# Where the converted extractors' default weights come from.
+WEIGHT_URLS = {
+    INCEPTION: "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+    VGG16: "https://download.pytorch.org/models/vgg16-397923af.pth",
+}
 
 
-def inception_safetensors(weights_path: str | None, cache_dir: Path) -> Path:
-    """The Inception-v3 weights as a safetensors file, the only form this project reads.
+def check_safe_extractor(name: str) -> None:
+    """Refuse an extractor whose weights could only be read by running code."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    A ``.safetensors`` file is used as is. torch-fidelity ships (and would itself load with ``torch.load(...,
-    weights_only=False)``, i.e. unrestricted unpickling) a ``.pth``: that file — the download when no path is
-    given — is read once with ``torch.load(weights_only=True)``, torch's restricted loader that cannot run code, and
-    written to ``cache_dir`` as safetensors; later runs read only the safetensors copy.
+    if FEATURE_EXTRACTORS_REGISTRY.get(name).__name__ in ("FeatureExtractorCLIP", "FeatureExtractorDinoV2"):
+        raise ConfigError(
+            f"--feature_extractor {name}: its weights load as a TorchScript archive or through torch.hub code, which "
+            f"this project never runs; allowed: {INCEPTION}, {VGG16}, {DIGITS_CLASSIFIER}, or one you register"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:
+        raise ConfigError(
+            f"--feature_extractor_weights_path {path}: cannot be read as safetensors ({type(err).__name__}); "
+            "allowed: a .safetensors file"
+        ) from None
+
+
+def safe_weights_file(extractor: str, weights_path: str | os.PathLike | None, cache_dir: Path) -> Path | None:
+    """The extractor's weights as a safetensors file, the only form this project loads weights from.
+
+    A ``.safetensors`` file is checked and used as is. Inception and VGG-16 also take the ``.pth`` their libraries
+    ship (torch-fidelity and torchvision would read it with unrestricted unpickling): it is read once with
+    ``torch.load(weights_only=True)``, torch's restricted loader that cannot run code, must hold only tensors, and
+    is written to ``cache_dir`` as safetensors; later runs read the copy. With no path, their release file is
+    downloaded and converted the same way; other extractors get None (their own default). Every failure is a
+    ConfigError naming the file.
     """
     from safetensors.torch import save_file
 
-    if weights_path is not None and str(weights_path).endswith(".safetensors"):
-        return Path(weights_path)
-    source = Path(weights_path) if weights_path is not None else cache_dir / Path(INCEPTION_URL).name
+    check_safe_extractor(extractor)
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise ConfigError(f"--feature_extractor_weights_path {weights_path}: no such file")
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+            return path
+        if extractor not in WEIGHT_URLS:
+            raise ConfigError(
+                f"--feature_extractor_weights_path {weights_path}: {extractor} weights are read from safetensors "
+                "only; allowed: a .safetensors file"
+            )
+        source = path
+    elif extractor in WEIGHT_URLS:
+        source = cache_dir / Path(WEIGHT_URLS[extractor]).name
+    else:
+        return None
     tag = (
-        hashlib.sha1(f"{source.resolve()}:{source.stat().st_size}".encode()).hexdigest()[:10]
-        if source.exists()
-        else "release"
+        hashlib.sha1(f"{source.resolve()}:{source.stat().st_size}".encode()).hexdigest()[:10] if source.exists() else ""
     )
-    target = cache_dir / f"inception-v3-compat-{tag}.safetensors"
+    target = cache_dir / f"{extractor}-{tag or 'release'}.safetensors"
     if target.is_file():
         return target
     if not source.exists():
-        if weights_path is not None:
-            raise ConfigError(f"--feature_extractor_weights_path {weights_path}: no such file")
         from ..hub import hub_reachable
 
         try:
             source.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, str(source), progress=False)
+            torch.hub.download_url_to_file(WEIGHT_URLS[extractor], str(source), progress=False)
         except Exception as err:
             raise ConfigError(
-                f"--feature_extractor inception-v3-compat: cannot download its weights from {INCEPTION_URL} ({err}; "
+                f"--feature_extractor {extractor}: cannot download its weights from {WEIGHT_URLS[extractor]} ({err}; "
                 f"{'offline?' if not hub_reachable() else 'network error'}); allowed: "
                 "--feature_extractor_weights_path with a local copy (.pth or .safetensors)"
             ) from None
-        return inception_safetensors(str(source), cache_dir)
-    state = torch.load(source, map_location="cpu", weights_only=True)
+        return safe_weights_file(extractor, None, cache_dir)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"--feature_extractor_weights_path {source}: torch's restricted loader refused it ({type(err).__name__}); "
+            "this project never unpickles code; allowed: a .safetensors file or a PyTorch state dict of tensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"--feature_extractor_weights_path {source}: not a state dict of tensors")
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, target)
     return target
 
 
 def build_feature_extractor(name: str, layers: Sequence[str], weights_path: str | None, cache_dir: Path, device: str):
-    """A torch-fidelity feature extractor on `device`; Inception's weights come from safetensors only."""
-    from torch_fidelity.utils import create_feature_extractor
+    """A torch-fidelity feature extractor on `device`, its weights read from safetensors only.
 
-    if name != INCEPTION:
-        extractor = create_feature_extractor(
-            name, list(layers), cuda=False, feature_extractor_weights_path=weights_path, verbose=False
-        )
-        return extractor.to(device)
+    Inception and VGG-16 load their weights themselves, by unrestricted ``torch.load`` or a download helper; the
+    helper is answered with the safetensors tensors, so that loader never runs. A weights file that does not fit the
+    network is a ConfigError naming it.
+    """
     from safetensors.torch import load_file
     from torch_fidelity import feature_extractor_inceptionv3 as inception
+    from torch_fidelity import feature_extractor_vgg16 as vgg16
+    from torch_fidelity.utils import create_feature_extractor
 
-    state = load_file(str(inception_safetensors(weights_path, cache_dir)))
-    # The constructor loads its weights itself; with no path it calls this download helper, which we answer with
-    # the safetensors tensors (so its unrestricted torch.load never runs).
-    download = inception.load_state_dict_from_url
-    inception.load_state_dict_from_url = lambda *args, **kwargs: state
+    weights = safe_weights_file(name, weights_path, cache_dir)
+    state = load_file(str(weights)) if name in WEIGHT_URLS else None
+    if name == INCEPTION:
+        module, helper, answer = inception, "load_state_dict_from_url", lambda *args, **kwargs: state
+    elif name == VGG16:
+        import torchvision
+
+        def answer(*args: Any, **kwargs: Any) -> torch.nn.Module:
+            model = torchvision.models.vgg16()
+            model.load_state_dict(state)
+            return model
+
+        module, helper = vgg16, "torchvision_load_pretrained_vgg16"
+    else:
+        module = helper = answer = None
+    original = getattr(module, helper) if module is not None else None
     try:
-        extractor = inception.FeatureExtractorInceptionV3(name, list(layers), verbose=False)
+        if module is not None:
+            setattr(module, helper, answer)
+        extractor = create_feature_extractor(
+            name,
+            list(layers),
+            cuda=False,
+            verbose=False,
+            **({} if module is not None else {"feature_extractor_weights_path": str(weights)}),
+        )
+    except (RuntimeError, KeyError) as err:  # load_state_dict: missing / unexpected keys or shapes
+        raise ConfigError(
+            f"--feature_extractor_weights_path {weights_path or weights}: not {name} weights ({str(err)[:200]})"
+        ) from None
     finally:
-        inception.load_state_dict_from_url = download
+        if module is not None:
+            setattr(module, helper, original)
     return extractor.to(device)
 
 
