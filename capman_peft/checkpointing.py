@@ -24,11 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, call_on_exit
 
 logger = logging.getLogger("capman_peft")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Held (flock) by the training run writing an output folder, for its lifetime.
+LOCK_FILE = ".capman-training.lock"
 
 
 class CheckpointError(ConfigError):
@@ -174,6 +176,84 @@ def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> N
         )
 
 
+def _check_counters(path: Path, state: Any) -> None:
+    """Every number read back must be one training could have written: a step >= 1 that matches the folder's name,
+    non-negative scheduler and EMA counters, an EMA decay in [0, 1]."""
+
+    def bad(what: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{path / 'state.json'}: {what} is {value!r}; the checkpoint is corrupt")
+
+    if not isinstance(state, dict):
+        raise bad("the state", type(state).__name__)
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise bad("the step counter", step)
+    named = _CHECKPOINT.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise bad(f"the step counter (the folder says {named.group(1)})", step)
+    for group, key, valid in (
+        ("lr_scheduler", "last_epoch", lambda v: isinstance(v, int) and v >= 0),
+        ("lr_scheduler", "_step_count", lambda v: isinstance(v, int) and v >= 0),
+        ("ema", "optimization_step", lambda v: isinstance(v, int) and v >= 0),
+        ("ema", "decay", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1),
+    ):
+        part = state.get(group)
+        if isinstance(part, dict) and key in part and not valid(part[key]):
+            raise bad(f"{group}.{key}", part[key])
+
+
+_held_locks: dict[Path, Any] = {}
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Take an exclusive lock on a training run's output folder for the run's lifetime (released by
+    :func:`unlock_output_dir` or at exit): a second run started into the same folder stops at once instead of
+    silently replacing the first one's files. A new run in this same process takes the lock over."""
+    import atexit
+    import fcntl
+
+    path = (Path(output_dir) / LOCK_FILE).resolve()
+    unlock_output_dir(output_dir)
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"--output_dir {output_dir}: another training run is writing to it; allowed: wait for it to finish, "
+            "or another --output_dir"
+        ) from None
+    if not _held_locks:
+        atexit.register(lambda: [unlock_output_dir(p.parent) for p in list(_held_locks)])
+    _held_locks[path] = (handle, created)
+    call_on_exit(lambda: unlock_output_dir(output_dir))
+
+
+def unlock_output_dir(output_dir: str | Path) -> None:
+    """Release the lock :func:`lock_output_dir` took, if this process holds it: its file goes, and so does the folder
+    if the lock created it and nothing else was written (a refused run leaves no trace)."""
+    path = (Path(output_dir) / LOCK_FILE).resolve()
+    held = _held_locks.pop(path, None)
+    if held is not None:
+        handle, created = held
+        path.unlink(missing_ok=True)
+        handle.close()
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+
+
+def remove_earlier_checkpoints(output_dir: str | Path) -> list[str]:
+    """``--overwrite_output_dir``: the checkpoints an earlier run left in the folder, removed before this run writes
+    its own (they would otherwise count as newer than this run's for pruning and ``latest``)."""
+    names = []
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+        names.append(path.name)
+    return names
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check and load a checkpoint: the trainable parameters into `model`, and return the training state.
 
@@ -205,8 +285,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, 
         raise CheckpointError(
             f"{path / 'state.json'}: does not match {path / 'state.safetensors'} ({err}); the checkpoint is corrupt"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{path / 'state.json'}: has no step counter; the checkpoint is corrupt")
+    _check_counters(path, state)
     if expected_run is not None:
         _check_run(path, state, expected_run)
     model.load_state_dict(weights, strict=False)

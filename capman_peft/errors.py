@@ -12,6 +12,16 @@ class ConfigError(ValueError):
     """A bad flag, recipe value or input file; scripts print it as one ``error:`` line and exit non-zero."""
 
 
+# Called when an entry point returns or fails (e.g. releasing the output folder's lock), so that a refused run leaves
+# no trace even when the process goes on (tests run the entry points in-process).
+_on_exit: list[Callable[[], None]] = []
+
+
+def call_on_exit(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` once when the current entry point (``run_cli``) returns or fails."""
+    _on_exit.append(cleanup)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss) become one ``error:`` line
     on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
@@ -22,3 +32,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except (ConfigError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        while _on_exit:
+            _on_exit.pop()()

@@ -311,23 +311,43 @@ def script_parser(
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
-    """The output folder policy: a new or empty folder, unless resuming or ``--overwrite_output_dir``.
+    """The output folder policy: a new or empty folder, unless resuming this run there or ``--overwrite_output_dir``.
 
-    An earlier run's pipeline, adapter and checkpoints are never mixed into a new run silently, and no file of the
-    user's (a README.md, say) is replaced without being asked.
+    An earlier run's pipeline, adapter and checkpoints are never mixed into a new run silently, no file of the
+    user's (a README.md, say) is replaced without being asked, and resuming only ever continues the run whose
+    checkpoints are in this folder.
     """
+    from .checkpointing import LOCK_FILE, list_checkpoints
+    from .run_folder import check_writable_folder
+
     if not args.output_dir or not str(args.output_dir).strip():
         raise ConfigError("--output_dir: is empty; allowed: a folder for the pipeline and checkpoints")
     path = Path(args.output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output_dir {path}: is a file; allowed: a new or empty folder")
-    if path.is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        entries = sorted(p.name for p in path.iterdir())
-        if entries:
-            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    check_writable_folder(path)
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
+    if not entries or args.overwrite_output_dir:
+        return
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    resume = args.resume_from_checkpoint
+    if not resume:
+        raise ConfigError(
+            f"--output_dir {path}: is not empty ({shown}); allowed: a new or empty folder, "
+            "--resume_from_checkpoint latest to continue the run there, or --overwrite_output_dir"
+        )
+    if resume == "latest" and not list_checkpoints(path):
+        raise ConfigError(
+            f"--resume_from_checkpoint latest: {path} has no checkpoint to continue, and it is not empty ({shown}); "
+            "allowed: a folder with this run's checkpoints, a new or empty --output_dir, or --overwrite_output_dir"
+        )
+    if resume != "latest":
+        checkpoint = Path(resume) if Path(resume).exists() else path / resume
+        if checkpoint.resolve().parent != path.resolve():
             raise ConfigError(
-                f"--output_dir {path}: is not empty ({shown}); allowed: a new or empty folder, "
-                "--resume_from_checkpoint latest to continue the run there, or --overwrite_output_dir"
+                f"--resume_from_checkpoint {resume}: continues a run in {checkpoint.parent}, but --output_dir {path} "
+                f"is another folder and not empty ({shown}); allowed: the checkpoint's own folder as --output_dir, "
+                "or a new or empty one"
             )
 
 

@@ -20,6 +20,38 @@ from torch import nn
 from .errors import ConfigError
 
 SCHEDULERS = ("ddim", "dpm", "pipeline")
+# Room the result files of a run or an evaluation need at the least, checked before any work.
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Refuse, before any work, a folder that cannot be written (read-only, a file on the way) or whose disk is full.
+
+    A file is created and removed in the folder, or in its nearest existing parent when it does not exist yet (an
+    access check would pass for root on a read-only mount); nothing is left behind.
+    """
+    import shutil
+    import tempfile
+
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file; allowed: a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".capman-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{flag} {path}: {existing} cannot be written ({err.strerror}); allowed: a writable folder"
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(
+            f"{flag} {path}: only {free // 2**20} MiB free on its disk; allowed: a folder with at least "
+            f"{MIN_FREE_BYTES // 2**20} MiB free"
+        )
 
 
 @dataclass

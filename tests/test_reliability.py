@@ -73,6 +73,106 @@ def test_a_non_empty_output_dir_is_refused_unless_resuming_or_overwriting(tmp_pa
     assert (out / "model_index.json").is_file()
 
 
+def test_resume_latest_never_writes_into_a_folder_without_this_runs_checkpoints(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("the user's notes")
+    args = digits_run_args(tmp_path, resume_from_checkpoint="latest")
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "--resume_from_checkpoint latest: ")
+    # a finished run folder without checkpoints (a baseline run with no checkpoint step reached)
+    shutil.rmtree(out)
+    train_unet_cm.main(
+        digits_run_args(tmp_path, objective="ddpm", no_capacity_manipulation=True, checkpointing_steps=9)
+    )
+    assert not list(out.glob("checkpoint-*"))
+    again = digits_run_args(tmp_path, objective="ddpm", no_capacity_manipulation=True, resume_from_checkpoint="latest")
+    assert_refused(capsys, train_unet_cm.main, again, tmp_path, "has no checkpoint to continue")
+    # latest into a new folder starts from scratch, as diffusers' scripts do
+    train_unet_cm.main(digits_run_args(tmp_path, output_dir=tmp_path / "new", resume_from_checkpoint="latest"))
+    assert (tmp_path / "new" / "model_index.json").is_file()
+
+
+def test_resume_from_a_checkpoint_of_another_folder_never_writes_into_a_used_one(tmp_path, capsys):
+    train_unet_cm.main(digits_run_args(tmp_path))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    args = digits_run_args(tmp_path, output_dir=other, resume_from_checkpoint=checkpoint, max_train_steps=4)
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "continues a run in")
+
+
+def test_overwriting_an_earlier_run_removes_its_checkpoints_so_the_new_ones_are_kept(tmp_path, caplog):
+    train_unet_cm.main(digits_run_args(tmp_path, max_train_steps=6, checkpointing_steps=6))
+    out = tmp_path / "out"
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]
+    with caplog.at_level(logging.INFO, logger="capman_peft"):
+        train_unet_cm.main(
+            digits_run_args(tmp_path, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1,
+                            overwrite_output_dir=True)
+        )  # fmt: skip
+    assert "removed the earlier run's checkpoint-6" in caplog.text
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    new_run = json.loads((out / "training_summary.json").read_text())["run_id"]
+    state = json.loads((out / "checkpoint-4" / "state.json").read_text())
+    assert state["run"]["id"] == new_run
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once(tmp_path, capsys):
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(out / ".capman-training.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = digits_run_args(tmp_path, overwrite_output_dir=True)
+        assert_refused(capsys, train_unet_cm.main, args, tmp_path, "another training run is writing to it")
+    finally:
+        holder.kill()
+        holder.wait()
+    train_unet_cm.main(digits_run_args(tmp_path, overwrite_output_dir=True))
+    assert not (out / ".capman-training.lock").exists()  # released and removed at the end of a run
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: s.update(step=-5), "the step counter is -5"),
+        (lambda s: s.update(step=7), "the step counter (the folder says 2) is 7"),
+        (lambda s: s["lr_scheduler"].update(last_epoch=-3), "lr_scheduler.last_epoch is -3"),
+        (lambda s: s["ema"].update(decay=4.0), "ema.decay is 4.0"),
+    ],
+)
+def test_numbers_read_back_from_a_checkpoint_are_validated(tmp_path, capsys, edit, expected):
+    train_unet_cm.main(digits_run_args(tmp_path, use_ema=True))
+    state_file = tmp_path / "out" / "checkpoint-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+    args = digits_run_args(tmp_path, use_ema=True, resume_from_checkpoint="checkpoint-2", max_train_steps=4)
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, expected)
+
+
+def test_capman_eval_never_writes_into_the_pipeline_folder(digits_pipeline, tmp_path, capsys):
+    argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(digits_pipeline)]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, "is the pipeline folder being evaluated")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "cannot be written (Read-only")
+
+
 @pytest.mark.parametrize("limit", [-1, 0])
 def test_checkpoint_limits_below_one_are_refused(tmp_path, capsys, limit):
     assert_refused(

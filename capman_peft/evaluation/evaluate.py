@@ -17,7 +17,13 @@ import torch
 
 from ..data import DATASETS, class_prompts, class_splits, get_dataset_spec, load_reference_dataset
 from ..errors import ConfigError
-from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
+from ..run_folder import (
+    PipelineFolder,
+    check_writable_folder,
+    load_pipeline,
+    pipeline_resolution,
+    read_pipeline_folder,
+)
 from .digits import (
     DIGITS_CLASSIFIER,
     classifier_accuracy,
@@ -368,6 +374,7 @@ def evaluate_pipelines(
     if output_dir is None:
         output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")
     output_dir = Path(output_dir)
+    check_writable_output(output_dir, [f.path for f in folders])
     labels = _unique_labels([f.path.resolve().name for f, _ in jobs], [e for _, e in jobs])
     results = []
     for (folder, setting), label in zip(jobs, labels, strict=True):
@@ -381,6 +388,17 @@ def evaluate_pipelines(
     if update_model_cards:
         update_model_card_sections(folders, results)
     return results
+
+
+def check_writable_output(output_dir: Path, pipelines: Sequence[Path]) -> None:
+    """Refuse, before any work, an output folder that is a pipeline being evaluated (its samples.png and card would
+    be replaced), that cannot be written, or whose disk is full."""
+    if any(output_dir.resolve() == Path(p).resolve() for p in pipelines):
+        raise ConfigError(
+            f"--output_dir {output_dir}: is the pipeline folder being evaluated (its samples.png would be replaced); "
+            "allowed: another folder (default: <pipeline>/eval)"
+        )
+    check_writable_folder(output_dir)
 
 
 def _unique_labels(names: list[str], experts: list[str]) -> list[str]:

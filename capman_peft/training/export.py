@@ -162,6 +162,7 @@ def finish_export(
 ) -> None:
     """What both scripts write after their pipeline: ``training_summary.json``, the model card, ``samples.png``,
     the closing log lines, and the upload with ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
+    from ..checkpointing import unlock_output_dir
     from ..hub import push_to_hub, write_model_card
 
     output_dir = Path(args.output_dir)
@@ -188,6 +189,7 @@ def finish_export(
     path = publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
     logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, trained.seconds, path)
     logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in trained.logs.items()}))
+    unlock_output_dir(output_dir)  # the folder is complete; its lock file is not part of what is uploaded
     if args.push_to_hub:
         repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
         logger.info("Pushed to https://huggingface.co/%s", repo)

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..checkpointing import resume_training
+from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_training
 from ..data import ImbalancedImageDataset, class_balanced_sampler, load_imbalanced_dataset
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
@@ -60,6 +60,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         ),
     )
     setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        lock_output_dir(output_dir)
     if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
         raise ConfigError(
             f"accelerate config: distributed_type {accelerator.distributed_type.value} is not supported (checkpoints "
@@ -246,6 +248,11 @@ def prepare_training(
     if ema is not None:
         ema.to(accelerator.device)
     per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
+        removed = remove_earlier_checkpoints(args.output_dir)
+        if removed:
+            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
+    accelerator.wait_for_everyone()
     global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
     init_trackers(accelerator, project, args)
     logger.info(
