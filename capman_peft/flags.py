@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
     group.add_argument("--dataset_name", default=None, help="Override the Hub id (or a local path) of --dataset.")
     group.add_argument(
         "--train_data_dir",
+        type=os.path.expanduser,
         default=None,
         help="Local image folder with one sub-folder per class; its counts are kept unless --imbalance_ratio is given.",
     )
@@ -207,6 +209,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument(
         "--output_dir",
+        type=os.path.expanduser,
         default="capman-output",
         help="Where the pipeline and checkpoints go: a new or empty folder, unless resuming or --overwrite_output_dir.",
     )

@@ -14,14 +14,29 @@ from .errors import ConfigError
 from .flags import ArgumentParser, check_common_args
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, Path]]:
     """A YAML recipe as ``{key: (value, file)}``; ``base: other.yaml`` (relative to the file) is read first and
     overridden by this one."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder; give a YAML recipe file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; give a YAML recipe")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())
         raise ConfigError(f"--config {path}: not valid YAML ({reason}); write one `flag: value` per line") from None
@@ -45,8 +60,9 @@ def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tup
 
 def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) -> list[str] | None:
     """The command-line tokens meaning ``key: value`` (None: the value None), so the recipe is parsed exactly as
-    the command line would be."""
-    flag = action.option_strings[0]
+    the command line would be: ``key: true`` is ``--key``, whatever the key's spelling (``no_use_ema: true`` is
+    ``--no_use_ema``), and ``key: false`` its opposite where the flag has one, else nothing."""
+    flag = f"--{key}" if f"--{key}" in action.option_strings else action.option_strings[0]
     boolean = isinstance(
         action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
     )
@@ -54,8 +70,11 @@ def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) ->
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}: got {value!r}; allowed: true or false (unquoted)")
         if isinstance(action, argparse.BooleanOptionalAction):
-            return [flag if value else action.option_strings[1]]
-        return [flag] if value == isinstance(action, argparse._StoreTrueAction) else []
+            positive, negative = action.option_strings[:2]
+            return [
+                (positive if flag != negative else negative) if value else (negative if flag != negative else positive)
+            ]
+        return [flag] if value else []
     if value is None:
         if action.default is not None:
             raise ConfigError(f"{where}: {key}: is empty; give a value")
@@ -73,7 +92,9 @@ def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) ->
 def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]]) -> dict[str, Any]:
     """Parse a recipe with the script's own parser: every value is type-checked as on the command line."""
     names = {opt.lstrip("-"): action for action in parser._actions for opt in action.option_strings}
-    names.update({action.dest: action for action in parser._actions if action.option_strings})
+    for action in parser._actions:  # a flag's dest (an old name's new one) names it too, unless it is a spelling
+        if action.option_strings:
+            names.setdefault(action.dest, action)
     defaults: dict[str, Any] = {}
     for key, (value, path) in recipe.items():
         where = f"--config {path}"

@@ -264,6 +264,7 @@ RECIPE_CASES = {
     "unquoted no": ("mixed_precision: no\n", "mixed_precision: got false"),
     "wrong choice": ("objective: focal\n", "objective: --objective: invalid choice"),
     "base cycle": ("base: recipe.yaml\n", "makes a cycle"),
+    "duplicate key": ("max_train_steps: 2\nmax_train_steps: 3\n", "key 'max_train_steps' is given twice"),
 }
 
 
@@ -273,6 +274,33 @@ def test_bad_recipes_are_read_like_the_command_line_and_named_by_file(tmp_path, 
     recipe.write_text(text)
     line = assert_refused(capsys, train_unet_cm.main, ["--config", str(recipe)], tmp_path, expected)
     assert f"--config {recipe}" in line
+
+
+@pytest.mark.parametrize(
+    "line, capacity_manipulation, use_ema",
+    [
+        ("no_capacity_manipulation: true", False, True),
+        ("capacity_manipulation: false", False, True),
+        ("capacity_manipulation: true", True, True),
+        ("no_use_ema: true", True, False),
+        ("no_use_ema: false", True, True),
+        ("use_ema: false", True, False),
+    ],
+)
+def test_a_recipe_key_means_what_the_flag_of_that_name_means(tmp_path, line, capacity_manipulation, use_ema):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"use_ema: true\n{line}\n" if "use_ema" not in line else f"{line}\n")
+    args = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
+    assert (args.capacity_manipulation, args.use_ema) == (capacity_manipulation, use_ema)
+
+
+def test_a_folder_as_recipe_and_a_home_relative_output_dir(tmp_path, capsys, monkeypatch):
+    assert_refused(capsys, train_unet_cm.main, ["--config", str(tmp_path)], tmp_path, "is a folder")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: ~/runs/x\n")
+    args = train_unet_cm.parse_args(["--config", "~/recipe.yaml"])
+    assert args.output_dir == str(tmp_path / "runs" / "x")
 
 
 def test_recipe_values_are_typed_like_flags(tmp_path):
