@@ -57,7 +57,7 @@ from capman_peft.flags import (
 )
 from capman_peft.hub import card_license, hub_source
 from capman_peft.objective import diffusion_loss
-from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights
+from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
 from capman_peft.recipes import parse_args_with_config
 from capman_peft.run_folder import encode_prompts
 from capman_peft.training.export import (
@@ -396,7 +396,8 @@ def validate(
 def export_pipeline(
     args: argparse.Namespace, trained: torch.nn.Module, noise_scheduler: SchedulerMixin
 ) -> StableDiffusionPipeline:
-    """Write ``output_dir``: the adapter (PEFT format) in adapter/ and the merged float32 StableDiffusionPipeline.
+    """Write ``output_dir``: the adapter (PEFT format in adapter/ and as diffusers LoRA files; the baseline's LoRA
+    file only) and the merged float32 StableDiffusionPipeline.
 
     The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
     the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
@@ -408,7 +409,9 @@ def export_pipeline(
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
     if args.capacity_manipulation:
         save_lora_weights(model, args.output_dir)  # before merging: the adapter as a diffusers LoRA
-    merged = save_adapter_and_merge(model, args.output_dir, args.run_id)
+        merged = save_adapter_and_merge(model, args.output_dir, args.run_id)
+    else:
+        merged = save_plain_lora_and_merge(model, args.output_dir)
     pipeline = StableDiffusionPipeline.from_pretrained(
         base_source(args),
         use_safetensors=True,

@@ -93,6 +93,19 @@ def save_lora_weights(model: torch.nn.Module, output_dir: str | Path) -> list[Pa
     return written
 
 
+def save_plain_lora_and_merge(model: torch.nn.Module, output_dir: str | Path) -> torch.nn.Module:
+    """The baseline (a plain PEFT LoRA, no expert): ``pytorch_lora_weights.safetensors`` as diffusers' own LoRA
+    script writes it, and the merged UNet. No ``adapter/``: there is no θ^g to evaluate."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+    layers = convert_state_dict_to_diffusers(state)
+    StableDiffusionPipeline.save_lora_weights(str(output_dir), unet_lora_layers=layers, weight_name=LORA_FILE)
+    return model.merge_and_unload()
+
+
 def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> torch.nn.Module:
     """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format, with the run's id), then merge
     theta^g + theta^e.
