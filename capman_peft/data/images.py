@@ -39,17 +39,20 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent pixels are composited onto white, 16-bit images are scaled.
+    """Any PIL mode -> RGB. Transparent pixels are composited onto white, 16-bit images are scaled, and float images
+    (mode F) in [0, 1] are read as fractions of white.
 
     Why not just ``convert("RGB")``: that drops alpha, so transparent pixels keep whatever colour they
-    happen to store (often black), and it clips 16-bit grey at 255 (measured: a 0..60000 ramp turns
-    into 0 then all-255).
+    happen to store (often black), it clips 16-bit grey at 255 (measured: a 0..60000 ramp turns
+    into 0 then all-255), and it rounds a float image in [0, 1) to black.
     """
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
         arr = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        if image.mode == "F" and arr.max(initial=0) <= 1:
+            arr = arr * 255.0
+        elif image.mode.startswith("I;16") or arr.max(initial=0) > 255:
             arr = arr / 257.0
         image = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
