@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,23 @@ fraction = _value(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 ratio = _value(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
 
 
+def device_value(text: str) -> str:
+    """An argparse ``type`` for ``--device``: cpu, or cuda / cuda:N where CUDA is available here."""
+    import torch
+
+    if text == "cpu":
+        return text
+    if re.fullmatch(r"cuda(:\d+)?", text):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"got {text!r}, but no CUDA device is available here; allowed: cpu")
+        return text
+    raise argparse.ArgumentTypeError(f"got {text!r}; allowed: cpu, cuda or cuda:N")
+
+
+# numpy's seeds (the long-tail subsampling, derived seeds) are 32-bit; torch's accept more, the rule is one for all.
+seed_value = _value(int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]")
+
+
 def add_underscore_negation(group: argparse._ActionsContainer, flag: str) -> None:
     """argparse spells the negation of a BooleanOptionalAction ``--x_y`` as ``--no-x_y``; accept ``--no_x_y`` too,
     the spelling of every other flag here."""
@@ -98,9 +116,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
         "dataset; a --train_data_dir folder keeps its own counts unless this is given.",
     )
     group.add_argument("--class_order", default=None, help="Comma-separated class names or ids, largest class first.")
-    group.add_argument(
-        "--data_seed", type=nonnegative_int, default=0, help="Seed of the long-tail subsampling (legacy: 0)."
-    )
+    group.add_argument("--data_seed", type=seed_value, default=0, help="Seed of the long-tail subsampling (legacy: 0).")
     group.add_argument("--resolution", type=positive_int, default=default_resolution, help="Training image size.")
     group.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
     group.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
@@ -218,7 +234,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Write into a non-empty --output_dir (its files of the same names are replaced).",
     )
-    group.add_argument("--seed", type=nonnegative_int, default=0, help="Seed of initialisation, noise and timesteps.")
+    group.add_argument("--seed", type=seed_value, default=0, help="Seed of initialisation, noise and timesteps.")
     group.add_argument("--train_batch_size", type=positive_int, default=64, help="Batch size per device.")
     group.add_argument("--max_train_steps", type=positive_int, default=None, help="Total optimizer steps.")
     group.add_argument(

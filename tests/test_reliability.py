@@ -158,6 +158,22 @@ def test_numbers_read_back_from_a_checkpoint_are_validated(tmp_path, capsys, edi
     assert_refused(capsys, train_unet_cm.main, args, tmp_path, expected)
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--resolution", "-8"], "--resolution: got '-8'"),
+        (["--resolution", "0"], "--resolution: got '0'"),
+        (["--device", "cuda"], "no CUDA device is available here"),
+        (["--reference_images_per_class", "0"], "--reference_images_per_class: got '0'"),
+        (["--seed", "-1"], "--seed: got '-1'"),
+    ],
+)
+def test_capman_eval_flags_are_typed(digits_pipeline, tmp_path, capsys, monkeypatch, flags, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(tmp_path / "eval"), *flags]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, expected)
+
+
 def test_capman_eval_never_writes_into_the_pipeline_folder(digits_pipeline, tmp_path, capsys):
     argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(digits_pipeline)]
     assert_refused(capsys, eval_main, argv, digits_pipeline, "is the pipeline folder being evaluated")
@@ -210,6 +226,12 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------
 
 UNET_CASES = {
+    "seed beyond 32 bits": (dict(seed=200000000000000), "--seed: got '200000000000000'; allowed: an integer in"),
+    "data seed beyond 32 bits": (dict(data_seed=4294967296), "--data_seed: got '4294967296'"),
+    "accumulation beyond an epoch": (
+        dict(gradient_accumulation_steps=1000),
+        "--gradient_accumulation_steps 1000: an epoch has only",
+    ),
     "zero steps": (dict(max_train_steps=0), "--max_train_steps: got '0'"),
     "negative steps": (dict(max_train_steps=-3), "--max_train_steps: got '-3'"),
     "zero inference steps": (dict(num_inference_steps=0), "--num_inference_steps"),

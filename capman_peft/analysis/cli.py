@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from ..errors import run_cli
+from ..flags import ArgumentParser, device_value, positive_int, seed_value
 from .capacity import expert_capacity
 from .heldout import heldout_loss, push_gradient
 from .prune import pruning_sensitivity
@@ -22,16 +23,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--imbalance_ratio", type=float, default=None, help="Training imbalance ratio; default: training summary's."
     )
-    parser.add_argument("--resolution", type=int, default=None, help="Image side; default: training summary's.")
+    parser.add_argument(
+        "--resolution", type=positive_int, default=None, help="Image side; default: training summary's."
+    )
     parser.add_argument("--num_batches", type=int, default=4, help="Fixed batches per class.")
     parser.add_argument("--batch_size", type=int, default=32, help="Samples per batch.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the fixed noise and timesteps.")
+    parser.add_argument("--seed", type=seed_value, default=0, help="Seed of the fixed noise and timesteps.")
     parser.add_argument("--output_dir", default="capman_analysis", help="Where the JSON and the plot go.")
-    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available.")
+    parser.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..flags import ArgumentParser, positive_int
 
     parser = ArgumentParser(
         prog="capman-analyze", description="Per-class capacity analyses of a trained (CM) diffusion model."

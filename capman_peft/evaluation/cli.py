@@ -16,7 +16,7 @@ from .sampling import _check_settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..flags import ArgumentParser
+    from ..flags import ArgumentParser, device_value, nonnegative_float, positive_int, seed_value
 
     parser = ArgumentParser(
         prog="capman-eval",
@@ -35,22 +35,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None, help="Hub id or local copy overriding the dataset's source.")
     parser.add_argument("--train_data_dir", default=None, help="Local folder with one sub-folder of images per class.")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="Image side for the reference (and SD sampling); default: model's."
+        "--resolution",
+        type=positive_int,
+        default=None,
+        help="Image side for the reference (and SD sampling); default: model's.",
     )
-    parser.add_argument("--num_images_per_class", type=int, default=500, help="Generated images per class.")
+    parser.add_argument("--num_images_per_class", type=positive_int, default=500, help="Generated images per class.")
     parser.add_argument(
         "--reference_images_per_class",
-        type=int,
+        type=positive_int,
         default=None,
         help="Real reference images per class; default: all the balanced reference split has.",
     )
     parser.add_argument(
         "--scheduler", default="ddim", help="Sampler: ddim, dpm (DPM-Solver++ multistep) or pipeline (keep saved one)."
     )
-    parser.add_argument("--steps", type=int, default=50, help="Number of sampling steps.")
+    parser.add_argument("--steps", type=positive_int, default=50, help="Number of sampling steps.")
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=nonnegative_float,
         default=1.5,
         help="Classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 disables guidance.",
     )
@@ -74,8 +77,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Local weights file for the feature extractor (offline machines: no download).",
     )
-    parser.add_argument("--batch_size", type=int, default=64, help="Batch size for sampling and feature extraction.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the generated set (per image).")
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=64, help="Batch size for sampling and feature extraction."
+    )
+    parser.add_argument("--seed", type=seed_value, default=0, help="Seed of the generated set (per image).")
     parser.add_argument("--per_class_fid", action="store_true", help="Also compute the FID of every class.")
     parser.add_argument("--prompt_template", default=None, help="SD prompt template, e.g. 'a {} painting'.")
     parser.add_argument(
@@ -88,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no_model_card", action="store_true", help="Do not write the metrics section into <pipeline>/README.md."
     )
-    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available.")
+    parser.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
     return parser.parse_args(argv)
 
 

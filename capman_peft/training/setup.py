@@ -242,7 +242,14 @@ def prepare_training(
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    max_steps = total_steps(args, len(dataloader) // accelerator.num_processes)
+    micro_batches = len(dataloader) // accelerator.num_processes
+    if args.gradient_accumulation_steps > micro_batches:
+        raise ConfigError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: an epoch has only {micro_batches} "
+            f"micro-batches per process (each optimizer step would use {micro_batches}); allowed: at most "
+            f"{micro_batches}, or a smaller --train_batch_size"
+        )
+    max_steps = total_steps(args, micro_batches)
     lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     if ema is not None:
