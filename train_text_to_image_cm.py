@@ -49,10 +49,12 @@ from capman_peft.checkpointing import trainable_state
 from capman_peft.data import ImbalancedImageDataset, class_prompts
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
+    module_patterns,
     nonnegative_float,
     positive_float,
     positive_int,
     probability,
+    prompt_template_value,
     script_parser,
 )
 from capman_peft.hub import card_license, hub_source
@@ -124,11 +126,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument(
         "--target_modules",
+        type=module_patterns,
         default=ATTENTION_PROJECTIONS,
         help="UNet layers that get the adapter: comma-separated names or name suffixes, or one regex.",
     )
     group.add_argument(
-        "--expert_target_modules", default=None, help="Layers that also get the expert (default: all targets)."
+        "--expert_target_modules",
+        type=module_patterns,
+        default=None,
+        help="Layers that also get the expert (default: all targets).",
     )
     group.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
@@ -137,6 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("text and latents")
     group.add_argument(
         "--prompt_template",
+        type=prompt_template_value,
         default=None,
         help='Class prompt; "{}" is the class name ("a" before it becomes "an" before a vowel). Default: the named '
         'dataset\'s ("a {} painting" for imb-artbench10, "a photo of a {}" for CIFAR), else "a {} painting".',
@@ -189,13 +196,15 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
         )
-    if args.prompt_template is not None and "{}" not in args.prompt_template:
-        raise ConfigError(
-            f"--prompt_template {args.prompt_template!r}: has no {{}}; allowed: a text with {{}} for the class name"
-        )
     if args.capacity_manipulation and not args.expert_rank < args.rank:
         raise ConfigError(
             f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
+        )
+    if args.capacity_manipulation and args.cm_forward == "shared_prefix" and not args.expert_target_modules:
+        raise ConfigError(
+            "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts sit on "
+            "every target layer, the down path's too; allowed: --cm_forward fused, or --expert_target_modules with "
+            "up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
         )
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from peft import get_peft_model
 
 from capman_peft import CapManConfig, ClassConditionalPipeline
+from capman_peft.denoiser import AFTER_SPLIT
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.flags import (
     fraction,
+    module_patterns,
     positive_int,
     script_parser,
 )
@@ -74,7 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "mult [1,2,2,2], 2 res blocks, attention at 16x16, dropout 0.1).",
     )
     group.add_argument("--expert_rank_ratio", type=fraction, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
-    group.add_argument("--expert_target_modules", default=UP_PATH_TARGETS, help="Regex of layers with an expert.")
+    group.add_argument(
+        "--expert_target_modules", type=module_patterns, default=UP_PATH_TARGETS, help="Regex of layers with an expert."
+    )
     # The first release's names, kept working for one release: a grid every N steps, and the old name of the column
     # count.
     parser.add_argument("--validation_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
@@ -92,7 +97,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parse_args_with_config(parser, argv)
     args.unet_config = unet_config(args)
+    check_expert_placement(args)
     return args
+
+
+def check_expert_placement(args: argparse.Namespace) -> None:
+    """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it; the
+    layers the regex selects are found on a model built without memory (meta device), before any data is read."""
+    if not args.capacity_manipulation or args.cm_forward != "shared_prefix":
+        return
+    with torch.device("meta"):
+        unet = build_unet(args.unet_config, args.resolution, 2)
+    chosen = [name for name, _ in unet.named_modules() if re.fullmatch(args.expert_target_modules, name)]
+    outside = [name for name in chosen if not name.startswith(AFTER_SPLIT)]
+    if outside:
+        raise ConfigError(
+            f"--expert_target_modules {args.expert_target_modules}: puts experts before the up path ({outside[0]}, "
+            f"{len(outside)} layers), which --cm_forward shared_prefix computes once for theta and theta^g; allowed: "
+            "--cm_forward fused, or experts in up_blocks only"
+        )
 
 
 def unet_config(args: argparse.Namespace) -> dict:

@@ -28,7 +28,7 @@ from .tuner import CapManLayer, expert_disabled, expert_gate
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
 FORWARD_MODES = ("fused", "sequential", "shared_prefix")
 # Modules that run after the up path has been duplicated, so shared_prefix may put experts there.
-_AFTER_SPLIT = ("up_blocks.", "conv_norm_out", "conv_out")
+AFTER_SPLIT = ("up_blocks.", "conv_norm_out", "conv_out")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -87,7 +87,7 @@ class CMDenoiser(nn.Module):
         if not expert_layers:
             raise ValueError("capacity manipulation needs a model with CapMan experts; got none")
         if forward_mode == "shared_prefix":
-            outside = [name for name in expert_layers if not name.startswith(_AFTER_SPLIT)]
+            outside = [name for name in expert_layers if not name.startswith(AFTER_SPLIT)]
             if outside:
                 raise ValueError(
                     "forward_mode='shared_prefix' needs experts only in up_blocks (the down path must be the same "

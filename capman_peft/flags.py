@@ -80,6 +80,38 @@ def device_value(text: str) -> str:
     raise argparse.ArgumentTypeError(f"got {text!r}; allowed: cpu, cuda or cuda:N")
 
 
+def module_patterns(text: str) -> str:
+    """An argparse ``type`` for layer selections: comma-separated names (suffixes), or one regex that compiles."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: comma-separated layer names or one regex")
+    for name in names:
+        try:
+            re.compile(name)
+        except re.error as err:
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}: {name!r} is not a valid regex ({err}); allowed: comma-separated layer names or one "
+                "regex"
+            ) from None
+    return text
+
+
+def prompt_template_value(text: str) -> str:
+    """An argparse ``type`` for class prompt templates: exactly one ``{}``, where the class name goes."""
+    import string
+
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"got {text!r}: {err}; allowed: a text with one {{}}") from None
+    if fields != [""]:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r} with {len(fields)} fields {fields}; allowed: a text with exactly one {{}} for the class "
+            "name (write {{ and }} for literal braces)"
+        )
+    return text
+
+
 # numpy's seeds (the long-tail subsampling, derived seeds) are 32-bit; torch's accept more, the rule is one for all.
 seed_value = _value(int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]")
 

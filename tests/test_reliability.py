@@ -226,6 +226,11 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------
 
 UNET_CASES = {
+    "invalid expert regex": (dict(expert_target_modules="("), "--expert_target_modules: got '('"),
+    "experts in the down path with shared_prefix": (
+        dict(expert_target_modules=r"down_blocks\..*conv1", cm_forward="shared_prefix"),
+        "puts experts before the up path (down_blocks.0.resnets.0.conv1",
+    ),
     "seed beyond 32 bits": (dict(seed=200000000000000), "--seed: got '200000000000000'; allowed: an integer in"),
     "data seed beyond 32 bits": (dict(data_seed=4294967296), "--data_seed: got '4294967296'"),
     "accumulation beyond an epoch": (

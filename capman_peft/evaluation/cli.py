@@ -16,7 +16,14 @@ from .sampling import _check_settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..flags import ArgumentParser, device_value, nonnegative_float, positive_int, seed_value
+    from ..flags import (
+        ArgumentParser,
+        device_value,
+        nonnegative_float,
+        positive_int,
+        prompt_template_value,
+        seed_value,
+    )
 
     parser = ArgumentParser(
         prog="capman-eval",
@@ -82,7 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=seed_value, default=0, help="Seed of the generated set (per image).")
     parser.add_argument("--per_class_fid", action="store_true", help="Also compute the FID of every class.")
-    parser.add_argument("--prompt_template", default=None, help="SD prompt template, e.g. 'a {} painting'.")
+    parser.add_argument(
+        "--prompt_template", type=prompt_template_value, default=None, help="SD prompt template, e.g. 'a {} painting'."
+    )
     parser.add_argument(
         "--output_dir", default=None, help="Where results go; default <pipeline>/eval (one pipeline) or ./capman_eval."
     )

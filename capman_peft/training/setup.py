@@ -231,7 +231,10 @@ def prepare_training(
     """Everything between the model and the first step, in this order: the CM forward module, EMA, data loader,
     optimizer, LR schedule, ``accelerator.prepare``, resume from ``--resume_from_checkpoint``, the trackers, and the
     per-step randomness (`sample_shape`: one x0; `draw_options`: latent-diffusion extras of ``draw_step``)."""
-    denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
+    try:
+        denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
+    except ValueError as err:
+        raise ConfigError(f"--cm_forward {args.cm_forward}: {err}") from None
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
     dataloader, order = make_train_dataloader(train_set, labels, args)
