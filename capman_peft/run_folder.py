@@ -85,16 +85,32 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
         raise ConfigError(
             f"{str(path)!r} is not a pipeline folder (no model_index.json); pass a training run's output_dir"
         )
-    model_index = json.loads((path / "model_index.json").read_text())
+    model_index = _read_json(path / "model_index.json")
     summary_file = path / "training_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
     folder = PipelineFolder(path, model_index, summary)
     if folder.kind == "text-to-image" and "unet" not in model_index:
         raise ConfigError(
             f"{str(path)!r} holds a {model_index.get('_class_name')} without a unet; capman-eval evaluates "
             "ClassConditionalPipeline and Stable Diffusion pipelines"
         )
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(
+            f"{weights}: missing; the pipeline folder is incomplete (an interrupted export?); allowed: a finished "
+            "run's output_dir"
+        )
     return folder
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: is not valid JSON ({err}); the file is cut off or damaged") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: holds a {type(value).__name__}, not a JSON object; the file is damaged")
+    return value
 
 
 def require_adapter(folder: PipelineFolder) -> Path:

@@ -174,6 +174,23 @@ def test_capman_eval_flags_are_typed(digits_pipeline, tmp_path, capsys, monkeypa
     assert_refused(capsys, eval_main, argv, digits_pipeline, expected)
 
 
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda out: (out / "unet" / "diffusion_pytorch_model.safetensors").unlink(), "missing; the pipeline folder"),
+        (lambda out: truncate(out / "training_summary.json"), "training_summary.json: is not valid JSON"),
+        (lambda out: truncate(out / "model_index.json"), "model_index.json: is not valid JSON"),
+    ],
+    ids=["no unet weights", "cut-off summary", "cut-off index"],
+)
+def test_capman_eval_names_a_half_written_run_folder(digits_pipeline, tmp_path, capsys, damage, expected):
+    out = tmp_path / "run"
+    shutil.copytree(digits_pipeline, out)
+    damage(out)
+    argv = ["--pipeline", str(out), "--output_dir", str(tmp_path / "eval")]
+    assert_refused(capsys, eval_main, argv, tmp_path, expected)
+
+
 def test_capman_eval_never_writes_into_the_pipeline_folder(digits_pipeline, tmp_path, capsys):
     argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(digits_pipeline)]
     assert_refused(capsys, eval_main, argv, digits_pipeline, "is the pipeline folder being evaluated")
