@@ -420,6 +420,10 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ConfigError("--max_train_steps: not given; allowed: --max_train_steps or --num_train_epochs >= 1")
     if args.push_to_hub and not args.hub_model_id:
         raise ConfigError("--hub_model_id: missing; --push_to_hub needs the user/name of the repository")
+    if args.push_to_hub:
+        from .hub import check_hub_upload
+
+        check_hub_upload(args.hub_model_id, args.hub_token)
     if args.capacity_manipulation and args.no_consistency and args.no_diversity:
         raise ConfigError(
             "--no_diversity: together with --no_consistency it leaves no CM loss; "

@@ -36,7 +36,11 @@ def hub_source(
 ) -> str:
     """Where to load `repo_id` from: itself when it is a local path or the Hub answers; otherwise its snapshot in
     the local Hub cache; otherwise a one-line ``ConfigError`` naming `flag`."""
-    if Path(repo_id).exists() or hub_reachable():
+    if Path(repo_id).expanduser().exists():
+        return str(Path(repo_id).expanduser())
+    if not _is_repo_id(repo_id):
+        raise ConfigError(f"{flag} {repo_id}: no such file or folder (and not a Hub repository id user/name)")
+    if hub_reachable():
         return repo_id
     from huggingface_hub import snapshot_download
 
@@ -48,6 +52,37 @@ def hub_source(
         raise ConfigError(
             f"{flag} {repo_id}: cannot reach the Hugging Face Hub for '{repo_id}' (offline?) and it is not in the "
             "local cache; allowed: a local path"
+        ) from None
+
+
+def _is_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return not text.startswith((".", "~"))
+
+
+def check_hub_upload(repo_id: str, token: str | None = None) -> None:
+    """``--push_to_hub``, checked before training rather than after it: a valid repository id, the Hub within reach,
+    and a token (``--hub_token`` or the cached login) it accepts."""
+    if not _is_repo_id(repo_id):
+        raise ConfigError(f"--hub_model_id {repo_id}: not a Hub repository id; allowed: user/name")
+    if not hub_reachable():
+        raise ConfigError(
+            "--push_to_hub: cannot reach the Hugging Face Hub (offline?); allowed: train without --push_to_hub and "
+            "upload the folder later (huggingface-cli upload)"
+        )
+    from huggingface_hub import whoami
+
+    try:
+        whoami(token=token)
+    except Exception as err:
+        raise ConfigError(
+            f"--push_to_hub: the Hub refused the {'--hub_token' if token else 'cached login'} "
+            f"({type(err).__name__}); allowed: a write token (huggingface-cli login, or --hub_token)"
         ) from None
 
 

@@ -436,6 +436,20 @@ def test_a_hub_dataset_without_network_is_one_line_and_quick(tmp_path, capsys, m
     assert time.time() - start < 20
 
 
+def test_push_to_hub_is_checked_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = digits_run_args(tmp_path, push_to_hub=True, hub_model_id="someone/x")
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "--push_to_hub: cannot reach the Hugging Face Hub")
+    args = digits_run_args(tmp_path, push_to_hub=True, hub_model_id="someone/x y")
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "--hub_model_id someone/x y: not a Hub repository id")
+
+
+def test_a_missing_local_path_is_named_as_such_not_as_the_hub(tmp_path, capsys):
+    missing = "configs/models/nope.json"
+    args = digits_run_args(tmp_path, model_config_name_or_path=missing)
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, f"{missing}: no such file or folder")
+
+
 def sd_args(tmp_path: Path, base: Path | str) -> list[str]:
     """train_text_to_image_cm.py on two tiny class folders, one step."""
     data = make_class_folders(tmp_path / "data", [3, 3])

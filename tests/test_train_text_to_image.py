@@ -144,6 +144,7 @@ def trained(assets, tmp_path_factory) -> SimpleNamespace:
 
         patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
         patch.setattr(huggingface_hub, "upload_folder", upload_folder)
+        patch.setattr("capman_peft.hub.check_hub_upload", lambda *args: None)  # no Hub here
         args = tiny_args(
             assets,
             tmp,
