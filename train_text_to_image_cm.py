@@ -67,7 +67,9 @@ from capman_peft.training.export import (
     expert_use,
     final_model,
     finish_export,
+    publish_export,
     publish_image,
+    staged_export,
 )
 from capman_peft.training.loop import train
 from capman_peft.training.randomness import StepDraws
@@ -403,10 +405,10 @@ def validate(
 
 
 def export_pipeline(
-    args: argparse.Namespace, trained: torch.nn.Module, noise_scheduler: SchedulerMixin
+    args: argparse.Namespace, trained: torch.nn.Module, noise_scheduler: SchedulerMixin, output_dir: Path
 ) -> StableDiffusionPipeline:
-    """Write ``output_dir``: the adapter (PEFT format in adapter/ and as diffusers LoRA files; the baseline's LoRA
-    file only) and the merged float32 StableDiffusionPipeline.
+    """Write `output_dir` (the export stage): the adapter (PEFT format in adapter/ and as diffusers LoRA files; the
+    baseline's LoRA file only) and the merged float32 StableDiffusionPipeline.
 
     The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
     the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
@@ -417,10 +419,10 @@ def export_pipeline(
     if unexpected or set(weights) != set(trainable_state(model)):
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
     if args.capacity_manipulation:
-        save_lora_weights(model, args.output_dir)  # before merging: the adapter as a diffusers LoRA
-        merged = save_adapter_and_merge(model, args.output_dir, args.run_id)
+        save_lora_weights(model, output_dir)  # before merging: the adapter as a diffusers LoRA
+        merged = save_adapter_and_merge(model, output_dir, args.run_id)
     else:
-        merged = save_plain_lora_and_merge(model, args.output_dir)
+        merged = save_plain_lora_and_merge(model, output_dir)
     pipeline = StableDiffusionPipeline.from_pretrained(
         base_source(args),
         use_safetensors=True,
@@ -431,7 +433,7 @@ def export_pipeline(
         cache_dir=args.cache_dir,
         **({"torch_dtype": torch.float32} if args.variant else {}),  # variant files may be fp16
     )
-    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
 
 
@@ -593,13 +595,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling,
                     lambda y: {"encoder_hidden_states": cond_table[y]},
                 )
-        pipeline = export_pipeline(args, model, noise_scheduler)
-        pipeline.set_progress_bar_config(disable=True)
-        samples = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
+        with staged_export(args.output_dir) as out:
+            pipeline = export_pipeline(args, model, noise_scheduler, out)
+            pipeline.set_progress_bar_config(disable=True)
+            samples = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
+            card_parts, summary = card(args, base.prompts), dict(prompts=base.prompts)
+            finish_export(accelerator, args, out, dataset, trained, report, samples, card_parts, summary)
         # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
-        lora_only = args.capacity_manipulation and not args.push_merged_pipeline
-        card_parts, summary = card(args, base.prompts), dict(prompts=base.prompts)
-        finish_export(accelerator, args, dataset, trained, report, samples, card_parts, summary, lora_only)
+        publish_export(args, trained, lora_only=args.capacity_manipulation and not args.push_merged_pipeline)
     accelerator.end_training()
 
 

@@ -40,7 +40,9 @@ from capman_peft.training.export import (
     expert_use,
     final_model,
     finish_export,
+    publish_export,
     publish_image,
+    staged_export,
 )
 from capman_peft.training.loop import train
 from capman_peft.training.setup import (
@@ -215,19 +217,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     trained = train(accelerator, args, run, step_loss, validate)
 
-    # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it.
+    # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it, moved into place whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model, report = final_model(accelerator, run), None
         if cm is not None:
             report = expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
-            model = save_adapter_and_merge(model, args.output_dir, args.run_id)
-        scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-        save_class_conditional_pipeline(model, scheduler, dataset.class_names, args.output_dir)
-        samples = class_grid(model, noise_scheduler, dataset.class_names, args, accelerator.device)
-        settings = cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio)
-        card = dict(base_model=None, cm_settings=settings, pipeline_note=PIPELINE_NOTE)
-        finish_export(accelerator, args, dataset, trained, report, samples, card)
+        with staged_export(args.output_dir) as out:
+            if cm is not None:
+                model = save_adapter_and_merge(model, out, args.run_id)
+            scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+            save_class_conditional_pipeline(model, scheduler, dataset.class_names, out)
+            samples = class_grid(model, noise_scheduler, dataset.class_names, args, accelerator.device)
+            settings = cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio)
+            card = dict(base_model=None, cm_settings=settings, pipeline_note=PIPELINE_NOTE)
+            finish_export(accelerator, args, out, dataset, trained, report, samples, card)
+        publish_export(args, trained)
     accelerator.end_training()
 
 

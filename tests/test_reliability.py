@@ -191,6 +191,26 @@ def test_capman_eval_names_a_half_written_run_folder(digits_pipeline, tmp_path, 
     assert_refused(capsys, eval_main, argv, tmp_path, expected)
 
 
+def test_a_full_disk_during_export_keeps_the_earlier_export_whole_and_says_so(tmp_path, capsys, monkeypatch):
+    train_unet_cm.main(digits_run_args(tmp_path))
+    out = tmp_path / "out"
+    earlier = {p: snapshot(out)[p] for p in ("model_index.json", "unet/diffusion_pytorch_model.safetensors")}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_unet_cm, "save_class_conditional_pipeline", disk_full)
+    with pytest.raises(SystemExit):
+        run_cli(train_unet_cm.main, digits_run_args(tmp_path, overwrite_output_dir=True, max_train_steps=4))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "writing the exported pipeline failed (No space left on device)" in lines[0]
+    assert "Traceback" not in err
+    assert {p: snapshot(out)[p] for p in earlier} == earlier  # the earlier pipeline is still whole
+    assert not (out / ".export-incomplete").exists() and not (out / ".capman-training.lock").exists()
+    assert (out / "checkpoint-4").is_dir()  # this run's checkpoints are kept
+
+
 def test_capman_eval_never_writes_into_the_pipeline_folder(digits_pipeline, tmp_path, capsys):
     argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(digits_pipeline)]
     assert_refused(capsys, eval_main, argv, digits_pipeline, "is the pipeline folder being evaluated")

@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,23 +151,52 @@ def final_model(accelerator: Accelerator, run: Training) -> nn.Module:
     return accelerator.unwrap_model(run.denoiser).unet
 
 
+@contextmanager
+def staged_export(output_dir: str | Path) -> Iterator[Path]:
+    """Write a run's export (pipeline, adapter, card, summary, samples) into a temporary folder inside `output_dir`,
+    then move it into place, ``model_index.json`` last: a crash or a full disk never leaves a half pipeline that
+    loads, and an earlier run's export stays whole until the new one is complete. A failure to write is one
+    ``ConfigError`` naming the folder; the checkpoints are kept."""
+    from ..errors import ConfigError
+
+    final = Path(output_dir)
+    stage = final / ".export-incomplete"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir(parents=True)
+        yield stage
+        (final / "model_index.json").unlink(missing_ok=True)  # the folder is no pipeline while entries move
+        for entry in sorted(stage.iterdir(), key=lambda path: path.name == "model_index.json"):
+            target = final / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            entry.rename(target)
+        stage.rmdir()
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ConfigError(
+            f"--output_dir {final}: writing the exported pipeline failed ({err.strerror or err}); the checkpoints "
+            "are kept; allowed: free space (or fix the folder) and run again with --resume_from_checkpoint latest"
+        ) from None
+
+
 def finish_export(
     accelerator: Accelerator,
     args: argparse.Namespace,
+    output_dir: Path,
     dataset: Any,
     trained: Trained,
     expert_report: dict[str, Any] | None,
     samples: Image.Image,
     card: dict[str, Any],
     summary: dict[str, Any] | None = None,
-    lora_only: bool = False,
 ) -> None:
-    """What both scripts write after their pipeline: ``training_summary.json``, the model card, ``samples.png``,
-    the closing log lines, and the upload with ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
-    from ..checkpointing import unlock_output_dir
-    from ..hub import push_to_hub, write_model_card
+    """What both scripts write beside their pipeline into `output_dir` (the export stage): ``training_summary.json``,
+    the model card and ``samples.png``."""
+    from ..hub import write_model_card
 
-    output_dir = Path(args.output_dir)
     write_training_summary(
         output_dir / "training_summary.json",
         args,
@@ -186,8 +217,22 @@ def finish_export(
         expert_use=expert_report,
         **card,
     )
-    path = publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
-    logger.info("Saved the pipeline to %s (%.0f s of training); samples in %s", output_dir, trained.seconds, path)
+    publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
+
+
+def publish_export(args: argparse.Namespace, trained: Trained, lora_only: bool = False) -> None:
+    """After the export is in place: the closing log lines, the folder's lock released, and the upload with
+    ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
+    from ..checkpointing import unlock_output_dir
+    from ..hub import push_to_hub
+
+    output_dir = Path(args.output_dir)
+    logger.info(
+        "Saved the pipeline to %s (%.0f s of training); samples in %s",
+        output_dir,
+        trained.seconds,
+        output_dir / "samples.png",
+    )
     logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in trained.logs.items()}))
     unlock_output_dir(output_dir)  # the folder is complete; its lock file is not part of what is uploaded
     if args.push_to_hub:
