@@ -22,6 +22,17 @@ def call_on_exit(cleanup: Callable[[], None]) -> None:
     _on_exit.append(cleanup)
 
 
+def _own_message(err: Exception) -> str:
+    """The error's own message; an error re-raised from a DataLoader worker carries the worker's traceback in its
+    text ("Caught ConfigError in DataLoader worker process 1 ... Original Traceback ..."), of which the last line is
+    the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        prefix, _, message = text.rstrip().splitlines()[-1].partition(": ")
+        return message if prefix.rsplit(".", 1)[-1] == type(err).__name__ else text
+    return text
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss) become one ``error:`` line
     on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
@@ -30,7 +41,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except (ConfigError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_own_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         while _on_exit:

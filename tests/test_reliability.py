@@ -513,6 +513,49 @@ def make_class_folders(root: Path, counts: list[int]) -> Path:
     return root
 
 
+def test_a_truncated_jpeg_is_named_before_training_and_unused_files_are_counted(tmp_path, capsys, caplog):
+    import numpy as np
+    from PIL import Image
+
+    data = make_class_folders(tmp_path / "data", [4, 4])
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "class1" / "cut.jpg", quality=95)
+    whole = (data / "class1" / "cut.jpg").read_bytes()
+    (data / "class1" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # the header still reads
+    args = digits_run_args(tmp_path, dataset=False, imbalance_ratio=False, train_data_dir=data, resolution=8)
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "cut.jpg: corrupt image")
+
+    (data / "class1" / "cut.jpg").unlink()
+    (data / "class0" / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(data / "class0" / "more" / "x.png")
+    (data / "class0" / "notes.txt").write_text("notes")
+    caplog.set_level(logging.WARNING, logger="capman_peft")
+    train_unet_cm.main(
+        digits_run_args(tmp_path, dataset=False, imbalance_ratio=False, train_data_dir=data, resolution=8)
+    )
+    assert "class 'class0': 1 images in sub-folders and 1 other files are not used" in caplog.text
+
+
+class _FailingData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from capman_peft.errors import ConfigError
+
+        raise ConfigError("some/image.png: corrupt image (broken data stream); allowed: an image PIL can read")
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(capsys):
+    def main(argv):
+        next(iter(torch.utils.data.DataLoader(_FailingData(), num_workers=1)))
+
+    with pytest.raises(SystemExit):
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert err.strip() == "error: some/image.png: corrupt image (broken data stream); allowed: an image PIL can read"
+
+
 def test_a_train_data_dir_keeps_its_counts_unless_a_ratio_is_given(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="capman_peft")
     data = make_class_folders(tmp_path / "data", [6, 6, 6])

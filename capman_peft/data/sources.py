@@ -3,6 +3,7 @@ tree, scikit-learn's digits), turned into the long-tailed training set or the ba
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from PIL import Image
 from ..errors import ConfigError
 from .images import IMAGE_EXTENSIONS, ImbalancedImageDataset, _check_resolution, _HubImages, image_transform
 from .longtail import _check_imbalance_ratio, long_tail_indices
+
+logger = logging.getLogger("capman_peft")
 
 _ARTBENCH_STYLES = """art_nouveau baroque expressionism impressionism post_impressionism realism renaissance
 romanticism surrealism ukiyo_e""".split()
@@ -394,11 +397,18 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(names):
-        files = sorted(
-            p
-            for p in (root / name).iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        entries = [p for p in (root / name).iterdir() if not p.name.startswith(".")]
+        files = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        nested = sum(1 for d in entries if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        others = sum(1 for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+        if nested or others:
+            logger.warning(
+                "--train_data_dir: class %r: %d images in sub-folders and %d other files are not used (a class is "
+                "the images directly in its folder)",
+                name,
+                nested,
+                others,
+            )
         if not files:
             raise ConfigError(
                 f"--train_data_dir {root / name}: class {name!r} has no images; allowed extensions: "
@@ -406,13 +416,15 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
             )
         paths += files
         labels += [label] * len(files)
-    if verify_images:
-        for p in paths:
+    if verify_images:  # decoded in full: a truncated file passes a header check and fails mid-training
+        from tqdm.auto import tqdm
+
+        for p in tqdm(paths, desc="Checking images", unit="image", disable=len(paths) < 1000):
             try:
                 with Image.open(p) as image:
-                    image.verify()
+                    image.load()
             except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
-                raise ConfigError(f"{p}: corrupt image ({err}); allowed: an image PIL can read") from err
+                raise ConfigError(f"{p}: corrupt image ({err}); allowed: an image PIL can read") from None
     return paths, np.asarray(labels, dtype=np.int64), names
 
 
