@@ -65,6 +65,8 @@ probability = _value(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 open_unit = _value(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 fraction = _value(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 ratio = _value(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
+# RMS gaps are in units of the unit-variance noise: beyond 10 a margin only makes the loss overflow.
+margin_value = _value(float, lambda v: 0 < v <= 10, "a number in (0, 10]")
 
 
 def device_value(text: str) -> str:
@@ -217,7 +219,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     )
     group.add_argument(
         "--cm_margin",
-        type=positive_float,
+        type=margin_value,
         default=DEFAULT_MARGIN,
         help="The m of 'hinge' and 'hinge_general': the RMS gap between theta's and theta^g's predictions that a "
         f"pushed class should reach, in units of the (unit-variance) noise. Default {DEFAULT_MARGIN}, chosen a "
@@ -225,7 +227,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     )
     group.add_argument(
         "--cm_relative_margin",
-        type=positive_float,
+        type=margin_value,
         default=DEFAULT_RELATIVE_MARGIN,
         help="The margin of 'relative' as a fraction of theta's own RMS error on each sample (theta^g's loss is then "
         f"about 1 + rho^2 times theta's on a pushed class). Default {DEFAULT_RELATIVE_MARGIN}, chosen a priori.",
@@ -436,4 +438,24 @@ def check_common_args(args: argparse.Namespace) -> None:
         )
     if args.learning_rate is None:
         raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
+    if args.train_data_dir and args.dataset:
+        raise ConfigError(
+            f"--train_data_dir {args.train_data_dir}: given together with --dataset {args.dataset}; allowed: one of "
+            "them (a local copy of a named dataset's Hub files goes in --dataset_name)"
+        )
+    if args.report_to in ("wandb", "comet_ml", "all"):
+        import importlib.util
+
+        needed = ["wandb", "comet_ml"] if args.report_to == "all" else [args.report_to]
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"--report_to {args.report_to}: needs {', '.join(missing)}, which is not installed; allowed: "
+                f"pip install {' '.join(missing)}, or --report_to tensorboard / none"
+            )
+    logging_dir = Path(args.output_dir, args.logging_dir).resolve()
+    if not logging_dir.is_relative_to(Path(args.output_dir).resolve()):
+        logger.warning(
+            "--logging_dir %s: the tracker logs go to %s, outside --output_dir", args.logging_dir, logging_dir
+        )
     check_output_dir(args)

@@ -4,6 +4,7 @@ the command line; ``base: other.yaml`` inherits another recipe; command-line fla
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 
 from .errors import ConfigError
 from .flags import ArgumentParser, check_common_args
+
+logger = logging.getLogger("capman_peft")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -125,5 +128,15 @@ def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = 
         except ConfigError as err:
             parser.exit(2, f"error: {err}\n")
     args = parser.parse_args(argv)
+    if not args.capacity_manipulation:
+        ignored = [
+            f"--{action.dest}"
+            for action in parser._actions
+            if action.dest.startswith(("cm_", "no_consistency", "no_diversity", "allow_unbounded"))
+            and action.dest != "cm_lambda"
+            and getattr(args, action.dest, action.default) != action.default
+        ]
+        if ignored:
+            logger.warning("--no_capacity_manipulation: %s have no effect without CM", ", ".join(sorted(set(ignored))))
     check_common_args(args)
     return args

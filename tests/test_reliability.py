@@ -263,6 +263,9 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------
 
 UNET_CASES = {
+    "huge cm margin": (dict(cm_margin=1e300), "--cm_margin: got '1e+300'; allowed: a number in (0, 10]"),
+    "named dataset and a folder": (dict(train_data_dir="elsewhere"), "--train_data_dir elsewhere: given together"),
+    "tracker not installed": (dict(report_to="wandb"), "--report_to wandb: needs wandb, which is not installed"),
     "invalid expert regex": (dict(expert_target_modules="("), "--expert_target_modules: got '('"),
     "experts in the down path with shared_prefix": (
         dict(expert_target_modules=r"down_blocks\..*conv1", cm_forward="shared_prefix"),
@@ -534,6 +537,32 @@ def test_a_truncated_jpeg_is_named_before_training_and_unused_files_are_counted(
         digits_run_args(tmp_path, dataset=False, imbalance_ratio=False, train_data_dir=data, resolution=8)
     )
     assert "class 'class0': 1 images in sub-folders and 1 other files are not used" in caplog.text
+
+
+def test_cm_with_one_class_is_refused(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", [3])
+    args = digits_run_args(tmp_path, dataset=False, imbalance_ratio=False, train_data_dir=data, resolution=8)
+    assert_refused(capsys, train_unet_cm.main, args, tmp_path, "the data has 1 class ('class0')")
+
+
+def test_settings_that_do_nothing_are_named_in_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="capman_peft")
+    train_unet_cm.main(
+        digits_run_args(
+            tmp_path, no_capacity_manipulation=True, cm_margin=0.3, logging_dir="../elsewhere",
+            class_order="9, 8, 7, 6, 5, 4, 3, 2, 1, 0",
+        )
+    )  # fmt: skip
+    assert "--no_capacity_manipulation: --cm_margin have no effect without CM" in caplog.text
+    assert "--logging_dir ../elsewhere: the tracker logs go to" in caplog.text and "outside --output_dir" in caplog.text
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["class_names"][0] == "9"  # --class_order with spaces after the commas
+    data = make_class_folders(tmp_path / "data", [6, 3])
+    args = digits_run_args(
+        tmp_path, dataset=False, imbalance_ratio=1, train_data_dir=data, resolution=8, output_dir=tmp_path / "ir1"
+    )
+    train_unet_cm.main(args)
+    assert "--imbalance_ratio 1: the classes have 6 ... 3 images (ratio 2)" in caplog.text
 
 
 class _FailingData(torch.utils.data.Dataset):

@@ -136,6 +136,11 @@ def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device
     if not args.capacity_manipulation:
         return None
     class_counts, class_names = dataset.class_counts, dataset.class_names
+    if len(class_counts) < 2:
+        raise ConfigError(
+            f"capacity manipulation: the data has {len(class_counts)} class ({class_names[0]!r}), so there is no "
+            "capacity to allocate between classes; allowed: --no_capacity_manipulation, or data with 2+ classes"
+        )
     weights = cm_weights(
         class_counts,
         args.cm_diversity,
@@ -169,6 +174,16 @@ def log_training_data(args: argparse.Namespace, class_names: Sequence[str], clas
     rows = "\n".join(
         f"  {k:>4}  {name:<24} {n:>7}" for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
     )
+    achieved = max(class_counts) / min(class_counts)
+    if args.imbalance_ratio is not None and abs(achieved / args.imbalance_ratio - 1) > 0.1:
+        logger.warning(
+            "--imbalance_ratio %g: the classes have %d ... %d images (ratio %.3g): a class cannot get more images "
+            "than its source has, so the ratio asked for is not reached",
+            args.imbalance_ratio,
+            max(class_counts),
+            min(class_counts),
+            achieved,
+        )
     logger.info(
         "Training data: %s, %s: %d images in %d classes\n  %4s  %-24s %7s\n%s",
         source,
@@ -198,7 +213,7 @@ def load_training_data(args: argparse.Namespace, center_crop: bool, random_flip:
         resolution=args.resolution,
         dataset_name=args.dataset_name,
         train_data_dir=args.train_data_dir,
-        class_order=args.class_order.split(",") if args.class_order else None,
+        class_order=[name.strip() for name in args.class_order.split(",")] if args.class_order else None,
         seed=args.data_seed,
         center_crop=center_crop,
         random_flip=random_flip,
