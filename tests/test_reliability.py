@@ -216,14 +216,23 @@ def test_capman_eval_never_writes_into_the_pipeline_folder(digits_pipeline, tmp_
     assert_refused(capsys, eval_main, argv, digits_pipeline, "is the pipeline folder being evaluated")
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+    digits_pipeline, tmp_path, capsys, monkeypatch
+):
     import tempfile
 
-    def read_only(*args, **kwargs):
-        raise OSError(30, "Read-only file system")
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir).resolve() in (tmp_path.resolve(), digits_pipeline.resolve()):
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
 
+    real = tempfile.mkstemp
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "cannot be written (Read-only")
+    argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(tmp_path / "eval")]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, "cannot be written (Read-only")
+    argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(tmp_path.parent / "elsewhere-eval")]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, "or pass --no_model_card")
 
 
 @pytest.mark.parametrize("limit", [-1, 0])
@@ -563,6 +572,26 @@ def test_settings_that_do_nothing_are_named_in_a_warning(tmp_path, caplog):
     )
     train_unet_cm.main(args)
     assert "--imbalance_ratio 1: the classes have 6 ... 3 images (ratio 2)" in caplog.text
+
+
+def test_a_folder_run_is_evaluated_against_its_own_folder_with_a_caveat_on_small_sets(tmp_path, capsys):
+    data = make_class_folders(tmp_path / "data", [6, 4, 3])
+    args = digits_run_args(tmp_path, dataset=False, imbalance_ratio=False, train_data_dir=data, resolution=8)
+    train_unet_cm.main(args)
+    capsys.readouterr()
+    eval_main(["--pipeline", str(tmp_path / "out"), "--num_images_per_class", "2", "--steps", "2", "--metrics", "fid",
+               "--feature_extractor", "digits-classifier",
+               "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "caution: FID split few rests on 2 generated and 3 real images" in err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["dataset"] is None and metrics["reference_images_per_class"] == 3 and metrics["caveats"]
+
+
+def test_too_many_reference_images_per_class_names_the_flag(digits_pipeline, tmp_path, capsys):
+    argv = ["--pipeline", str(digits_pipeline), "--reference_images_per_class", "100000"]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--cache_dir", str(tmp_path / "c"), "--steps", "2"]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, "--reference_images_per_class 100000: classes")
 
 
 class _FailingData(torch.utils.data.Dataset):

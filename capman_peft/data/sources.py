@@ -99,8 +99,11 @@ DATASETS: dict[str, DatasetSpec] = {
 _GENERIC = DatasetSpec(None, resolution=256, reference_split=None, prompt_template="a {} painting")
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
-    """Registry entry for ``name`` (``"imb-cifar10"``; the ``imb-`` prefix may be left out)."""
+def get_dataset_spec(name: str | None) -> DatasetSpec:
+    """Registry entry for ``name`` (``"imb-cifar10"``; the ``imb-`` prefix may be left out); None: the generic
+    entry of data named only by a folder or Hub id."""
+    if name is None:
+        return _GENERIC
     key = name.lower()
     key = key if key in DATASETS else f"imb-{key}"
     if key not in DATASETS:
@@ -209,7 +212,10 @@ def load_reference_dataset(
     k = min(len(i) for i in per_class) if images_per_class is None else images_per_class
     short = [class_names[c] for c, i in enumerate(per_class) if len(i) < k]
     if short:
-        raise ConfigError(f"images_per_class={k} but classes {short} have fewer images in the reference split")
+        raise ConfigError(
+            f"--reference_images_per_class {k}: classes {short} have fewer images in the reference split; allowed: "
+            "at most the smallest class's count"
+        )
     keep = np.sort(np.concatenate([i[:k] for i in per_class]))
     return ImbalancedImageDataset(
         _subset(images, keep),

@@ -164,11 +164,14 @@ def _check_cli(args: argparse.Namespace) -> None:
     get_dataset_spec(_cli_dataset(args))
 
 
-def _cli_dataset(args: argparse.Namespace) -> str:
+def _cli_dataset(args: argparse.Namespace) -> str | None:
+    """The named dataset; None for a run on its own image folder or Hub data (its own reference)."""
     if args.dataset is not None:
         return args.dataset
-    dataset = read_pipeline_folder(args.pipeline[0]).args.get("dataset")
-    if dataset is None:
+    run_args = read_pipeline_folder(args.pipeline[0]).args
+    dataset = run_args.get("dataset")
+    local = args.train_data_dir or args.dataset_name or run_args.get("train_data_dir") or run_args.get("dataset_name")
+    if dataset is None and not local:
         raise ConfigError(
             f"no --dataset given and {args.pipeline[0]!r} has no training_summary.json naming one; "
             f"known datasets: {', '.join(_known_datasets())}"

@@ -155,10 +155,10 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
     if s.expert not in ("on", "off"):
         raise ConfigError(f"expert must be 'on' or 'off', got {s.expert!r}")
     folder = read_pipeline_folder(pipeline)
-    dataset = _resolve_dataset(folder, dataset)
-    spec = get_dataset_spec(dataset)
     dataset_name = s.dataset_name or folder.args.get("dataset_name")
     train_data_dir = s.train_data_dir or folder.args.get("train_data_dir")
+    dataset = _resolve_dataset(folder, dataset, local_data=bool(train_data_dir or dataset_name))
+    spec = get_dataset_spec(dataset)
     extractor = resolve_feature_extractor(dataset, s.feature_extractor)
     cache_dir = Path(s.cache_dir or default_cache_dir())
     weights = _resolve_weights(extractor, s.feature_extractor_weights_path, cache_dir)
@@ -197,9 +197,11 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
     return run, pipe
 
 
-def _resolve_dataset(folder: PipelineFolder, dataset: str | None) -> str:
+def _resolve_dataset(folder: PipelineFolder, dataset: str | None, local_data: bool) -> str | None:
+    """The named dataset to compare with; None for a run on its own folder or Hub data (``local_data``), which is
+    then its own reference (balanced: the same number of images per class)."""
     dataset = dataset or folder.args.get("dataset")
-    if dataset is None:
+    if dataset is None and not local_data:
         raise ConfigError(
             f"no dataset given and {str(folder.path / 'training_summary.json')!r} names none; "
             f"pass --dataset (one of {', '.join(_known_datasets())})"
@@ -328,6 +330,7 @@ def _record(
         "torch_fidelity_version": torch_fidelity.__version__,
         **measured,
     }
+    result["caveats"] = small_sample_caveats(result)
     if run.spec is get_dataset_spec("imb-digits") and run.class_names == [str(d) for d in range(10)]:
         classifier = load_digits_classifier(
             run.weights if run.extractor == DIGITS_CLASSIFIER else digits_classifier_file(run.cache_dir)
@@ -336,6 +339,25 @@ def _record(
     if output_dir is not None:
         write_model_outputs(result, images, labels, run.num_classes, output_dir)
     return result
+
+
+# Below this many images in a set, FID is dominated by its small-sample bias (it falls as the count grows, for the
+# same model): such numbers compare only between runs with the same counts.
+FID_MIN_IMAGES = 100
+
+
+def small_sample_caveats(result: dict[str, Any]) -> list[str]:
+    """One sentence per FID computed on fewer than ``FID_MIN_IMAGES`` generated or real images."""
+    sets = {"overall": result.get("overall", {}), **{f"split {k}": v for k, v in result.get("splits", {}).items()}}
+    caveats = []
+    for name, values in sets.items():
+        counts = (values.get("num_generated"), values.get("num_real"))
+        if "fid" in values and None not in counts and min(counts) < FID_MIN_IMAGES:
+            caveats.append(
+                f"FID {name} rests on {counts[0]} generated and {counts[1]} real images (< {FID_MIN_IMAGES}): "
+                "strongly biased by the sample size; compare it only with runs of the same counts"
+            )
+    return caveats
 
 
 def _known_datasets() -> list[str]:
@@ -375,6 +397,12 @@ def evaluate_pipelines(
         output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")
     output_dir = Path(output_dir)
     check_writable_output(output_dir, [f.path for f in folders])
+    if update_model_cards:
+        for folder in folders:
+            try:
+                check_writable_folder(folder.path, "--pipeline")
+            except ConfigError as err:
+                raise ConfigError(f"{err} (its README.md gets the metrics; or pass --no_model_card)") from None
     labels = _unique_labels([f.path.resolve().name for f, _ in jobs], [e for _, e in jobs])
     results = []
     for (folder, setting), label in zip(jobs, labels, strict=True):

@@ -6,6 +6,7 @@ Floats that are not finite are written as JSON ``null``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,5 @@ def _print_summary(result: dict[str, Any]) -> None:
     if "classifier_accuracy" in result:
         parts.append(f"classifier_accuracy={_fmt(result['classifier_accuracy']['overall'])}")
     print(f"[{display_label(result)}] ({result['feature_extractor']} features) " + " ".join(parts))
+    for caveat in result.get("caveats", []):
+        print(f"capman-eval: caution: {caveat}", file=sys.stderr)
