@@ -273,6 +273,7 @@ def test_push_gradient_splits_the_hinge_gradient_by_route_and_weights(cm_run, tm
         (["capacity", "--pipeline", "RUN", "--num_batches", "0"], "num_batches must be an integer >= 1, got 0"),
         (["capacity", "--pipeline", "NOADAPTER"], "has no adapter/adapter_config.json"),
         (["push", "--pipeline", "NOADAPTER"], "has no adapter/adapter_config.json"),
+        (["heldout", "--pipeline", "RUN", "--output_dir", "RUN"], "is the pipeline folder being evaluated"),
         (["heldout", "--pipeline", "RUN", "--timesteps", "0"], "--timesteps: got '0'; allowed: an integer >= 1"),
     ],
 )
@@ -284,7 +285,8 @@ def test_bad_input_fails_with_one_clear_line(argv, message, cm_run, tmp_path, ca
             f.unlink()
         (no_adapter / "adapter").rmdir()
     paths = {"NOWHERE": str(tmp_path), "RUN": str(cm_run), "NOADAPTER": str(no_adapter)}
-    argv = [paths.get(a, a) for a in argv] + ["--output_dir", str(tmp_path / "analysis")]
+    argv = [paths.get(a, a) for a in argv]
+    argv += [] if "--output_dir" in argv else ["--output_dir", str(tmp_path / "analysis")]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code not in (0, None)

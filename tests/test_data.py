@@ -345,7 +345,7 @@ def test_digits_class_order_makes_chosen_class_largest():
 
 
 def write_mode_zoo(root: Path) -> None:
-    """Two classes; 'alpha' holds RGBA / LA / palette-with-transparency, 'beta' grey / CMYK / 16-bit / float."""
+    """Two classes; 'alpha' holds RGBA / LA / palette-with-transparency, 'beta' grey / CMYK / 16-bit."""
     (root / "alpha").mkdir(parents=True)
     (root / "beta").mkdir(parents=True)
     Image.new("RGBA", IMAGE_SIZE, (10, 20, 30, 0)).save(root / "alpha" / "rgba.png")  # fully transparent
@@ -357,7 +357,6 @@ def write_mode_zoo(root: Path) -> None:
     Image.new("L", IMAGE_SIZE, 128).save(root / "beta" / "gray.png")
     Image.new("CMYK", IMAGE_SIZE, (0, 255, 255, 0)).save(root / "beta" / "cmyk.tif")
     Image.fromarray(np.full(IMAGE_SIZE[::-1], 128 * 257, dtype=np.uint16)).save(root / "beta" / "grey16.png")
-    Image.fromarray(np.full(IMAGE_SIZE[::-1], 128 / 255, dtype=np.float32), "F").save(root / "beta" / "float.tif")
     Image.new("P", IMAGE_SIZE, 1).save(root / "beta" / "palette.gif")
     (root / "beta" / "notes.txt").write_text("not an image")
 
@@ -365,7 +364,7 @@ def write_mode_zoo(root: Path) -> None:
 def test_local_folder_all_image_modes(tmp_path):
     write_mode_zoo(tmp_path / "zoo")
     ds = load_imbalanced_dataset(None, imbalance_ratio=None, resolution=6, train_data_dir=tmp_path / "zoo")
-    assert ds.class_names == ["alpha", "beta"] and ds.class_counts == [4, 5]
+    assert ds.class_names == ["alpha", "beta"] and ds.class_counts == [4, 4]
     pixels = {}
     for i in range(len(ds)):
         item = ds[i]
@@ -378,7 +377,6 @@ def test_local_folder_all_image_modes(tmp_path):
     grey = torch.full((3,), 128 / 255 * 2 - 1)
     torch.testing.assert_close(pixels["gray.png"], grey)
     torch.testing.assert_close(pixels["grey16.png"], grey)  # 16-bit scaled, not clipped to white
-    torch.testing.assert_close(pixels["float.tif"], grey)  # floats in [0, 1] are fractions of white, not 0/1
     torch.testing.assert_close(pixels["cmyk.tif"], torch.tensor([1.0, -1.0, -1.0]))  # C=0,M=Y=255 -> red
 
 

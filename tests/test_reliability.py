@@ -722,6 +722,45 @@ def test_sd_base_weights_load_only_from_safetensors(tmp_path, capsys):
     assert "cannot load unet" in line
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"prompt_template": "a {} in the style of {}"}, "--prompt_template: got 'a {} in the style of {}' with 2"),
+        ({"cm_forward": "shared_prefix"}, "--cm_forward shared_prefix: computes the down path once"),
+        ({"expert_target_modules": "("}, "--expert_target_modules: got '(': '(' is not a valid regex"),
+        ({"target_modules": "to_q,["}, "'[' is not a valid regex"),
+    ],
+    ids=["two placeholders", "shared_prefix", "expert regex", "target regex"],
+)
+def test_text_to_image_refusals_come_before_the_base_model_loads(tmp_path, capsys, monkeypatch, overrides, expected):
+    monkeypatch.setattr(
+        train_text_to_image_cm, "load_component", lambda *a, **k: pytest.fail("the base model began to load")
+    )
+    argv = sd_args(tmp_path, tmp_path / "no-base-needed") + as_argv(overrides)
+    assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, expected)
+
+
+def test_a_text_to_image_baseline_has_no_expert_to_switch_off(tmp_path, capsys):
+    base = build_tiny_sd(tmp_path / "sd")
+    train_text_to_image_cm.main(sd_args(tmp_path, base) + ["--no_capacity_manipulation", "--train_batch_size", "2"])
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists() and (out / "pytorch_lora_weights.safetensors").is_file()
+    argv = ["--pipeline", str(out), "--expert", "off", "--output_dir", str(tmp_path / "eval")]
+    assert_refused(capsys, eval_main, argv, tmp_path, "has no adapter/adapter_config.json")
+
+
+def test_float_images_in_zero_one_are_fractions_of_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from capman_peft.data import to_rgb
+
+    image = Image.fromarray(np.full((4, 4), 128 / 255, dtype=np.float32), "F")
+    image.save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as reread:
+        assert np.asarray(to_rgb(reread)).tolist() == [[[128, 128, 128]] * 4] * 4  # not rounded to 0 (black)
+
+
 def test_tracker_logs_are_averaged_over_processes_and_absent_groups_are_left_out():
     """Two processes: each logs its own losses; a group missing on one process (NaN) is the other's value, and a
     group missing everywhere is dropped."""

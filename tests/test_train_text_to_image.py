@@ -523,11 +523,7 @@ def test_caption_dropout_is_accepted_in_a_recipe(tmp_path):
         ({"use_8bit_adam": True}, "bitsandbytes"),
         ({"enable_xformers_memory_efficient_attention": True}, "xformers"),
         ({"prompt_template": "a painting"}, "{}"),
-        ({"prompt_template": "a {} in the style of {}"}, "--prompt_template: got 'a {} in the style of {}' with 2"),
         ({"expert_rank": 4}, "expert_rank"),
-        ({"cm_forward": "shared_prefix"}, "--cm_forward shared_prefix: computes the down path once"),
-        ({"expert_target_modules": "("}, "--expert_target_modules: got '(': '(' is not a valid regex"),
-        ({"target_modules": "to_q,["}, "'[' is not a valid regex"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(assets, tmp_path, capsys, overrides, message):

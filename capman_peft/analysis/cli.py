@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import run_cli
+from ..evaluation.evaluate import check_writable_output
 from ..flags import ArgumentParser, device_value, positive_int, seed_value
 from .capacity import expert_capacity
 from .heldout import heldout_loss, push_gradient
@@ -80,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _analyze_from_command_line(argv: Sequence[str] | None) -> None:
     args = parse_args(argv)
+    check_writable_output(Path(args.output_dir), [Path(args.pipeline)])
     common = dict(
         dataset=args.dataset,
         num_batches=args.num_batches,
