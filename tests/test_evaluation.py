@@ -287,6 +287,7 @@ TOP_KEYS = {
     "splits",
     "per_class",
     "classifier_accuracy",
+    "caveats",
 }
 
 
@@ -320,6 +321,7 @@ def test_capman_eval_writes_metrics_json_charts_and_model_card(tmp_path, cache_d
     assert metrics["overall"]["num_generated"] == 40 and metrics["overall"]["num_real"] == 100
     assert [metrics["splits"][s]["num_generated"] for s in ("many", "medium", "few")] == [12, 12, 16]
     assert metrics["feature_extractor"] == DIGITS_CLASSIFIER and metrics["expert"] == "on"
+    assert len(metrics["caveats"]) == 4 and "FID split few rests on 16 generated and 40 real images" in str(metrics)
     assert len(metrics["per_class"]["fid"]) == 10 and len(metrics["classifier_accuracy"]["per_class"]) == 10
     assert (tmp_path / "eval" / "samples.png").stat().st_size > 0
     assert (tmp_path / "eval" / "fid_splits.png").stat().st_size > 0

@@ -44,6 +44,7 @@ generated set's), never by extracting again. A cache file that cannot be read is
       "splits": {"many": {"num_generated", "num_real", "fid", "kid_mean", "kid_std", "kid_subset_size"},
                  "medium": {...}, "few": {...}},
       "per_class": {"fid": [one per class id]},                               # only with --per_class_fid
+      "caveats": ["FID split few rests on 16 generated and 40 real images (< 100): ..."],  # small sets
       "classifier_accuracy": {"classifier": "digits-classifier", "overall": 0.93,
                               "per_class": [one per class id], "splits": {"many": ..., "medium": ..., "few": ...}}
                                                                                # only for imb-digits
