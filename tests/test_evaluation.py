@@ -362,10 +362,10 @@ def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm
     [
         ({"--pipeline": "NOT_A_PIPELINE"}, "is not a pipeline folder (no model_index.json)"),
         ({"--dataset": "imb-nope"}, "unknown dataset 'imb-nope'; known datasets: imb-artbench10"),
-        ({"--num_images_per_class": "0"}, "num_images_per_class must be an integer >= 1, got 0"),
+        ({"--num_images_per_class": "0"}, "--num_images_per_class: got '0'; allowed: an integer >= 1"),
         ({"--metrics": "fid,fud"}, "unknown metric fud; allowed: fid, kid, isc, prc"),
-        ({"--guidance_scale": "nan"}, "guidance_scale must be a finite number >= 0"),
-        ({"--steps": "0"}, "steps must be an integer >= 1, got 0"),
+        ({"--guidance_scale": "nan"}, "--guidance_scale: got 'nan'; allowed: a finite number >= 0"),
+        ({"--steps": "0"}, "--steps: got '0'; allowed: an integer >= 1"),
         ({"--scheduler": "euler"}, "unknown scheduler 'euler'; allowed: ddim, dpm, pipeline"),
         ({"--feature_extractor": "nope"}, "unknown feature extractor 'nope'; registered:"),
         ({"--pipeline": "NO_ADAPTER", "--expert": "off"}, "has no adapter/adapter_config.json: the expert-off"),

@@ -216,6 +216,7 @@ def push_gradient(
         record[f"norm_through_{key}_general_weights"] = float(flat[~is_expert].norm())
         record[f"norm_through_{key}_expert"] = float(flat[is_expert].norm())
     directions = {"push": through["theta"] + through["theta_g"], "push_theta_g_part": through["theta_g"]}
+    record["norm_push_general_weights"] = float(directions["push"][~is_expert].norm())  # the two routes' sum
 
     heldout, per_class_rows = _heldout_rows(setup, images_per_class)
     rates: dict[str, list[float]] = {key: [math.nan] * len(setup.class_names) for key in directions}
