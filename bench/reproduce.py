@@ -2,14 +2,20 @@
 """The CM study on CPU: does CM improve the minority classes at the same budget as its base objective, and which
 form of the push does it without harming them?
 
-    python bench/reproduce.py                    # the protocol's rows, 5 seeds, 2 runs at a time
+    python bench/reproduce.py                    # the protocol's rows on the digits, 5 seeds, 2 runs at a time
+    python bench/reproduce.py --testbed glyphs   # the same on the printed letters
     python bench/reproduce.py --methods DDPM "CM (+DDPM), hinge" --seeds 0 1 --jobs 1
 
 Protocol, fixed before any result of this study was seen (README "Does CM help?"):
 
-* Testbed: scikit-learn's digits at 8x8, imbalance ratio 100 (178 ... 1 images per class, 435 in all), a
+* Testbed 1: scikit-learn's digits at 8x8, imbalance ratio 100 (178 ... 1 images per class, 435 in all), a
   capacity-bound UNet (16/32 channels, dropout 0.1): `bench/testbed_digits_ir100.yaml`. Every row trains 3000 steps
   at batch 64 with the same optimizer, EMA, label dropout and seeds 0-4; only the objective and CM flags differ.
+* Testbed 2 (`--testbed glyphs`, defined before any result on it, never tuned): printed capital letters rendered by
+  `bench/glyphs.py` (10 letters, 20 fonts, random size/rotation/offset, 600 per letter, 8x8), subsampled to
+  imbalance ratio 100 (600 ... 6 per class, 1,245 in all) with everything else as testbed 1. The judge is the digits
+  classifier's network trained on separately rendered letters (another seed); the reference is 200 real letters per
+  class, and the held-out letters are those the subsampling left out.
 * Rows, for each base (DDPM, then OC): the base alone; CM with the shipped hinge (push through both predictions);
   the hinge with the push through θ^g only; the relative hinge (θ^g only, margin 0.5 x θ's own RMS error);
   consistency only (no push). Runs go base block by base block, seed by seed, so that a study cut short has whole
@@ -48,7 +54,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TESTBED = ROOT / "bench" / "testbed_digits_ir100.yaml"
+# testbed -> its recipe; the letters' data and classifier are rendered into the study's output folder on first use.
+TESTBEDS = {
+    "digits": ROOT / "bench" / "testbed_digits_ir100.yaml",
+    "glyphs": ROOT / "bench" / "testbed_glyphs_ir100.yaml",
+}
+GLYPH_REFERENCE_PER_CLASS = 200
 SEEDS = [0, 1, 2, 3, 4]
 IMAGES_PER_CLASS = 100
 EVAL = dict(steps=25, guidance_scale=1.5, seed=0)
@@ -108,7 +119,22 @@ def scores(result: dict, heldout: dict | None = None, key: str = "loss_full") ->
     return row
 
 
-def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path) -> dict:
+def testbed_setup(testbed: str, out: Path) -> tuple[list[str], dict]:
+    """The testbed's extra training flags and its evaluation settings (dataset and judge)."""
+    if testbed == "digits":
+        return [], {"dataset": "imb-digits"}
+    from bench.glyphs import build
+
+    source, weights = build(out / "glyphs")
+    judge = {"feature_extractor": "digits-classifier", "feature_extractor_weights_path": str(weights)}
+    return ["--train_data_dir", str(source)], {
+        "dataset": None,
+        "reference_images_per_class": GLYPH_REFERENCE_PER_CLASS,
+        **judge,
+    }
+
+
+def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path, testbed: str) -> dict:
     """One run in this process: train with the testbed recipe, watch the loss, evaluate theta (and theta^g)."""
     import train_unet_cm
     from capman_peft.analysis import heldout_loss
@@ -125,9 +151,10 @@ def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path) -> dic
         return values
 
     loop.finish_step = recording
-    flags = ["--config", str(TESTBED), "--max_train_steps", str(steps), "--seed", str(seed)]
+    extra_flags, evaluation = testbed_setup(testbed, run_dir.parent.parent)
+    flags = ["--config", str(TESTBEDS[testbed]), "--max_train_steps", str(steps), "--seed", str(seed), *extra_flags]
     flags += ["--output_dir", str(run_dir), "--overwrite_output_dir", "--report_to", "none", *METHODS[method]]
-    record: dict = {"method": method, "seed": seed, "steps": steps}
+    record: dict = {"method": method, "seed": seed, "steps": steps, "testbed": testbed}
     start = time.time()
     try:
         train_unet_cm.main(flags)
@@ -145,15 +172,15 @@ def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path) -> dic
     record["heldout"] = {k: heldout[k] for k in ("loss_full", "loss_general") if k in heldout}
     for expert in ("on", "off") if (run_dir / "adapter").exists() else ("on",):
         result = evaluate_pipeline(
-            str(run_dir), "imb-digits", num_images_per_class=IMAGES_PER_CLASS, metrics=("fid",), expert=expert,
-            progress=False, **EVAL,
+            str(run_dir), num_images_per_class=IMAGES_PER_CLASS, metrics=("fid",), expert=expert, progress=False,
+            **EVAL, **evaluation,
         )  # fmt: skip
         key = "loss_full" if expert == "on" else "loss_general"
         record["theta" if expert == "on" else "theta_g"] = scores(result, heldout, key)
     return record
 
 
-def floors(seed: int = 0) -> dict[str, dict[str, float]]:
+def floors(testbed: str, out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
     """The real-data floor and the perfect-memoriser floor, measured like a generated set."""
     import numpy as np
     import torch
@@ -168,12 +195,17 @@ def floors(seed: int = 0) -> dict[str, dict[str, float]]:
         to_uint8,
     )
 
-    reference = load_reference_dataset("imb-digits", 8)
-    training = load_imbalanced_dataset("imb-digits", imbalance_ratio=100, resolution=8, center_crop=True)
-    weights = str(digits_classifier_file())
+    extra_flags, evaluation = testbed_setup(testbed, out)
+    folder = {"train_data_dir": extra_flags[1]} if extra_flags else {}
+    reference = load_reference_dataset(evaluation["dataset"], 8, evaluation.get("reference_images_per_class"), **folder)
+    training = load_imbalanced_dataset(
+        evaluation["dataset"], imbalance_ratio=100, resolution=8, center_crop=True, **folder
+    )
+    weights = evaluation.get("feature_extractor_weights_path") or str(digits_classifier_file())
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, data, replace in (("real digits", reference, False), ("memoriser of the training set", training, True)):
+    floor_rows = {}
+    real = f"real {'digits' if testbed == 'digits' else 'letters'}"
+    for name, data, replace in ((real, reference, False), ("memoriser of the training set", training, True)):
         labels = np.asarray(data.labels)
         picks = [rng.choice(np.flatnonzero(labels == c), IMAGES_PER_CLASS, replace=replace) for c in range(10)]
         index = np.concatenate(picks)
@@ -184,9 +216,9 @@ def floors(seed: int = 0) -> dict[str, dict[str, float]]:
             feature_extractor=DIGITS_CLASSIFIER, feature_extractor_weights_path=weights,
         )  # fmt: skip
         accuracy = classifier_accuracy(load_digits_classifier(weights), images, generated_labels, 10)
-        out[name] = scores({**result, "classifier_accuracy": accuracy})
-        out[name].update({"many heldout": math.nan, "few heldout": math.nan})
-    return out
+        floor_rows[name] = scores({**result, "classifier_accuracy": accuracy})
+        floor_rows[name].update({"many heldout": math.nan, "few heldout": math.nan})
+    return floor_rows
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -202,12 +234,13 @@ def digits_for(key: str) -> int:
     return 4 if "heldout" in key else 2
 
 
-def table(records: list[dict], floor_rows: dict, steps: int, seeds: list[int]) -> str:
+def table(records: list[dict], floor_rows: dict, steps: int, seeds: list[int], testbed: str) -> str:
     header = [name for _, name in COLUMNS] + ["Few/Many expert use", "seconds per run"]
+    data = "Digits 8x8" if testbed == "digits" else "Printed letters 8x8 (bench/glyphs.py)"
     lines = [
-        f"Digits 8x8, IR 100, tiny UNet, {steps} steps, batch 64, seeds {seeds}, {IMAGES_PER_CLASS} generated images "
-        "per class; digits-classifier FID (lower is better), classifier accuracy on generated images (higher is "
-        "better), held-out denoising loss (lower is better; Many = classes 1-2, class 0 has no held-out digits); "
+        f"{data}, IR 100, tiny UNet, {steps} steps, batch 64, seeds {seeds}, {IMAGES_PER_CLASS} generated images "
+        "per class; classifier-feature FID (lower is better), classifier accuracy on generated images (higher is "
+        "better), held-out denoising loss (lower is better; Many = classes 1-2, class 0 keeps all its images); "
         "mean ± std over seeds.",
         "",
         "| row | " + " | ".join(header) + " |",
@@ -243,18 +276,23 @@ def main() -> None:
         "--methods", nargs="+", choices=list(METHODS), default=STUDY, help="Rows to run (default: the protocol's)."
     )
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time, one CPU thread each.")
-    parser.add_argument("--output_dir", default="bench_output/reproduce", help="Where runs and results go.")
+    parser.add_argument("--testbed", choices=list(TESTBEDS), default="digits", help="digits, or the printed letters.")
+    parser.add_argument(
+        "--output_dir", default=None, help="Where runs and results go (default: bench_output/reproduce[-glyphs])."
+    )
     parser.add_argument("--run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
-    out = Path(args.output_dir).resolve()
+    default_dir = "bench_output/reproduce" + ("" if args.testbed == "digits" else f"-{args.testbed}")
+    out = Path(args.output_dir or default_dir).resolve()
     if args.run:
         method, seed = args.run[0], int(args.run[1])
         run_dir = out / "models" / f"{slug(method)}-seed{seed}"
-        record = train_and_evaluate(method, seed, args.steps, run_dir)
+        record = train_and_evaluate(method, seed, args.steps, run_dir, args.testbed)
         (out / "runs" / f"{slug(method)}-seed{seed}.json").write_text(json.dumps(record, indent=1))
         return
 
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    testbed_setup(args.testbed, out)  # renders the letters once, before the runs start in parallel
     blocks = [[m for m in args.methods if f"+{base})" in m or m == base] for base in BASES]
     blocks.append([m for m in args.methods if not any(m in block for block in blocks)])
     todo = [
@@ -271,7 +309,7 @@ def main() -> None:
         method, seed = job
         log = out / "runs" / f"{slug(method)}-seed{seed}.log"
         cmd = [sys.executable, __file__, "--run", method, str(seed), "--steps", str(args.steps)]
-        cmd += ["--output_dir", str(out)]
+        cmd += ["--output_dir", str(out), "--testbed", args.testbed]
         with open(log, "w") as handle:
             # from the repository root: recipes name their model config relative to it
             done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
@@ -282,7 +320,7 @@ def main() -> None:
         list(pool.map(child, todo))
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     records = [r for r in records if r["method"] in args.methods and r["seed"] in args.seeds]
-    result = table(records, floors(), args.steps, args.seeds)
+    result = table(records, floors(args.testbed, out), args.steps, args.seeds, args.testbed)
     print("\n" + result)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     (out / "results.md").write_text(result + "\n")

@@ -27,6 +27,7 @@ class DigitsClassifier(nn.Module):
 
     input_size = 16
     feature_dim = 64
+    num_classes = 10
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class DigitsClassifier(nn.Module):
             nn.MaxPool2d(2),
         )
         self.fc = nn.Linear(32 * 4 * 4, self.feature_dim)
-        self.head = nn.Linear(self.feature_dim, 10)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
         # Features are divided by their RMS on the training digits (set after training). Unscaled ReLU features
         # reach ~50, and KID's cubic kernel (x.y / d + 1)^3 then loses all precision in float32 (measured: KID of
         # two identical sets came out as -400).

@@ -26,6 +26,7 @@ from ..run_folder import (
 )
 from .digits import (
     DIGITS_CLASSIFIER,
+    DigitsClassifier,
     classifier_accuracy,
     digits_classifier_file,
     load_digits_classifier,
@@ -331,10 +332,15 @@ def _record(
         **measured,
     }
     result["caveats"] = small_sample_caveats(result)
-    if run.spec is get_dataset_spec("imb-digits") and run.class_names == [str(d) for d in range(10)]:
-        classifier = load_digits_classifier(
-            run.weights if run.extractor == DIGITS_CLASSIFIER else digits_classifier_file(run.cache_dir)
-        )
+    # The small classifier judges "does class c look like class c" when it is the extractor of a 10-class run (the
+    # digits, or any 10 classes with its weights trained on them, e.g. the study's letters), and always for digits.
+    weights = None
+    if run.extractor == DIGITS_CLASSIFIER and run.num_classes == DigitsClassifier.num_classes:
+        weights = run.weights
+    elif run.spec is get_dataset_spec("imb-digits") and run.class_names == [str(d) for d in range(10)]:
+        weights = digits_classifier_file(run.cache_dir)
+    if weights is not None:
+        classifier = load_digits_classifier(weights)
         result["classifier_accuracy"] = classifier_accuracy(classifier, images, labels, run.num_classes)
     if output_dir is not None:
         write_model_outputs(result, images, labels, run.num_classes, output_dir)
