@@ -202,52 +202,20 @@ def test_paper_form_gradient_flows_into_both_predictions():
         torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-5, atol=1e-8)
 
 
-def test_hinge_gradient_pushes_with_unit_slope_inside_the_margin_and_stops_beyond_it():
-    """Pushed class y, gap g = ε_θ − ε_θg with RMS r = √d: d/dε_θ of push·max(0, m − r) is −push·g/(B·D·r) while
-    r < m (a unit step in RMS, whatever the size of g: the E = 0 saddle is left), and 0 beyond m. Pulled classes get
-    the consistency gradient 2·pull·g/(B·D)."""
-    eps_full, eps_general = spread_pair()
-    eps_full.requires_grad_(True)
-    labels = torch.tensor([0, 9, 1, 8, 7, 9])
-    margin = 1.0
-    loss, _ = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), margin=margin)
-    loss.backward()
-    pull, push = pull_push_by_hand(CIFAR10_IR100, "hinge")
-    batch, elements = eps_full.shape[0], eps_full[0].numel()
-    inside = 0
-    for i, y in enumerate(labels.tolist()):
-        gap = (eps_full[i] - eps_general[i]).detach()
-        rms = math.sqrt(mean_sq(values(eps_full[i]), values(eps_general[i])))
-        if push[y] > 0:
-            inside += rms < margin
-            expected = -push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
-        else:
-            expected = 2 * pull[y] * gap / (batch * elements)
-        torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-4, atol=1e-7)
-    assert 0 < inside < 4  # pushed rows on both sides of the margin
-
-
-@pytest.mark.parametrize("form", ["hinge_general", "relative"])
-def test_general_forms_push_theta_g_only(form):
-    """With ε_θ held constant in the push, a pushed row's gradient is 0 on ε_θ and +push·g/(B·D·r) on ε_θg while
-    r < m (m = 1, or rho·RMS(ε_θ − target) for relative; the target gets no gradient); pulled rows keep the
-    consistency gradient on both predictions."""
+@pytest.mark.parametrize("form", ["hinge", "hinge_general", "relative"])
+def test_hinge_gradients_push_with_unit_slope_inside_the_margin_through_the_forms_predictions(form):
+    """Pushed class y, gap g = ε_θ − ε_θg with RMS r = √d: d/dε_θg of push·max(0, m − r) is +push·g/(B·D·r) while
+    r < m (a unit step in RMS, whatever the size of g), and 0 beyond m. ``hinge`` sends the opposite gradient into ε_θ;
+    ``hinge_general`` and ``relative`` hold ε_θ constant in the push (0 there), and ``relative`` has m = rho·RMS(ε_θ −
+    target) (the target gets no gradient). Pulled classes get the consistency gradient ±2·pull·g/(B·D) on both."""
     eps_full, eps_general = spread_pair()
     target = eps_full.detach() + 1.5 * torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(3))
     for tensor in (eps_full, eps_general, target):
         tensor.requires_grad_(True)
     labels = torch.tensor([0, 9, 1, 8, 7, 9])
     rho = 0.8
-    loss, _ = cm_loss(
-        eps_full,
-        eps_general,
-        labels,
-        cm_weights(CIFAR10_IR100, form),
-        form=form,
-        margin=1.0,
-        relative_margin=rho,
-        target=target,
-    )
+    weights = cm_weights(CIFAR10_IR100, form)
+    loss, _ = cm_loss(eps_full, eps_general, labels, weights, form=form, margin=1.0, relative_margin=rho, target=target)
     loss.backward()
     pull, push = pull_push_by_hand(CIFAR10_IR100, form)
     batch, elements = eps_full.shape[0], eps_full[0].numel()
@@ -258,13 +226,13 @@ def test_general_forms_push_theta_g_only(form):
         if push[y] > 0:
             margin = rho * math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if form == "relative" else 1.0
             inside += rms < margin
-            expected = push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
-            torch.testing.assert_close(eps_full.grad[i], torch.zeros_like(gap))
-            torch.testing.assert_close(eps_general.grad[i], expected, rtol=1e-4, atol=1e-7)
+            on_general = push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
+            on_full = -on_general if form == "hinge" else torch.zeros_like(gap)
         else:
-            expected = 2 * pull[y] * gap / (batch * elements)
-            torch.testing.assert_close(eps_full.grad[i], expected, rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-4, atol=1e-7)
+            on_full = 2 * pull[y] * gap / (batch * elements)
+            on_general = -on_full
+        torch.testing.assert_close(eps_full.grad[i], on_full, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(eps_general.grad[i], on_general, rtol=1e-4, atol=1e-7)
     assert 0 < inside < 4  # pushed rows on both sides of the margin
     assert target.grad is None or not target.grad.any()
 

@@ -159,7 +159,36 @@ def load_imbalanced_dataset(
             cache_dir=cache_dir,
             verify_images=verify_images,
         )
-    spec = _GENERIC if name is None else get_dataset_spec(name)
+    spec, resolution, images, labels, class_names, keep = _long_tail_selection(
+        name, split, imbalance_ratio, resolution, dataset_name, train_data_dir, class_order, seed,
+        image_column, label_column, cache_dir, verify_images,
+    )  # fmt: skip
+    return ImbalancedImageDataset(
+        _subset(images, keep),
+        labels[keep],
+        class_names,
+        image_transform(resolution, center_crop=center_crop, random_flip=random_flip),
+        spec.prompt_template,
+    )
+
+
+def _long_tail_selection(
+    name: str | None,
+    split: str,
+    imbalance_ratio: float | None,
+    resolution: int | None,
+    dataset_name: str | None,
+    train_data_dir: str | os.PathLike | None,
+    class_order: Sequence[int | str] | None,
+    seed: int,
+    image_column: str | None,
+    label_column: str | None,
+    cache_dir: str | None,
+    verify_images: bool,
+) -> tuple[DatasetSpec, int, Any, np.ndarray, list[str], np.ndarray]:
+    """The source in the requested class order and the indices the long-tail subsampling keeps (one home for the
+    training set and its held-out complement)."""
+    spec = get_dataset_spec(name)
     resolution = spec.resolution if resolution is None else resolution
     _check_resolution(resolution)
     if imbalance_ratio is not None:
@@ -169,13 +198,7 @@ def load_imbalanced_dataset(
     )
     labels, class_names = _apply_class_order(labels, class_names, class_order)
     keep = long_tail_indices(labels, imbalance_ratio, seed=seed, class_names=class_names)
-    return ImbalancedImageDataset(
-        _subset(images, keep),
-        labels[keep],
-        class_names,
-        image_transform(resolution, center_crop=center_crop, random_flip=random_flip),
-        spec.prompt_template,
-    )
+    return spec, resolution, images, labels, class_names, keep
 
 
 def load_reference_dataset(
@@ -244,20 +267,16 @@ def load_heldout_dataset(
     the same ``imbalance_ratio``, ``seed`` and ``class_order``. A class may have none (digits at IR 100 keep
     all of class 0): its entries are missing, and callers report NaN for it.
     """
-    spec = _GENERIC if name is None else get_dataset_spec(name)
-    if spec.reference_split is not None and train_data_dir is None:
+    if get_dataset_spec(name).reference_split is not None and train_data_dir is None:
         return load_reference_dataset(
             name, resolution, dataset_name=dataset_name, class_order=class_order, cache_dir=cache_dir
         )
     if imbalance_ratio is None:
         raise ConfigError("no held-out images: the training set keeps every source image (imbalance_ratio None)")
-    resolution = spec.resolution if resolution is None else resolution
-    _check_resolution(resolution)
-    images, labels, class_names = _load_source(
-        spec, name, "train", dataset_name, train_data_dir, None, None, cache_dir, verify_images=False
-    )
-    labels, class_names = _apply_class_order(labels, class_names, class_order)
-    kept = long_tail_indices(labels, imbalance_ratio, seed=seed, class_names=class_names)
+    spec, resolution, images, labels, class_names, kept = _long_tail_selection(
+        name, "train", imbalance_ratio, resolution, dataset_name, train_data_dir, class_order, seed,
+        None, None, cache_dir, False,
+    )  # fmt: skip
     heldout = np.setdiff1d(np.arange(len(labels)), kept)
     return ImbalancedImageDataset(
         _subset(images, heldout),
