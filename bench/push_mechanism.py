@@ -2,12 +2,13 @@
 """Where the CM push sends its gradient while it is active, per form: a short run on the study testbed (DDPM base,
 no EMA, a pilot seed that the study never uses), then ``capman-analyze push`` on its weights.
 
-    python bench/push_mechanism.py                      # 500 steps per form, seed 100
-    python bench/push_mechanism.py --steps 1000 --seed 101
+    python bench/push_mechanism.py                      # 150 steps per form, seed 100
+    python bench/push_mechanism.py --steps 500 --seed 101
 
-Printed per form: the rows of pushed classes still inside the margin, the norm of the push gradient through θ (on the
-general weights W^g and on the expert E) and through θ^g (on W^g; never on E), the norm of their sum on W^g, and the
-first-order change of θ's held-out loss per unit step along the push, per split (> 0: the push makes θ worse there).
+Printed per form: the rows of pushed classes still inside the margin, the norm of the push gradient's θ route (on the
+general weights W^g and on the expert E; what the chain rule gives — only "hinge" applies it) and θ^g route (on W^g;
+never on E), the norm on W^g of what the form applies, and the first-order change of θ's held-out loss per unit step
+along the applied push, per split (> 0: the push makes θ worse there).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FORMS = ("hinge", "hinge_general", "relative")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=500, help="Training steps per form (the push is active early).")
+    parser.add_argument("--steps", type=int, default=150, help="Training steps per form (the push is active early).")
     parser.add_argument("--seed", type=int, default=100, help="A pilot seed, not one of the study's 0-4.")
     parser.add_argument("--output_dir", default="bench_output/push_mechanism", help="Where the runs go.")
     args = parser.parse_args()
@@ -48,8 +49,8 @@ def main() -> None:
         f"\nDigits IR 100 testbed, DDPM base, {args.steps} steps, seed {args.seed}, no EMA; push gradient at the end.\n"
     )
     print(
-        "| form | active pushed rows | through θ: W^g | through θ: E | through θ^g: W^g | sum on W^g | θ's held-out "
-        "loss change per unit step along the push: Many / Medium / Few |"
+        "| form | active pushed rows | θ route: W^g | θ route: E | θ^g route: W^g | applied on W^g | θ's held-out "
+        "loss change per unit step along the applied push: Many / Medium / Few |"
     )
     print("|---|---|---|---|---|---|---|")
     for form, result in rows:

@@ -157,10 +157,11 @@ def push_gradient(
 
     The push term (weights and margin as the run trained them; ``form`` overrides the run's hinge form) is evaluated
     on up to ``images_per_class`` training images of every pushed class × the timestep grid. Its gradient is split
-    into the part through ε_θ and the part through ε_θg, each on the general weights W^g and on the expert E.
-    For each class with held-out images, ``theta_heldout_rate`` is the first-order change of θ's held-out loss per
-    unit step along the negative push gradient (> 0: the push makes θ worse there), for the whole push and for its
-    θ^g part alone (what ``hinge_general`` keeps).
+    into the part through ε_θ and the part through ε_θg, each on the general weights W^g and on the expert E (the
+    θ part is what the chain rule gives; ``hinge_general`` and ``relative`` do not apply it). ``norm_push_general_
+    weights`` is the norm on W^g of what the form applies. For each class with held-out images, ``theta_heldout_rate``
+    is the first-order change of θ's held-out loss per unit step along the negative applied push (``push``) and
+    along its θ^g part alone (> 0: the push makes θ worse there).
     """
     folder = read_pipeline_folder(pipeline)
     require_adapter(folder)
@@ -215,8 +216,10 @@ def push_gradient(
     for key, flat in through.items():
         record[f"norm_through_{key}_general_weights"] = float(flat[~is_expert].norm())
         record[f"norm_through_{key}_expert"] = float(flat[is_expert].norm())
-    directions = {"push": through["theta"] + through["theta_g"], "push_theta_g_part": through["theta_g"]}
-    record["norm_push_general_weights"] = float(directions["push"][~is_expert].norm())  # the two routes' sum
+    # What training applies: both routes for "hinge"; the θ^g route alone where ε_θ is held constant.
+    applied = through["theta"] + through["theta_g"] if form == "hinge" else through["theta_g"]
+    directions = {"push": applied, "push_theta_g_part": through["theta_g"]}
+    record["norm_push_general_weights"] = float(applied[~is_expert].norm())
 
     heldout, per_class_rows = _heldout_rows(setup, images_per_class)
     rates: dict[str, list[float]] = {key: [math.nan] * len(setup.class_names) for key in directions}
