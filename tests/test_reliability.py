@@ -586,6 +586,10 @@ def test_a_folder_run_is_evaluated_against_its_own_folder_with_a_caveat_on_small
     assert "caution: FID split few rests on 2 generated and 3 real images" in err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["dataset"] is None and metrics["reference_images_per_class"] == 3 and metrics["caveats"]
+    from capman_peft.analysis import heldout_loss
+
+    with pytest.raises(ConfigError, match="no held-out images"):  # the folder's own counts: every image trained on
+        heldout_loss(tmp_path / "out")
 
 
 def test_too_many_reference_images_per_class_names_the_flag(digits_pipeline, tmp_path, capsys):

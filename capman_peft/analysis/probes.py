@@ -186,7 +186,8 @@ def prepare_analysis(
     folder = read_pipeline_folder(pipeline)
     args = folder.args
     dataset = dataset or args.get("dataset")
-    if dataset is None:
+    local = train_data_dir or dataset_name or args.get("train_data_dir") or args.get("dataset_name")
+    if dataset is None and not local:
         raise ConfigError(f"no dataset given and {str(folder.path)!r} has no training_summary.json naming one")
     get_dataset_spec(dataset)
     if imbalance_ratio is None:
