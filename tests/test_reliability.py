@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import DistributedType
 from conftest import TINY_UNET_CONFIG, as_argv, build_tiny_sd, digits_run_args
 
-from capman_peft.errors import run_cli
+from capman_peft.errors import ConfigError, run_cli
 from capman_peft.evaluation import evaluate_pipeline
 from capman_peft.evaluation import main as eval_main
 
