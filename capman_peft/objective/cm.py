@@ -93,7 +93,7 @@ def _check_form(form: str) -> None:
 
 
 def _rms(difference: Tensor) -> Tensor:
-    # 1e-12 keeps the square root differentiable at 0 (where θ and θ^g start out equal).
+    # 1e-12 keeps the square root differentiable at 0.
     return (difference.pow(2).flatten(1).mean(dim=1) + 1e-12).sqrt()
 
 
@@ -151,7 +151,8 @@ def cm_loss(
     if form == "paper":
         push_term = -distance
     elif form == "hinge":
-        push_term = (margin - _rms(full - general)).clamp(min=0)
+        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
+        push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
     else:
         gap = _rms(full.detach() - general)
         if form == "relative":
