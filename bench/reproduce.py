@@ -26,7 +26,8 @@ Protocol, fixed before any result of this study was seen (README "Does CM help?"
   that training never saw x 10 fixed timesteps, fixed noise; class 0 has none at IR 100). CM rows add θ^g (the same
   model, expert off). Two floors show what the data allows: real digits (100 per class drawn from the reference), and
   a perfect memoriser of the imbalanced training set.
-* Reported: mean ± std over seeds; a difference inside the spread is no difference.
+* Reported: mean ± std over seeds; a difference inside the spread is no difference. "Inside the spread" means
+  |mean_a − mean_b| <= max(std_a, std_b) (written down before any CM row of this study was looked at).
 * The rule that picks the default form, written before the study: a CM form passes when θ's Few accuracy and Few FID
   are not worse than its own base's in the mean (a difference inside the spread counts as not worse), on every base
   and testbed measured; among the forms that pass, the default is the one with the best mean Few FID (over the
