@@ -235,6 +235,50 @@ def digits_for(key: str) -> int:
     return 4 if "heldout" in key else 2
 
 
+def worse(form: list[float], base: list[float], lower_is_better: bool) -> bool:
+    """The protocol's "worse": worse in the mean and outside the spread (|Δmean| > the larger std)."""
+    if len(form) < 2 or len(base) < 2:
+        return False
+    delta = statistics.mean(form) - statistics.mean(base)
+    outside = abs(delta) > max(statistics.stdev(form), statistics.stdev(base))
+    return outside and (delta > 0 if lower_is_better else delta < 0)
+
+
+def apply_rule(records: list[dict]) -> list[str]:
+    """The default-form rule of the protocol on the rows given: per base, each CM form passes when θ's Few accuracy
+    and Few FID are not worse than the base's; among forms passing on every base measured, the best mean Few FID."""
+    lines, passing = [], None
+    for base in BASES:
+        base_runs = [r["theta"] for r in records if r["method"] == base and "theta" in r]
+        if not base_runs:
+            continue
+        passed = set()
+        for form in FORMS:
+            runs = [r["theta"] for r in records if r["method"] == f"CM (+{base}), {form}" and "theta" in r]
+            if not runs:
+                continue
+            checks = {
+                "Few accuracy": worse([r["few accuracy"] for r in runs], [r["few accuracy"] for r in base_runs], False),
+                "Few FID": worse([r["few"] for r in runs], [r["few"] for r in base_runs], True),
+            }
+            failed = [name for name, bad in checks.items() if bad]
+            if not failed:
+                passed.add(form)
+            verdict = f"fails ({', '.join(failed)} worse than {base})" if failed else "passes"
+            lines.append(f"* {base} base, {form}: {verdict}")
+        passing = passed if passing is None else passing & passed
+    if passing:
+
+        def few_fid(form: str) -> float:
+            values = [r["theta"]["few"] for r in records if r["method"].endswith(f"), {form}") and "theta" in r]
+            return statistics.mean(values)
+
+        lines.append(f"* Default by the rule: {min(passing, key=few_fid)} (best mean Few FID among {sorted(passing)})")
+    elif passing is not None:
+        lines.append("* No CM form passes: CM stays available, and the scripts say it did not help on our testbeds")
+    return lines
+
+
 def table(records: list[dict], floor_rows: dict, steps: int, seeds: list[int], testbed: str) -> str:
     header = [name for _, name in COLUMNS] + ["Few/Many expert use", "seconds per run"]
     data = "Digits 8x8" if testbed == "digits" else "Printed letters 8x8 (bench/glyphs.py)"
@@ -322,6 +366,7 @@ def main() -> None:
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     records = [r for r in records if r["method"] in args.methods and r["seed"] in args.seeds]
     result = table(records, floors(args.testbed, out), args.steps, args.seeds, args.testbed)
+    result += "\n\nThe protocol's rule for the default form:\n" + "\n".join(apply_rule(records))
     print("\n" + result)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     (out / "results.md").write_text(result + "\n")
