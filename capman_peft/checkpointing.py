@@ -11,6 +11,7 @@ after that. A checkpoint that cannot be read is reported by file name (``Checkpo
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -167,7 +168,8 @@ def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> N
     saved = state.get("run", {}).get("config")
     if saved is None:
         return  # written before runs recorded their settings
-    changed = [k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+    # A setting the checkpoint does not record came after it was written (e.g. --cm_relative_margin): not compared.
+    changed = [k for k in sorted(set(saved) | set(expected)) if k in saved and saved.get(k) != expected.get(k)]
     if changed:
         listed = ", ".join(f"--{k} {saved.get(k)} (now {expected.get(k)})" for k in changed[:4])
         raise ForeignCheckpointError(
@@ -205,11 +207,18 @@ def _check_counters(path: Path, state: Any) -> None:
 _held_locks: dict[Path, Any] = {}
 
 
+def _release_all_locks() -> None:
+    for path in list(_held_locks):
+        unlock_output_dir(path.parent)
+
+
+atexit.register(_release_all_locks)
+
+
 def lock_output_dir(output_dir: str | Path) -> None:
     """Take an exclusive lock on a training run's output folder for the run's lifetime (released by
     :func:`unlock_output_dir` or at exit): a second run started into the same folder stops at once instead of
     silently replacing the first one's files. A new run in this same process takes the lock over."""
-    import atexit
     import fcntl
 
     path = (Path(output_dir) / LOCK_FILE).resolve()
@@ -225,8 +234,6 @@ def lock_output_dir(output_dir: str | Path) -> None:
             f"--output_dir {output_dir}: another training run is writing to it; allowed: wait for it to finish, "
             "or another --output_dir"
         ) from None
-    if not _held_locks:
-        atexit.register(lambda: [unlock_output_dir(p.parent) for p in list(_held_locks)])
     _held_locks[path] = (handle, created)
     call_on_exit(lambda: unlock_output_dir(output_dir))
 

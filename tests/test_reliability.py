@@ -267,6 +267,16 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, 
     assert "--objective oc (now ddpm)" in line
 
 
+def test_a_checkpoint_from_before_a_setting_existed_still_resumes(tmp_path):
+    train_unet_cm.main(digits_run_args(tmp_path))
+    state_file = tmp_path / "out" / "checkpoint-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]["config"]["cm_relative_margin"]  # written by a release without that flag
+    state_file.write_text(json.dumps(state))
+    train_unet_cm.main(digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4))
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors found before any work, one line each
 # ---------------------------------------------------------------------------------------------------------
