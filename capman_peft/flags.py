@@ -443,15 +443,13 @@ def check_common_args(args: argparse.Namespace) -> None:
             f"--train_data_dir {args.train_data_dir}: given together with --dataset {args.dataset}; allowed: one of "
             "them (a local copy of a named dataset's Hub files goes in --dataset_name)"
         )
-    if args.report_to in ("wandb", "comet_ml", "all"):
+    if args.report_to in ("wandb", "comet_ml"):  # ("all" takes the trackers that are installed)
         import importlib.util
 
-        needed = ["wandb", "comet_ml"] if args.report_to == "all" else [args.report_to]
-        missing = [name for name in needed if importlib.util.find_spec(name) is None]
-        if missing:
+        if importlib.util.find_spec(args.report_to) is None:
             raise ConfigError(
-                f"--report_to {args.report_to}: needs {', '.join(missing)}, which is not installed; allowed: "
-                f"pip install {' '.join(missing)}, or --report_to tensorboard / none"
+                f"--report_to {args.report_to}: needs {args.report_to}, which is not installed; allowed: "
+                f"pip install {args.report_to}, or --report_to tensorboard / none"
             )
     logging_dir = Path(args.output_dir, args.logging_dir).resolve()
     if not logging_dir.is_relative_to(Path(args.output_dir).resolve()):
