@@ -191,6 +191,16 @@ def test_capman_eval_names_a_half_written_run_folder(digits_pipeline, tmp_path, 
     assert_refused(capsys, eval_main, argv, tmp_path, expected)
 
 
+def test_a_full_disk_is_refused_before_training_and_before_evaluation(digits_pipeline, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+
+    full = shutil_module.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: full)
+    assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "only 0 MiB free on its disk")
+    argv = ["--pipeline", str(digits_pipeline), "--output_dir", str(tmp_path / "eval")]
+    assert_refused(capsys, eval_main, argv, digits_pipeline, "only 0 MiB free on its disk")
+
+
 def test_a_full_disk_during_export_keeps_the_earlier_export_whole_and_says_so(tmp_path, capsys, monkeypatch):
     train_unet_cm.main(digits_run_args(tmp_path))
     out = tmp_path / "out"
