@@ -46,8 +46,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from capman_peft import CapManConfig
 from capman_peft.checkpointing import trainable_state
-from capman_peft.data import ImbalancedImageDataset, class_prompts
+from capman_peft.data import LabelledImageDataset, class_prompts, encode_prompts
 from capman_peft.errors import ConfigError, run_cli
+from capman_peft.expert_use import summarize_expert_use
 from capman_peft.flags import (
     module_patterns,
     nonnegative_float,
@@ -60,19 +61,17 @@ from capman_peft.flags import (
 from capman_peft.hub import card_license, hub_source
 from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
+from capman_peft.randomness import StepDraws
 from capman_peft.recipes import parse_args_with_config
-from capman_peft.run_folder import encode_prompts
 from capman_peft.training.export import (
     cm_card_settings,
-    expert_use,
     final_model,
     finish_export,
     publish_export,
     publish_image,
     staged_export,
 )
-from capman_peft.training.loop import train
-from capman_peft.training.randomness import StepDraws
+from capman_peft.training.loop import TrainingCallbacks, train
 from capman_peft.training.setup import (
     cast_frozen_weights,
     frozen_weight_dtype,
@@ -310,7 +309,7 @@ class LatentCache(Dataset):
 
 @torch.no_grad()
 def cache_latents(
-    vae: AutoencoderKL, dataset: ImbalancedImageDataset, flip: bool, args: argparse.Namespace, disable_bar: bool
+    vae: AutoencoderKL, dataset: LabelledImageDataset, flip: bool, args: argparse.Namespace, disable_bar: bool
 ) -> LatentCache:
     """Encode each image once per flip state (both states under --random_flip); the VAE encoder never runs again."""
     loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers)
@@ -468,7 +467,7 @@ class Base:
     latent_shape: tuple[int, int, int]
 
 
-def load_base(args: argparse.Namespace, dataset: ImbalancedImageDataset, dtype: torch.dtype, device) -> Base:
+def load_base(args: argparse.Namespace, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
     """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
     text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
     noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
@@ -523,7 +522,7 @@ def card(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     device = accelerator.device
@@ -580,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
         validate(accelerator, trained.get_base_model(), vae, noise_scheduler, cond_table, args, epoch, step)
 
-    trained = train(accelerator, args, run, step_loss, validate_grid)
+    trained = train(accelerator, args, run, step_loss, validate_grid, callbacks)
 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
     accelerator.wait_for_everyone()
@@ -588,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, report = final_model(accelerator, run), None
         if cm is not None:
             with accelerator.autocast():
-                report = expert_use(
+                report = summarize_expert_use(
                     model,
                     noise_scheduler,
                     dataset,

@@ -25,10 +25,10 @@ from peft import get_peft_model
 from capman_peft import CapManConfig, ClassConditionalPipeline
 from capman_peft.denoiser import AFTER_SPLIT
 from capman_peft.errors import ConfigError, run_cli
+from capman_peft.expert_use import summarize_expert_use
 from capman_peft.flags import (
     fraction,
     module_patterns,
-    positive_int,
     script_parser,
 )
 from capman_peft.hub import hub_source
@@ -37,14 +37,13 @@ from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class
 from capman_peft.recipes import parse_args_with_config
 from capman_peft.training.export import (
     cm_card_settings,
-    expert_use,
     final_model,
     finish_export,
     publish_export,
     publish_image,
     staged_export,
 )
-from capman_peft.training.loop import train
+from capman_peft.training.loop import TrainingCallbacks, train
 from capman_peft.training.setup import (
     load_training_data,
     make_accelerator,
@@ -81,16 +80,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--expert_rank_ratio", type=fraction, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
     group.add_argument(
         "--expert_target_modules", type=module_patterns, default=UP_PATH_TARGETS, help="Regex of layers with an expert."
-    )
-    # The first release's names, kept working for one release: a grid every N steps, and the old name of the column
-    # count.
-    parser.add_argument("--validation_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--validation_images_per_class",
-        dest="num_validation_images",
-        type=positive_int,
-        default=argparse.SUPPRESS,
-        help=argparse.SUPPRESS,
     )
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
     # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
@@ -178,7 +167,7 @@ def class_grid(
     return image_grid(images, rows=len(class_names), cols=args.num_validation_images)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     dataset = load_training_data(args, center_crop=args.center_crop, random_flip=args.random_flip)
@@ -215,14 +204,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         grid = class_grid(sampler, noise_scheduler, dataset.class_names, args, accelerator.device)
         publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
-    trained = train(accelerator, args, run, step_loss, validate)
+    trained = train(accelerator, args, run, step_loss, validate, callbacks)
 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it, moved into place whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model, report = final_model(accelerator, run), None
         if cm is not None:
-            report = expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
+            report = summarize_expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
         with staged_export(args.output_dir) as out:
             if cm is not None:
                 model = save_adapter_and_merge(model, out, args.run_id)

@@ -6,7 +6,7 @@ demo model's metrics. Run it before and after a refactor: the two outputs must b
     python bench/fingerprint.py after.json && diff before.json after.json
 
 The demo recipe trains 30 steps (a checkpoint at 15, then a resume to 30, so checkpointing is covered) and is
-evaluated with theta and theta^g; the tiny Stable Diffusion pipeline of the tests trains 6 steps with cached latents,
+evaluated with theta and theta^g; the tiny Stable Diffusion of `capman_peft.testing` trains 6 steps with cached latents,
 CBDM and the partial general pass. CPU, one thread: bit-identical on the same machine and software.
 """
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def weight_hashes(folder: Path) -> dict[str, str]:
@@ -34,12 +34,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from conftest import build_tiny_sd
-    from test_train_text_to_image import write_artbench_mirror
-
     import train_text_to_image_cm
     import train_unet_cm
     from capman_peft.evaluation import evaluate_pipeline
+    from capman_peft.testing import build_tiny_sd, write_artbench_mirror
 
     tmp = Path(tempfile.mkdtemp(prefix="capman-fingerprint-"))
     demo = tmp / "demo"

@@ -40,7 +40,7 @@ def main() -> None:
     for form in FORMS:
         run = out / form
         flags = ["--config", str(TESTBED), "--max_train_steps", str(args.steps), "--seed", str(args.seed)]
-        flags += ["--objective", "ddpm", "--cm_diversity", form, "--no_use_ema", "--report_to", "none"]
+        flags += ["--objective", "ddpm", "--cm_form", form, "--no_use_ema", "--report_to", "none"]
         train_unet_cm.main([*flags, "--output_dir", str(run), "--overwrite_output_dir"])
         result = push_gradient(run, images_per_class=32, timesteps=10, seed=0, output_dir=run / "analysis")
         rows.append((form, result))

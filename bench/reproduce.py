@@ -68,8 +68,8 @@ EVAL = dict(steps=25, guidance_scale=1.5, seed=0)
 # CM forms compared for each base objective: row suffix -> CM flags
 FORMS = {
     "hinge": [],
-    "hinge, push through θ^g only": ["--cm_diversity", "hinge_general"],
-    "relative hinge": ["--cm_diversity", "relative"],
+    "hinge, push through θ^g only": ["--cm_form", "hinge_general"],
+    "relative hinge": ["--cm_form", "relative"],
     "consistency only": ["--no_diversity"],
 }
 BASES = {"DDPM": "ddpm", "OC": "oc"}
@@ -84,10 +84,10 @@ STUDY = list(METHODS)
 # docs/design.md) and the first release's default (paper form, w_div = 0.2), and the cheaper general pass.
 METHODS.update({
     "CM (+OC), paper form, w_div 1": [
-        "--objective", "oc", "--cm_diversity", "paper", "--cm_diversity_weight", "1", "--allow_unbounded_cm",
+        "--objective", "oc", "--cm_form", "paper", "--cm_diversity_weight", "1", "--allow_unbounded_cm",
     ],
     "CM (+OC), paper form, w_div 0.2": [
-        "--objective", "oc", "--cm_diversity", "paper", "--cm_diversity_weight", "0.2", "--allow_unbounded_cm",
+        "--objective", "oc", "--cm_form", "paper", "--cm_diversity_weight", "0.2", "--allow_unbounded_cm",
     ],
     "CM (+DDPM), hinge, general pass on 25% of the batch": ["--objective", "ddpm", "--cm_general_fraction", "0.25"],
 })  # fmt: skip
@@ -139,26 +139,19 @@ def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path, testbe
     """One run in this process: train with the testbed recipe, watch the loss, evaluate theta (and theta^g)."""
     import train_unet_cm
     from capman_peft.analysis import heldout_loss
+    from capman_peft.errors import NonFiniteLossError
     from capman_peft.evaluation import evaluate_pipeline
-    from capman_peft.objective import NonFiniteLossError
-    from capman_peft.training import loop
+    from capman_peft.training.loop import TrainingCallbacks
 
     losses: list[float] = []
-    finish_step = loop.finish_step
-
-    def recording(*args, **kwargs):
-        values = finish_step(*args, **kwargs)
-        losses.append(values["loss"])
-        return values
-
-    loop.finish_step = recording
+    record_loss = TrainingCallbacks(on_step_end=lambda step, values: losses.append(values["loss"]))
     extra_flags, evaluation = testbed_setup(testbed, run_dir.parent.parent)
     flags = ["--config", str(TESTBEDS[testbed]), "--max_train_steps", str(steps), "--seed", str(seed), *extra_flags]
     flags += ["--output_dir", str(run_dir), "--overwrite_output_dir", "--report_to", "none", *METHODS[method]]
     record: dict = {"method": method, "seed": seed, "steps": steps, "testbed": testbed}
     start = time.time()
     try:
-        train_unet_cm.main(flags)
+        train_unet_cm.main(flags, record_loss)
     except NonFiniteLossError as err:
         record["non_finite"] = str(err)
     record["train_seconds"] = round(time.time() - start, 1)

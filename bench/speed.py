@@ -27,7 +27,7 @@ from peft import get_peft_model
 
 from capman_peft import CapManConfig, ClassConditionalPipeline, CMDenoiser
 from capman_peft.objective import CMSettings, build_objective, cm_weights, diffusion_loss
-from capman_peft.training.randomness import draw_step
+from capman_peft.randomness import draw_step
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

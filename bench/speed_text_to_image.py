@@ -3,7 +3,7 @@
 
     python bench/speed_text_to_image.py              # 3 rounds x 3 variants, about 5 min on 2 CPU cores
 
-The offline tiny Stable Diffusion pipeline of the tests (its VAE halves the image side: 64 px images give 32 x 32
+The tiny Stable Diffusion of `capman_peft.testing` (its VAE halves the image side: 64 px images give 32 x 32
 latents, the latent size of SD at 256 px), 256 images at 64 px in 10 class folders, batch 8, LoRA rank 16 + expert
 rank 4, fp32. Each variant is its own process (one model in memory, as in a real run), the variants alternate over
 `--rounds` rounds, and each process reports the median time of steps 6-30 (the first steps warm up caches).
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "CM off (plain LoRA, rank 16)": ["--no_capacity_manipulation"],
@@ -36,8 +36,9 @@ STEPS, TIMED_FROM = 30, 6
 def make_assets(root: Path) -> tuple[Path, Path]:
     """The tiny SD pipeline and a class-folder dataset of random 64 px images."""
     import numpy as np
-    from conftest import build_tiny_sd
     from PIL import Image
+
+    from capman_peft.testing import build_tiny_sd
 
     rng = np.random.default_rng(0)
     for c, n in enumerate(COUNTS):
@@ -51,17 +52,10 @@ def make_assets(root: Path) -> tuple[Path, Path]:
 def measure(base: Path, data: Path, flags: list[str], out: Path) -> float:
     """Median seconds per optimizer step of steps TIMED_FROM..STEPS of one training run in this process."""
     import train_text_to_image_cm
-    from capman_peft.training import loop
+    from capman_peft.training.loop import TrainingCallbacks
 
     stamps: list[float] = []
-    finish_step = loop.finish_step
-
-    def timed(*args, **kwargs):
-        values = finish_step(*args, **kwargs)
-        stamps.append(time.perf_counter())
-        return values
-
-    loop.finish_step = timed
+    timed = TrainingCallbacks(on_step_end=lambda step, values: stamps.append(time.perf_counter()))
     train_text_to_image_cm.main(
         [
             "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--resolution", "64",
@@ -69,7 +63,8 @@ def measure(base: Path, data: Path, flags: list[str], out: Path) -> float:
             "--expert_rank", "4", "--validation_epochs", "0", "--num_inference_steps", "2",
             "--num_validation_images", "1", "--report_to", "none", "--checkpointing_steps", "1000",
             "--output_dir", str(out), *flags,
-        ]
+        ],
+        timed,
     )  # fmt: skip
     return statistics.median(b - a for a, b in zip(stamps[TIMED_FROM - 1 :], stamps[TIMED_FROM:], strict=False))
 

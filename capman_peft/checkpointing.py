@@ -168,6 +168,7 @@ def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> N
     saved = state.get("run", {}).get("config")
     if saved is None:
         return  # written before runs recorded their settings
+    saved = {RENAMED_SETTINGS.get(k, k): v for k, v in saved.items()}
     # A setting the checkpoint does not record came after it was written (e.g. --cm_relative_margin): not compared.
     changed = [k for k in sorted(set(saved) | set(expected)) if k in saved and saved.get(k) != expected.get(k)]
     if changed:
@@ -324,7 +325,7 @@ RUN_IDENTITY_FLAGS = (
     "objective",
     "capacity_manipulation",
     "cm_lambda",
-    "cm_diversity",
+    "cm_form",
     "cm_consistency_weight",
     "cm_diversity_weight",
     "cm_margin",
@@ -333,6 +334,10 @@ RUN_IDENTITY_FLAGS = (
     "no_diversity",
     "use_ema",
 )
+
+
+# Settings a checkpoint may record under an earlier name; they are compared under the current one.
+RENAMED_SETTINGS = {"cm_diversity": "cm_form"}
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:

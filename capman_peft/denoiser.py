@@ -60,6 +60,26 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+class _RowBlocks:
+    """The rows of one fused or shared-prefix call: theta(cond) | theta^g(cond) on the general rows | theta(extra_cond).
+
+    ``gate`` is 1 where the expert is on; ``mask_source`` names, per row, the row whose dropout masks it shares (a
+    theta^g row shares its sample's theta row).
+    """
+
+    def __init__(self, sample: torch.Tensor, general_rows: torch.Tensor | None, has_extra: bool) -> None:
+        self.batch = batch = sample.shape[0]
+        device = sample.device
+        self.rows = torch.arange(batch, device=device) if general_rows is None else general_rows.to(device)
+        self.extra = int(has_extra)
+        self.sizes = [batch, len(self.rows)] + [batch] * self.extra
+        self.gate = torch.cat(
+            [sample.new_ones(batch), sample.new_zeros(len(self.rows))] + [sample.new_ones(batch)] * self.extra
+        )
+        own = torch.arange(batch, device=device)
+        self.mask_source = torch.cat([own, self.rows] + [own + batch + len(self.rows)] * self.extra)
+
+
 class CMDenoiser(nn.Module):
     """Wraps a (PEFT-wrapped) diffusers UNet and returns the :class:`Predictions` of a step in one call.
 
@@ -122,50 +142,74 @@ class CMDenoiser(nn.Module):
             full, extra = self._theta(sample, timestep, cond, extra_cond)
             return Predictions(full, None, extra)
         if self.forward_mode == "sequential":
-            if general_rows is not None:
-                raise ValueError(
-                    "forward_mode='sequential' computes theta^g on every row; use 'fused' or 'shared_prefix'"
-                )
-            state = _RandomState(sample.device)
-            full = self._call(sample, timestep, cond)
-            after_theta = _RandomState(sample.device)
-            state.restore()  # theta^g draws the dropout masks theta drew
-            with expert_disabled(self.unet):
-                general = self._call(sample, timestep, cond)
-            after_theta.restore()
-            extra = None if extra_cond is None else self._call(sample, timestep, extra_cond)
-            return Predictions(full, general, extra)
-
-        # Row blocks: theta(cond) | theta^g(cond) on the general rows | theta(extra_cond)
-        rows = torch.arange(batch, device=sample.device) if general_rows is None else general_rows.to(sample.device)
-        sizes = [batch, len(rows)] + ([batch] if extra_cond is not None else [])
-        gate = torch.cat(
-            [sample.new_ones(batch), sample.new_zeros(len(rows))] + [sample.new_ones(batch)] * (len(sizes) - 2)
-        )
-        own = torch.arange(batch, device=sample.device)
-        mask_source = torch.cat([own, rows] + [own + batch + len(rows)] * (len(sizes) - 2))
+            return self._sequential(sample, timestep, cond, extra_cond, general_rows)
+        blocks = _RowBlocks(sample, general_rows, extra_cond is not None)
         if self.forward_mode == "fused":
-            general_part = (
-                (sample, timestep, cond) if general_rows is None else (sample[rows], timestep[rows], cond[rows])
-            )
-            parts = [(sample, timestep, cond), general_part] + [(sample, timestep, extra_cond)] * (len(sizes) - 2)
-            stacked = [torch.cat(values) for values in zip(*parts, strict=True)]
-            with expert_gate(self.unet, gate, mask_source):
-                outputs = self._call(*stacked).split(sizes)
-        else:  # shared_prefix: the prefix runs on cond (and extra_cond) once; the up path gets the rows it needs
-            conds = [cond] if extra_cond is None else [cond, extra_cond]
-            n = len(conds)
-            self._expand_index = torch.cat([own, rows] + [own + batch] * (n - 1))
-            self._prefix_batch = n * batch
-            try:
-                with expert_gate(self.unet, gate, mask_source):
-                    outputs = self._call(
-                        sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), torch.cat(conds)
-                    ).split(sizes)
-            finally:
-                self._expand_index = None
-        extra = outputs[2] if extra_cond is not None else None
-        return Predictions(outputs[0], outputs[1], extra)
+            outputs = self._fused(sample, timestep, cond, extra_cond, general_rows, blocks)
+        else:
+            outputs = self._shared_prefix(sample, timestep, cond, extra_cond, blocks)
+        return Predictions(outputs[0], outputs[1], outputs[2] if extra_cond is not None else None)
+
+    def _sequential(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        extra_cond: torch.Tensor | None,
+        general_rows: torch.Tensor | None,
+    ) -> Predictions:
+        """Separate UNet calls; theta^g replays the random state theta started from, so it sees the same masks."""
+        if general_rows is not None:
+            raise ValueError("forward_mode='sequential' computes theta^g on every row; use 'fused' or 'shared_prefix'")
+        state = _RandomState(sample.device)
+        full = self._call(sample, timestep, cond)
+        after_theta = _RandomState(sample.device)
+        state.restore()  # theta^g draws the dropout masks theta drew
+        with expert_disabled(self.unet):
+            general = self._call(sample, timestep, cond)
+        after_theta.restore()
+        extra = None if extra_cond is None else self._call(sample, timestep, extra_cond)
+        return Predictions(full, general, extra)
+
+    def _fused(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        extra_cond: torch.Tensor | None,
+        general_rows: torch.Tensor | None,
+        blocks: _RowBlocks,
+    ) -> tuple[torch.Tensor, ...]:
+        """One UNet call on the row blocks stacked, the expert gated off for the theta^g block."""
+        rows = blocks.rows
+        general_part = (sample, timestep, cond) if general_rows is None else (sample[rows], timestep[rows], cond[rows])
+        parts = [(sample, timestep, cond), general_part] + [(sample, timestep, extra_cond)] * blocks.extra
+        stacked = [torch.cat(values) for values in zip(*parts, strict=True)]
+        with expert_gate(self.unet, blocks.gate, blocks.mask_source):
+            return self._call(*stacked).split(blocks.sizes)
+
+    def _shared_prefix(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        extra_cond: torch.Tensor | None,
+        blocks: _RowBlocks,
+    ) -> tuple[torch.Tensor, ...]:
+        """The prefix (time embedding, down path, mid block) runs on cond (and extra_cond) once; the hook on each up
+        block expands its inputs into the row blocks."""
+        conds = [cond] if extra_cond is None else [cond, extra_cond]
+        n = len(conds)
+        own = torch.arange(blocks.batch, device=sample.device)
+        self._expand_index = torch.cat([own, blocks.rows] + [own + blocks.batch] * (n - 1))
+        self._prefix_batch = n * blocks.batch
+        try:
+            with expert_gate(self.unet, blocks.gate, blocks.mask_source):
+                return self._call(
+                    sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), torch.cat(conds)
+                ).split(blocks.sizes)
+        finally:
+            self._expand_index = None
 
     def _theta(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, extra_cond: torch.Tensor | None

@@ -1,6 +1,7 @@
-"""The project's own error for bad user input: a flag, a recipe value, an input file or an unreachable source.
+"""The project's own errors: bad user input (a flag, a recipe value, an input file, an unreachable source) and a
+non-finite loss.
 
-Entry points print it as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and exit non-zero;
+Entry points print either as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and exit non-zero;
 any other exception is a bug and keeps its traceback.
 """
 
@@ -10,6 +11,10 @@ from collections.abc import Callable, Sequence
 
 class ConfigError(ValueError):
     """A bad flag, recipe value or input file; scripts print it as one ``error:`` line and exit non-zero."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf: training stops instead of silently corrupting the weights."""
 
 
 # Called when an entry point returns or fails (e.g. releasing the output folder's lock), so that a refused run leaves
@@ -36,8 +41,6 @@ def _own_message(err: Exception) -> str:
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss) become one ``error:`` line
     on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
-    from .objective import NonFiniteLossError
-
     try:
         main(argv)
     except (ConfigError, NonFiniteLossError) as err:

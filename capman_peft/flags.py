@@ -206,7 +206,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         help="w_div scaling omega_div (Eq. 3; paper: 1).",
     )
     group.add_argument(
-        "--cm_diversity",
+        "--cm_form",
         choices=list(CM_FORMS),
         default="hinge",
         help="How L_CM pushes apart the classes with net weight c_y = w_div*omega_div - w_con*omega_con > 0 (the "

@@ -196,24 +196,24 @@ def update_model_card_metrics(output_dir: str | Path, metrics_markdown: str) -> 
     path.write_text(text)
 
 
-def push_to_hub(output_dir: str | Path, repo_id: str, token: str | None = None, lora_only: bool = False) -> str:
+def push_to_hub(
+    output_dir: str | Path, repo_id: str, token: str | None = None, lora_files: Sequence[str] | None = None
+) -> str:
     """Create (or reuse) the model repo and upload the exported folder, checkpoints and logs excluded; with
-    `lora_only`, only the LoRA files, the model card, the training summary and the sample grid."""
+    `lora_files`, only those files, the model card, the training summary and the sample grid."""
     from huggingface_hub import create_repo, upload_folder
-
-    from .pipelines import GENERAL_LORA_FILE, LORA_FILE
 
     repo = create_repo(repo_id, token=token, exist_ok=True)
     selection = (
-        {"allow_patterns": [LORA_FILE, GENERAL_LORA_FILE, "README.md", "training_summary.json", "samples.png"]}
-        if lora_only
+        {"allow_patterns": [*lora_files, "README.md", "training_summary.json", "samples.png"]}
+        if lora_files
         else {"ignore_patterns": ["checkpoint-*", ".checkpoint-*", "logs/*", "validation/*", "eval/*"]}
     )
     upload_folder(
         repo_id=repo.repo_id,
         folder_path=str(output_dir),
         token=token,
-        commit_message="Upload CapMan LoRA" if lora_only else "Upload CapMan pipeline",
+        commit_message="Upload CapMan LoRA" if lora_files else "Upload CapMan pipeline",
         **selection,
     )
     return repo.repo_id

@@ -2,8 +2,7 @@
 
 Shared by ``capman-eval`` (:mod:`capman_peft.evaluation`) and ``capman-analyze`` (:mod:`capman_peft.analysis`):
 :func:`read_pipeline_folder` checks the folder and reads ``model_index.json`` and ``training_summary.json``,
-:func:`load_pipeline` loads the model to sample from (θ merged, or θ^g built from ``output_dir/adapter``) and
-:func:`encode_prompts` makes the text embeddings of class prompts as the Stable Diffusion pipeline does.
+:func:`load_pipeline` loads the model to sample from (θ merged, or θ^g built from ``output_dir/adapter``).
 """
 
 from __future__ import annotations
@@ -214,14 +213,3 @@ def pipeline_resolution(pipe: Any) -> int:
     size = pipe.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return int(size * getattr(pipe, "vae_scale_factor", 1)) if hasattr(pipe, "vae") else int(size)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    mask = tokens.attention_mask.to(text_encoder.device) if use_mask else None
-    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]

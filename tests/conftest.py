@@ -1,18 +1,18 @@
-"""Tiny diffusers models built from configs, so no test needs the network."""
+"""Test helpers; the tiny models themselves are built by :mod:`capman_peft.testing`."""
 
 from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from capman_peft.testing import make_tiny_sd_unet, make_tiny_unet2d
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -20,40 +20,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Experts in the up path only, on convs and attention projections (the paper's from-scratch setting).
 UP_TARGETS = r"up_blocks\..*\.(conv1|conv2|to_q|to_k|to_v|to_out\.0)"
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def make_tiny_unet2d(num_classes: int = 3, seed: int = 0) -> UNet2DModel:
-    """Class-conditional UNet2DModel with convs and attention in both halves (num_class_embeds = C + 1)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-        num_class_embeds=num_classes + 1,
-    )
-
-
-def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DConditionModel:
-    """Text-conditional UNet2DConditionModel with cross-attention in both halves."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
 
 
 # A UNet2DModel config for train_unet_cm.py's tests: 8x8 digits, dropout on.
@@ -152,56 +118,3 @@ def readme_snippet(marker: str) -> str:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     after = readme[readme.index(f"<!-- {marker} -->") :]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def build_tiny_sd(root: Path) -> Path:
-    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # one token per character (and per word-final character): no merges needed
-        for char in string.ascii_lowercase + string.digits + "-":
-            vocab[char + suffix] = len(vocab)
-    files = root / "tokenizer-files"
-    files.mkdir(parents=True)
-    (files / "vocab.json").write_text(json.dumps(vocab))
-    (files / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
-    )
-    unet = make_tiny_sd_unet(cross_attention_dim=16)
-    vae = AutoencoderKL(  # two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vocab_size=1000,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(root / "base", safe_serialization=True)
-    return root / "base"

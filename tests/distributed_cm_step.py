@@ -8,13 +8,14 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from conftest import UP_TARGETS, make_tiny_unet2d
+from conftest import UP_TARGETS
 from diffusers import DDPMScheduler
 from peft import get_peft_model
 from safetensors.torch import save_file
 
 from capman_peft import CapManConfig, build_objective, cm_loss, cm_weights
 from capman_peft.denoiser import CMDenoiser
+from capman_peft.testing import make_tiny_unet2d
 
 
 def main(out_path: str) -> None:

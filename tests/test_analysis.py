@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import UP_TARGETS, make_tiny_unet2d
+from conftest import UP_TARGETS
 from diffusers import DDPMScheduler
 from peft import get_peft_model
 from sklearn.datasets import load_digits
@@ -20,18 +20,19 @@ from torch import nn
 from capman_peft import CapManConfig, save_class_conditional_pipeline
 from capman_peft.analysis import (
     expert_capacity,
-    fixed_batches,
     heldout_loss,
     magnitude_prune_,
-    main,
     make_loss_setup,
     prepare_analysis,
     prunable_weights,
     pruning_sensitivity,
     push_gradient,
 )
+from capman_peft.analysis.cli import main
 from capman_peft.data import load_heldout_dataset, load_imbalanced_dataset, long_tail_counts
 from capman_peft.evaluation import load_pipeline
+from capman_peft.expert_use import fixed_batches
+from capman_peft.testing import make_tiny_unet2d
 from capman_peft.tuner import expert_disabled
 
 DIGITS = [str(d) for d in range(10)]
@@ -197,7 +198,7 @@ def test_heldout_loss_matches_a_direct_computation(cm_run):
     theta, theta_g = load_pipeline(cm_run).unet, load_pipeline(cm_run, expert="off").unet
     scheduler = DDPMScheduler.from_pretrained(cm_run, subfolder="scheduler")
     heldout = load_heldout_dataset("imb-digits", 10, 8, class_order=DIGITS)
-    from capman_peft.evaluation.sampling import derived_seed
+    from capman_peft.randomness import derived_seed
 
     assert math.isnan(result["loss_full"][0])  # the largest class keeps all its digits: none held out
     for c in (1, 9):

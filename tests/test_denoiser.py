@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    ATTN_TARGETS,
-    UP_TARGETS,
-    make_tiny_sd_unet,
-    make_tiny_unet2d,
-    readme_snippet,
-    run_two_processes,
-)
+from conftest import ATTN_TARGETS, UP_TARGETS, readme_snippet, run_two_processes
 from diffusers import UNet2DModel
 from peft import get_peft_model
 from safetensors.torch import load_file
 
 from capman_peft import CapManConfig, cm_loss, cm_weights, expert_disabled
 from capman_peft.denoiser import CMDenoiser
+from capman_peft.testing import make_tiny_sd_unet, make_tiny_unet2d
 
 MODES = ["fused", "sequential", "shared_prefix"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN_TARGETS, UP_TARGETS, build_tiny_sd, make_tiny_unet2d
+from conftest import ATTN_TARGETS, UP_TARGETS
 from diffusers import DDIMScheduler, DDPMScheduler
 from peft import get_peft_model
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -29,12 +29,13 @@ from capman_peft.evaluation import (
     generate_balanced,
     load_digits_classifier,
     load_pipeline,
-    main,
     measure_fidelity,
     train_digits_classifier,
 )
+from capman_peft.evaluation.cli import main
 from capman_peft.evaluation.fidelity import _reference_cache_prefix
 from capman_peft.hub import METRICS_START
+from capman_peft.testing import build_tiny_sd, make_tiny_unet2d
 
 TINY = "capman-test-tiny"
 DIGITS = [str(d) for d in range(10)]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from capman_peft.errors import NonFiniteLossError
 from capman_peft.objective import (
     CM_FORMS,
-    NonFiniteLossError,
     build_objective,
     check_cm_bounded,
     check_finite,
@@ -311,7 +311,7 @@ def test_check_cm_bounded_refuses_the_unbounded_paper_form_by_name():
     with pytest.raises(ValueError, match="unbounded below") as error:
         check_cm_bounded(weights, "paper", class_names=CIFAR10_NAMES)
     message = str(error.value)
-    for name in ("horse", "ship", "truck", "--cm_diversity hinge", "--allow_unbounded_cm"):
+    for name in ("horse", "ship", "truck", "--cm_form hinge", "--allow_unbounded_cm"):
         assert name in message
     assert "frog" not in message
     with pytest.warns(UserWarning, match="truck"):

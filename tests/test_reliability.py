@@ -19,11 +19,12 @@ import accelerate
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import TINY_UNET_CONFIG, as_argv, build_tiny_sd, digits_run_args
+from conftest import TINY_UNET_CONFIG, as_argv, digits_run_args
 
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.evaluation import evaluate_pipeline
-from capman_peft.evaluation import main as eval_main
+from capman_peft.evaluation.cli import main as eval_main
+from capman_peft.testing import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -287,6 +288,24 @@ def test_a_checkpoint_from_before_a_setting_existed_still_resumes(tmp_path):
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 4
 
 
+def test_a_setting_recorded_under_its_earlier_name_is_compared_under_the_current_one(tmp_path, capsys):
+    train_unet_cm.main(digits_run_args(tmp_path))
+    state_file = tmp_path / "out" / "checkpoint-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["run"]["config"]["cm_diversity"] = state["run"]["config"].pop("cm_form")  # the flag's earlier name
+    state_file.write_text(json.dumps(state))
+    line = assert_refused(
+        capsys,
+        train_unet_cm.main,
+        digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4, cm_form="hinge_general"),
+        tmp_path,
+        "checkpoint-2: was written by a run with other settings",
+    )
+    assert "--cm_form hinge (now hinge_general)" in line
+    train_unet_cm.main(digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4))
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors found before any work, one line each
 # ---------------------------------------------------------------------------------------------------------
@@ -310,8 +329,6 @@ UNET_CASES = {
     "negative steps": (dict(max_train_steps=-3), "--max_train_steps: got '-3'"),
     "zero inference steps": (dict(num_inference_steps=0), "--num_inference_steps"),
     "zero validation images": (dict(num_validation_images=0), "--num_validation_images"),
-    "zero validation images, old name": (dict(validation_images_per_class=0), "--validation_images_per_class"),
-    "zero validation steps": (dict(validation_steps=0), "--validation_steps"),
     "resolution not divisible": (dict(resolution=9), "--resolution 9: the UNet downsamples by 2"),
     "ema decay above one": (dict(ema_decay=2), "--ema_decay: got '2'"),
     "nan learning rate": (dict(learning_rate="nan"), "--learning_rate: got 'nan'"),
@@ -324,7 +341,7 @@ UNET_CASES = {
         dict(cm_general_fraction=0.5, cm_forward="sequential"),
         "--cm_general_fraction 0.5: needs --cm_forward fused or shared_prefix",
     ),
-    "unbounded paper form": (dict(cm_diversity="paper"), "--cm_diversity paper"),
+    "unbounded paper form": (dict(cm_form="paper"), "--cm_form paper"),
     "zero margin": (dict(cm_margin=0), "--cm_margin: got '0'"),
     "unknown dataset": (dict(dataset="imb-nope"), "--dataset"),
     "missing data folder": (dict(dataset=None, train_data_dir="no-such-dir"), "--train_data_dir no-such-dir"),
@@ -808,10 +825,10 @@ def test_tracker_logs_are_averaged_over_processes_and_absent_groups_are_left_out
 
 def test_capman_eval_without_a_dataset_to_use_names_the_choices(tmp_path, capsys):
     """A pipeline folder without training_summary.json and no --dataset: one line listing the known datasets."""
-    from conftest import make_tiny_unet2d
     from diffusers import DDPMScheduler
 
     from capman_peft import save_class_conditional_pipeline
+    from capman_peft.testing import make_tiny_unet2d
 
     save_class_conditional_pipeline(make_tiny_unet2d(num_classes=10), DDPMScheduler(), None, tmp_path / "bare")
     line = assert_refused(capsys, eval_main, ["--pipeline", str(tmp_path / "bare")], tmp_path, "no --dataset given")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_sd, make_tiny_sd_unet, run_python_without_capman, run_two_processes
+from conftest import run_python_without_capman, run_two_processes
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -27,43 +27,21 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft import PeftModel
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
 from capman_peft.data import get_dataset_spec
 from capman_peft.errors import run_cli
-from capman_peft.training.export import EXPERT_USE_IMAGES
+from capman_peft.expert_use import EXPERT_USE_IMAGES
+from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_text_to_image_cm  # noqa: E402
 
-# The mirror's label order (baroque is 8 there, 1 in the paper's alphabetical order).
-ARTBENCH_MIRROR_NAMES = [
-    "expressionism", "art_nouveau", "renaissance", "ukiyo_e", "realism",
-    "romanticism", "surrealism", "impressionism", "baroque", "post_impressionism",
-]  # fmt: skip
-IMAGES_PER_CLASS = 4  # IR 4 keeps [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] = 18 images
+# write_artbench_mirror: IR 4 keeps [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] = 18 images
 NUM_TRAIN = 18
-
-
-def write_artbench_mirror(root: Path) -> Path:
-    """data/train-00000-of-00001.parquet with the mirror's columns (image, label) and ClassLabel names."""
-    from datasets import ClassLabel, Dataset, Features
-    from datasets import Image as ImageFeature
-
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(len(ARTBENCH_MIRROR_NAMES)), IMAGES_PER_CLASS).tolist()
-    # 18 x 16 (non-square: resize + crop run) random images
-    images = [Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)) for _ in labels]
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=ARTBENCH_MIRROR_NAMES)})
-    (root / "data").mkdir(parents=True)
-    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
-        str(root / "data" / "train-00000-of-00001.parquet")
-    )
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +278,7 @@ def test_push_merged_pipeline_uploads_the_whole_folder(tmp_path):
 
         patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
         patch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.append(kwargs))
-        push_to_hub(tmp_path, "someone/x", lora_only=False)
+        push_to_hub(tmp_path, "someone/x")
     assert "checkpoint-*" in uploads[0]["ignore_patterns"] and "allow_patterns" not in uploads[0]
 
 
@@ -466,7 +444,7 @@ def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
         random_flip=True,
         center_crop=True,
         cm_general_fraction=1,
-        cm_diversity="paper",
+        cm_form="paper",
         allow_unbounded_cm=True,
     )
     train_text_to_image_cm.main(tiny_args(assets, tmp_path, "full", train_batch_size=4, **same))
@@ -500,7 +478,7 @@ def test_defaults_are_the_paper_recipe():
     # the template is the dataset's own ("a {} painting" for ArtBench), resolved once the data is loaded
     assert args.dataset == "imb-artbench10" and args.prompt_template is None
     assert get_dataset_spec(args.dataset).prompt_template == "a {} painting"
-    assert args.cm_general_fraction == 0.25 and args.cm_diversity == "hinge" and args.cm_forward == "fused"
+    assert args.cm_general_fraction == 0.25 and args.cm_form == "hinge" and args.cm_forward == "fused"
     config = train_text_to_image_cm.adapter_config(args)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import capman_peft.checkpointing as checkpointing
 from capman_peft import ClassConditionalPipeline
 from capman_peft.errors import run_cli
+from capman_peft.training.loop import TrainingCallbacks
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,6 +120,25 @@ def test_resume_is_exact_and_checkpoint_limit_prunes(tmp_path):
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-6"]
 
 
+def test_callbacks_see_every_step_and_every_checkpoint(tmp_path):
+    """The extension points of the loop: one call per optimizer step with its averaged values, one per checkpoint
+    after it is on disk."""
+    steps, checkpoints = [], []
+
+    def on_step_end(step: int, values: dict[str, float]) -> None:
+        assert set(values) >= {"loss", "base_loss", "lr"} and all(isinstance(v, float) for v in values.values())
+        steps.append(step)
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        assert path.is_dir() and any(path.iterdir())
+        checkpoints.append((step, path.name))
+
+    callbacks = TrainingCallbacks(on_step_end=on_step_end, on_checkpoint=on_checkpoint)
+    train_unet_cm.main(digits_run_args(tmp_path, max_train_steps=4, checkpointing_steps=2), callbacks)
+    assert steps == [1, 2, 3, 4]
+    assert checkpoints == [(2, "checkpoint-2"), (4, "checkpoint-4")]
+
+
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     train_unet_cm.main(tiny_args(tmp_path, max_train_steps=2, checkpointing_steps=2))
     good = tmp_path / "out" / "checkpoint-2"
@@ -170,9 +190,9 @@ def test_every_recipe_parses_and_builds_its_model(recipe):
 
 @pytest.mark.parametrize("form, margin", [("hinge_general", "0.1"), ("relative", "0.5")])
 def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
-    train_unet_cm.main(tiny_args(tmp_path, cm_diversity=form, max_train_steps=2))
+    train_unet_cm.main(tiny_args(tmp_path, cm_form=form, max_train_steps=2))
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
-    assert summary["args"]["cm_diversity"] == form
+    assert summary["args"]["cm_form"] == form
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["final_losses"].values())
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"form={form}, margin={margin}," in card
@@ -184,7 +204,7 @@ def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
         ({"dataset": "imb-nope"}, "imb-nope"),
         ({"dataset": False, "train_data_dir": "/no/such/dir"}, "/no/such/dir"),
         ({"imbalance_ratio": 0.5}, "imbalance_ratio"),
-        ({"cm_diversity": "paper", "imbalance_ratio": 100}, "unbounded"),
+        ({"cm_form": "paper", "imbalance_ratio": 100}, "unbounded"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, overrides, message):

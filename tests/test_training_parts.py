@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from capman_peft.checkpointing import load_checkpoint, save_checkpoint
 from capman_peft.flags import ArgumentParser, positive_int
 from capman_peft.objective import build_objective
+from capman_peft.randomness import StepRandomness
 from capman_peft.recipes import load_recipe, recipe_defaults
 from capman_peft.training.loop import steps_per_epoch, train_batches, validation_due
-from capman_peft.training.randomness import StepRandomness
 from capman_peft.training.setup import total_steps
 
 # --- steps and epochs ----------------------------------------------------------------------------------------
@@ -35,13 +35,10 @@ def test_total_steps_from_steps_or_epochs():
     assert total_steps(args, 10) == 7
 
 
-def test_validation_is_due_at_the_end_of_every_nth_epoch_or_every_nth_step():
-    by_epoch = argparse.Namespace(validation_epochs=2)
-    assert [s for s in range(1, 31) if validation_due(by_epoch, s, per_epoch=5)] == [10, 20, 30]
-    by_step = argparse.Namespace(validation_epochs=0, validation_steps=4)
-    assert [s for s in range(1, 13) if validation_due(by_step, s, per_epoch=5)] == [4, 8, 12]
-    never = argparse.Namespace(validation_epochs=0)
-    assert not any(validation_due(never, s, per_epoch=5) for s in range(1, 50))
+def test_validation_is_due_at_the_end_of_every_nth_epoch():
+    assert [s for s in range(1, 31) if validation_due(2, s, per_epoch=5)] == [10, 20, 30]
+    assert [s for s in range(1, 31) if validation_due(1, s, per_epoch=7)] == [7, 14, 21, 28]
+    assert not any(validation_due(0, s, per_epoch=5) for s in range(1, 50))
 
 
 def fake_accelerator(accumulation: int = 1) -> SimpleNamespace:

@@ -9,13 +9,14 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN_TARGETS, UP_TARGETS, make_tiny_sd_unet, make_tiny_unet2d, readme_snippet
+from conftest import ATTN_TARGETS, UP_TARGETS, readme_snippet
 from diffusers import UNet2DConditionModel, UNet2DModel
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from capman_peft import CapManConfig, expert_disabled, expert_gate
+from capman_peft.testing import make_tiny_sd_unet, make_tiny_unet2d
 from capman_peft.tuner import CapManLayer, merge_general_and_unload, register_with_peft
 from capman_peft.tuner.layer import rank_for
 

@@ -20,39 +20,24 @@ the VAE's posterior mean (not a sample) for the same reason.
 JSON (``prune.json`` / ``capacity.json``) holds lists aligned with ``class_names`` (class ids 0..C-1, 0 the largest
 class), per-split means and the settings; the plots put classes on the x axis sorted by training-set size.
 
-Modules: :mod:`.probes` (the shared setup: pipeline and training data, :class:`LossSetup`, the fixed batches, expert
-usage), :mod:`.prune` (magnitude pruning, :func:`pruning_sensitivity`), :mod:`.capacity` (:func:`expert_capacity`),
-:mod:`.heldout` (:func:`heldout_loss` on images training never saw, :func:`push_gradient`: where the CM push
-goes), :mod:`.plot` (the per-class chart), :mod:`.cli` (``capman-analyze``).
+Modules: :mod:`.probes` (the shared setup: pipeline, training data and the loss setup of
+:mod:`capman_peft.expert_use`), :mod:`.prune` (magnitude pruning, :func:`pruning_sensitivity`), :mod:`.capacity`
+(:func:`expert_capacity`), :mod:`.heldout` (:func:`heldout_loss` on images training never saw, :func:`push_gradient`:
+where the CM push goes), :mod:`.plot` (the per-class chart), :mod:`.cli` (``capman-analyze``).
 """
 
 from .capacity import expert_capacity
-from .cli import main, parse_args
 from .heldout import heldout_loss, push_gradient, timestep_grid
 from .plot import plot_per_class
-from .probes import (
-    AnalysisSetup,
-    FixedBatch,
-    LossSetup,
-    fixed_batches,
-    make_loss_setup,
-    measure_expert_use,
-    prepare_analysis,
-)
+from .probes import AnalysisSetup, make_loss_setup, prepare_analysis
 from .prune import magnitude_prune_, prunable_weights, pruning_sensitivity
 
 __all__ = [
     "AnalysisSetup",
-    "FixedBatch",
-    "LossSetup",
     "expert_capacity",
-    "fixed_batches",
     "heldout_loss",
     "magnitude_prune_",
-    "main",
     "make_loss_setup",
-    "measure_expert_use",
-    "parse_args",
     "plot_per_class",
     "prepare_analysis",
     "prunable_weights",

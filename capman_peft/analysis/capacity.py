@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.report import write_json
+from ..expert_use import measure_expert_use
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from .plot import plot_per_class
 from .probes import (
@@ -14,7 +15,6 @@ from .probes import (
     _common_record,
     _per_split_means,
     make_loss_setup,
-    measure_expert_use,
     prepare_analysis,
 )
 

@@ -22,11 +22,12 @@ from torch import nn
 from ..data import class_splits, load_heldout_dataset
 from ..errors import ConfigError
 from ..evaluation.report import write_json
-from ..evaluation.sampling import derived_seed
+from ..expert_use import LossSetup
 from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, cm_weights
+from ..randomness import derived_seed
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from ..tuner import expert_disabled
-from .probes import AnalysisSetup, LossSetup, make_loss_setup, prepare_analysis
+from .probes import AnalysisSetup, make_loss_setup, prepare_analysis
 
 
 def timestep_grid(num_train_timesteps: int, points: int) -> torch.Tensor:
@@ -167,7 +168,7 @@ def push_gradient(
     require_adapter(folder)
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
     args = folder.args
-    form = form or args.get("cm_diversity", "hinge")
+    form = form or args.get("cm_form", "hinge")
     if form not in ("hinge", "hinge_general", "relative"):
         raise ConfigError(f"--form: the push gradient is measured for the hinge forms, got {form!r}")
     capman = load_capman_unet(folder).to(setup.pipe.unet.device)

@@ -1,52 +1,27 @@
-"""The shared setup of the per-class analyses: the run's pipeline and training data, and the training loss per class
-on fixed noise and timesteps (also used by training to check that the reserved expert is used)."""
+"""The shared setup of the per-class analyses: the run's pipeline, its training data, and the loss setup of
+:mod:`capman_peft.expert_use` for that pipeline."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..data import ImbalancedImageDataset, class_prompts, class_splits, get_dataset_spec, load_imbalanced_dataset
+from ..data import (
+    LabelledImageDataset,
+    class_prompts,
+    class_splits,
+    encode_prompts,
+    get_dataset_spec,
+    load_imbalanced_dataset,
+)
 from ..errors import ConfigError
-from ..evaluation.sampling import derived_seed
-from ..run_folder import PipelineFolder, encode_prompts, load_pipeline, pipeline_resolution, read_pipeline_folder
-
-# ----------------------------------------------------------------------------------------------------------
-# The training loss per class on fixed noise and timesteps
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LossSetup:
-    """What the per-class loss needs from a pipeline: noising, the image encoder and the class condition.
-
-    (Not a denoising model: :class:`capman_peft.denoiser.CMDenoiser` is that.)
-    """
-
-    unet: nn.Module
-    noise_scheduler: Any
-    encode: Callable[[torch.Tensor], torch.Tensor]
-    """pixels in [-1, 1] -> the UNet's sample space (identity, or VAE latents for Stable Diffusion)."""
-    condition: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    """class ids -> the UNet's conditioning kwargs (``class_labels`` or ``encoder_hidden_states``)."""
-    device: torch.device
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, noise, t)
-        if prediction_type == "sample":
-            return x0
-        raise ConfigError(f"unsupported prediction_type {prediction_type!r}")
+from ..expert_use import LossSetup
+from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
 
 
 def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], dataset: str) -> LossSetup:
@@ -67,90 +42,6 @@ def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], d
     return LossSetup(pipe.unet, noise_scheduler, encode, lambda y: {"encoder_hidden_states": embeddings[y]}, device)
 
 
-@dataclass
-class FixedBatch:
-    class_id: int
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    condition: dict[str, torch.Tensor]
-    target: torch.Tensor
-
-
-@torch.no_grad()
-def fixed_batches(
-    loss_setup: LossSetup,
-    data: ImbalancedImageDataset,
-    num_classes: int,
-    num_batches: int = 4,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> Iterator[FixedBatch]:
-    """``num_batches`` noised batches of ``batch_size`` training images per class, the same on every call."""
-    labels = np.asarray(data.labels)
-    num_train_timesteps = loss_setup.noise_scheduler.config.num_train_timesteps
-    needed = num_batches * batch_size
-    for c in range(num_classes):
-        indices = np.flatnonzero(labels == c)
-        if len(indices) == 0:
-            raise ConfigError(f"class {c} ({data.class_names[c]!r}) has no training images")
-        pixels = torch.stack([data[int(i)]["pixel_values"] for i in indices[:needed]])
-        for b in range(num_batches):
-            rows = torch.arange(b * batch_size, (b + 1) * batch_size) % len(pixels)  # cycle through small classes
-            x0 = loss_setup.encode(pixels[rows].to(loss_setup.device))
-            generator = torch.Generator().manual_seed(derived_seed(seed, c, b))
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
-            y = torch.full((batch_size,), c, dtype=torch.long, device=loss_setup.device)
-            yield FixedBatch(
-                c,
-                loss_setup.noise_scheduler.add_noise(x0, noise, t),
-                t,
-                loss_setup.condition(y),
-                loss_setup.target(x0, noise, t),
-            )
-
-
-def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
-
-
-@torch.no_grad()
-def measure_expert_use(
-    capman: nn.Module,
-    loss_setup: LossSetup,
-    data: ImbalancedImageDataset,
-    num_classes: int,
-    num_batches: int = 4,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, list[float]]:
-    """Per class: ``expert_usage`` = mean (ε_θ − ε_θg)², and the loss of θ (``loss_full``) and θ^g
-    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode)."""
-    from tqdm.auto import tqdm
-
-    from ..tuner import expert_disabled
-
-    was_training = capman.training
-    capman.eval()
-    sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
-    counts = torch.zeros(num_classes)
-    batches = fixed_batches(loss_setup, data, num_classes, num_batches, batch_size, seed)
-    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
-        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
-        with expert_disabled(capman):
-            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
-        for key, (a, b) in {
-            "expert_usage": (full, general),
-            "loss_full": (full, batch.target),
-            "loss_general": (general, batch.target),
-        }.items():
-            sums[key][batch.class_id] += _per_sample_mse(a, b).sum().item()
-        counts[batch.class_id] += len(batch.timesteps)
-    capman.train(was_training)
-    return {k: (v / counts).tolist() for k, v in sums.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Shared setup: pipeline, training data aligned with the pipeline's class ids
 # ----------------------------------------------------------------------------------------------------------
@@ -160,7 +51,7 @@ def measure_expert_use(
 class AnalysisSetup:
     folder: PipelineFolder
     pipe: Any
-    data: ImbalancedImageDataset
+    data: LabelledImageDataset
     class_names: list[str]
     dataset: str
     imbalance_ratio: float | None

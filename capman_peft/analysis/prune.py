@@ -12,13 +12,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..evaluation.report import write_json
+from ..expert_use import fixed_batches, per_sample_mse
 from .plot import plot_per_class
 from .probes import (
     _check_sampling,
     _common_record,
-    _per_sample_mse,
     _per_split_means,
-    fixed_batches,
     make_loss_setup,
     prepare_analysis,
 )
@@ -100,7 +99,7 @@ def pruning_sensitivity(
     for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class loss", disable=not progress):
         for name, model in (("raw", raw), ("pruned", pruned)):
             prediction = model(batch.noisy, batch.timesteps, **batch.condition).sample
-            sums[name][batch.class_id] += _per_sample_mse(prediction, batch.target).sum().item()
+            sums[name][batch.class_id] += per_sample_mse(prediction, batch.target).sum().item()
         counts[batch.class_id] += len(batch.timesteps)
     loss_raw = (sums["raw"] / counts).tolist()
     loss_pruned = (sums["pruned"] / counts).tolist()

@@ -1,14 +1,16 @@
 """Class-imbalanced image data, one role per module:
 
 * ``longtail.py``: long-tail subsampling (Cao et al. 2019 / CBDM), Many/Medium/Few splits, the balanced sampler;
-* ``images.py``: class names and prompts, RGB conversion, transforms, the labelled training dataset;
+* ``images.py``: class names, prompts and their text embeddings, RGB conversion, transforms, the labelled training
+  dataset;
 * ``sources.py``: the named datasets and their sources, the long-tailed training set and the balanced reference set.
 """
 
 from .images import (
     IMAGE_EXTENSIONS,
-    ImbalancedImageDataset,
+    LabelledImageDataset,
     class_prompts,
+    encode_prompts,
     image_transform,
     readable_class_name,
     to_rgb,
@@ -27,9 +29,10 @@ __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
     "DatasetSpec",
-    "ImbalancedImageDataset",
+    "LabelledImageDataset",
     "class_balanced_sampler",
     "class_prompts",
+    "encode_prompts",
     "class_splits",
     "get_dataset_spec",
     "image_transform",

@@ -1,5 +1,5 @@
-"""Images as training items: class names and prompts, RGB conversion, transforms, and the labelled dataset the
-scripts train on."""
+"""Images as training items: class names, prompts and their text embeddings, RGB conversion, transforms, and the
+labelled dataset the scripts train on."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def class_prompts(class_names: Sequence[str], template: str = "a {} painting") -
         article = "an" if readable[:1].lower() in "aeiou" else "a"
         prompts.append(re.sub(r"\ba \{\}", f"{article} {{}}", template).format(readable))
     return prompts
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    mask = tokens.attention_mask.to(text_encoder.device) if use_mask else None
+    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -112,17 +123,18 @@ class _HubImages:
         return f"row {int(self.rows[i])} of {self.source}"
 
 
-class ImbalancedImageDataset(torch.utils.data.Dataset):
-    """Labelled images with their class names and counts; items are decoded and transformed lazily.
+class LabelledImageDataset(torch.utils.data.Dataset):
+    """Labelled images with their class names and counts: the long-tailed training set, the balanced reference set
+    and the held-out images alike; items are decoded and transformed lazily.
 
-    Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str}``.
+        Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str}``.
 
-    Args:
-        images: per item a PIL image, a file path, or any indexable returning those (read in ``__getitem__``).
-        labels: class id per item, ``0`` the largest class.
-        class_names: name per class id.
-        transform: PIL image -> tensor; see :func:`image_transform`.
-        prompt_template: the dataset's class prompt template (``class_prompts``).
+        Args:
+            images: per item a PIL image, a file path, or any indexable returning those (read in ``__getitem__``).
+            labels: class id per item, ``0`` the largest class.
+            class_names: name per class id.
+            transform: PIL image -> tensor; see :func:`image_transform`.
+            prompt_template: the dataset's class prompt template (``class_prompts``).
     """
 
     def __init__(

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
-from .images import IMAGE_EXTENSIONS, ImbalancedImageDataset, _check_resolution, _HubImages, image_transform
+from .images import IMAGE_EXTENSIONS, LabelledImageDataset, _check_resolution, _HubImages, image_transform
 from .longtail import _check_imbalance_ratio, long_tail_indices
 
 logger = logging.getLogger("capman_peft")
@@ -127,7 +127,7 @@ def load_imbalanced_dataset(
     label_column: str | None = None,
     cache_dir: str | None = None,
     verify_images: bool = True,
-) -> ImbalancedImageDataset:
+) -> LabelledImageDataset:
     """The long-tailed training set of a named dataset (or a Hub id / local folder).
 
     ``split="test"`` or ``"reference"`` returns :func:`load_reference_dataset` instead; any other split
@@ -163,7 +163,7 @@ def load_imbalanced_dataset(
         name, split, imbalance_ratio, resolution, dataset_name, train_data_dir, class_order, seed,
         image_column, label_column, cache_dir, verify_images,
     )  # fmt: skip
-    return ImbalancedImageDataset(
+    return LabelledImageDataset(
         _subset(images, keep),
         labels[keep],
         class_names,
@@ -213,7 +213,7 @@ def load_reference_dataset(
     label_column: str | None = None,
     cache_dir: str | None = None,
     verify_images: bool = True,
-) -> ImbalancedImageDataset:
+) -> LabelledImageDataset:
     """The balanced real-image set for evaluation: no subsampling, center crop, no flip.
 
     The source's reference split (CIFAR / ArtBench ``test``, CelebA-HQ ``validation``); for sources
@@ -240,7 +240,7 @@ def load_reference_dataset(
             "at most the smallest class's count"
         )
     keep = np.sort(np.concatenate([i[:k] for i in per_class]))
-    return ImbalancedImageDataset(
+    return LabelledImageDataset(
         _subset(images, keep),
         labels[keep],
         class_names,
@@ -259,7 +259,7 @@ def load_heldout_dataset(
     class_order: Sequence[int | str] | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
-) -> ImbalancedImageDataset:
+) -> LabelledImageDataset:
     """Real images of each class that training never saw, to measure per-class generalisation.
 
     The source's reference split where it has one (it is disjoint from training); otherwise (digits, local
@@ -278,7 +278,7 @@ def load_heldout_dataset(
         None, None, cache_dir, False,
     )  # fmt: skip
     heldout = np.setdiff1d(np.arange(len(labels)), kept)
-    return ImbalancedImageDataset(
+    return LabelledImageDataset(
         _subset(images, heldout),
         labels[heldout],
         class_names,

@@ -67,7 +67,6 @@ from ..run_folder import (
     read_pipeline_folder,
     require_adapter,
 )
-from .cli import main, parse_args
 from .digits import (
     DIGITS_CLASSIFIER,
     DigitsClassifier,
@@ -80,7 +79,7 @@ from .digits import (
 from .evaluate import EvalSettings, evaluate_pipeline, evaluate_pipelines
 from .fidelity import INCEPTION, METRIC_NAMES, default_cache_dir, measure_fidelity, to_uint8
 from .report import write_json
-from .sampling import derived_seed, generate_balanced
+from .sampling import generate_balanced
 
 __all__ = [
     "DIGITS_CLASSIFIER",
@@ -91,7 +90,6 @@ __all__ = [
     "PipelineFolder",
     "classifier_accuracy",
     "default_cache_dir",
-    "derived_seed",
     "digits_classifier_file",
     "digits_training_images",
     "evaluate_pipeline",
@@ -100,9 +98,7 @@ __all__ = [
     "load_capman_unet",
     "load_digits_classifier",
     "load_pipeline",
-    "main",
     "measure_fidelity",
-    "parse_args",
     "pipeline_resolution",
     "read_pipeline_folder",
     "require_adapter",

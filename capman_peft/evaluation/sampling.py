@@ -11,13 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..randomness import derived_seed
 from ..run_folder import pipeline_resolution
-
-
-def derived_seed(*keys: int) -> int:
-    """A 32-bit seed derived from ``keys`` (``numpy.random.SeedSequence``): e.g. ``(seed, class_id, index)`` for an
-    image, independent of batch size and of the other classes generated, or ``(seed, class_id, batch)``."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def _check_settings(num_images_per_class: int, steps: int, guidance_scale: float, batch_size: int, seed: int) -> None:

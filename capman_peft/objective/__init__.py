@@ -19,7 +19,7 @@ from .cm import (
     cm_weights,
     format_cm_table,
 )
-from .total import CMSettings, NonFiniteLossError, check_finite, diffusion_loss, importance_rows
+from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
 __all__ = [
     "CM_FORMS",
@@ -30,7 +30,6 @@ __all__ = [
     "CMSettings",
     "CMWeights",
     "DDPMObjective",
-    "NonFiniteLossError",
     "OCObjective",
     "build_objective",
     "check_cm_bounded",

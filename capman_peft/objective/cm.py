@@ -211,10 +211,10 @@ def check_cm_bounded(
         return bound
     pushed = [k for k in range(len(weights.pull)) if weights.push[k] > weights.pull[k]]
     message = (
-        "--cm_diversity paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
+        "--cm_form paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
         f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
         "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_diversity hinge, hinge_general or "
+        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_form hinge, hinge_general or "
         "relative), or --allow_unbounded_cm to train the literal form anyway"
     )
     if not allow_unbounded:

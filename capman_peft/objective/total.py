@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteLossError
 from .cm import DEFAULT_RELATIVE_MARGIN, CMWeights, cm_loss
 
 if TYPE_CHECKING:
-    from ..training.randomness import StepDraws
+    from ..randomness import StepDraws
 
 
 @dataclass
@@ -122,10 +123,6 @@ def diffusion_loss(
         logs.update(cm_logs)
     logs["loss"] = loss.detach()
     return loss, logs
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf: training stops instead of silently corrupting the weights."""
 
 
 def check_finite(step: int, **terms: Tensor) -> None:

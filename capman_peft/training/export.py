@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,78 +46,10 @@ def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any]
         "lambda": args.cm_lambda,
         "w_con": args.cm_consistency_weight,
         "w_div": args.cm_diversity_weight,
-        "form": args.cm_diversity,
-        "margin": args.cm_relative_margin if args.cm_diversity == "relative" else args.cm_margin,
+        "form": args.cm_form,
+        "margin": args.cm_relative_margin if args.cm_form == "relative" else args.cm_margin,
         "objective": args.objective,
     }
-
-
-# Few-class distance / Many-class distance below which the expert counts as unused (issue 11's criterion), and the
-# training images per class of the end-of-training check.
-EXPERT_USE_RATIO = 10.0
-EXPERT_USE_IMAGES = 16
-
-
-def expert_use(
-    capman: nn.Module,
-    noise_scheduler: Any,
-    data: Any,
-    encode: Any,
-    condition: Any,
-    images_per_class: int = EXPERT_USE_IMAGES,
-) -> dict[str, Any]:
-    """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
-    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and the log line it
-    writes.
-
-    Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
-    loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
-    """
-    from ..analysis import LossSetup, measure_expert_use
-    from ..data import class_splits
-
-    device = next(capman.parameters()).device
-    denoiser = LossSetup(capman, noise_scheduler, encode, condition, device)
-    num_classes = data.num_classes
-    values = measure_expert_use(capman, denoiser, data, num_classes, num_batches=1, batch_size=images_per_class)
-    # The class-index thirds; with fewer than 3 classes (CelebA-HQ's two) Many is the largest class, Few the smallest.
-    groups = class_splits(num_classes) if num_classes >= 3 else {"many": [0], "few": [num_classes - 1]}
-    splits = {
-        split: {
-            "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
-            "loss_full": float(np.mean([values["loss_full"][c] for c in ids])),
-            "loss_general": float(np.mean([values["loss_general"][c] for c in ids])),
-        }
-        for split, ids in groups.items()
-        if ids
-    }
-    many, few = splits["many"]["distance"], splits["few"]["distance"]
-    ratio = few / many if many > 0 else math.inf
-    report = {
-        "images_per_class": images_per_class,
-        "splits": splits,
-        "per_class_distance": values["expert_usage"],
-        "few_over_many": ratio,
-        "expert_used": ratio >= EXPERT_USE_RATIO,
-    }
-    logger.info(describe_expert_use(report))
-    return report
-
-
-def describe_expert_use(report: dict[str, Any]) -> str:
-    """One line: the per-split distances, theta^g's loss increase, and whether the expert is used."""
-    splits = report["splits"]
-    distances = ", ".join(f"{k} {v['distance']:.2g}" for k, v in splits.items())
-    losses = ", ".join(f"{k} {100 * (v['loss_general'] / v['loss_full'] - 1):+.0f}%" for k, v in splits.items())
-    verdict = (
-        "the expert is used"
-        if report["expert_used"]
-        else f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
-    )
-    return (
-        f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
-        f"loss of theta^g over theta {losses}: {verdict}."
-    )
 
 
 def write_training_summary(
@@ -225,6 +156,7 @@ def publish_export(args: argparse.Namespace, trained: Trained, lora_only: bool =
     ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
     from ..checkpointing import unlock_output_dir
     from ..hub import push_to_hub
+    from ..pipelines import GENERAL_LORA_FILE, LORA_FILE
 
     output_dir = Path(args.output_dir)
     logger.info(
@@ -236,5 +168,6 @@ def publish_export(args: argparse.Namespace, trained: Trained, lora_only: bool =
     logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in trained.logs.items()}))
     unlock_output_dir(output_dir)  # the folder is complete; its lock file is not part of what is uploaded
     if args.push_to_hub:
-        repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_only=lora_only)
+        lora_files = [LORA_FILE, GENERAL_LORA_FILE] if lora_only else None
+        repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_files=lora_files)
         logger.info("Pushed to https://huggingface.co/%s", repo)

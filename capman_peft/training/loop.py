@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..checkpointing import save_training_checkpoint
 from ..objective import check_finite
-from .randomness import StepDraws, StepRandomness
+from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
@@ -39,7 +40,7 @@ def train_batches(
     accumulation = accelerator.gradient_accumulation_steps
     first_epoch, skip = divmod(global_step, steps_per_epoch(len(dataloader), accumulation))
     for epoch in itertools.count(first_epoch):
-        order.manual_seed(seed * 100_003 + epoch)
+        order.manual_seed(epoch_order_seed(seed, epoch))
         batches, start = dataloader, 0
         if epoch == first_epoch and skip:
             start = skip * accumulation
@@ -48,13 +49,11 @@ def train_batches(
             yield epoch, micro, batch
 
 
-def validation_due(args: argparse.Namespace, step: int, per_epoch: int) -> bool:
-    """Whether a validation grid is due after optimizer step `step`: at the end of every ``--validation_epochs``-th
-    epoch, or every ``--validation_steps`` steps (the UNet script's first-release flag)."""
+def validation_due(validation_epochs: int, step: int, per_epoch: int) -> bool:
+    """Whether a validation grid is due after optimizer step `step`: at the end of every `validation_epochs`-th epoch
+    (0: never)."""
     epochs_done, epoch_end = divmod(step, per_epoch)
-    by_epoch = bool(args.validation_epochs) and epoch_end == 0 and epochs_done % args.validation_epochs == 0
-    by_step = bool(getattr(args, "validation_steps", None)) and step % args.validation_steps == 0
-    return by_epoch or by_step
+    return bool(validation_epochs) and epoch_end == 0 and epochs_done % validation_epochs == 0
 
 
 def backward_and_step(
@@ -144,6 +143,19 @@ class Training:
     global_step: int
 
 
+@dataclass
+class TrainingCallbacks:
+    """Code that runs inside :func:`train` without changing it: benchmarks, the study, your own monitoring.
+
+    ``on_step_end(step, values)`` runs on every process after each optimizer step, with the step's logged values
+    averaged over processes (``loss``, ``base_loss``, the CM terms, ``lr``); ``on_checkpoint(step, path)`` runs on the
+    main process after ``checkpoint-<step>`` is written.
+    """
+
+    on_step_end: Callable[[int, dict[str, float]], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
+
+
 class Trained(NamedTuple):
     """What a finished loop reports: the last step's logs, the step reached and the seconds spent."""
 
@@ -158,13 +170,15 @@ def train(
     run: Training,
     step_loss: Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     validate: Callable[[nn.Module, int, int], Any] | None = None,
+    callbacks: TrainingCallbacks | None = None,
 ) -> Trained:
     """Train from ``run.global_step`` to ``run.max_steps``.
 
     `step_loss(batch, draws)` is Eq. 4 for one micro-batch (the scripts differ only in how a batch becomes x0 and
     a condition). On the main process a checkpoint is written every ``--checkpointing_steps`` and, when due,
-    `validate(model, epoch, step)` runs with the EMA weights.
+    `validate(model, epoch, step)` runs with the EMA weights; `callbacks` run after each step and checkpoint.
     """
+    callbacks = callbacks or TrainingCallbacks()
     logs: dict[str, float] = {}
     params, ema, global_step = run.params, run.ema, run.global_step
     start = time.time()
@@ -181,12 +195,16 @@ def train(
                 continue
             global_step += 1
             logs = finish_step(accelerator, bar, ema, params, step_logs, run.lr_scheduler, global_step)
+            if callbacks.on_step_end is not None:
+                callbacks.on_step_end(global_step, logs)
             if not accelerator.is_main_process:
                 continue
             model = accelerator.unwrap_model(run.denoiser).unet
             if global_step % args.checkpointing_steps == 0:
-                save_training_checkpoint(args, global_step, model, run.optimizer, run.lr_scheduler, ema)
-            if validate is not None and validation_due(args, global_step, run.per_epoch):
+                saved = save_training_checkpoint(args, global_step, model, run.optimizer, run.lr_scheduler, ema)
+                if callbacks.on_checkpoint is not None:
+                    callbacks.on_checkpoint(global_step, saved)
+            if validate is not None and validation_due(args.validation_epochs, global_step, run.per_epoch):
                 with ema_weights(ema, params):
                     validate(model, epoch + 1, global_step)
     return Trained(logs, global_step, time.time() - start)

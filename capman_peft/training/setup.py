@@ -20,12 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_training
-from ..data import ImbalancedImageDataset, class_balanced_sampler, load_imbalanced_dataset
+from ..data import LabelledImageDataset, class_balanced_sampler, load_imbalanced_dataset
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
+from ..randomness import StepRandomness
 from .loop import Training, steps_per_epoch
-from .randomness import StepRandomness
 
 logger = logging.getLogger("capman_peft")
 
@@ -131,7 +131,7 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer
     )
 
 
-def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device: torch.device) -> CMSettings | None:
+def prepare_cm(args: argparse.Namespace, dataset: LabelledImageDataset, device: torch.device) -> CMSettings | None:
     """The CM coefficients on the training device, after the boundedness check (docs/design.md "The CM loss")."""
     if not args.capacity_manipulation:
         return None
@@ -143,19 +143,19 @@ def prepare_cm(args: argparse.Namespace, dataset: ImbalancedImageDataset, device
         )
     weights = cm_weights(
         class_counts,
-        args.cm_diversity,
+        args.cm_form,
         consistency_weight=0.0 if args.no_consistency else args.cm_consistency_weight,
         diversity_weight=0.0 if args.no_diversity else args.cm_diversity_weight,
     )
-    check_cm_bounded(weights, args.cm_diversity, class_names, args.allow_unbounded_cm)
+    check_cm_bounded(weights, args.cm_form, class_names, args.allow_unbounded_cm)
     logger.info(
         "CM loss, %s form (pull: weight of the distance d; push: weight of the diversity term):\n%s",
-        args.cm_diversity,
+        args.cm_form,
         format_cm_table(weights, class_counts, class_names),
     )
     return CMSettings(
         CMWeights(weights.pull.to(device), weights.push.to(device)),
-        args.cm_diversity,
+        args.cm_form,
         args.cm_margin,
         args.cm_lambda,
         args.cm_general_fraction,
@@ -204,7 +204,7 @@ def make_objective(args: argparse.Namespace, noise_scheduler: Any, class_counts:
     return build_objective(args.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
 
 
-def load_training_data(args: argparse.Namespace, center_crop: bool, random_flip: bool) -> ImbalancedImageDataset:
+def load_training_data(args: argparse.Namespace, center_crop: bool, random_flip: bool) -> LabelledImageDataset:
     """The long-tailed training set the flags name (Cao et al. subsampling, class 0 largest), logged as a table."""
     dataset = load_imbalanced_dataset(
         args.dataset,

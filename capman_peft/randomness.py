@@ -1,6 +1,14 @@
-"""Per-step randomness: every random choice of a training step is drawn from a generator seeded by (seed, step,
-process), so a resumed run takes exactly the steps an uninterrupted one would, and gradient accumulation equals one
-larger batch."""
+"""Every seed the project derives, in one place, and the random choices of a training step.
+
+* :func:`step_seed`: training steps draw from a generator seeded by (seed, step, process, stream), so a resumed run
+  takes exactly the steps an uninterrupted one would, and gradient accumulation equals one larger batch;
+* :func:`epoch_order_seed`: the data order of an epoch;
+* :func:`derived_seed`: evaluation and analysis (an image's noise from (seed, class, index), a fixed batch's from
+  (seed, class, batch)), independent of batch size and of the other classes.
+
+The three formulas differ because checkpoints and published numbers depend on them: a run resumed from an existing
+checkpoint must draw what it would have drawn, so none of them may change.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -19,6 +28,17 @@ def step_seed(seed: int, step: int, process_index: int, stream: int = DRAW_STREA
     """A seed per (run, step, process, stream): the random choices of a step depend only on these, so a resumed run
     takes exactly the steps an uninterrupted one would. Hashing a tuple of ints is stable across processes."""
     return hash((seed, step, process_index, stream)) % (2**63)
+
+
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's data order: a resumed run sees its batches in the order an uninterrupted one would."""
+    return seed * 100_003 + epoch
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed derived from ``keys`` (``numpy.random.SeedSequence``): e.g. ``(seed, class_id, index)`` for an
+    image, independent of batch size and of the other classes generated, or ``(seed, class_id, batch)``."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 @dataclass

@@ -1,0 +1,198 @@
+"""Is the reserved expert used? Per class, how far the expert moves the prediction, mean (ε_θ − ε_θg)², with the
+denoising loss of θ and of θ^g, on fixed noise and timesteps.
+
+Training measures it at the end of every CM run (``training_summary.json``, the model card, one log line:
+:func:`summarize_expert_use`); ``capman-analyze capacity`` measures it on a saved run (:func:`measure_expert_use`).
+Both use the same fixed batches (:func:`fixed_batches`), so the two numbers agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import LabelledImageDataset, class_splits
+from .errors import ConfigError
+from .randomness import derived_seed
+from .tuner import expert_disabled
+
+logger = logging.getLogger("capman_peft")
+
+
+@dataclass
+class LossSetup:
+    """What the per-class loss needs from a pipeline: noising, the image encoder and the class condition.
+
+    (Not a denoising model: :class:`capman_peft.denoiser.CMDenoiser` is that.)
+    """
+
+    unet: nn.Module
+    noise_scheduler: Any
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    """pixels in [-1, 1] -> the UNet's sample space (identity, or VAE latents for Stable Diffusion)."""
+    condition: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    """class ids -> the UNet's conditioning kwargs (``class_labels`` or ``encoder_hidden_states``)."""
+    device: torch.device
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        if prediction_type == "sample":
+            return x0
+        raise ConfigError(f"unsupported prediction_type {prediction_type!r}")
+
+
+@dataclass
+class FixedBatch:
+    class_id: int
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    condition: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+
+@torch.no_grad()
+def fixed_batches(
+    loss_setup: LossSetup,
+    data: LabelledImageDataset,
+    num_classes: int,
+    num_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Iterator[FixedBatch]:
+    """``num_batches`` noised batches of ``batch_size`` training images per class, the same on every call."""
+    labels = np.asarray(data.labels)
+    num_train_timesteps = loss_setup.noise_scheduler.config.num_train_timesteps
+    needed = num_batches * batch_size
+    for c in range(num_classes):
+        indices = np.flatnonzero(labels == c)
+        if len(indices) == 0:
+            raise ConfigError(f"class {c} ({data.class_names[c]!r}) has no training images")
+        pixels = torch.stack([data[int(i)]["pixel_values"] for i in indices[:needed]])
+        for b in range(num_batches):
+            rows = torch.arange(b * batch_size, (b + 1) * batch_size) % len(pixels)  # cycle through small classes
+            x0 = loss_setup.encode(pixels[rows].to(loss_setup.device))
+            generator = torch.Generator().manual_seed(derived_seed(seed, c, b))
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
+            y = torch.full((batch_size,), c, dtype=torch.long, device=loss_setup.device)
+            yield FixedBatch(
+                c,
+                loss_setup.noise_scheduler.add_noise(x0, noise, t),
+                t,
+                loss_setup.condition(y),
+                loss_setup.target(x0, noise, t),
+            )
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def measure_expert_use(
+    capman: nn.Module,
+    loss_setup: LossSetup,
+    data: LabelledImageDataset,
+    num_classes: int,
+    num_batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Per class: ``expert_usage`` = mean (ε_θ − ε_θg)², and the loss of θ (``loss_full``) and θ^g
+    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode)."""
+    was_training = capman.training
+    capman.eval()
+    sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
+    counts = torch.zeros(num_classes)
+    batches = fixed_batches(loss_setup, data, num_classes, num_batches, batch_size, seed)
+    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
+        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        with expert_disabled(capman):
+            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        for key, (a, b) in {
+            "expert_usage": (full, general),
+            "loss_full": (full, batch.target),
+            "loss_general": (general, batch.target),
+        }.items():
+            sums[key][batch.class_id] += per_sample_mse(a, b).sum().item()
+        counts[batch.class_id] += len(batch.timesteps)
+    capman.train(was_training)
+    return {k: (v / counts).tolist() for k, v in sums.items()}
+
+
+# Few-class distance / Many-class distance below which the expert counts as unused, and the training images per class
+# of the end-of-training check.
+EXPERT_USE_RATIO = 10.0
+EXPERT_USE_IMAGES = 16
+
+
+def summarize_expert_use(
+    capman: nn.Module,
+    noise_scheduler: Any,
+    data: Any,
+    encode: Any,
+    condition: Any,
+    images_per_class: int = EXPERT_USE_IMAGES,
+) -> dict[str, Any]:
+    """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
+    (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and the log line it
+    writes.
+
+    Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
+    loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
+    """
+    device = next(capman.parameters()).device
+    loss_setup = LossSetup(capman, noise_scheduler, encode, condition, device)
+    num_classes = data.num_classes
+    values = measure_expert_use(capman, loss_setup, data, num_classes, num_batches=1, batch_size=images_per_class)
+    # The class-index thirds; with fewer than 3 classes (CelebA-HQ's two) Many is the largest class, Few the smallest.
+    groups = class_splits(num_classes) if num_classes >= 3 else {"many": [0], "few": [num_classes - 1]}
+    splits = {
+        split: {
+            "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
+            "loss_full": float(np.mean([values["loss_full"][c] for c in ids])),
+            "loss_general": float(np.mean([values["loss_general"][c] for c in ids])),
+        }
+        for split, ids in groups.items()
+        if ids
+    }
+    many, few = splits["many"]["distance"], splits["few"]["distance"]
+    ratio = few / many if many > 0 else math.inf
+    report = {
+        "images_per_class": images_per_class,
+        "splits": splits,
+        "per_class_distance": values["expert_usage"],
+        "few_over_many": ratio,
+        "expert_used": ratio >= EXPERT_USE_RATIO,
+    }
+    logger.info(describe_expert_use(report))
+    return report
+
+
+def describe_expert_use(report: dict[str, Any]) -> str:
+    """One line: the per-split distances, theta^g's loss increase, and whether the expert is used."""
+    splits = report["splits"]
+    distances = ", ".join(f"{k} {v['distance']:.2g}" for k, v in splits.items())
+    losses = ", ".join(f"{k} {100 * (v['loss_general'] / v['loss_full'] - 1):+.0f}%" for k, v in splits.items())
+    verdict = (
+        "the expert is used"
+        if report["expert_used"]
+        else f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
+    )
+    return (
+        f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
+        f"loss of theta^g over theta {losses}: {verdict}."
+    )

@@ -1,0 +1,133 @@
+"""Tiny models and data in the real formats, built from configs on the spot, so that tests, benchmarks and your own
+checks never need the network: a class-conditional UNet2DModel, a Stable Diffusion pipeline folder with every SD v1
+component at toy size, and a parquet file in the ImageFolder-on-the-Hub format of the ArtBench mirror.
+
+    from capman_peft.testing import build_tiny_sd, write_artbench_mirror
+    base = build_tiny_sd(tmp / "sd")                 # tmp/sd/base: loads with DiffusionPipeline.from_pretrained
+    data = write_artbench_mirror(tmp / "artbench")   # --dataset imb-artbench10 --dataset_name <data>
+
+Every builder seeds the global torch RNG itself, so the same call gives the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# The mirror's label order (baroque is 8 there, 1 in the paper's alphabetical order).
+ARTBENCH_MIRROR_NAMES = [
+    "expressionism", "art_nouveau", "renaissance", "ukiyo_e", "realism",
+    "romanticism", "surrealism", "impressionism", "baroque", "post_impressionism",
+]  # fmt: skip
+MIRROR_IMAGES_PER_CLASS = 4
+
+
+def make_tiny_unet2d(num_classes: int = 3, seed: int = 0) -> UNet2DModel:
+    """Class-conditional UNet2DModel with convs and attention in both halves (num_class_embeds = C + 1)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=num_classes + 1,
+    )
+
+
+def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DConditionModel:
+    """Text-conditional UNet2DConditionModel with cross-attention in both halves."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+
+
+def build_tiny_sd(root: Path) -> Path:
+    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):  # one token per character (and per word-final character): no merges needed
+        for char in string.ascii_lowercase + string.digits + "-":
+            vocab[char + suffix] = len(vocab)
+    files = root / "tokenizer-files"
+    files.mkdir(parents=True)
+    (files / "vocab.json").write_text(json.dumps(vocab))
+    (files / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    unet = make_tiny_sd_unet(cross_attention_dim=16)
+    vae = AutoencoderKL(  # two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root / "base", safe_serialization=True)
+    return root / "base"
+
+
+def write_artbench_mirror(root: Path) -> Path:
+    """data/train-00000-of-00001.parquet with the mirror's columns (image, label) and ClassLabel names."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(ARTBENCH_MIRROR_NAMES)), MIRROR_IMAGES_PER_CLASS).tolist()
+    # 18 x 16 (non-square: resize + crop run) random images
+    images = [Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)) for _ in labels]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=ARTBENCH_MIRROR_NAMES)})
+    (root / "data").mkdir(parents=True)
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+        str(root / "data" / "train-00000-of-00001.parquet")
+    )
+    return root

@@ -1,0 +1,130 @@
+"""The package's layers (docs/design.md, "Architecture"): every import, at module level or inside a function, runs
+to the same layer or a lower one, and no module imports itself back through others."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "capman_peft"
+
+# Bottom to top; a module belongs to the first entry that is it or a package holding it.
+LAYERS = [
+    ["errors", "randomness"],
+    ["hub", "data", "tuner", "objective", "checkpointing"],
+    ["denoiser", "class_conditional_pipeline", "pipelines", "run_folder", "expert_use"],
+    ["training", "evaluation"],
+    ["analysis"],
+    ["flags", "recipes", "evaluation.cli", "evaluation.__main__", "analysis.cli", "analysis.__main__", ""],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int:
+    """The layer of `module` (relative to the package); the most specific entry wins."""
+    best, best_len = None, -1
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".") or name == "") and len(name) > best_len:
+                best, best_len = index, len(name)
+    return best
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package modules `path` imports anywhere in its body (relative and absolute)."""
+    current = module_name(path)
+    package = current.split(".") if path.name == "__init__.py" else current.split(".")[:-1]
+    package = [p for p in package if p]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("capman_peft.")]
+            found.update(n.removeprefix("capman_peft.") for n in names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "capman_peft":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:
+                candidate = ".".join([*base, alias.name])
+                found.add(candidate if candidate in modules else ".".join(base))
+    return found - {current}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) & modules for p in paths}
+
+
+def test_every_module_has_a_layer_and_the_graph_is_not_empty():
+    graph = import_graph()
+    assert len(graph) > 30 and sum(map(len, graph.values())) > 50
+    assert layer_of("objective.cm") == 1 and layer_of("evaluation.cli") == 5 and layer_of("evaluation.report") == 3
+    assert layer_of("") == 5
+
+
+def test_imports_run_downward():
+    upward = [
+        f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)})"
+        for source, targets in import_graph().items()
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target] if target in path else [*path, module, target]
+            if target not in state and (cycle := visit(target, [*path, target])):
+                return cycle
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module, [module])):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_checker_sees_upward_and_local_imports(tmp_path, monkeypatch):
+    """The checks above can fail: a function-local import from the objective up to training is found."""
+    fake = tmp_path / "capman_peft"
+    (fake / "objective").mkdir(parents=True)
+    (fake / "training").mkdir()
+    (fake / "training" / "__init__.py").write_text("")
+    (fake / "objective" / "__init__.py").write_text("def f():\n    from ..training import loop\n")
+    (fake / "training" / "loop.py").write_text("from ..objective import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    graph = import_graph()
+    assert graph["objective"] == {"training.loop"} and graph["training.loop"] == {"objective"}
+    assert layer_of("training.loop") > layer_of("objective")
+
+
+def test_finishing_a_training_run_loads_no_evaluation_code():
+    """The training scripts' library imports (export included) pull in neither evaluation, analysis nor
+    torch-fidelity."""
+    code = (
+        "import sys\n"
+        "import capman_peft.training.export, capman_peft.training.setup, capman_peft.expert_use\n"
+        "bad = [m for m in sys.modules if m.startswith(('capman_peft.evaluation', 'capman_peft.analysis', "
+        "'torch_fidelity'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
