@@ -17,6 +17,7 @@ training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import re
@@ -46,7 +47,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from capman_peft import CapManConfig
 from capman_peft.checkpointing import trainable_state
-from capman_peft.data import LabelledImageDataset, class_prompts, encode_prompts
+from capman_peft.data import LabelledImageDataset, class_prompts, encode_prompts, get_dataset_spec
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.expert_use import summarize_expert_use
 from capman_peft.flags import (
@@ -57,12 +58,14 @@ from capman_peft.flags import (
     probability,
     prompt_template_value,
     script_parser,
+    section,
 )
 from capman_peft.hub import card_license, hub_source
 from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
 from capman_peft.randomness import StepDraws
-from capman_peft.recipes import parse_args_with_config
+from capman_peft.recipes import parse_settings
+from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (
     cm_card_settings,
     final_model,
@@ -101,7 +104,32 @@ pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference o
 ```"""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class StableDiffusionSettings:
+    """The model, adapter, prompt and export flags of this script."""
+
+    pretrained_model_name_or_path: str
+    revision: str | None
+    variant: str | None
+    rank: int
+    expert_rank: int
+    lora_alpha: float | None
+    expert_alpha: float | None
+    lora_dropout: float
+    target_modules: str
+    expert_target_modules: str | None
+    enable_xformers_memory_efficient_attention: bool
+    use_8bit_adam: bool
+    prompt_template: str
+    """The class prompt: --prompt_template, else the named dataset's."""
+    noise_offset: float
+    cache_latents: bool
+    push_merged_pipeline: bool
+    license: str | None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
+    """The run's typed settings from the command line (and ``--config``), checked before any work."""
     parser = script_parser(
         __doc__, dataset="imb-artbench10", resolution=256, objective="ddpm", validation_epochs=10, guidance_scale=7.5
     )
@@ -187,31 +215,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         label_dropout=0.1,
         cm_general_fraction=0.25,
     )
-    args = parse_args_with_config(parser, argv)
-    check_text_to_image_args(args)
-    return args
+    args, settings = parse_settings(parser, argv)
+    template = args.prompt_template or get_dataset_spec(settings.data.dataset).prompt_template
+    model = section(StableDiffusionSettings, args, prompt_template=template)
+    settings = dataclasses.replace(settings, model=model)
+    check_text_to_image_settings(settings)
+    return settings
 
 
-def check_text_to_image_args(args: argparse.Namespace) -> None:
-    if args.resolution is None or args.resolution % 8:
+def check_text_to_image_settings(settings: TrainingSettings) -> None:
+    objective, model = settings.objective, settings.model
+    if settings.data.resolution is None or settings.data.resolution % 8:
         raise ConfigError(
-            f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
+            f"--resolution {settings.data.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
         )
-    if args.capacity_manipulation and not args.expert_rank < args.rank:
+    if objective.capacity_manipulation and not model.expert_rank < model.rank:
         raise ConfigError(
-            f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
+            f"--expert_rank {model.expert_rank}: not below --rank {model.rank}; allowed: 1 .. rank - 1 (paper: "
+            "r_e < r_g)"
         )
-    if args.capacity_manipulation and args.cm_forward == "shared_prefix" and not args.expert_target_modules:
+    if objective.capacity_manipulation and objective.cm_forward == "shared_prefix" and not model.expert_target_modules:
         raise ConfigError(
             "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts sit on "
             "every target layer, the down path's too; allowed: --cm_forward fused, or --expert_target_modules with "
             "up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
         )
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+    if model.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             "--use_8bit_adam: needs bitsandbytes, which is not installed; allowed: pip install bitsandbytes"
         )
-    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+    if model.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise ConfigError(
             "--enable_xformers_memory_efficient_attention: needs xformers, which is not installed; allowed: pip "
             "install xformers"
@@ -226,68 +259,74 @@ def module_spec(value: str) -> list[str] | str:
     return names
 
 
-def adapter_config(args: argparse.Namespace) -> PeftConfig:
+def adapter_config(settings: TrainingSettings) -> PeftConfig:
     """The CapMan dual adapter (lora mode), or a plain LoRA of the same general rank for the baseline."""
+    sd = settings.model
     common = dict(
-        lora_alpha=args.lora_alpha or args.rank,
-        lora_dropout=args.lora_dropout,
-        target_modules=module_spec(args.target_modules),
-        revision=args.revision,
+        lora_alpha=sd.lora_alpha or sd.rank,
+        lora_dropout=sd.lora_dropout,
+        target_modules=module_spec(sd.target_modules),
+        revision=sd.revision,
     )
-    if not args.capacity_manipulation:
-        return LoraConfig(r=args.rank, **common)
-    experts = module_spec(args.expert_target_modules) if args.expert_target_modules else None
+    if not settings.objective.capacity_manipulation:
+        return LoraConfig(r=sd.rank, **common)
+    experts = module_spec(sd.expert_target_modules) if sd.expert_target_modules else None
     return CapManConfig(
         mode="lora",
-        r=args.rank,
-        expert_r=args.expert_rank,
-        expert_alpha=args.expert_alpha,
+        r=sd.rank,
+        expert_r=sd.expert_rank,
+        expert_alpha=sd.expert_alpha,
         expert_target_modules=experts,
         **common,
     )
 
 
-def add_adapter(unet: UNet2DConditionModel, args: argparse.Namespace) -> PeftModel:
+def add_adapter(unet: UNet2DConditionModel, settings: TrainingSettings) -> PeftModel:
     try:
-        model = get_peft_model(unet, adapter_config(args))
+        model = get_peft_model(unet, adapter_config(settings))
     except ValueError as err:
         raise ConfigError(f"--target_modules / --expert_target_modules: {err}") from None
     # get_peft_model takes the base's name from the model, and diffusers models carry none; capman-eval and
     # PeftModel users find the base UNet through it.
-    model.peft_config["default"].base_model_name_or_path = args.pretrained_model_name_or_path
+    model.peft_config["default"].base_model_name_or_path = settings.model.pretrained_model_name_or_path
     return model
 
 
-def base_source(args: argparse.Namespace) -> str:
+def base_source(settings: TrainingSettings) -> str:
     """Where the base pipeline loads from: the folder or Hub id given, or its local snapshot when offline."""
     return hub_source(
-        args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model", args.cache_dir, args.revision
+        settings.model.pretrained_model_name_or_path,
+        "--pretrained_model_name_or_path",
+        "model",
+        settings.data.cache_dir,
+        settings.model.revision,
     )
 
 
-def load_component(cls: Any, args: argparse.Namespace, subfolder: str, **kwargs: Any) -> Any:
+def load_component(cls: Any, settings: TrainingSettings, subfolder: str, **kwargs: Any) -> Any:
     """One component of the base pipeline; a missing or broken one is a one-line error naming it."""
-    name = base_source(args)
+    sd = settings.model
+    name = base_source(settings)
     path = Path(name)
     if path.exists() and not (path / subfolder).is_dir():
         raise ConfigError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no {subfolder}/ folder; "
+            f"--pretrained_model_name_or_path {sd.pretrained_model_name_or_path}: no {subfolder}/ folder; "
             f"allowed: a Stable Diffusion pipeline folder with {', '.join(COMPONENTS)}"
         )
     try:
         return cls.from_pretrained(
-            name, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, **kwargs
+            name, subfolder=subfolder, revision=sd.revision, cache_dir=settings.data.cache_dir, **kwargs
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot load {subfolder} "
+            f"--pretrained_model_name_or_path {sd.pretrained_model_name_or_path}: cannot load {subfolder} "
             f"({first_line}); allowed: a Stable Diffusion pipeline folder or Hub id"
         ) from err
 
 
-def load_unet(args: argparse.Namespace) -> UNet2DConditionModel:
-    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant, use_safetensors=True)
+def load_unet(settings: TrainingSettings) -> UNet2DConditionModel:
+    unet = load_component(UNet2DConditionModel, settings, "unet", variant=settings.model.variant, use_safetensors=True)
     for param in unet.parameters():  # a variant's files may be fp16; the base is cast per run (cast_frozen_weights)
         param.data = param.data.float()
     return unet
@@ -309,10 +348,12 @@ class LatentCache(Dataset):
 
 @torch.no_grad()
 def cache_latents(
-    vae: AutoencoderKL, dataset: LabelledImageDataset, flip: bool, args: argparse.Namespace, disable_bar: bool
+    vae: AutoencoderKL, dataset: LabelledImageDataset, flip: bool, settings: TrainingSettings, disable_bar: bool
 ) -> LatentCache:
     """Encode each image once per flip state (both states under --random_flip); the VAE encoder never runs again."""
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers)
+    loader = DataLoader(
+        dataset, batch_size=settings.optimization.train_batch_size, num_workers=settings.data.dataloader_num_workers
+    )
     chunks = []
     for batch in tqdm(loader, desc="Caching latents", disable=disable_bar):
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
@@ -350,36 +391,37 @@ def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
 def sample_class_grid(
     pipeline: StableDiffusionPipeline,
     cond_table: torch.Tensor,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     dtype: torch.dtype,
 ) -> Image.Image:
     """``--num_validation_images`` per class (rows = classes) from the precomputed prompt embeddings: the text
     encoder is not needed. Class c always starts from the same seeded noise, so grids compare across epochs."""
     device = pipeline.unet.device
     num_classes = cond_table.shape[0] - 1
-    n = args.num_validation_images
+    n = settings.output.num_validation_images
     images = []
     for c in range(num_classes):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             images += pipeline(
                 prompt_embeds=cond_table[c].expand(n, -1, -1).to(device),
                 negative_prompt_embeds=cond_table[num_classes].expand(n, -1, -1).to(device),
-                height=args.resolution,
-                width=args.resolution,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                generator=torch.Generator(device).manual_seed(args.seed + c),
+                height=settings.data.resolution,
+                width=settings.data.resolution,
+                num_inference_steps=settings.output.num_inference_steps,
+                guidance_scale=settings.output.guidance_scale,
+                generator=torch.Generator(device).manual_seed(settings.optimization.seed + c),
             ).images
     return image_grid(images, rows=num_classes, cols=n)
 
 
-def validate(
+def publish_validation_grid(
     accelerator: Accelerator,
     unet: torch.nn.Module,
+    *,
     vae: AutoencoderKL,
     noise_scheduler: SchedulerMixin,
     cond_table: torch.Tensor,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     epoch: int,
     step: int,
 ) -> Path:
@@ -397,14 +439,18 @@ def validate(
     pipeline.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
-    grid = sample_class_grid(pipeline, cond_table, args, frozen_weight_dtype(accelerator))
+    grid = sample_class_grid(pipeline, cond_table, settings, frozen_weight_dtype(accelerator))
     unet.train(was_training)
-    path = Path(args.output_dir) / "validation" / f"epoch-{epoch:03d}.png"
+    path = Path(settings.output.output_dir) / "validation" / f"epoch-{epoch:03d}.png"
     return publish_image(accelerator, grid, path, step)
 
 
 def export_pipeline(
-    args: argparse.Namespace, trained: torch.nn.Module, noise_scheduler: SchedulerMixin, output_dir: Path
+    settings: TrainingSettings,
+    trained: torch.nn.Module,
+    noise_scheduler: SchedulerMixin,
+    output_dir: Path,
+    run_id: str,
 ) -> StableDiffusionPipeline:
     """Write `output_dir` (the export stage): the adapter (PEFT format in adapter/ and as diffusers LoRA files; the
     baseline's LoRA file only) and the merged float32 StableDiffusionPipeline.
@@ -412,41 +458,46 @@ def export_pipeline(
     The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
     the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
     """
+    sd = settings.model
     weights = {name: value.float().cpu() for name, value in trainable_state(trained).items()}
-    model = add_adapter(load_unet(args), args)
+    model = add_adapter(load_unet(settings), settings)
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected or set(weights) != set(trainable_state(model)):
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
-    if args.capacity_manipulation:
+    if settings.objective.capacity_manipulation:
         save_lora_weights(model, output_dir)  # before merging: the adapter as a diffusers LoRA
-        merged = save_adapter_and_merge(model, output_dir, args.run_id)
+        merged = save_adapter_and_merge(model, output_dir, run_id)
     else:
         merged = save_plain_lora_and_merge(model, output_dir)
     pipeline = StableDiffusionPipeline.from_pretrained(
-        base_source(args),
+        base_source(settings),
         use_safetensors=True,
         unet=merged,
         scheduler=inference_scheduler(noise_scheduler),
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        **({"torch_dtype": torch.float32} if args.variant else {}),  # variant files may be fp16
+        revision=sd.revision,
+        variant=sd.variant,
+        cache_dir=settings.data.cache_dir,
+        **({"torch_dtype": torch.float32} if sd.variant else {}),  # variant files may be fp16
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
 
 
-def base_model_license(args: argparse.Namespace) -> str:
+def base_model_license(settings: TrainingSettings) -> str:
     """``--license``, else the license in the base model's card when it is on disk, else miniSD's."""
-    if args.license:
-        return args.license
-    card = Path(args.pretrained_model_name_or_path) / "README.md"
+    sd = settings.model
+    if sd.license:
+        return sd.license
+    card = Path(sd.pretrained_model_name_or_path) / "README.md"
     if not card.parent.exists():  # a Hub id: its card counts only if it is already in the local cache
         from huggingface_hub import try_to_load_from_cache
 
         try:
             cached = try_to_load_from_cache(
-                args.pretrained_model_name_or_path, "README.md", cache_dir=args.cache_dir, revision=args.revision
+                sd.pretrained_model_name_or_path,
+                "README.md",
+                cache_dir=settings.data.cache_dir,
+                revision=sd.revision,
             )
         except ValueError:  # not a Hub id either
             cached = None
@@ -467,25 +518,26 @@ class Base:
     latent_shape: tuple[int, int, int]
 
 
-def load_base(args: argparse.Namespace, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
+def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
     """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
     text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
-    noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
-    tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
+    sd = settings.model
+    noise_scheduler = load_component(DDPMScheduler, settings, "scheduler")
+    tokenizer = load_component(CLIPTokenizer, settings, "tokenizer")
     # Weights are read from safetensors only: a base model with nothing but pickled .bin files is refused.
-    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant, use_safetensors=True)
-    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant, use_safetensors=True)
-    unet = load_unet(args)
+    text_encoder = load_component(CLIPTextModel, settings, "text_encoder", variant=sd.variant, use_safetensors=True)
+    vae = load_component(AutoencoderKL, settings, "vae", variant=sd.variant, use_safetensors=True)
+    unet = load_unet(settings)
     # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
+    resolution = settings.data.resolution
+    if resolution % factor:
         raise ConfigError(
-            f"--resolution {args.resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
+            f"--resolution {resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
             f"of {factor}"
         )
-    args.prompt_template = args.prompt_template or dataset.prompt_template
-    prompts = class_prompts(dataset.class_names, args.prompt_template)
+    prompts = class_prompts(dataset.class_names, sd.prompt_template)
     for frozen in (text_encoder, vae):
         cast_frozen_weights(frozen.requires_grad_(False), dtype)
     text_encoder.to(device)
@@ -493,76 +545,84 @@ def load_base(args: argparse.Namespace, dataset: LabelledImageDataset, dtype: to
     del text_encoder, tokenizer
     free_memory()
     vae.to(device)
-    latent_shape = (vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
     return Base(noise_scheduler, vae, unet, prompts, cond_table, latent_shape)
 
 
-def card(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+def card(settings: TrainingSettings, prompts: list[str]) -> dict[str, Any]:
     """The model card's run-specific parts: base model, license, CM settings, how to load, widget prompts."""
-    base_is_local = Path(args.pretrained_model_name_or_path).exists()
+    sd = settings.model
+    base_is_local = Path(sd.pretrained_model_name_or_path).exists()
     note = (
         "A plain `StableDiffusionPipeline`: `DiffusionPipeline.from_pretrained(path)` loads it without "
         "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
         + ", ".join(f'"{prompt}"' for prompt in prompts)
         + "."
     )
-    if args.capacity_manipulation:
+    if settings.objective.capacity_manipulation:
         note += LORA_CARD_NOTE.format(
-            base=args.pretrained_model_name_or_path, repo=args.hub_model_id or "<this repo or folder>"
+            base=sd.pretrained_model_name_or_path, repo=settings.hub.hub_model_id or "<this repo or folder>"
         )
     if base_is_local:
-        note += f" Fine-tuned from a local base model folder `{Path(args.pretrained_model_name_or_path).name}`."
-    adapter = dict(mode="lora", rank=args.rank, expert_rank=args.expert_rank, lora_dropout=args.lora_dropout)
+        note += f" Fine-tuned from a local base model folder `{Path(sd.pretrained_model_name_or_path).name}`."
+    adapter = dict(
+        mode="lora",
+        rank=sd.rank,
+        expert_rank=sd.expert_rank,
+        lora_dropout=sd.lora_dropout,
+    )
     return dict(
-        base_model=None if base_is_local else args.pretrained_model_name_or_path,  # the Hub rejects local paths
-        cm_settings=cm_card_settings(args, **adapter, target_modules=args.target_modules),
-        license=base_model_license(args),
+        base_model=None if base_is_local else sd.pretrained_model_name_or_path,  # the Hub rejects local paths
+        cm_settings=cm_card_settings(settings.objective, **adapter, target_modules=sd.target_modules),
+        license=base_model_license(settings),
         pipeline_note=note,
         widget_prompts=prompts,
     )
 
 
 def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None = None) -> None:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)
+    settings = parse_args(argv)
+    data, model_settings = settings.data, settings.model
+    accelerator = make_accelerator(settings)
     device = accelerator.device
     # Frozen weights (VAE, text encoder, UNet base) in the precision in effect, adapters in float32.
     weight_dtype = frozen_weight_dtype(accelerator)
     # Flips are drawn per step (see StepRandomness), not by the data transform.
-    dataset = load_training_data(args, center_crop=args.center_crop or args.cache_latents, random_flip=False)
-    cm = prepare_cm(args, dataset, device)
-    base = load_base(args, dataset, weight_dtype, device)
+    center_crop = data.center_crop or model_settings.cache_latents
+    dataset = load_training_data(data, center_crop=center_crop, random_flip=False)
+    cm = prepare_cm(settings.objective, dataset, device)
+    base = load_base(settings, dataset, weight_dtype, device)
     vae, noise_scheduler, unet = base.vae, base.noise_scheduler, base.unet
     train_set: Dataset = dataset
-    if args.cache_latents:
-        train_set = cache_latents(vae, dataset, args.random_flip, args, not accelerator.is_main_process)
+    if model_settings.cache_latents:
+        train_set = cache_latents(vae, dataset, data.random_flip, settings, not accelerator.is_main_process)
 
-    if args.gradient_checkpointing:
+    if settings.optimization.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
+    if model_settings.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    torch.manual_seed(args.seed)  # adapter initialisation independent of the data work above
-    model = add_adapter(unet, args)
+    torch.manual_seed(settings.optimization.seed)  # adapter initialisation independent of the data work above
+    model = add_adapter(unet, settings)
     cast_frozen_weights(model, weight_dtype)
-    objective = make_objective(args, noise_scheduler, dataset.class_counts)
+    objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
     optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
+    if model_settings.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
     run = prepare_training(
         accelerator,
-        args,
+        settings,
         model,
-        cm,
-        objective,
-        optimizer_cls,
-        train_set,
-        dataset.labels,
-        base.latent_shape,
-        "capman-text-to-image",
-        noise_offset=args.noise_offset,
-        flip=args.random_flip,
+        cm=cm,
+        objective=objective,
+        optimizer_cls=optimizer_cls,
+        train_set=train_set,
+        labels=dataset.labels,
+        sample_shape=base.latent_shape,
+        project="capman-text-to-image",
+        noise_offset=model_settings.noise_offset,
+        flip=data.random_flip,
         latent_noise=True,
     )
     logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
@@ -577,9 +637,18 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         )  # fmt: skip
 
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
-        validate(accelerator, trained.get_base_model(), vae, noise_scheduler, cond_table, args, epoch, step)
+        publish_validation_grid(
+            accelerator,
+            trained.get_base_model(),
+            vae=vae,
+            noise_scheduler=noise_scheduler,
+            cond_table=cond_table,
+            settings=settings,
+            epoch=epoch,
+            step=step,
+        )
 
-    trained = train(accelerator, args, run, step_loss, validate_grid, callbacks)
+    trained = train(accelerator, settings, run, step_loss=step_loss, validate=validate_grid, callbacks=callbacks)
 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
     accelerator.wait_for_everyone()
@@ -594,14 +663,18 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
                     lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling,
                     lambda y: {"encoder_hidden_states": cond_table[y]},
                 )
-        with staged_export(args.output_dir) as out:
-            pipeline = export_pipeline(args, model, noise_scheduler, out)
+        with staged_export(settings.output.output_dir) as out:
+            pipeline = export_pipeline(settings, model, noise_scheduler, out, run.run_id)
             pipeline.set_progress_bar_config(disable=True)
-            samples = sample_class_grid(pipeline.to(device), cond_table, args, torch.float32)
-            card_parts, summary = card(args, base.prompts), dict(prompts=base.prompts)
-            finish_export(accelerator, args, out, dataset, trained, report, samples, card_parts, summary)
+            samples = sample_class_grid(pipeline.to(device), cond_table, settings, torch.float32)
+            finish_export(
+                accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,
+                expert_report=report, samples=samples, card=card(settings, base.prompts),
+                summary=dict(prompts=base.prompts),
+            )  # fmt: skip
         # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
-        publish_export(args, trained, lora_only=args.capacity_manipulation and not args.push_merged_pipeline)
+        lora_only = settings.objective.capacity_manipulation and not model_settings.push_merged_pipeline
+        publish_export(settings, trained, lora_only=lora_only)
     accelerator.end_training()
 
 

@@ -12,10 +12,11 @@ DDPM / CBDM / OC baseline with one UNet call per step. The output folder is a Cl
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ from capman_peft.flags import (
 from capman_peft.hub import hub_source
 from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
-from capman_peft.recipes import parse_args_with_config
+from capman_peft.recipes import parse_settings
+from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (
     cm_card_settings,
     final_model,
@@ -66,7 +68,19 @@ UP_PATH_TARGETS = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class UNetSettings:
+    """The model flags of this script, and the UNet config they resolve to."""
+
+    model_config_name_or_path: str | None
+    expert_rank_ratio: float
+    expert_target_modules: str
+    unet_config: dict
+    """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
+    """The run's typed settings from the command line (and ``--config``), checked before any work."""
     parser = script_parser(
         __doc__, dataset="imb-cifar10", resolution=32, objective="oc", validation_epochs=0, guidance_scale=1.5
     )
@@ -86,43 +100,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(
         learning_rate=2e-4, lr_warmup_steps=5000, max_train_steps=300_000, use_ema=True, cm_forward="shared_prefix"
     )
-    args = parse_args_with_config(parser, argv)
-    args.unet_config = unet_config(args)
-    check_expert_placement(args)
-    return args
+    args, settings = parse_settings(parser, argv)
+    model = UNetSettings(
+        model_config_name_or_path=args.model_config_name_or_path,
+        expert_rank_ratio=args.expert_rank_ratio,
+        expert_target_modules=args.expert_target_modules,
+        unet_config=unet_config(args.model_config_name_or_path, settings.data.resolution),
+    )
+    settings = dataclasses.replace(settings, model=model)
+    check_expert_placement(settings)
+    return settings
 
 
-def check_expert_placement(args: argparse.Namespace) -> None:
+def check_expert_placement(settings: TrainingSettings) -> None:
     """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it; the
     layers the regex selects are found on a model built without memory (meta device), before any data is read."""
-    if not args.capacity_manipulation or args.cm_forward != "shared_prefix":
+    objective, model = settings.objective, settings.model
+    if not objective.capacity_manipulation or objective.cm_forward != "shared_prefix":
         return
     with torch.device("meta"):
-        unet = build_unet(args.unet_config, args.resolution, 2)
-    chosen = [name for name, _ in unet.named_modules() if re.fullmatch(args.expert_target_modules, name)]
+        unet = build_unet(model.unet_config, settings.data.resolution, 2)
+    chosen = [name for name, _ in unet.named_modules() if re.fullmatch(model.expert_target_modules, name)]
     outside = [name for name in chosen if not name.startswith(AFTER_SPLIT)]
     if outside:
         raise ConfigError(
-            f"--expert_target_modules {args.expert_target_modules}: puts experts before the up path ({outside[0]}, "
+            f"--expert_target_modules {model.expert_target_modules}: puts experts before the up path ({outside[0]}, "
             f"{len(outside)} layers), which --cm_forward shared_prefix computes once for theta and theta^g; allowed: "
             "--cm_forward fused, or experts in up_blocks only"
         )
 
 
-def unet_config(args: argparse.Namespace) -> dict:
+def unet_config(model_config_name_or_path: str | None, resolution: int) -> dict:
     """The UNet2DModel config: ``--model_config_name_or_path`` or the paper's preset, checked against --resolution."""
-    if args.model_config_name_or_path:
-        name = hub_source(args.model_config_name_or_path, "--model_config_name_or_path")
+    if model_config_name_or_path:
+        name = hub_source(model_config_name_or_path, "--model_config_name_or_path")
         try:
             config = dict(UNet2DModel.load_config(name))
         except (OSError, ValueError) as err:
             raise ConfigError(
-                f"--model_config_name_or_path {args.model_config_name_or_path}: cannot be read "
+                f"--model_config_name_or_path {model_config_name_or_path}: cannot be read "
                 f"({str(err).splitlines()[0]}); allowed: a UNet2DModel config.json, or a folder or Hub id with one"
             ) from None
     else:
         levels = 4
-        attention = [args.resolution // 2**i == 16 for i in range(levels)]
+        attention = [resolution // 2**i == 16 for i in range(levels)]
         config = dict(
             block_out_channels=(128, 256, 256, 256),
             layers_per_block=2,
@@ -132,9 +153,9 @@ def unet_config(args: argparse.Namespace) -> dict:
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         )
     factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
-    if args.resolution % factor:
+    if resolution % factor:
         raise ConfigError(
-            f"--resolution {args.resolution}: the UNet downsamples by {factor}; allowed: a multiple of {factor}"
+            f"--resolution {resolution}: the UNet downsamples by {factor}; allowed: a multiple of {factor}"
         )
     return config
 
@@ -145,53 +166,55 @@ def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
 
 
 def class_grid(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], args: argparse.Namespace, device
+    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], settings: TrainingSettings, device
 ):
     """A per-class sample grid (rows = classes) with DDIM and guidance, from fixed seeds."""
     pipeline = ClassConditionalPipeline(
         unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
     )
     pipeline.set_progress_bar_config(disable=True)
-    labels = [c for c in range(len(class_names)) for _ in range(args.num_validation_images)]
-    generator = torch.Generator(device).manual_seed(args.seed)
+    output = settings.output
+    labels = [c for c in range(len(class_names)) for _ in range(output.num_validation_images)]
+    generator = torch.Generator(device).manual_seed(settings.optimization.seed)
     was_training = unet.training
     unet.eval()
     with torch.no_grad():
         images = pipeline(
             class_labels=labels,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
+            num_inference_steps=output.num_inference_steps,
+            guidance_scale=output.guidance_scale,
             generator=generator,
         ).images
     unet.train(was_training)
-    return image_grid(images, rows=len(class_names), cols=args.num_validation_images)
+    return image_grid(images, rows=len(class_names), cols=output.num_validation_images)
 
 
 def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None = None) -> None:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)
-    dataset = load_training_data(args, center_crop=args.center_crop, random_flip=args.random_flip)
-    cm = prepare_cm(args, dataset, accelerator.device)
+    settings = parse_args(argv)
+    data, model_settings, output = settings.data, settings.model, settings.output
+    accelerator = make_accelerator(settings)
+    dataset = load_training_data(data, center_crop=data.center_crop, random_flip=data.random_flip)
+    cm = prepare_cm(settings.objective, dataset, accelerator.device)
 
     # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
-    unet = build_unet(args.unet_config, args.resolution, dataset.num_classes)
-    if args.gradient_checkpointing:
+    unet = build_unet(model_settings.unet_config, data.resolution, dataset.num_classes)
+    if settings.optimization.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
     if cm is not None:
-        config = CapManConfig(
-            mode="full", expert_rank_ratio=args.expert_rank_ratio, target_modules=args.expert_target_modules
-        )
+        targets = model_settings.expert_target_modules
+        config = CapManConfig(mode="full", expert_rank_ratio=model_settings.expert_rank_ratio, target_modules=targets)
         try:
             model = get_peft_model(unet, config)
         except ValueError as err:
-            raise ConfigError(f"--expert_target_modules {args.expert_target_modules}: {err}") from None
+            raise ConfigError(f"--expert_target_modules {targets}: {err}") from None
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    objective = make_objective(args, noise_scheduler, dataset.class_counts)
-    shape = (unet.config.in_channels, args.resolution, args.resolution)
+    objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
     run = prepare_training(
-        accelerator, args, model, cm, objective, torch.optim.Adam, dataset, dataset.labels, shape, "capman-unet"
-    )
+        accelerator, settings, model, cm=cm, objective=objective, optimizer_cls=torch.optim.Adam, train_set=dataset,
+        labels=dataset.labels, sample_shape=(unet.config.in_channels, data.resolution, data.resolution),
+        project="capman-unet",
+    )  # fmt: skip
 
     def step_loss(batch, draws):
         x0, labels = batch["pixel_values"], batch["label"]
@@ -201,10 +224,10 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
 
     def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
         sampler = trained.get_base_model() if cm is not None else trained
-        grid = class_grid(sampler, noise_scheduler, dataset.class_names, args, accelerator.device)
-        publish_image(accelerator, grid, Path(args.output_dir) / "validation" / f"step-{step:07d}.png", step)
+        grid = class_grid(sampler, noise_scheduler, dataset.class_names, settings, accelerator.device)
+        publish_image(accelerator, grid, Path(output.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
-    trained = train(accelerator, args, run, step_loss, validate, callbacks)
+    trained = train(accelerator, settings, run, step_loss=step_loss, validate=validate, callbacks=callbacks)
 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it, moved into place whole.
     accelerator.wait_for_everyone()
@@ -212,16 +235,21 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         model, report = final_model(accelerator, run), None
         if cm is not None:
             report = summarize_expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
-        with staged_export(args.output_dir) as out:
+        with staged_export(output.output_dir) as out:
             if cm is not None:
-                model = save_adapter_and_merge(model, out, args.run_id)
+                model = save_adapter_and_merge(model, out, run.run_id)
             scheduler = DDIMScheduler.from_config(noise_scheduler.config)
             save_class_conditional_pipeline(model, scheduler, dataset.class_names, out)
-            samples = class_grid(model, noise_scheduler, dataset.class_names, args, accelerator.device)
-            settings = cm_card_settings(args, mode="full", expert_rank_ratio=args.expert_rank_ratio)
-            card = dict(base_model=None, cm_settings=settings, pipeline_note=PIPELINE_NOTE)
-            finish_export(accelerator, args, out, dataset, trained, report, samples, card)
-        publish_export(args, trained)
+            samples = class_grid(model, noise_scheduler, dataset.class_names, settings, accelerator.device)
+            cm_settings = cm_card_settings(
+                settings.objective, mode="full", expert_rank_ratio=model_settings.expert_rank_ratio
+            )
+            card = dict(base_model=None, cm_settings=cm_settings, pipeline_note=PIPELINE_NOTE)
+            finish_export(
+                accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,
+                expert_report=report, samples=samples, card=card,
+            )  # fmt: skip
+        publish_export(settings, trained)
     accelerator.end_training()
 
 

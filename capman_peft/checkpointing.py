@@ -10,7 +10,6 @@ after that. A checkpoint that cannot be read is reported by file name (``Checkpo
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import logging
@@ -19,13 +18,16 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ConfigError, call_on_exit
+
+if TYPE_CHECKING:
+    from .settings import TrainingSettings
 
 logger = logging.getLogger("capman_peft")
 
@@ -340,29 +342,33 @@ RUN_IDENTITY_FLAGS = (
 RENAMED_SETTINGS = {"cm_diversity": "cm_form"}
 
 
-def run_config(args: argparse.Namespace) -> dict[str, Any]:
+def run_config(settings: TrainingSettings) -> dict[str, Any]:
     """The run's identity: the values of ``RUN_IDENTITY_FLAGS`` this script has."""
-    return {k: getattr(args, k) for k in RUN_IDENTITY_FLAGS if hasattr(args, k)}
+    flags = settings.flags()
+    return {k: flags[k] for k in RUN_IDENTITY_FLAGS if k in flags}
 
 
 def save_training_checkpoint(
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     step: int,
     model: nn.Module,
+    *,
+    run_id: str,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: Any | None = None,
 ) -> Path:
     """``output_dir/checkpoint-<step>``: the trainable parameters of `model`, the optimizer/LR/EMA state and the
-    run's identity (``args.run_id`` and ``run_config``)."""
+    run's identity (`run_id` and ``run_config``)."""
     state = {
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
-        "run": {"id": args.run_id, "config": run_config(args)},
+        "run": {"id": run_id, "config": run_config(settings)},
     }
     if ema is not None:
         state["ema"] = ema.state_dict()
-    return save_checkpoint(args.output_dir, step, model, state, args.checkpoints_total_limit)
+    output = settings.output
+    return save_checkpoint(output.output_dir, step, model, state, output.checkpoints_total_limit)
 
 
 def _restore(path: Path, state: dict[str, Any], optimizer: Any, lr_scheduler: Any, ema: Any | None) -> None:
@@ -380,41 +386,48 @@ def _restore(path: Path, state: dict[str, Any], optimizer: Any, lr_scheduler: An
         ) from None
 
 
+class Resumed(NamedTuple):
+    """Where a run continues: the optimizer step reached, and the run's id (the checkpoint's, or a new one)."""
+
+    step: int
+    run_id: str
+
+
 def resume_training(
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     model: nn.Module,
+    *,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: Any | None = None,
-) -> int:
-    """Load ``--resume_from_checkpoint`` (if any) into the model and training state; the step to continue from.
+) -> Resumed:
+    """Load ``--resume_from_checkpoint`` (if any) into the model and training state.
 
-    Sets ``args.run_id``: the checkpoint's on resume, a new one otherwise. With ``latest``, a checkpoint that cannot
-    be read is skipped with a warning naming it and the reason, and the next older one is tried; a checkpoint of
-    another run configuration is refused.
+    With ``latest``, a checkpoint that cannot be read is skipped with a warning naming it and the reason, and the
+    next older one is tried; a checkpoint of another run configuration is refused.
     """
-    args.run_id = uuid.uuid4().hex
-    if not args.resume_from_checkpoint:
-        return 0
-    candidates = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    output = settings.output
+    fresh = Resumed(0, uuid.uuid4().hex)
+    if not output.resume_from_checkpoint:
+        return fresh
+    candidates = resolve_checkpoint(output.output_dir, output.resume_from_checkpoint)
     if not candidates:
-        logger.info("No checkpoint in %s; starting from scratch", args.output_dir)
-        return 0
+        logger.info("No checkpoint in %s; starting from scratch", output.output_dir)
+        return fresh
     skipped = []
     for path in candidates:
         try:
-            state = load_checkpoint(path, model, run_config(args))
+            state = load_checkpoint(path, model, run_config(settings))
             _restore(path, state, optimizer, lr_scheduler, ema)
         except CheckpointError as err:
-            if args.resume_from_checkpoint != "latest" or isinstance(err, ForeignCheckpointError):
+            if output.resume_from_checkpoint != "latest" or isinstance(err, ForeignCheckpointError):
                 raise
             logger.warning("Skipping %s: %s", path.name, err)
             skipped.append(path.name)
             continue
-        args.run_id = state.get("run", {}).get("id", args.run_id)
         logger.info("Resumed from %s at step %d%s", path, state["step"], f" (skipped {skipped})" if skipped else "")
-        return state["step"]
+        return Resumed(state["step"], state.get("run", {}).get("id", fresh.run_id))
     raise CheckpointError(
-        f"--resume_from_checkpoint latest: no readable checkpoint in {args.output_dir} (skipped {skipped}; see the "
+        f"--resume_from_checkpoint latest: no readable checkpoint in {output.output_dir} (skipped {skipped}; see the "
         "warnings above); allowed: a folder with a valid checkpoint, or no --resume_from_checkpoint"
     )

@@ -67,6 +67,7 @@ def fixed_batches(
     loss_setup: LossSetup,
     data: LabelledImageDataset,
     num_classes: int,
+    *,
     num_batches: int = 4,
     batch_size: int = 32,
     seed: int = 0,
@@ -105,6 +106,7 @@ def measure_expert_use(
     capman: nn.Module,
     loss_setup: LossSetup,
     data: LabelledImageDataset,
+    *,
     num_classes: int,
     num_batches: int = 4,
     batch_size: int = 32,
@@ -117,7 +119,7 @@ def measure_expert_use(
     capman.eval()
     sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
     counts = torch.zeros(num_classes)
-    batches = fixed_batches(loss_setup, data, num_classes, num_batches, batch_size, seed)
+    batches = fixed_batches(loss_setup, data, num_classes, num_batches=num_batches, batch_size=batch_size, seed=seed)
     for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
         full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
         with expert_disabled(capman):
@@ -157,7 +159,9 @@ def summarize_expert_use(
     device = next(capman.parameters()).device
     loss_setup = LossSetup(capman, noise_scheduler, encode, condition, device)
     num_classes = data.num_classes
-    values = measure_expert_use(capman, loss_setup, data, num_classes, num_batches=1, batch_size=images_per_class)
+    values = measure_expert_use(
+        capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class
+    )
     # The class-index thirds; with fewer than 3 classes (CelebA-HQ's two) Many is the largest class, Few the smallest.
     groups = class_splits(num_classes) if num_classes >= 3 else {"many": [0], "few": [num_classes - 1]}
     splits = {

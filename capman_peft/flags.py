@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ from .data import DATASETS
 from .denoiser import FORWARD_MODES
 from .errors import ConfigError
 from .objective import CM_FORMS, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
+from .settings import (
+    DataSettings,
+    HubSettings,
+    ObjectiveSettings,
+    OptimizationSettings,
+    OutputSettings,
+    TrainingSettings,
+)
 
 logger = logging.getLogger("capman_peft")
 
@@ -363,7 +372,42 @@ def script_parser(
 # --- checks before any work ------------------------------------------------------------------------------------
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
+def section(cls: type, args: argparse.Namespace, **resolved: Any) -> Any:
+    """One frozen settings section from the parsed flags of the same names; `resolved` gives derived values."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **resolved})
+
+
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    """The typed settings of a training run from its parsed flags, after the checks both scripts share.
+
+    Resolved here, once: ``--dataset`` (the script's default named dataset unless other data was named), the default
+    ``--imbalance_ratio`` (100 for a named dataset, the folder's own counts for ``--train_data_dir``) and
+    ``--cm_lambda 0``, which is training without CM: no expert and no second prediction.
+    """
+    dataset = args.dataset
+    if dataset is None and not (args.train_data_dir or args.dataset_name):
+        dataset = args.default_dataset
+    imbalance_ratio = args.imbalance_ratio
+    if imbalance_ratio is None and dataset is not None and not args.train_data_dir:
+        imbalance_ratio = 100.0
+    capacity_manipulation = args.capacity_manipulation
+    if args.cm_lambda == 0 and capacity_manipulation:
+        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
+        capacity_manipulation = False
+    settings = TrainingSettings(
+        data=section(DataSettings, args, dataset=dataset, imbalance_ratio=imbalance_ratio),
+        objective=section(ObjectiveSettings, args, capacity_manipulation=capacity_manipulation),
+        optimization=section(OptimizationSettings, args),
+        output=section(OutputSettings, args),
+        hub=section(HubSettings, args),
+        config=args.config,
+    )
+    check_training_settings(settings)
+    return settings
+
+
+def check_output_dir(output: OutputSettings) -> None:
     """The output folder policy: a new or empty folder, unless resuming this run there or ``--overwrite_output_dir``.
 
     An earlier run's pipeline, adapter and checkpoints are never mixed into a new run silently, no file of the
@@ -373,17 +417,17 @@ def check_output_dir(args: argparse.Namespace) -> None:
     from .checkpointing import LOCK_FILE, list_checkpoints
     from .run_folder import check_writable_folder
 
-    if not args.output_dir or not str(args.output_dir).strip():
+    if not output.output_dir or not str(output.output_dir).strip():
         raise ConfigError("--output_dir: is empty; allowed: a folder for the pipeline and checkpoints")
-    path = Path(args.output_dir)
+    path = Path(output.output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output_dir {path}: is a file; allowed: a new or empty folder")
     check_writable_folder(path)
     entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
-    if not entries or args.overwrite_output_dir:
+    if not entries or output.overwrite_output_dir:
         return
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    resume = args.resume_from_checkpoint
+    resume = output.resume_from_checkpoint
     if not resume:
         raise ConfigError(
             f"--output_dir {path}: is not empty ({shown}); allowed: a new or empty folder, "
@@ -404,56 +448,46 @@ def check_output_dir(args: argparse.Namespace) -> None:
             )
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Reject combinations that would only fail (or silently mislead) later; the message names the flag and value.
-
-    Also resolves ``--dataset`` (the script's default named dataset unless other data was named), the default
-    ``--imbalance_ratio`` (100 for a named dataset, the folder's own counts for ``--train_data_dir``) and
-    ``--cm_lambda 0``, which is training without CM: no expert and no second prediction.
-    """
-    if args.dataset is None and not (args.train_data_dir or args.dataset_name):
-        args.dataset = args.default_dataset
-    if args.imbalance_ratio is None and args.dataset is not None and not args.train_data_dir:
-        args.imbalance_ratio = 100.0
-    if args.cm_lambda == 0 and args.capacity_manipulation:
-        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
-        args.capacity_manipulation = False
-    if args.max_train_steps is None and args.num_train_epochs is None:
+def check_training_settings(settings: TrainingSettings) -> None:
+    """Reject combinations that would only fail (or silently mislead) later; the message names the flag and value."""
+    data, objective, optimization = settings.data, settings.objective, settings.optimization
+    output, hub = settings.output, settings.hub
+    if optimization.max_train_steps is None and optimization.num_train_epochs is None:
         raise ConfigError("--max_train_steps: not given; allowed: --max_train_steps or --num_train_epochs >= 1")
-    if args.push_to_hub and not args.hub_model_id:
+    if hub.push_to_hub and not hub.hub_model_id:
         raise ConfigError("--hub_model_id: missing; --push_to_hub needs the user/name of the repository")
-    if args.push_to_hub:
+    if hub.push_to_hub:
         from .hub import check_hub_upload
 
-        check_hub_upload(args.hub_model_id, args.hub_token)
-    if args.capacity_manipulation and args.no_consistency and args.no_diversity:
+        check_hub_upload(hub.hub_model_id, hub.hub_token)
+    if objective.capacity_manipulation and objective.no_consistency and objective.no_diversity:
         raise ConfigError(
             "--no_diversity: together with --no_consistency it leaves no CM loss; "
             "allowed: one of them, or --no_capacity_manipulation"
         )
-    if args.cm_general_fraction < 1 and args.cm_forward == "sequential":
+    if objective.cm_general_fraction < 1 and objective.cm_forward == "sequential":
         raise ConfigError(
-            f"--cm_general_fraction {args.cm_general_fraction}: needs --cm_forward fused or shared_prefix "
+            f"--cm_general_fraction {objective.cm_general_fraction}: needs --cm_forward fused or shared_prefix "
             "(sequential computes theta^g on every row); allowed: 1 with sequential"
         )
-    if args.learning_rate is None:
+    if optimization.learning_rate is None:
         raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
-    if args.train_data_dir and args.dataset:
+    if data.train_data_dir and data.dataset:
         raise ConfigError(
-            f"--train_data_dir {args.train_data_dir}: given together with --dataset {args.dataset}; allowed: one of "
+            f"--train_data_dir {data.train_data_dir}: given together with --dataset {data.dataset}; allowed: one of "
             "them (a local copy of a named dataset's Hub files goes in --dataset_name)"
         )
-    if args.report_to in ("wandb", "comet_ml"):  # ("all" takes the trackers that are installed)
+    if output.report_to in ("wandb", "comet_ml"):  # ("all" takes the trackers that are installed)
         import importlib.util
 
-        if importlib.util.find_spec(args.report_to) is None:
+        if importlib.util.find_spec(output.report_to) is None:
             raise ConfigError(
-                f"--report_to {args.report_to}: needs {args.report_to}, which is not installed; allowed: "
-                f"pip install {args.report_to}, or --report_to tensorboard / none"
+                f"--report_to {output.report_to}: needs {output.report_to}, which is not installed; allowed: "
+                f"pip install {output.report_to}, or --report_to tensorboard / none"
             )
-    logging_dir = Path(args.output_dir, args.logging_dir).resolve()
-    if not logging_dir.is_relative_to(Path(args.output_dir).resolve()):
+    logging_dir = Path(output.output_dir, output.logging_dir).resolve()
+    if not logging_dir.is_relative_to(Path(output.output_dir).resolve()):
         logger.warning(
-            "--logging_dir %s: the tracker logs go to %s, outside --output_dir", args.logging_dir, logging_dir
+            "--logging_dir %s: the tracker logs go to %s, outside --output_dir", output.logging_dir, logging_dir
         )
-    check_output_dir(args)
+    check_output_dir(output)

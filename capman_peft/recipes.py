@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .flags import ArgumentParser, check_common_args
+from .flags import ArgumentParser, training_settings
+from .settings import TrainingSettings
 
 logger = logging.getLogger("capman_peft")
 
@@ -117,9 +118,11 @@ def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]])
     return defaults
 
 
-def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the checks both
-    training scripts share (``check_common_args``) run."""
+def parse_settings(
+    parser: ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, TrainingSettings]:
+    """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the shared settings
+    are built and checked (``training_settings``). Returns the parsed flags too, for the script's own settings."""
     parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -138,5 +141,4 @@ def parse_args_with_config(parser: ArgumentParser, argv: Sequence[str] | None = 
         ]
         if ignored:
             logger.warning("--no_capacity_manipulation: %s have no effect without CM", ", ".join(sorted(set(ignored))))
-    check_common_args(args)
-    return args
+    return args, training_settings(args)

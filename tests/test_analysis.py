@@ -132,7 +132,9 @@ def test_per_class_loss_matches_a_direct_computation(cm_run):
     unet = load_pipeline(cm_run).unet
     scheduler = DDPMScheduler.from_pretrained(cm_run, subfolder="scheduler")
     denoiser = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
-    batch = next(b for b in fixed_batches(denoiser, setup.data, 10, 1, 4, seed=3) if b.class_id == 9)
+    batch = next(
+        b for b in fixed_batches(denoiser, setup.data, 10, num_batches=1, batch_size=4, seed=3) if b.class_id == 9
+    )
     # the batch is class 9's first four training images, noised as DDPM does
     images = torch.stack([setup.data[i]["pixel_values"] for i, y in enumerate(setup.data.labels) if y == 9][:4])
     noise = batch.target  # epsilon prediction: the target is the noise itself
@@ -166,7 +168,7 @@ def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
     setup = prepare_analysis(cm_run)
     theta, theta_g = load_pipeline(cm_run).unet, load_pipeline(cm_run, expert="off").unet
     denoiser = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
-    for batch in fixed_batches(denoiser, setup.data, 10, 1, 4):
+    for batch in fixed_batches(denoiser, setup.data, 10, num_batches=1, batch_size=4):
         with torch.no_grad():
             a = theta(batch.noisy, batch.timesteps, **batch.condition).sample
             b = theta_g(batch.noisy, batch.timesteps, **batch.condition).sample
@@ -249,7 +251,9 @@ def test_push_gradient_splits_the_hinge_gradient_by_route_and_weights(cm_run, tm
     total = 0.0
     for c in result["pushed_classes"]:
         rows = torch.nonzero(labels == c).flatten()[:2].numpy()
-        noisy, t, condition, _ = _class_inputs(loss_setup, setup.data, rows, c, timestep_grid(1000, 2), 1)
+        noisy, t, condition, _ = _class_inputs(
+            loss_setup, setup.data, rows=rows, class_id=c, grid=timestep_grid(1000, 2), seed=1
+        )
         full = capman(noisy, t, **condition).sample
         with torch.no_grad(), expert_disabled(capman):
             general = capman(noisy, t, **condition).sample

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "capman_peft"
 
 # Bottom to top; a module belongs to the first entry that is it or a package holding it.
 LAYERS = [
-    ["errors", "randomness"],
+    ["errors", "randomness", "settings"],
     ["hub", "data", "tuner", "objective", "checkpointing"],
     ["denoiser", "class_conditional_pipeline", "pipelines", "run_folder", "expert_use"],
     ["training", "evaluation"],
@@ -115,6 +115,46 @@ def test_the_checker_sees_upward_and_local_imports(tmp_path, monkeypatch):
     graph = import_graph()
     assert graph["objective"] == {"training.loop"} and graph["training.loop"] == {"objective"}
     assert layer_of("training.loop") > layer_of("objective")
+
+
+def test_only_the_entry_points_read_parsed_flags():
+    """The library takes typed settings: argparse appears only in the entry-point layer, which builds them."""
+    readers = sorted(
+        module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        if "argparse" in path.read_text() and layer_of(module_name(path)) < len(LAYERS) - 1
+    )
+    assert not readers, readers
+
+
+def test_settings_cannot_change_once_built(tmp_path):
+    import dataclasses
+
+    from capman_peft.flags import script_parser, training_settings
+
+    parser = script_parser(
+        "t", dataset="imb-digits", resolution=8, objective="oc", validation_epochs=0, guidance_scale=1
+    )
+    parser.add_argument("--config", default=None)
+    argv = [
+        "--max_train_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--cm_lambda",
+        "0",
+    ]
+    settings = training_settings(parser.parse_args(argv))
+    assert settings.data.dataset == "imb-digits" and settings.data.imbalance_ratio == 100.0  # resolved when built
+    assert settings.objective.capacity_manipulation is False  # λ = 0 is training without CM
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.objective.cm_lambda = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.data = None
+    flags = settings.flags()
+    assert flags["cm_form"] == "hinge" and flags["output_dir"] == str(tmp_path / "o") and "hub_token" not in flags
 
 
 def test_finishing_a_training_run_loads_no_evaluation_code():

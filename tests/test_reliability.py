@@ -403,8 +403,8 @@ def test_bad_recipes_are_read_like_the_command_line_and_named_by_file(tmp_path, 
 def test_a_recipe_key_means_what_the_flag_of_that_name_means(tmp_path, line, capacity_manipulation, use_ema):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"use_ema: true\n{line}\n" if "use_ema" not in line else f"{line}\n")
-    args = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
-    assert (args.capacity_manipulation, args.use_ema) == (capacity_manipulation, use_ema)
+    settings = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
+    assert (settings.objective.capacity_manipulation, settings.optimization.use_ema) == (capacity_manipulation, use_ema)
 
 
 def test_a_folder_as_recipe_and_a_home_relative_output_dir(tmp_path, capsys, monkeypatch):
@@ -412,15 +412,16 @@ def test_a_folder_as_recipe_and_a_home_relative_output_dir(tmp_path, capsys, mon
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("output_dir: ~/runs/x\n")
-    args = train_unet_cm.parse_args(["--config", "~/recipe.yaml"])
-    assert args.output_dir == str(tmp_path / "runs" / "x")
+    settings = train_unet_cm.parse_args(["--config", "~/recipe.yaml"])
+    assert settings.output.output_dir == str(tmp_path / "runs" / "x")
 
 
 def test_recipe_values_are_typed_like_flags(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("use_ema: false\nmax_train_steps: 7\nlearning_rate: 2.0e-3\nmixed_precision: 'no'\n")
-    args = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")])
-    assert (args.use_ema, args.max_train_steps, args.learning_rate, args.mixed_precision) == (False, 7, 2e-3, "no")
+    optimization = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "o")]).optimization
+    assert (optimization.use_ema, optimization.max_train_steps, optimization.learning_rate) == (False, 7, 2e-3)
+    assert optimization.mixed_precision == "no"
 
 
 # ---------------------------------------------------------------------------------------------------------

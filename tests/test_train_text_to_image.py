@@ -7,7 +7,7 @@ parquet copy in the zguo0525/ArtBench mirror's format (label names in the mirror
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
-from capman_peft.data import get_dataset_spec
 from capman_peft.errors import run_cli
 from capman_peft.expert_use import EXPERT_USE_IMAGES
 from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
@@ -246,12 +245,15 @@ def test_model_card_names_base_license_data_and_cm_settings(trained):
 
 def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# base\n")
-    args = argparse.Namespace(pretrained_model_name_or_path=str(tmp_path), license=None, cache_dir=None, revision=None)
-    assert train_text_to_image_cm.base_model_license(args) == "mit"
-    args.license = "openrail"
-    assert train_text_to_image_cm.base_model_license(args) == "openrail"
-    args.license, args.pretrained_model_name_or_path = None, str(tmp_path / "elsewhere")
-    assert train_text_to_image_cm.base_model_license(args) == "creativeml-openrail-m"
+    settings = train_text_to_image_cm.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
+    assert train_text_to_image_cm.base_model_license(settings) == "mit"
+
+    def with_model(**changes):
+        return dataclasses.replace(settings, model=dataclasses.replace(settings.model, **changes))
+
+    assert train_text_to_image_cm.base_model_license(with_model(license="openrail")) == "openrail"
+    elsewhere = with_model(pretrained_model_name_or_path=str(tmp_path / "elsewhere"))
+    assert train_text_to_image_cm.base_model_license(elsewhere) == "creativeml-openrail-m"
 
 
 def test_push_to_hub_uploads_the_lora_file_with_its_card(trained):
@@ -465,31 +467,30 @@ def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
 
 
 def test_defaults_are_the_paper_recipe():
-    args = train_text_to_image_cm.parse_args([])
-    assert args.pretrained_model_name_or_path == "lambdalabs/miniSD-diffusers" and args.resolution == 256
-    assert (args.rank, args.expert_rank, args.lora_dropout) == (128, 8, 0.1)
-    assert (args.learning_rate, args.adam_weight_decay, args.train_batch_size, args.num_train_epochs) == (
-        3e-4,
-        1e-6,
-        64,
-        100,
-    )
-    assert (args.objective, args.use_ema, args.lr_warmup_steps, args.label_dropout) == ("ddpm", False, 0, 0.1)
-    # the template is the dataset's own ("a {} painting" for ArtBench), resolved once the data is loaded
-    assert args.dataset == "imb-artbench10" and args.prompt_template is None
-    assert get_dataset_spec(args.dataset).prompt_template == "a {} painting"
-    assert args.cm_general_fraction == 0.25 and args.cm_form == "hinge" and args.cm_forward == "fused"
-    config = train_text_to_image_cm.adapter_config(args)
+    settings = train_text_to_image_cm.parse_args([])
+    sd, optimization, objective = settings.model, settings.optimization, settings.objective
+    assert sd.pretrained_model_name_or_path == "lambdalabs/miniSD-diffusers" and settings.data.resolution == 256
+    assert (sd.rank, sd.expert_rank, sd.lora_dropout) == (128, 8, 0.1)
+    assert (optimization.learning_rate, optimization.adam_weight_decay) == (3e-4, 1e-6)
+    assert (optimization.train_batch_size, optimization.num_train_epochs) == (64, 100)
+    assert (objective.objective, optimization.use_ema, optimization.lr_warmup_steps) == ("ddpm", False, 0)
+    assert objective.label_dropout == 0.1
+    # the template is the dataset's own ("a {} painting" for ArtBench), resolved with the settings
+    assert settings.data.dataset == "imb-artbench10" and sd.prompt_template == "a {} painting"
+    assert (objective.cm_general_fraction, objective.cm_form, objective.cm_forward) == (0.25, "hinge", "fused")
+    config = train_text_to_image_cm.adapter_config(settings)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}
-    assert train_text_to_image_cm.parse_args(["--caption_dropout", "0.2"]).label_dropout == 0.2
+    assert train_text_to_image_cm.parse_args(["--caption_dropout", "0.2"]).objective.label_dropout == 0.2
+    template = train_text_to_image_cm.parse_args(["--prompt_template", "a {} photo"]).model.prompt_template
+    assert template == "a {} photo"
 
 
 def test_caption_dropout_is_accepted_in_a_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("caption_dropout: 0.05\nrank: 64\n")
-    args = train_text_to_image_cm.parse_args(["--config", str(recipe)])
-    assert (args.label_dropout, args.rank) == (0.05, 64)
+    settings = train_text_to_image_cm.parse_args(["--config", str(recipe)])
+    assert (settings.objective.label_dropout, settings.model.rank) == (0.05, 64)
 
 
 @pytest.mark.parametrize(

@@ -166,13 +166,16 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
 def test_config_file_with_cli_override(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"objective": "cbdm", "cm_lambda": 0.5, "imbalance_ratio": 50}))
-    args = train_unet_cm.parse_args(["--config", str(recipe), "--cm_lambda", "0.25"])
-    assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("cbdm", 0.25, 50)
-    assert train_unet_cm.parse_args(["--cm_lambda", "0"]).capacity_manipulation is False  # lambda 0 = no CM pass
+    settings = train_unet_cm.parse_args(["--config", str(recipe), "--cm_lambda", "0.25"])
+    objective = settings.objective
+    assert (objective.objective, objective.cm_lambda, settings.data.imbalance_ratio) == ("cbdm", 0.25, 50)
+    no_cm = train_unet_cm.parse_args(["--cm_lambda", "0"])
+    assert no_cm.objective.capacity_manipulation is False  # lambda 0 = no CM pass
     child = tmp_path / "child.yaml"
     child.write_text(yaml.safe_dump({"base": "r.yaml", "objective": "oc"}))
-    args = train_unet_cm.parse_args(["--config", str(child)])
-    assert (args.objective, args.cm_lambda, args.imbalance_ratio) == ("oc", 0.5, 50)
+    settings = train_unet_cm.parse_args(["--config", str(child)])
+    objective = settings.objective
+    assert (objective.objective, objective.cm_lambda, settings.data.imbalance_ratio) == ("oc", 0.5, 50)
     recipe.write_text(yaml.safe_dump({"cm_lamda": 1}))
     with pytest.raises(SystemExit):
         train_unet_cm.parse_args(["--config", str(recipe)])
@@ -180,12 +183,13 @@ def test_config_file_with_cli_override(tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_parses_and_builds_its_model(recipe):
-    args = train_unet_cm.parse_args(["--config", str(recipe)])
-    num_classes = {"imb-cifar10": 10, "imb-cifar100": 100, "imb-celebahq": 2, "imb-digits": 10}[args.dataset]
+    settings = train_unet_cm.parse_args(["--config", str(recipe)])
+    data = settings.data
+    num_classes = {"imb-cifar10": 10, "imb-cifar100": 100, "imb-celebahq": 2, "imb-digits": 10}[data.dataset]
     with torch.device("meta"):
-        unet = train_unet_cm.build_unet(args.unet_config, args.resolution, num_classes)
+        unet = train_unet_cm.build_unet(settings.model.unet_config, data.resolution, num_classes)
     assert unet.config.num_class_embeds == num_classes + 1
-    assert unet.config.sample_size == args.resolution
+    assert unet.config.sample_size == data.resolution
 
 
 @pytest.mark.parametrize("form, margin", [("hinge_general", "0.1"), ("relative", "0.5")])

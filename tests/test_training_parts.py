@@ -29,10 +29,10 @@ def test_steps_per_epoch_counts_the_last_short_accumulation(batches, accumulatio
 
 
 def test_total_steps_from_steps_or_epochs():
-    args = argparse.Namespace(max_train_steps=None, num_train_epochs=3, gradient_accumulation_steps=3)
-    assert total_steps(args, 10) == 3 * 4
-    args.max_train_steps = 7
-    assert total_steps(args, 10) == 7
+    by_epochs = SimpleNamespace(max_train_steps=None, num_train_epochs=3, gradient_accumulation_steps=3)
+    assert total_steps(by_epochs, 10) == 3 * 4
+    by_steps = SimpleNamespace(max_train_steps=7, num_train_epochs=3, gradient_accumulation_steps=3)
+    assert total_steps(by_steps, 10) == 7
 
 
 def test_validation_is_due_at_the_end_of_every_nth_epoch():

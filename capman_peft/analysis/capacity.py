@@ -41,7 +41,14 @@ def expert_capacity(
     capman = load_capman_unet(setup.folder).to(setup.pipe.unet.device)
     loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
     values = measure_expert_use(
-        capman, loss_setup, setup.data, len(setup.class_names), num_batches, batch_size, seed, progress
+        capman,
+        loss_setup,
+        setup.data,
+        num_classes=len(setup.class_names),
+        num_batches=num_batches,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
     )
     result = {
         "analysis": "capacity",

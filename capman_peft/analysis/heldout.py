@@ -50,7 +50,7 @@ def _heldout_rows(setup: AnalysisSetup, images_per_class: int) -> tuple[Any, lis
 
 
 def _class_inputs(
-    loss_setup: LossSetup, heldout: Any, rows: np.ndarray, class_id: int, grid: torch.Tensor, seed: int
+    loss_setup: LossSetup, heldout: Any, *, rows: np.ndarray, class_id: int, grid: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Every held-out image of one class at every grid timestep, with noise fixed by (seed, class)."""
     device = loss_setup.device
@@ -107,7 +107,7 @@ def heldout_loss(
     for c, rows in enumerate(per_class_rows):
         if len(rows) == 0:
             continue
-        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows, c, grid, seed)
+        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows=rows, class_id=c, grid=grid, seed=seed)
         for key, model in models.items():
             model.eval()
             total = 0.0
@@ -193,7 +193,9 @@ def push_gradient(
     active = 0
     for c in pushed:
         rows = np.flatnonzero(labels == c)[:images_per_class]
-        noisy, t, condition, target = _class_inputs(loss_setup, setup.data, rows, c, grid, seed + 1)
+        noisy, t, condition, target = _class_inputs(
+            loss_setup, setup.data, rows=rows, class_id=c, grid=grid, seed=seed + 1
+        )
         full = capman(noisy, t, **condition).sample.float()
         with expert_disabled(capman):
             general = capman(noisy, t, **condition).sample.float()
@@ -227,7 +229,7 @@ def push_gradient(
     for c, rows in enumerate(per_class_rows):
         if len(rows) == 0:
             continue
-        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows, c, grid, seed)
+        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows=rows, class_id=c, grid=grid, seed=seed)
         loss = (capman(noisy, t, **condition).sample.float() - target.float()).pow(2).mean()
         grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), list(params))
         for key, direction in directions.items():

@@ -95,7 +95,9 @@ def pruning_sensitivity(
         "pruned": torch.zeros(num_classes, dtype=torch.float64),
     }
     counts = torch.zeros(num_classes)
-    batches = fixed_batches(loss_setup, setup.data, num_classes, num_batches, batch_size, seed)
+    batches = fixed_batches(
+        loss_setup, setup.data, num_classes, num_batches=num_batches, batch_size=batch_size, seed=seed
+    )
     for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class loss", disable=not progress):
         for name, model in (("raw", raw), ("pruned", pruned)):
             prediction = model(batch.noisy, batch.timesteps, **batch.condition).sample

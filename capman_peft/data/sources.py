@@ -160,8 +160,9 @@ def load_imbalanced_dataset(
             verify_images=verify_images,
         )
     spec, resolution, images, labels, class_names, keep = _long_tail_selection(
-        name, split, imbalance_ratio, resolution, dataset_name, train_data_dir, class_order, seed,
-        image_column, label_column, cache_dir, verify_images,
+        name, split=split, imbalance_ratio=imbalance_ratio, resolution=resolution, dataset_name=dataset_name,
+        train_data_dir=train_data_dir, class_order=class_order, seed=seed, image_column=image_column,
+        label_column=label_column, cache_dir=cache_dir, verify_images=verify_images,
     )  # fmt: skip
     return LabelledImageDataset(
         _subset(images, keep),
@@ -174,6 +175,7 @@ def load_imbalanced_dataset(
 
 def _long_tail_selection(
     name: str | None,
+    *,
     split: str,
     imbalance_ratio: float | None,
     resolution: int | None,
@@ -194,7 +196,15 @@ def _long_tail_selection(
     if imbalance_ratio is not None:
         _check_imbalance_ratio(imbalance_ratio)
     images, labels, class_names = _load_source(
-        spec, name, split, dataset_name, train_data_dir, image_column, label_column, cache_dir, verify_images
+        spec,
+        name,
+        split=split,
+        dataset_name=dataset_name,
+        train_data_dir=train_data_dir,
+        image_column=image_column,
+        label_column=label_column,
+        cache_dir=cache_dir,
+        verify_images=verify_images,
     )
     labels, class_names = _apply_class_order(labels, class_names, class_order)
     keep = long_tail_indices(labels, imbalance_ratio, seed=seed, class_names=class_names)
@@ -228,7 +238,15 @@ def load_reference_dataset(
         raise ConfigError(f"images_per_class must be >= 1 or None, got {images_per_class}")
     split = spec.reference_split or "train"
     images, labels, class_names = _load_source(
-        spec, name, split, dataset_name, train_data_dir, image_column, label_column, cache_dir, verify_images
+        spec,
+        name,
+        split=split,
+        dataset_name=dataset_name,
+        train_data_dir=train_data_dir,
+        image_column=image_column,
+        label_column=label_column,
+        cache_dir=cache_dir,
+        verify_images=verify_images,
     )
     labels, class_names = _apply_class_order(labels, class_names, class_order)
     per_class = [np.where(labels == c)[0] for c in range(len(class_names))]
@@ -274,8 +292,9 @@ def load_heldout_dataset(
     if imbalance_ratio is None:
         raise ConfigError("no held-out images: the training set keeps every source image (imbalance_ratio None)")
     spec, resolution, images, labels, class_names, kept = _long_tail_selection(
-        name, "train", imbalance_ratio, resolution, dataset_name, train_data_dir, class_order, seed,
-        None, None, cache_dir, False,
+        name, split="train", imbalance_ratio=imbalance_ratio, resolution=resolution, dataset_name=dataset_name,
+        train_data_dir=train_data_dir, class_order=class_order, seed=seed, image_column=None, label_column=None,
+        cache_dir=cache_dir, verify_images=False,
     )  # fmt: skip
     heldout = np.setdiff1d(np.arange(len(labels)), kept)
     return LabelledImageDataset(
@@ -296,6 +315,7 @@ def _subset(images: Any, keep: np.ndarray) -> Any:
 def _load_source(
     spec: DatasetSpec,
     name: str | None,
+    *,
     split: str,
     dataset_name: str | None,
     train_data_dir: str | os.PathLike | None,
@@ -312,10 +332,10 @@ def _load_source(
         images, labels, names = _load_hub(
             source,
             split,
-            image_column or spec.image_column,
-            label_column or spec.label_column,
-            spec,
-            cache_dir,
+            image_column=image_column or spec.image_column,
+            label_column=label_column or spec.label_column,
+            spec=spec,
+            cache_dir=cache_dir,
         )
     elif spec is DATASETS["imb-digits"]:
         images, labels, names = _load_digits()
@@ -370,7 +390,7 @@ def _apply_class_order(
 
 
 def _load_hub(
-    source: str, split: str, image_column: str, label_column: str, spec: DatasetSpec, cache_dir: str | None
+    source: str, split: str, *, image_column: str, label_column: str, spec: DatasetSpec, cache_dir: str | None
 ) -> tuple[_HubImages, np.ndarray, list[str]]:
     """A Hub dataset (or a local copy in Hub format): labels read eagerly, images left for later."""
     import datasets

@@ -3,7 +3,6 @@ the upload; and publishing images to the trackers."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -18,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..objective import class_weights
+from ..settings import ObjectiveSettings, TrainingSettings
 from .loop import Trained, Training
 
 logger = logging.getLogger("capman_peft")
@@ -37,24 +37,26 @@ def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step
     return path
 
 
-def cm_card_settings(args: argparse.Namespace, **adapter: Any) -> dict[str, Any] | None:
+def cm_card_settings(objective: ObjectiveSettings, **adapter: Any) -> dict[str, Any] | None:
     """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
-    if not args.capacity_manipulation:
+    if not objective.capacity_manipulation:
         return None
     return {
         **adapter,
-        "lambda": args.cm_lambda,
-        "w_con": args.cm_consistency_weight,
-        "w_div": args.cm_diversity_weight,
-        "form": args.cm_form,
-        "margin": args.cm_relative_margin if args.cm_form == "relative" else args.cm_margin,
-        "objective": args.objective,
+        "lambda": objective.cm_lambda,
+        "w_con": objective.cm_consistency_weight,
+        "w_div": objective.cm_diversity_weight,
+        "form": objective.cm_form,
+        "margin": objective.cm_relative_margin if objective.cm_form == "relative" else objective.cm_margin,
+        "objective": objective.objective,
     }
 
 
 def write_training_summary(
     path: Path,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
+    run_id: str,
+    *,
     class_names: Sequence[str],
     class_counts: Sequence[int],
     final_logs: dict[str, float],
@@ -63,8 +65,8 @@ def write_training_summary(
     """``training_summary.json``: what was trained on what, the omega tables and the final losses."""
     omega_con, omega_div = class_weights(class_counts)
     summary = {
-        "run_id": args.run_id,
-        "args": {k: v for k, v in vars(args).items() if k not in ("hub_token", "run_id")},
+        "run_id": run_id,
+        "args": settings.flags(),
         "class_names": list(class_names),
         "class_counts": list(class_counts),
         "omega_con": omega_con.tolist(),
@@ -115,8 +117,10 @@ def staged_export(output_dir: str | Path) -> Iterator[Path]:
 
 def finish_export(
     accelerator: Accelerator,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     output_dir: Path,
+    *,
+    run_id: str,
     dataset: Any,
     trained: Trained,
     expert_report: dict[str, Any] | None,
@@ -130,10 +134,11 @@ def finish_export(
 
     write_training_summary(
         output_dir / "training_summary.json",
-        args,
-        dataset.class_names,
-        dataset.class_counts,
-        trained.logs,
+        settings,
+        run_id,
+        class_names=dataset.class_names,
+        class_counts=dataset.class_counts,
+        final_logs=trained.logs,
         steps=trained.steps,
         train_seconds=round(trained.seconds, 1),
         expert_use=expert_report,
@@ -141,8 +146,8 @@ def finish_export(
     )
     write_model_card(
         output_dir,
-        dataset=args.dataset or args.dataset_name or str(args.train_data_dir),
-        imbalance_ratio=args.imbalance_ratio,
+        dataset=settings.data.source,
+        imbalance_ratio=settings.data.imbalance_ratio,
         class_names=dataset.class_names,
         class_counts=dataset.class_counts,
         expert_use=expert_report,
@@ -151,14 +156,14 @@ def finish_export(
     publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
 
 
-def publish_export(args: argparse.Namespace, trained: Trained, lora_only: bool = False) -> None:
+def publish_export(settings: TrainingSettings, trained: Trained, lora_only: bool = False) -> None:
     """After the export is in place: the closing log lines, the folder's lock released, and the upload with
     ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
     from ..checkpointing import unlock_output_dir
     from ..hub import push_to_hub
     from ..pipelines import GENERAL_LORA_FILE, LORA_FILE
 
-    output_dir = Path(args.output_dir)
+    output_dir, hub = Path(settings.output.output_dir), settings.hub
     logger.info(
         "Saved the pipeline to %s (%.0f s of training); samples in %s",
         output_dir,
@@ -167,7 +172,7 @@ def publish_export(args: argparse.Namespace, trained: Trained, lora_only: bool =
     )
     logger.info("Final losses: %s", json.dumps({k: round(v, 5) for k, v in trained.logs.items()}))
     unlock_output_dir(output_dir)  # the folder is complete; its lock file is not part of what is uploaded
-    if args.push_to_hub:
+    if hub.push_to_hub:
         lora_files = [LORA_FILE, GENERAL_LORA_FILE] if lora_only else None
-        repo = push_to_hub(output_dir, args.hub_model_id, args.hub_token, lora_files=lora_files)
+        repo = push_to_hub(output_dir, hub.hub_model_id, hub.hub_token, lora_files=lora_files)
         logger.info("Pushed to https://huggingface.co/%s", repo)

@@ -3,7 +3,6 @@ and optimizer step, logs averaged over processes, checkpoints and validation gri
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import save_training_checkpoint
 from ..objective import check_finite
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
+from ..settings import TrainingSettings
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
@@ -60,6 +60,7 @@ def backward_and_step(
     accelerator: Accelerator,
     loss: torch.Tensor,
     params: Sequence[nn.Parameter],
+    *,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     max_grad_norm: float,
@@ -93,6 +94,7 @@ def reduce_logs(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> dict
 def finish_step(
     accelerator: Accelerator,
     progress: Any,
+    *,
     ema: Any,
     params: list[nn.Parameter],
     step_logs: dict[str, torch.Tensor],
@@ -128,7 +130,7 @@ def ema_weights(ema: Any, params: list[nn.Parameter]) -> Iterator[None]:
 @dataclass
 class Training:
     """What the loop needs, as `prepare_training` leaves it: the prepared objects, the trainable parameters and
-    their EMA, the per-step randomness, the step counts and the place a resumed run starts from."""
+    their EMA, the per-step randomness, the step counts, the place a resumed run starts from and the run's id."""
 
     denoiser: nn.Module
     params: list[nn.Parameter]
@@ -141,6 +143,7 @@ class Training:
     max_steps: int
     per_epoch: int
     global_step: int
+    run_id: str
 
 
 @dataclass
@@ -166,8 +169,9 @@ class Trained(NamedTuple):
 
 def train(
     accelerator: Accelerator,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     run: Training,
+    *,
     step_loss: Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     validate: Callable[[nn.Module, int, int], Any] | None = None,
     callbacks: TrainingCallbacks | None = None,
@@ -179,32 +183,52 @@ def train(
     `validate(model, epoch, step)` runs with the EMA weights; `callbacks` run after each step and checkpoint.
     """
     callbacks = callbacks or TrainingCallbacks()
+    output, max_grad_norm = settings.output, settings.optimization.max_grad_norm
     logs: dict[str, float] = {}
     params, ema, global_step = run.params, run.ema, run.global_step
     start = time.time()
     with tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as bar:
-        for epoch, micro, batch in train_batches(accelerator, run.dataloader, run.order, args.seed, global_step):
+        seed = settings.optimization.seed
+        for epoch, micro, batch in train_batches(accelerator, run.dataloader, run.order, seed, global_step):
             if global_step >= run.max_steps:
                 break
             draws = run.randomness.micro_batch(global_step, micro)
             with accelerator.accumulate(run.denoiser):
                 loss, step_logs = step_loss(batch, draws)
                 guard_finite(global_step + 1, step_logs)
-                backward_and_step(accelerator, loss, params, run.optimizer, run.lr_scheduler, args.max_grad_norm)
+                backward_and_step(
+                    accelerator,
+                    loss,
+                    params,
+                    optimizer=run.optimizer,
+                    lr_scheduler=run.lr_scheduler,
+                    max_grad_norm=max_grad_norm,
+                )
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            logs = finish_step(accelerator, bar, ema, params, step_logs, run.lr_scheduler, global_step)
+            logs = finish_step(
+                accelerator,
+                bar,
+                ema=ema,
+                params=params,
+                step_logs=step_logs,
+                lr_scheduler=run.lr_scheduler,
+                step=global_step,
+            )
             if callbacks.on_step_end is not None:
                 callbacks.on_step_end(global_step, logs)
             if not accelerator.is_main_process:
                 continue
             model = accelerator.unwrap_model(run.denoiser).unet
-            if global_step % args.checkpointing_steps == 0:
-                saved = save_training_checkpoint(args, global_step, model, run.optimizer, run.lr_scheduler, ema)
+            if global_step % output.checkpointing_steps == 0:
+                saved = save_training_checkpoint(
+                    settings, global_step, model, run_id=run.run_id, optimizer=run.optimizer,
+                    lr_scheduler=run.lr_scheduler, ema=ema,
+                )  # fmt: skip
                 if callbacks.on_checkpoint is not None:
                     callbacks.on_checkpoint(global_step, saved)
-            if validate is not None and validation_due(args.validation_epochs, global_step, run.per_epoch):
+            if validate is not None and validation_due(output.validation_epochs, global_step, run.per_epoch):
                 with ema_weights(ema, params):
                     validate(model, epoch + 1, global_step)
     return Trained(logs, global_step, time.time() - start)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from ..randomness import StepRandomness
+from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
 from .loop import Training, steps_per_epoch
 
 logger = logging.getLogger("capman_peft")
@@ -42,21 +42,22 @@ def setup_logging(is_main_process: bool) -> None:
 UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
     """The run's Accelerator (accumulation, mixed precision, trackers under ``output_dir``), plus logging, TF32 and
     the initialisation seed."""
-    output_dir = Path(args.output_dir)
+    optimization, output = settings.optimization, settings.output
+    output_dir = Path(output.output_dir)
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16" and on_cpu:
+    if (optimization.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16" and on_cpu:
         raise ConfigError(
             "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
         )
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        gradient_accumulation_steps=optimization.gradient_accumulation_steps,
+        mixed_precision=optimization.mixed_precision,
+        log_with=None if output.report_to == "none" else output.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+            project_dir=str(output_dir), logging_dir=str(output_dir / output.logging_dir)
         ),
     )
     setup_logging(accelerator.is_main_process)
@@ -72,15 +73,15 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         raise ConfigError(
             "--mixed_precision fp16: needs a CUDA device, and this run is on the CPU; allowed: bf16 or no"
         )
-    if args.allow_tf32:
+    if optimization.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    torch.manual_seed(optimization.seed)
     return accelerator
 
 
-def init_trackers(accelerator: Accelerator, project_name: str, args: argparse.Namespace) -> None:
+def init_trackers(accelerator: Accelerator, project_name: str, settings: TrainingSettings) -> None:
     if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        config = {k: v for k, v in settings.flags().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(project_name, config=config)
 
 
@@ -98,42 +99,44 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def make_train_dataloader(
-    dataset: Dataset, labels: Sequence[int], args: argparse.Namespace
+    dataset: Dataset, labels: Sequence[int], *, batch_size: int, sampler: str, num_workers: int
 ) -> tuple[DataLoader, torch.Generator]:
     """The training DataLoader (random or class-balanced order, full batches) and the generator of its order, which
     `train_batches` reseeds per epoch so that the order depends only on (seed, epoch)."""
     order = torch.Generator()
-    sampler = (
+    order_sampler = (
         class_balanced_sampler(labels, generator=order)
-        if args.sampler == "balanced"
+        if sampler == "balanced"
         else RandomSampler(dataset, generator=order)
     )
     dataloader = DataLoader(
         dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
+        batch_size=batch_size,
+        sampler=order_sampler,
         drop_last=True,
-        num_workers=args.dataloader_num_workers,
+        num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),
     )
     if len(dataloader) == 0:
-        raise ConfigError(f"--train_batch_size {args.train_batch_size} exceeds the {len(dataset)} training images")
+        raise ConfigError(f"--train_batch_size {batch_size} exceeds the {len(dataset)} training images")
     return dataloader, order
 
 
-def make_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int):
+def make_lr_scheduler(
+    optimization: OptimizationSettings, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int
+) -> Any:
     # accelerate steps a prepared scheduler once per process per optimizer step.
     return get_scheduler(
-        args.lr_scheduler,
+        optimization.lr_scheduler,
         optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_warmup_steps=optimization.lr_warmup_steps * num_processes,
         num_training_steps=max_steps * num_processes,
     )
 
 
-def prepare_cm(args: argparse.Namespace, dataset: LabelledImageDataset, device: torch.device) -> CMSettings | None:
+def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, device: torch.device) -> CMSettings | None:
     """The CM coefficients on the training device, after the boundedness check (docs/design.md "The CM loss")."""
-    if not args.capacity_manipulation:
+    if not objective.capacity_manipulation:
         return None
     class_counts, class_names = dataset.class_counts, dataset.class_names
     if len(class_counts) < 2:
@@ -143,50 +146,49 @@ def prepare_cm(args: argparse.Namespace, dataset: LabelledImageDataset, device: 
         )
     weights = cm_weights(
         class_counts,
-        args.cm_form,
-        consistency_weight=0.0 if args.no_consistency else args.cm_consistency_weight,
-        diversity_weight=0.0 if args.no_diversity else args.cm_diversity_weight,
+        objective.cm_form,
+        consistency_weight=objective.consistency_weight,
+        diversity_weight=objective.diversity_weight,
     )
-    check_cm_bounded(weights, args.cm_form, class_names, args.allow_unbounded_cm)
+    check_cm_bounded(weights, objective.cm_form, class_names, objective.allow_unbounded_cm)
     logger.info(
         "CM loss, %s form (pull: weight of the distance d; push: weight of the diversity term):\n%s",
-        args.cm_form,
+        objective.cm_form,
         format_cm_table(weights, class_counts, class_names),
     )
     return CMSettings(
         CMWeights(weights.pull.to(device), weights.push.to(device)),
-        args.cm_form,
-        args.cm_margin,
-        args.cm_lambda,
-        args.cm_general_fraction,
-        args.cm_relative_margin,
+        objective.cm_form,
+        objective.cm_margin,
+        objective.cm_lambda,
+        objective.cm_general_fraction,
+        objective.cm_relative_margin,
     )
 
 
-def log_training_data(args: argparse.Namespace, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
+def log_training_data(data: DataSettings, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
     """The training set's classes and counts, as a table at the start of the log."""
-    source = args.dataset or args.dataset_name or args.train_data_dir
     how = (
-        f"long-tail subsampled to imbalance ratio {args.imbalance_ratio:g}"
-        if args.imbalance_ratio is not None
+        f"long-tail subsampled to imbalance ratio {data.imbalance_ratio:g}"
+        if data.imbalance_ratio is not None
         else "the folder's own counts (--imbalance_ratio R subsamples it)"
     )
     rows = "\n".join(
         f"  {k:>4}  {name:<24} {n:>7}" for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
     )
     achieved = max(class_counts) / min(class_counts)
-    if args.imbalance_ratio is not None and abs(achieved / args.imbalance_ratio - 1) > 0.1:
+    if data.imbalance_ratio is not None and abs(achieved / data.imbalance_ratio - 1) > 0.1:
         logger.warning(
             "--imbalance_ratio %g: the classes have %d ... %d images (ratio %.3g): a class cannot get more images "
             "than its source has, so the ratio asked for is not reached",
-            args.imbalance_ratio,
+            data.imbalance_ratio,
             max(class_counts),
             min(class_counts),
             achieved,
         )
     logger.info(
         "Training data: %s, %s: %d images in %d classes\n  %4s  %-24s %7s\n%s",
-        source,
+        data.source,
         how,
         sum(class_counts),
         len(class_names),
@@ -197,43 +199,44 @@ def log_training_data(args: argparse.Namespace, class_names: Sequence[str], clas
     )
 
 
-def make_objective(args: argparse.Namespace, noise_scheduler: Any, class_counts: Sequence[int]):
-    options: dict[str, Any] = {"snr_gamma": args.snr_gamma}
-    if args.objective == "cbdm":
-        options.update(tau=args.cbdm_tau, gamma=args.cbdm_gamma)
-    return build_objective(args.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
+def make_objective(objective: ObjectiveSettings, noise_scheduler: Any, class_counts: Sequence[int]) -> Any:
+    options: dict[str, Any] = {"snr_gamma": objective.snr_gamma}
+    if objective.objective == "cbdm":
+        options.update(tau=objective.cbdm_tau, gamma=objective.cbdm_gamma)
+    return build_objective(objective.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
 
 
-def load_training_data(args: argparse.Namespace, center_crop: bool, random_flip: bool) -> LabelledImageDataset:
-    """The long-tailed training set the flags name (Cao et al. subsampling, class 0 largest), logged as a table."""
+def load_training_data(data: DataSettings, *, center_crop: bool, random_flip: bool) -> LabelledImageDataset:
+    """The long-tailed training set the settings name (Cao et al. subsampling, class 0 largest), logged as a table."""
     dataset = load_imbalanced_dataset(
-        args.dataset,
+        data.dataset,
         split="train",
-        imbalance_ratio=args.imbalance_ratio,
-        resolution=args.resolution,
-        dataset_name=args.dataset_name,
-        train_data_dir=args.train_data_dir,
-        class_order=[name.strip() for name in args.class_order.split(",")] if args.class_order else None,
-        seed=args.data_seed,
+        imbalance_ratio=data.imbalance_ratio,
+        resolution=data.resolution,
+        dataset_name=data.dataset_name,
+        train_data_dir=data.train_data_dir,
+        class_order=data.class_order_names,
+        seed=data.data_seed,
         center_crop=center_crop,
         random_flip=random_flip,
-        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir=data.cache_dir,
     )
-    log_training_data(args, dataset.class_names, dataset.class_counts)
+    log_training_data(data, dataset.class_names, dataset.class_counts)
     return dataset
 
 
-def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
+def total_steps(optimization: OptimizationSettings, batches_per_epoch: int) -> int:
     """``--max_train_steps``, or ``--num_train_epochs`` times the optimizer steps of an epoch."""
-    if args.max_train_steps is not None:
-        return args.max_train_steps
-    return args.num_train_epochs * steps_per_epoch(batches_per_epoch, args.gradient_accumulation_steps)
+    if optimization.max_train_steps is not None:
+        return optimization.max_train_steps
+    return optimization.num_train_epochs * steps_per_epoch(batches_per_epoch, optimization.gradient_accumulation_steps)
 
 
 def prepare_training(
     accelerator: Accelerator,
-    args: argparse.Namespace,
+    settings: TrainingSettings,
     model: nn.Module,
+    *,
     cm: CMSettings | None,
     objective: Any,
     optimizer_cls: type,
@@ -246,59 +249,81 @@ def prepare_training(
     """Everything between the model and the first step, in this order: the CM forward module, EMA, data loader,
     optimizer, LR schedule, ``accelerator.prepare``, resume from ``--resume_from_checkpoint``, the trackers, and the
     per-step randomness (`sample_shape`: one x0; `draw_options`: latent-diffusion extras of ``draw_step``)."""
+    optimization, output = settings.optimization, settings.output
+    forward = settings.objective.cm_forward
     try:
-        denoiser = CMDenoiser(model, forward_mode=args.cm_forward, capacity_manipulation=cm is not None)
+        denoiser = CMDenoiser(model, forward_mode=forward, capacity_manipulation=cm is not None)
     except ValueError as err:
-        raise ConfigError(f"--cm_forward {args.cm_forward}: {err}") from None
+        raise ConfigError(f"--cm_forward {forward}: {err}") from None
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
-    dataloader, order = make_train_dataloader(train_set, labels, args)
+    ema = EMAModel(params, decay=optimization.ema_decay) if optimization.use_ema else None
+    dataloader, order = make_train_dataloader(
+        train_set,
+        labels,
+        batch_size=optimization.train_batch_size,
+        sampler=settings.data.sampler,
+        num_workers=settings.data.dataloader_num_workers,
+    )
     optimizer = optimizer_cls(
         params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+        lr=optimization.learning_rate,
+        betas=(optimization.adam_beta1, optimization.adam_beta2),
+        weight_decay=optimization.adam_weight_decay,
+        eps=optimization.adam_epsilon,
     )
+    accumulation = optimization.gradient_accumulation_steps
     micro_batches = len(dataloader) // accelerator.num_processes
-    if args.gradient_accumulation_steps > micro_batches:
+    if accumulation > micro_batches:
         raise ConfigError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: an epoch has only {micro_batches} "
+            f"--gradient_accumulation_steps {accumulation}: an epoch has only {micro_batches} "
             f"micro-batches per process (each optimizer step would use {micro_batches}); allowed: at most "
             f"{micro_batches}, or a smaller --train_batch_size"
         )
-    max_steps = total_steps(args, micro_batches)
-    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes)
+    max_steps = total_steps(optimization, micro_batches)
+    lr_scheduler = make_lr_scheduler(optimization, optimizer, max_steps, accelerator.num_processes)
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    per_epoch = steps_per_epoch(len(dataloader), args.gradient_accumulation_steps)
-    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
-        removed = remove_earlier_checkpoints(args.output_dir)
+    per_epoch = steps_per_epoch(len(dataloader), accumulation)
+    if output.overwrite_output_dir and not output.resume_from_checkpoint and accelerator.is_main_process:
+        removed = remove_earlier_checkpoints(output.output_dir)
         if removed:
             logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
     accelerator.wait_for_everyone()
-    global_step = resume_training(args, accelerator.unwrap_model(denoiser).unet, optimizer, lr_scheduler, ema)
-    init_trackers(accelerator, project, args)
+    resumed = resume_training(
+        settings, accelerator.unwrap_model(denoiser).unet, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema
+    )
+    init_trackers(accelerator, project, settings)
     logger.info(
         "Training %d steps (%d epochs), batch %d x %d processes x %d accumulation",
         max_steps,
         -(-max_steps // per_epoch),
-        args.train_batch_size,
+        optimization.train_batch_size,
         accelerator.num_processes,
-        args.gradient_accumulation_steps,
+        accumulation,
     )
     randomness = StepRandomness(
         accelerator,
-        args.seed,
-        args.train_batch_size,
+        optimization.seed,
+        optimization.train_batch_size,
         sample_shape,
         num_train_timesteps=objective.num_train_timesteps,
-        label_dropout=args.label_dropout,
+        label_dropout=settings.objective.label_dropout,
         objective=objective,
         general_draw=cm is not None and cm.general_fraction < 1,
         **draw_options,
     )
     return Training(
-        denoiser, params, ema, optimizer, dataloader, order, lr_scheduler, randomness, max_steps, per_epoch, global_step
+        denoiser=denoiser,
+        params=params,
+        ema=ema,
+        optimizer=optimizer,
+        dataloader=dataloader,
+        order=order,
+        lr_scheduler=lr_scheduler,
+        randomness=randomness,
+        max_steps=max_steps,
+        per_epoch=per_epoch,
+        global_step=resumed.step,
+        run_id=resumed.run_id,
     )
