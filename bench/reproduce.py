@@ -81,7 +81,7 @@ for _base, _objective in BASES.items():
         METHODS[f"CM (+{_base}), {_form}"] = ["--objective", _objective, *_flags]
 STUDY = list(METHODS)
 # Runnable for reproduction, outside the protocol: the paper's Eq. 2-3 taken literally (w_div = 1; unbounded below,
-# docs/design.md) and the first release's default (paper form, w_div = 0.2), and the cheaper general pass.
+# docs/design.md), the paper form at w_div = 0.2, and the cheaper general pass.
 METHODS.update({
     "CM (+OC), paper form, w_div 1": [
         "--objective", "oc", "--cm_form", "paper", "--cm_diversity_weight", "1", "--allow_unbounded_cm",

@@ -96,7 +96,7 @@ def _recipe_tokens(action: argparse.Action, key: str, value: Any, where: str) ->
 def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]]) -> dict[str, Any]:
     """Parse a recipe with the script's own parser: every value is type-checked as on the command line."""
     names = {opt.lstrip("-"): action for action in parser._actions for opt in action.option_strings}
-    for action in parser._actions:  # a flag's dest (an old name's new one) names it too, unless it is a spelling
+    for action in parser._actions:  # a flag's dest (label_dropout for --caption_dropout) names it too
         if action.option_strings:
             names.setdefault(action.dest, action)
     defaults: dict[str, Any] = {}
