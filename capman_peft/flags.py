@@ -251,8 +251,6 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     )
     group.add_argument(
         "--allow_unbounded_cm",
-        "--allow_unstable_cm",
-        dest="allow_unbounded_cm",
         action="store_true",
         help="Train the 'paper' form even where it is unbounded below (to reproduce the paper's literal Eq. 2).",
     )

@@ -29,8 +29,9 @@ ARTBENCH_MIRROR_NAMES = [
 MIRROR_IMAGES_PER_CLASS = 4
 
 
-def make_tiny_unet2d(num_classes: int = 3, seed: int = 0) -> UNet2DModel:
-    """Class-conditional UNet2DModel with convs and attention in both halves (num_class_embeds = C + 1)."""
+def make_tiny_unet2d(num_classes: int | None = 3, seed: int = 0) -> UNet2DModel:
+    """Class-conditional UNet2DModel with convs and attention in both halves (num_class_embeds = C + 1; None: no
+    class embedding)."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
@@ -42,7 +43,7 @@ def make_tiny_unet2d(num_classes: int = 3, seed: int = 0) -> UNet2DModel:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         attention_head_dim=8,
-        num_class_embeds=num_classes + 1,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
     )
 
 

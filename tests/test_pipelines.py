@@ -13,25 +13,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from PIL import Image
 
 from capman_peft.pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
+from capman_peft.testing import make_tiny_unet2d
 
 CLASS_NAMES = ["cat", "dog", "bird"]
 SIZE = 8
 
 
-def make_unet(num_class_embeds: int | None = len(CLASS_NAMES) + 1) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-        attention_head_dim=8,
-    ).eval()
+def make_unet(num_classes: int | None = len(CLASS_NAMES)) -> UNet2DModel:
+    return make_tiny_unet2d(num_classes).eval()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +157,7 @@ def test_out_of_range_class_id_lists_valid_ids(pipe, bad_id):
 
 def test_init_rejects_unet_without_null_class_and_wrong_class_names():
     with pytest.raises(ValueError, match="num_class_embeds"):
-        ClassConditionalPipeline(make_unet(num_class_embeds=None), DDPMScheduler())
+        ClassConditionalPipeline(make_unet(None), DDPMScheduler())
     with pytest.raises(ValueError, match=r"0\.\.2"):
         ClassConditionalPipeline(make_unet(), DDPMScheduler(), id2label={0: "cat", 1: "dog"})
 
