@@ -36,7 +36,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import free_memory
 from diffusers.utils.import_utils import is_xformers_available
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -50,6 +49,7 @@ from capman_peft.checkpointing import trainable_state
 from capman_peft.data import LabelledImageDataset, class_prompts, encode_prompts, get_dataset_spec
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.expert_use import summarize_expert_use
+from capman_peft.families import StableDiffusionFamily
 from capman_peft.flags import (
     module_patterns,
     nonnegative_float,
@@ -61,9 +61,7 @@ from capman_peft.flags import (
     section,
 )
 from capman_peft.hub import card_license, hub_source
-from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
-from capman_peft.randomness import StepDraws
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (
@@ -74,7 +72,7 @@ from capman_peft.training.export import (
     publish_image,
     staged_export,
 )
-from capman_peft.training.loop import TrainingCallbacks, train
+from capman_peft.training.loop import TrainingCallbacks, family_step_loss, train
 from capman_peft.training.setup import (
     cast_frozen_weights,
     frozen_weight_dtype,
@@ -363,25 +361,6 @@ def cache_latents(
     return LatentCache(torch.cat(chunks), dataset.labels)
 
 
-def batch_moments(batch: dict[str, Any], draws: StepDraws, vae: AutoencoderKL) -> torch.Tensor:
-    """VAE posterior moments of a batch: picked from the cache by the drawn flips, or encoded now (no grad)."""
-    if "moments" in batch:
-        moments = batch["moments"]
-        state = draws.flip.long() if draws.flip is not None else torch.zeros(len(moments), dtype=torch.long)
-        return moments[torch.arange(len(moments), device=moments.device), state.to(moments.device)]
-    pixels = batch["pixel_values"]
-    if draws.flip is not None:
-        pixels = torch.where(draws.flip[:, None, None, None], pixels.flip(-1), pixels)
-    with torch.no_grad():
-        return vae.encode(pixels.to(vae.dtype)).latent_dist.parameters
-
-
-def sample_latents(moments: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """z = (mean + std * noise) * scaling_factor: diffusers' ``latent_dist.sample()``, with the step's seeded noise."""
-    posterior = DiagonalGaussianDistribution(moments.float())
-    return (posterior.mean + posterior.std * noise) * scaling_factor
-
-
 def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
     """DDIM, the paper's sampler; SD latents must not be clipped to [-1, 1]."""
     return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
@@ -610,6 +589,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
+    family = StableDiffusionFamily(vae, base.cond_table.to(device))
     run = prepare_training(
         accelerator,
         settings,
@@ -621,20 +601,16 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         labels=dataset.labels,
         sample_shape=base.latent_shape,
         project="capman-text-to-image",
+        family=family,
         noise_offset=model_settings.noise_offset,
         flip=data.random_flip,
         latent_noise=True,
     )
     logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
-    cond_table = base.cond_table.to(device)
-    scaling = vae.config.scaling_factor
-
-    def step_loss(batch, draws):
-        latents = sample_latents(batch_moments(batch, draws, vae), draws.latent_noise, scaling)
-        return diffusion_loss(
-            run.denoiser, objective, noise_scheduler, latents, batch["label"], num_classes=dataset.num_classes, cm=cm,
-            draws=draws, cond_table=cond_table,
-        )  # fmt: skip
+    cond_table = family.cond_table
+    step_loss = family_step_loss(
+        family, run.denoiser, objective, noise_scheduler, num_classes=dataset.num_classes, cm=cm
+    )
 
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
         publish_validation_grid(
@@ -656,13 +632,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         model, report = final_model(accelerator, run), None
         if cm is not None:
             with accelerator.autocast():
-                report = summarize_expert_use(
-                    model,
-                    noise_scheduler,
-                    dataset,
-                    lambda x: vae.encode(x.to(vae.dtype)).latent_dist.mean * scaling,
-                    lambda y: {"encoder_hidden_states": cond_table[y]},
-                )
+                report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(settings.output.output_dir) as out:
             pipeline = export_pipeline(settings, model, noise_scheduler, out, run.run_id)
             pipeline.set_progress_bar_config(disable=True)

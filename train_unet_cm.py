@@ -27,13 +27,13 @@ from capman_peft import CapManConfig, ClassConditionalPipeline
 from capman_peft.denoiser import AFTER_SPLIT
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.expert_use import summarize_expert_use
+from capman_peft.families import ClassConditionalFamily
 from capman_peft.flags import (
     fraction,
     module_patterns,
     script_parser,
 )
 from capman_peft.hub import hub_source
-from capman_peft.objective import diffusion_loss
 from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
@@ -45,7 +45,7 @@ from capman_peft.training.export import (
     publish_image,
     staged_export,
 )
-from capman_peft.training.loop import TrainingCallbacks, train
+from capman_peft.training.loop import TrainingCallbacks, family_step_loss, train
 from capman_peft.training.setup import (
     load_training_data,
     make_accelerator,
@@ -210,17 +210,15 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
             raise ConfigError(f"--expert_target_modules {targets}: {err}") from None
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
+    family = ClassConditionalFamily()
     run = prepare_training(
         accelerator, settings, model, cm=cm, objective=objective, optimizer_cls=torch.optim.Adam, train_set=dataset,
         labels=dataset.labels, sample_shape=(unet.config.in_channels, data.resolution, data.resolution),
-        project="capman-unet",
+        project="capman-unet", family=family,
     )  # fmt: skip
-
-    def step_loss(batch, draws):
-        x0, labels = batch["pixel_values"], batch["label"]
-        return diffusion_loss(
-            run.denoiser, objective, noise_scheduler, x0, labels, num_classes=dataset.num_classes, cm=cm, draws=draws
-        )
+    step_loss = family_step_loss(
+        family, run.denoiser, objective, noise_scheduler, num_classes=dataset.num_classes, cm=cm
+    )
 
     def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
         sampler = trained.get_base_model() if cm is not None else trained
@@ -234,7 +232,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     if accelerator.is_main_process:
         model, report = final_model(accelerator, run), None
         if cm is not None:
-            report = summarize_expert_use(model, noise_scheduler, dataset, lambda x: x, lambda y: {"class_labels": y})
+            report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(output.output_dir) as out:
             if cm is not None:
                 model = save_adapter_and_merge(model, out, run.run_id)

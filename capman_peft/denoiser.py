@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .families import Condition, ModelFamily, concat, family_of_unet, take_rows
 from .tuner import CapManLayer, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
@@ -84,14 +84,19 @@ class CMDenoiser(nn.Module):
     """Wraps a (PEFT-wrapped) diffusers UNet and returns the :class:`Predictions` of a step in one call.
 
     Args:
-        unet: a UNet2DModel (conditioned on ``class_labels``) or UNet2DConditionModel (``encoder_hidden_states``)
-            carrying CapMan layers; without CM any diffusers UNet works.
+        unet: a diffusers UNet carrying CapMan layers; without CM any diffusers UNet works.
         forward_mode: "fused", "sequential" or "shared_prefix" (see module docstring).
         capacity_manipulation: False computes only theta: no second prediction at all, one UNet call per step.
+        family: how the UNet is called with a condition (:mod:`capman_peft.families`); default: the family of a
+            bare UNet of this kind (class ids for ``UNet2DModel``, text embeddings for ``UNet2DConditionModel``).
     """
 
     def __init__(
-        self, unet: nn.Module, forward_mode: ForwardMode = "fused", capacity_manipulation: bool = True
+        self,
+        unet: nn.Module,
+        forward_mode: ForwardMode = "fused",
+        capacity_manipulation: bool = True,
+        family: ModelFamily | None = None,
     ) -> None:
         super().__init__()
         if forward_mode not in FORWARD_MODES:
@@ -100,7 +105,7 @@ class CMDenoiser(nn.Module):
         self.forward_mode = forward_mode
         self.capacity_manipulation = capacity_manipulation
         base = _base_model(unet)
-        self.cond_kwarg = "encoder_hidden_states" if isinstance(base, UNet2DConditionModel) else "class_labels"
+        self.family = family or family_of_unet(unet)
         if not capacity_manipulation:
             return
         expert_layers = [name for name, m in base.named_modules() if isinstance(m, CapManLayer) and m.expert_r]
@@ -118,15 +123,15 @@ class CMDenoiser(nn.Module):
             for block in base.up_blocks:
                 block.register_forward_pre_hook(self._duplicate_into_up_path, with_kwargs=True)
 
-    def _call(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, **{self.cond_kwarg: cond}, return_dict=False)[0]
+    def _call(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return self.family.predict(self.unet, sample, timestep, cond)
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        cond: torch.Tensor,
-        extra_cond: torch.Tensor | None = None,
+        cond: Condition,
+        extra_cond: Condition | None = None,
         general_rows: torch.Tensor | None = None,
     ) -> Predictions:
         """theta for every row, theta^g for `general_rows` (default: all), and theta under `extra_cond`.
@@ -154,8 +159,8 @@ class CMDenoiser(nn.Module):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        cond: torch.Tensor,
-        extra_cond: torch.Tensor | None,
+        cond: Condition,
+        extra_cond: Condition | None,
         general_rows: torch.Tensor | None,
     ) -> Predictions:
         """Separate UNet calls; theta^g replays the random state theta started from, so it sees the same masks."""
@@ -175,25 +180,27 @@ class CMDenoiser(nn.Module):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        cond: torch.Tensor,
-        extra_cond: torch.Tensor | None,
+        cond: Condition,
+        extra_cond: Condition | None,
         general_rows: torch.Tensor | None,
         blocks: _RowBlocks,
     ) -> tuple[torch.Tensor, ...]:
         """One UNet call on the row blocks stacked, the expert gated off for the theta^g block."""
         rows = blocks.rows
-        general_part = (sample, timestep, cond) if general_rows is None else (sample[rows], timestep[rows], cond[rows])
+        general_part = (
+            (sample, timestep, cond) if general_rows is None else (sample[rows], timestep[rows], take_rows(cond, rows))
+        )
         parts = [(sample, timestep, cond), general_part] + [(sample, timestep, extra_cond)] * blocks.extra
-        stacked = [torch.cat(values) for values in zip(*parts, strict=True)]
+        samples, timesteps, conds = zip(*parts, strict=True)
         with expert_gate(self.unet, blocks.gate, blocks.mask_source):
-            return self._call(*stacked).split(blocks.sizes)
+            return self._call(torch.cat(samples), torch.cat(timesteps), concat(conds)).split(blocks.sizes)
 
     def _shared_prefix(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        cond: torch.Tensor,
-        extra_cond: torch.Tensor | None,
+        cond: Condition,
+        extra_cond: Condition | None,
         blocks: _RowBlocks,
     ) -> tuple[torch.Tensor, ...]:
         """The prefix (time embedding, down path, mid block) runs on cond (and extra_cond) once; the hook on each up
@@ -205,21 +212,20 @@ class CMDenoiser(nn.Module):
         self._prefix_batch = n * blocks.batch
         try:
             with expert_gate(self.unet, blocks.gate, blocks.mask_source):
-                return self._call(
-                    sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), torch.cat(conds)
-                ).split(blocks.sizes)
+                return self._call(sample.repeat(n, *[1] * (sample.ndim - 1)), timestep.repeat(n), concat(conds)).split(
+                    blocks.sizes
+                )
         finally:
             self._expand_index = None
 
     def _theta(
-        self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, extra_cond: torch.Tensor | None
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition, extra_cond: Condition | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """theta under `cond` (and `extra_cond`) in one call on the stacked batch."""
         if extra_cond is None:
             return self._call(sample, timestep, cond), None
-        full, extra = self._call(torch.cat([sample, sample]), timestep.repeat(2), torch.cat([cond, extra_cond])).chunk(
-            2
-        )
+        both = self._call(torch.cat([sample, sample]), timestep.repeat(2), concat([cond, extra_cond]))
+        full, extra = both.chunk(2)
         return full, extra
 
     def _duplicate_into_up_path(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import LabelledImageDataset, class_splits
 from .errors import ConfigError
+from .families import Condition, ModelFamily
 from .randomness import derived_seed
 from .tuner import expert_disabled
 
@@ -29,18 +30,27 @@ logger = logging.getLogger("capman_peft")
 
 @dataclass
 class LossSetup:
-    """What the per-class loss needs from a pipeline: noising, the image encoder and the class condition.
+    """What the per-class loss needs: the noise schedule and the model family (how pixels become x0, class ids a
+    condition, and how the UNet is called).
 
     (Not a denoising model: :class:`capman_peft.denoiser.CMDenoiser` is that.)
     """
 
     unet: nn.Module
     noise_scheduler: Any
-    encode: Callable[[torch.Tensor], torch.Tensor]
-    """pixels in [-1, 1] -> the UNet's sample space (identity, or VAE latents for Stable Diffusion)."""
-    condition: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    """class ids -> the UNet's conditioning kwargs (``class_labels`` or ``encoder_hidden_states``)."""
+    family: ModelFamily
     device: torch.device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> x0 in the UNet's sample space (deterministic: a VAE's posterior mean)."""
+        return self.family.encode({"pixel_values": pixels}, None)
+
+    def condition(self, class_ids: torch.Tensor) -> Condition:
+        return self.family.condition(class_ids)
+
+    def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """`model`'s prediction (θ, θ^g, a pruned copy: any UNet of this family)."""
+        return self.family.predict(model, noisy, t, cond)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         prediction_type = self.noise_scheduler.config.prediction_type
@@ -58,7 +68,7 @@ class FixedBatch:
     class_id: int
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    condition: dict[str, torch.Tensor]
+    condition: Condition
     target: torch.Tensor
 
 
@@ -121,9 +131,9 @@ def measure_expert_use(
     counts = torch.zeros(num_classes)
     batches = fixed_batches(loss_setup, data, num_classes, num_batches=num_batches, batch_size=batch_size, seed=seed)
     for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
-        full = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+        full = loss_setup.predict(capman, batch.noisy, batch.timesteps, batch.condition)
         with expert_disabled(capman):
-            general = capman(batch.noisy, batch.timesteps, **batch.condition).sample
+            general = loss_setup.predict(capman, batch.noisy, batch.timesteps, batch.condition)
         for key, (a, b) in {
             "expert_usage": (full, general),
             "loss_full": (full, batch.target),
@@ -145,8 +155,7 @@ def summarize_expert_use(
     capman: nn.Module,
     noise_scheduler: Any,
     data: Any,
-    encode: Any,
-    condition: Any,
+    family: ModelFamily,
     images_per_class: int = EXPERT_USE_IMAGES,
 ) -> dict[str, Any]:
     """Is the reserved expert used? theta vs theta^g per split on a fixed batch of training images per class
@@ -157,7 +166,7 @@ def summarize_expert_use(
     loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
     """
     device = next(capman.parameters()).device
-    loss_setup = LossSetup(capman, noise_scheduler, encode, condition, device)
+    loss_setup = LossSetup(capman, noise_scheduler, family, device)
     num_classes = data.num_classes
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class

@@ -170,8 +170,8 @@ def test_capacity_matches_merged_theta_minus_general_theta(cm_run):
     denoiser = make_loss_setup(setup.pipe, setup.folder, DIGITS, "imb-digits")
     for batch in fixed_batches(denoiser, setup.data, 10, num_batches=1, batch_size=4):
         with torch.no_grad():
-            a = theta(batch.noisy, batch.timesteps, **batch.condition).sample
-            b = theta_g(batch.noisy, batch.timesteps, **batch.condition).sample
+            a = theta(batch.noisy, batch.timesteps, class_labels=batch.condition).sample
+            b = theta_g(batch.noisy, batch.timesteps, class_labels=batch.condition).sample
         assert result["expert_usage"][batch.class_id] == pytest.approx((a - b).pow(2).mean().item(), rel=1e-3)
 
 
@@ -254,9 +254,9 @@ def test_push_gradient_splits_the_hinge_gradient_by_route_and_weights(cm_run, tm
         noisy, t, condition, _ = _class_inputs(
             loss_setup, setup.data, rows=rows, class_id=c, grid=timestep_grid(1000, 2), seed=1
         )
-        full = capman(noisy, t, **condition).sample
+        full = capman(noisy, t, class_labels=condition).sample
         with torch.no_grad(), expert_disabled(capman):
-            general = capman(noisy, t, **condition).sample
+            general = capman(noisy, t, class_labels=condition).sample
         rms = (full - general).pow(2).flatten(1).mean(1).sqrt()
         total = total + weights.push[c] * (50.0 - rms).clamp(min=0).sum() / (5 * len(t))
     grads = torch.autograd.grad(total, experts)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from_pretrained)
+import capman_peft.training.loop as training_loop
 from capman_peft.errors import run_cli
 from capman_peft.expert_use import EXPERT_USE_IMAGES
 from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
@@ -413,14 +414,14 @@ def test_checkpoint_holds_only_the_adapter(assets, tmp_path):
 
 def test_bf16_keeps_frozen_weights_in_bf16_and_adapters_in_fp32(assets, tmp_path, monkeypatch, fresh_accelerate_state):
     seen = []
-    real_loss = train_text_to_image_cm.diffusion_loss
+    real_loss = training_loop.diffusion_loss
 
     def recording(denoiser, *args, **kwargs):
         params = list(denoiser.parameters())
         seen.append(({p.dtype for p in params if not p.requires_grad}, {p.dtype for p in params if p.requires_grad}))
         return real_loss(denoiser, *args, **kwargs)
 
-    monkeypatch.setattr(train_text_to_image_cm, "diffusion_loss", recording)
+    monkeypatch.setattr(training_loop, "diffusion_loss", recording)
     train_text_to_image_cm.main(
         tiny_args(assets, tmp_path, max_train_steps=4, mixed_precision="bf16", validation_epochs=1)
     )
@@ -522,14 +523,14 @@ def test_base_model_missing_a_component_is_named(assets, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_with_the_step_and_term(assets, tmp_path, capsys, monkeypatch):
-    real_loss = train_text_to_image_cm.diffusion_loss
+    real_loss = training_loop.diffusion_loss
 
     def poisoned(*args, **kwargs):
         loss, logs = real_loss(*args, **kwargs)
         logs["cm_diversity"] = torch.tensor(float("nan"))
         return loss, logs
 
-    monkeypatch.setattr(train_text_to_image_cm, "diffusion_loss", poisoned)
+    monkeypatch.setattr(training_loop, "diffusion_loss", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_text_to_image_cm.main, tiny_args(assets, tmp_path))
     assert exit_info.value.code == 1

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import capman_peft.checkpointing as checkpointing
+import capman_peft.training.loop as training_loop
 from capman_peft import ClassConditionalPipeline
 from capman_peft.errors import run_cli
 from capman_peft.training.loop import TrainingCallbacks
@@ -223,14 +224,14 @@ def test_non_finite_loss_stops_with_the_term_and_keeps_the_checkpoint(tmp_path, 
     train_unet_cm.main(tiny_args(tmp_path, max_train_steps=2, checkpointing_steps=2))
     good = tmp_path / "out" / "checkpoint-2"
     before = {p.name: p.read_bytes() for p in good.iterdir()}
-    real_loss = train_unet_cm.diffusion_loss
+    real_loss = training_loop.diffusion_loss
 
     def poisoned(*args, **kwargs):
         loss, logs = real_loss(*args, **kwargs)
         logs["cm_diversity"] = torch.tensor(float("nan"))
         return loss, logs
 
-    monkeypatch.setattr(train_unet_cm, "diffusion_loss", poisoned)
+    monkeypatch.setattr(training_loop, "diffusion_loss", poisoned)
     with pytest.raises(SystemExit):
         run_cli(
             train_unet_cm.main,

@@ -23,6 +23,7 @@ from ..data import class_splits, load_heldout_dataset
 from ..errors import ConfigError
 from ..evaluation.report import write_json
 from ..expert_use import LossSetup
+from ..families import Condition, take_rows
 from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, cm_weights
 from ..randomness import derived_seed
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
@@ -51,7 +52,7 @@ def _heldout_rows(setup: AnalysisSetup, images_per_class: int) -> tuple[Any, lis
 
 def _class_inputs(
     loss_setup: LossSetup, heldout: Any, *, rows: np.ndarray, class_id: int, grid: torch.Tensor, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, Condition, torch.Tensor]:
     """Every held-out image of one class at every grid timestep, with noise fixed by (seed, class)."""
     device = loss_setup.device
     x0 = loss_setup.encode(torch.stack([heldout[int(i)]["pixel_values"] for i in rows]).to(device))
@@ -112,13 +113,13 @@ def heldout_loss(
             model.eval()
             total = 0.0
             for start in range(0, len(t), batch_size):
-                part = slice(start, start + batch_size)
-                kwargs = {k: v[part] for k, v in condition.items()}
+                part = torch.arange(start, min(start + batch_size, len(t)))
+                inputs = (model, noisy[part], t[part], take_rows(condition, part))
                 if key == "loss_general":
                     with expert_disabled(model):
-                        pred = model(noisy[part], t[part], **kwargs).sample
+                        pred = loss_setup.predict(*inputs)
                 else:
-                    pred = model(noisy[part], t[part], **kwargs).sample
+                    pred = loss_setup.predict(*inputs)
                 total += (pred.float() - target[part].float()).pow(2).flatten(1).mean(1).sum().item()
             values[key][c] = total / len(t)
     result = {
@@ -196,9 +197,9 @@ def push_gradient(
         noisy, t, condition, target = _class_inputs(
             loss_setup, setup.data, rows=rows, class_id=c, grid=grid, seed=seed + 1
         )
-        full = capman(noisy, t, **condition).sample.float()
+        full = loss_setup.predict(capman, noisy, t, condition).float()
         with expert_disabled(capman):
-            general = capman(noisy, t, **condition).sample.float()
+            general = loss_setup.predict(capman, noisy, t, condition).float()
         gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
         if form == "relative":
             m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
@@ -230,7 +231,7 @@ def push_gradient(
         if len(rows) == 0:
             continue
         noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows=rows, class_id=c, grid=grid, seed=seed)
-        loss = (capman(noisy, t, **condition).sample.float() - target.float()).pow(2).mean()
+        loss = (loss_setup.predict(capman, noisy, t, condition).float() - target.float()).pow(2).mean()
         grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), list(params))
         for key, direction in directions.items():
             norm = float(direction.norm())

@@ -21,6 +21,7 @@ from ..data import (
 )
 from ..errors import ConfigError
 from ..expert_use import LossSetup
+from ..families import ClassConditionalFamily, StableDiffusionFamily
 from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
 
 
@@ -31,15 +32,11 @@ def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], d
     device = pipe.unet.device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if folder.kind == "class-conditional":
-        return LossSetup(pipe.unet, noise_scheduler, lambda x: x, lambda y: {"class_labels": y}, device)
+        return LossSetup(pipe.unet, noise_scheduler, ClassConditionalFamily(), device)
 
     template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
     embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, class_prompts(class_names, template))
-
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
-
-    return LossSetup(pipe.unet, noise_scheduler, encode, lambda y: {"encoder_hidden_states": embeddings[y]}, device)
+    return LossSetup(pipe.unet, noise_scheduler, StableDiffusionFamily(pipe.vae, embeddings), device)
 
 
 # ----------------------------------------------------------------------------------------------------------

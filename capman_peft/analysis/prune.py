@@ -100,7 +100,7 @@ def pruning_sensitivity(
     )
     for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class loss", disable=not progress):
         for name, model in (("raw", raw), ("pruned", pruned)):
-            prediction = model(batch.noisy, batch.timesteps, **batch.condition).sample
+            prediction = loss_setup.predict(model, batch.noisy, batch.timesteps, batch.condition)
             sums[name][batch.class_id] += per_sample_mse(prediction, batch.target).sum().item()
         counts[batch.class_id] += len(batch.timesteps)
     loss_raw = (sums["raw"] / counts).tolist()

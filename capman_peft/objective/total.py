@@ -8,6 +8,7 @@ base objective from ``base.py`` and L_CM from ``cm.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,16 +62,16 @@ def diffusion_loss(
     num_classes: int,
     cm: CMSettings | None,
     draws: StepDraws,
-    cond_table: Tensor | None = None,
+    condition: Callable[[Tensor], Any] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
 
-    The condition of sample i is class id ``labels[i]`` (UNet2DModel) or ``cond_table[labels[i]]`` (text
-    embeddings); a dropped label uses the null entry ``num_classes``. The objectives see the true labels. L_CM
-    leaves label-dropped samples out: both predictions were made without the class, so there is no class to
-    allocate capacity for (their weight is 0 in the batch mean). With ``cm.general_fraction < 1`` theta^g runs on
-    rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and CBDM
-    labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
+    The condition of sample i is ``condition(labels[i])`` — the model family's condition for that class (the class
+    id itself when `condition` is None); a dropped label uses the null class ``num_classes``. The objectives see the
+    true labels. L_CM leaves label-dropped samples out: both predictions were made without the class, so there is no
+    class to allocate capacity for (their weight is 0 in the batch mean). With ``cm.general_fraction < 1`` theta^g
+    runs on rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and
+    CBDM labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
     device)`).
     """
     if draws.noise.shape != x0.shape:
@@ -80,8 +81,8 @@ def diffusion_loss(
     cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
     extra_labels = draws.extra_labels
 
-    def condition(ids: Tensor | None) -> Tensor | None:
-        return ids if ids is None or cond_table is None else cond_table[ids]
+    def condition_of(ids: Tensor | None) -> Any:
+        return ids if ids is None or condition is None else condition(ids)
 
     general_rows = sample_weight = None
     if cm is not None:
@@ -93,7 +94,7 @@ def diffusion_loss(
         else:
             sample_weight = kept
 
-    outputs = denoiser(x_t, timesteps, condition(cond_labels), condition(extra_labels), general_rows)
+    outputs = denoiser(x_t, timesteps, condition_of(cond_labels), condition_of(extra_labels), general_rows)
     loss, logs = objective(
         outputs.full,
         x0=x0,

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpointing import save_training_checkpoint
-from ..objective import check_finite
+from ..families import ModelFamily
+from ..objective import CMSettings, check_finite, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 from ..settings import TrainingSettings
 
@@ -144,6 +145,27 @@ class Training:
     per_epoch: int
     global_step: int
     run_id: str
+
+
+def family_step_loss(
+    family: ModelFamily,
+    denoiser: nn.Module,
+    objective: Any,
+    noise_scheduler: Any,
+    *,
+    num_classes: int,
+    cm: CMSettings | None,
+) -> Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Eq. 4 for one micro-batch of any model family: the family encodes the batch to x0 and turns class ids into
+    its condition; :func:`diffusion_loss` does the rest."""
+
+    def step_loss(batch: Any, draws: StepDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return diffusion_loss(
+            denoiser, objective, noise_scheduler, family.encode(batch, draws), batch["label"],
+            num_classes=num_classes, cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch),
+        )  # fmt: skip
+
+    return step_loss
 
 
 @dataclass

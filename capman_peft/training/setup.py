@@ -22,6 +22,7 @@ from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_
 from ..data import LabelledImageDataset, class_balanced_sampler, load_imbalanced_dataset
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
+from ..families import ModelFamily
 from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from ..randomness import StepRandomness
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
@@ -244,6 +245,7 @@ def prepare_training(
     labels: Sequence[int],
     sample_shape: Sequence[int],
     project: str,
+    family: ModelFamily,
     **draw_options: Any,
 ) -> Training:
     """Everything between the model and the first step, in this order: the CM forward module, EMA, data loader,
@@ -252,7 +254,7 @@ def prepare_training(
     optimization, output = settings.optimization, settings.output
     forward = settings.objective.cm_forward
     try:
-        denoiser = CMDenoiser(model, forward_mode=forward, capacity_manipulation=cm is not None)
+        denoiser = CMDenoiser(model, forward_mode=forward, capacity_manipulation=cm is not None, family=family)
     except ValueError as err:
         raise ConfigError(f"--cm_forward {forward}: {err}") from None
     params = [p for p in model.parameters() if p.requires_grad]
