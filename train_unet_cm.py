@@ -14,31 +14,36 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from peft import get_peft_model
 
-from capman_peft import CapManConfig, ClassConditionalPipeline
-from capman_peft.denoiser import AFTER_SPLIT
+from capman_peft import CapManConfig
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.expert_use import summarize_expert_use
 from capman_peft.families import ClassConditionalFamily
+from capman_peft.families.class_conditional import (
+    PIPELINE_NOTE,
+    UP_PATH_TARGETS,
+    UNetSettings,
+    build_unet,
+    check_expert_placement,
+    class_grid,
+    unet_config,
+)
 from capman_peft.flags import (
     fraction,
     module_patterns,
     script_parser,
 )
-from capman_peft.hub import hub_source
-from capman_peft.pipelines import image_grid, save_adapter_and_merge, save_class_conditional_pipeline
+from capman_peft.hub import cm_card_settings
+from capman_peft.pipelines import save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (
-    cm_card_settings,
     final_model,
     finish_export,
     publish_export,
@@ -55,28 +60,6 @@ from capman_peft.training.setup import (
 )
 
 logger = logging.getLogger("capman_peft")
-
-PIPELINE_NOTE = (
-    "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
-    '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
-)
-
-# The paper's expert placement: every weight matrix of the up path (G.1): the resnets' convs and time-embedding
-# projections, the attention projections and the upsampler convs.
-UP_PATH_TARGETS = (
-    r"up_blocks\..*\.(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|upsamplers\.\d+\.conv)"
-)
-
-
-@dataclass(frozen=True)
-class UNetSettings:
-    """The model flags of this script, and the UNet config they resolve to."""
-
-    model_config_name_or_path: str | None
-    expert_rank_ratio: float
-    expert_target_modules: str
-    unet_config: dict
-    """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
@@ -110,83 +93,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     settings = dataclasses.replace(settings, model=model)
     check_expert_placement(settings)
     return settings
-
-
-def check_expert_placement(settings: TrainingSettings) -> None:
-    """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it; the
-    layers the regex selects are found on a model built without memory (meta device), before any data is read."""
-    objective, model = settings.objective, settings.model
-    if not objective.capacity_manipulation or objective.cm_forward != "shared_prefix":
-        return
-    with torch.device("meta"):
-        unet = build_unet(model.unet_config, settings.data.resolution, 2)
-    chosen = [name for name, _ in unet.named_modules() if re.fullmatch(model.expert_target_modules, name)]
-    outside = [name for name in chosen if not name.startswith(AFTER_SPLIT)]
-    if outside:
-        raise ConfigError(
-            f"--expert_target_modules {model.expert_target_modules}: puts experts before the up path ({outside[0]}, "
-            f"{len(outside)} layers), which --cm_forward shared_prefix computes once for theta and theta^g; allowed: "
-            "--cm_forward fused, or experts in up_blocks only"
-        )
-
-
-def unet_config(model_config_name_or_path: str | None, resolution: int) -> dict:
-    """The UNet2DModel config: ``--model_config_name_or_path`` or the paper's preset, checked against --resolution."""
-    if model_config_name_or_path:
-        name = hub_source(model_config_name_or_path, "--model_config_name_or_path")
-        try:
-            config = dict(UNet2DModel.load_config(name))
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"--model_config_name_or_path {model_config_name_or_path}: cannot be read "
-                f"({str(err).splitlines()[0]}); allowed: a UNet2DModel config.json, or a folder or Hub id with one"
-            ) from None
-    else:
-        levels = 4
-        attention = [resolution // 2**i == 16 for i in range(levels)]
-        config = dict(
-            block_out_channels=(128, 256, 256, 256),
-            layers_per_block=2,
-            dropout=0.1,
-            attention_head_dim=64,
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        )
-    factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
-    if resolution % factor:
-        raise ConfigError(
-            f"--resolution {resolution}: the UNet downsamples by {factor}; allowed: a multiple of {factor}"
-        )
-    return config
-
-
-def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
-    """The UNet from `config`, with one class embedding per class plus the null class."""
-    return UNet2DModel.from_config({**config, "sample_size": resolution, "num_class_embeds": num_classes + 1})
-
-
-def class_grid(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], settings: TrainingSettings, device
-):
-    """A per-class sample grid (rows = classes) with DDIM and guidance, from fixed seeds."""
-    pipeline = ClassConditionalPipeline(
-        unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    output = settings.output
-    labels = [c for c in range(len(class_names)) for _ in range(output.num_validation_images)]
-    generator = torch.Generator(device).manual_seed(settings.optimization.seed)
-    was_training = unet.training
-    unet.eval()
-    with torch.no_grad():
-        images = pipeline(
-            class_labels=labels,
-            num_inference_steps=output.num_inference_steps,
-            guidance_scale=output.guidance_scale,
-            generator=generator,
-        ).images
-    unet.train(was_training)
-    return image_grid(images, rows=len(class_names), cols=output.num_validation_images)
 
 
 def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None = None) -> None:

@@ -22,13 +22,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from .families import Condition, ModelFamily, concat, family_of_unet, take_rows
+from .families import AFTER_SPLIT, Condition, ModelFamily, concat, family_of_unet, take_rows
 from .tuner import CapManLayer, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
 FORWARD_MODES = ("fused", "sequential", "shared_prefix")
-# Modules that run after the up path has been duplicated, so shared_prefix may put experts there.
-AFTER_SPLIT = ("up_blocks.", "conv_norm_out", "conv_out")
 
 
 def _base_model(model: nn.Module) -> nn.Module:

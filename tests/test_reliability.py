@@ -24,6 +24,7 @@ from conftest import TINY_UNET_CONFIG, as_argv, digits_run_args
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.evaluation import evaluate_pipeline
 from capman_peft.evaluation.cli import main as eval_main
+from capman_peft.families import stable_diffusion
 from capman_peft.testing import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -775,9 +776,7 @@ def test_sd_base_weights_load_only_from_safetensors(tmp_path, capsys):
     ids=["two placeholders", "shared_prefix", "expert regex", "target regex"],
 )
 def test_text_to_image_refusals_come_before_the_base_model_loads(tmp_path, capsys, monkeypatch, overrides, expected):
-    monkeypatch.setattr(
-        train_text_to_image_cm, "load_component", lambda *a, **k: pytest.fail("the base model began to load")
-    )
+    monkeypatch.setattr(stable_diffusion, "load_component", lambda *a, **k: pytest.fail("the base model began to load"))
     argv = sd_args(tmp_path, tmp_path / "no-base-needed") + as_argv(overrides)
     assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, expected)
 

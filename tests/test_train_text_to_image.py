@@ -34,6 +34,7 @@ import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from
 import capman_peft.training.loop as training_loop
 from capman_peft.errors import run_cli
 from capman_peft.expert_use import EXPERT_USE_IMAGES
+from capman_peft.families import stable_diffusion
 from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,14 +248,14 @@ def test_model_card_names_base_license_data_and_cm_settings(trained):
 def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# base\n")
     settings = train_text_to_image_cm.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
-    assert train_text_to_image_cm.base_model_license(settings) == "mit"
+    assert stable_diffusion.base_model_license(settings) == "mit"
 
     def with_model(**changes):
         return dataclasses.replace(settings, model=dataclasses.replace(settings.model, **changes))
 
-    assert train_text_to_image_cm.base_model_license(with_model(license="openrail")) == "openrail"
+    assert stable_diffusion.base_model_license(with_model(license="openrail")) == "openrail"
     elsewhere = with_model(pretrained_model_name_or_path=str(tmp_path / "elsewhere"))
-    assert train_text_to_image_cm.base_model_license(elsewhere) == "creativeml-openrail-m"
+    assert stable_diffusion.base_model_license(elsewhere) == "creativeml-openrail-m"
 
 
 def test_push_to_hub_uploads_the_lora_file_with_its_card(trained):
@@ -479,7 +480,7 @@ def test_defaults_are_the_paper_recipe():
     # the template is the dataset's own ("a {} painting" for ArtBench), resolved with the settings
     assert settings.data.dataset == "imb-artbench10" and sd.prompt_template == "a {} painting"
     assert (objective.cm_general_fraction, objective.cm_form, objective.cm_forward) == (0.25, "hinge", "fused")
-    config = train_text_to_image_cm.adapter_config(settings)
+    config = stable_diffusion.adapter_config(settings)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}
     assert train_text_to_image_cm.parse_args(["--caption_dropout", "0.2"]).objective.label_dropout == 0.2

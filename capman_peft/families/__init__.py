@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Condition, ModelFamily, concat, take_rows
+from .base import AFTER_SPLIT, Condition, ModelFamily, cast_frozen_weights, concat, take_rows
 from .class_conditional import ClassConditionalFamily
 from .stable_diffusion import StableDiffusionFamily, sample_latents
 
@@ -25,9 +25,11 @@ def family_of_unet(unet: nn.Module) -> ModelFamily:
 
 
 __all__ = [
+    "AFTER_SPLIT",
     "ClassConditionalFamily",
     "Condition",
     "ModelFamily",
+    "cast_frozen_weights",
     "StableDiffusionFamily",
     "concat",
     "family_of_unet",

@@ -12,11 +12,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers.training_utils import cast_training_params
 from torch import nn
 
 from ..randomness import StepDraws
 
 Condition = torch.Tensor | dict[str, torch.Tensor]
+# The modules of a diffusers UNet that run after the up path begins: `CMDenoiser`'s shared_prefix mode duplicates the
+# batch there, so with it experts may sit only in these.
+AFTER_SPLIT = ("up_blocks.", "conv_norm_out", "conv_out")
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to `dtype` (memory); trainable ones to float32 (optimizer updates must not round away)."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
+    cast_training_params(model, torch.float32)
 
 
 def take_rows(cond: Condition, rows: torch.Tensor) -> Condition:

@@ -1,14 +1,27 @@
-"""The class-conditional `UNet2DModel` trained from scratch: pixels in, class ids as the condition (paper sec. 4)."""
+"""The class-conditional `UNet2DModel` trained from scratch: pixels in, class ids as the condition (paper sec. 4).
+
+The family's parts: its settings (:class:`UNetSettings`), the UNet config (the paper's preset or a file) and the
+model (:func:`build_unet`), where the experts may sit (:func:`check_expert_placement`), the step's x0 and condition
+(:class:`ClassConditionalFamily`) and the per-class grid (:func:`class_grid`).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from ..class_conditional_pipeline import ClassConditionalPipeline
+from ..errors import ConfigError
+from ..hub import hub_source
+from ..pipelines import image_grid
 from ..randomness import StepDraws
-from .base import Condition, ModelFamily
+from ..settings import TrainingSettings
+from .base import AFTER_SPLIT, Condition, ModelFamily
 
 
 class ClassConditionalFamily(ModelFamily):
@@ -24,3 +37,103 @@ class ClassConditionalFamily(ModelFamily):
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"class_labels": cond}
+
+
+PIPELINE_NOTE = (
+    "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
+    '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
+)
+
+# The paper's expert placement: every weight matrix of the up path (G.1): the resnets' convs and time-embedding
+# projections, the attention projections and the upsampler convs.
+UP_PATH_TARGETS = (
+    r"up_blocks\..*\.(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|upsamplers\.\d+\.conv)"
+)
+
+
+@dataclass(frozen=True)
+class UNetSettings:
+    """The model flags of this script, and the UNet config they resolve to."""
+
+    model_config_name_or_path: str | None
+    expert_rank_ratio: float
+    expert_target_modules: str
+    unet_config: dict
+    """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
+
+
+def check_expert_placement(settings: TrainingSettings) -> None:
+    """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it; the
+    layers the regex selects are found on a model built without memory (meta device), before any data is read."""
+    objective, model = settings.objective, settings.model
+    if not objective.capacity_manipulation or objective.cm_forward != "shared_prefix":
+        return
+    with torch.device("meta"):
+        unet = build_unet(model.unet_config, settings.data.resolution, 2)
+    chosen = [name for name, _ in unet.named_modules() if re.fullmatch(model.expert_target_modules, name)]
+    outside = [name for name in chosen if not name.startswith(AFTER_SPLIT)]
+    if outside:
+        raise ConfigError(
+            f"--expert_target_modules {model.expert_target_modules}: puts experts before the up path ({outside[0]}, "
+            f"{len(outside)} layers), which --cm_forward shared_prefix computes once for theta and theta^g; allowed: "
+            "--cm_forward fused, or experts in up_blocks only"
+        )
+
+
+def unet_config(model_config_name_or_path: str | None, resolution: int) -> dict:
+    """The UNet2DModel config: ``--model_config_name_or_path`` or the paper's preset, checked against --resolution."""
+    if model_config_name_or_path:
+        name = hub_source(model_config_name_or_path, "--model_config_name_or_path")
+        try:
+            config = dict(UNet2DModel.load_config(name))
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"--model_config_name_or_path {model_config_name_or_path}: cannot be read "
+                f"({str(err).splitlines()[0]}); allowed: a UNet2DModel config.json, or a folder or Hub id with one"
+            ) from None
+    else:
+        levels = 4
+        attention = [resolution // 2**i == 16 for i in range(levels)]
+        config = dict(
+            block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2,
+            dropout=0.1,
+            attention_head_dim=64,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        )
+    factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
+    if resolution % factor:
+        raise ConfigError(
+            f"--resolution {resolution}: the UNet downsamples by {factor}; allowed: a multiple of {factor}"
+        )
+    return config
+
+
+def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
+    """The UNet from `config`, with one class embedding per class plus the null class."""
+    return UNet2DModel.from_config({**config, "sample_size": resolution, "num_class_embeds": num_classes + 1})
+
+
+def class_grid(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], settings: TrainingSettings, device
+):
+    """A per-class sample grid (rows = classes) with DDIM and guidance, from fixed seeds."""
+    pipeline = ClassConditionalPipeline(
+        unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    output = settings.output
+    labels = [c for c in range(len(class_names)) for _ in range(output.num_validation_images)]
+    generator = torch.Generator(device).manual_seed(settings.optimization.seed)
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        images = pipeline(
+            class_labels=labels,
+            num_inference_steps=output.num_inference_steps,
+            guidance_scale=output.guidance_scale,
+            generator=generator,
+        ).images
+    unet.train(was_training)
+    return image_grid(images, rows=len(class_names), cols=output.num_validation_images)

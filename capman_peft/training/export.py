@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..objective import class_weights
-from ..settings import ObjectiveSettings, TrainingSettings
+from ..settings import TrainingSettings
 from .loop import Trained, Training
 
 logger = logging.getLogger("capman_peft")
@@ -35,21 +35,6 @@ def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step
 
             tracker.log({key: wandb.Image(image)}, step=step)
     return path
-
-
-def cm_card_settings(objective: ObjectiveSettings, **adapter: Any) -> dict[str, Any] | None:
-    """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
-    if not objective.capacity_manipulation:
-        return None
-    return {
-        **adapter,
-        "lambda": objective.cm_lambda,
-        "w_con": objective.cm_consistency_weight,
-        "w_div": objective.cm_diversity_weight,
-        "form": objective.cm_form,
-        "margin": objective.cm_relative_margin if objective.cm_form == "relative" else objective.cm_margin,
-        "objective": objective.objective,
-    }
 
 
 def write_training_summary(

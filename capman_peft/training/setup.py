@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -89,14 +89,6 @@ def init_trackers(accelerator: Accelerator, project_name: str, settings: Trainin
 def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype for frozen weights: the mixed precision in effect (the flag or accelerate's config), else fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen parameters to `dtype` (memory); trainable ones to float32 (optimizer updates must not round away)."""
-    for param in model.parameters():
-        if not param.requires_grad:
-            param.data = param.data.to(dtype)
-    cast_training_params(model, torch.float32)
 
 
 def make_train_dataloader(
