@@ -79,16 +79,35 @@ def lora_state_dict(model: torch.nn.Module, include_expert: bool = True) -> dict
     return state
 
 
+def uniform_rank(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every LoRA pair of `state` at the largest rank, the extra rows of A and columns of B zero: B A is unchanged.
+
+    A file without alphas is loaded with scale 1 on every module only when its ranks agree: diffusers before 0.42
+    takes one alpha for the whole file (the first module's rank), so a module of another rank (one with no expert
+    next to ones with an expert) would load with the wrong scale.
+    """
+    rank = max(value.shape[0] for key, value in state.items() if key.endswith("lora_A.weight"))
+    padded = {}
+    for key, value in state.items():
+        missing = rank - (value.shape[0] if key.endswith("lora_A.weight") else value.shape[1])
+        if missing and key.endswith("lora_A.weight"):
+            value = torch.cat([value, value.new_zeros(missing, *value.shape[1:])])
+        elif missing:
+            value = torch.cat([value, value.new_zeros(value.shape[0], missing, *value.shape[2:])], dim=1)
+        padded[key] = value
+    return padded
+
+
 def save_lora_weights(model: torch.nn.Module, output_dir: str | Path) -> list[Path]:
     """Write the adapter as diffusers LoRA files that ``StableDiffusionPipeline.load_lora_weights`` reads:
-    ``pytorch_lora_weights.safetensors`` (theta = general + expert) and ``..._general.safetensors`` (theta^g)."""
+    ``pytorch_lora_weights.safetensors`` (theta = general + expert) and ``..._general.safetensors`` (theta^g), each
+    at one rank (:func:`uniform_rank`)."""
     from diffusers import StableDiffusionPipeline
 
     written = []
     for name, include_expert in ((LORA_FILE, True), (GENERAL_LORA_FILE, False)):
-        StableDiffusionPipeline.save_lora_weights(
-            str(output_dir), unet_lora_layers=lora_state_dict(model, include_expert), weight_name=name
-        )
+        layers = uniform_rank(lora_state_dict(model, include_expert))
+        StableDiffusionPipeline.save_lora_weights(str(output_dir), unet_lora_layers=layers, weight_name=name)
         written.append(Path(output_dir) / name)
     return written
 

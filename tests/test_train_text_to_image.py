@@ -341,6 +341,30 @@ def test_lora_factors_stack_the_general_and_expert_parts_exactly():
     assert len(lora_state_dict(model, include_expert=False)["up_blocks.0.resnets.0.conv1.lora_A.weight"]) == 4
 
 
+def test_a_lora_file_with_experts_on_some_layers_has_one_rank_and_the_same_products():
+    """Experts on conv1 only: its pair has rank 6, to_q's rank 4. The file pads to_q to rank 6 with zeros, so a loader
+    that takes one alpha (= the first module's rank) for the file scales every module by 1; B A is unchanged."""
+    from peft import get_peft_model
+
+    from capman_peft import CapManConfig
+    from capman_peft.pipelines import lora_state_dict, uniform_rank
+
+    cfg = CapManConfig(
+        r=4, expert_r=2, init_lora_weights=False, target_modules=["to_q", "conv1"], expert_target_modules=["conv1"]
+    )
+    state = lora_state_dict(get_peft_model(make_tiny_sd_unet(), cfg))
+    ranks = {k: v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    assert set(ranks.values()) == {4, 6}  # mixed before
+    padded = uniform_rank(state)
+    assert {v.shape[0] for k, v in padded.items() if k.endswith("lora_A.weight")} == {6}
+    for key in ranks:
+        b_key = key.replace("lora_A", "lora_B")
+        before = state[b_key].flatten(1) @ state[key].flatten(1)
+        after = padded[b_key].flatten(1) @ padded[key].flatten(1)
+        assert torch.equal(before, after), key
+        assert padded[b_key].shape[2:] == state[b_key].shape[2:] and padded[key].shape[1:] == state[key].shape[1:]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Work done once
 # ---------------------------------------------------------------------------------------------------------
