@@ -26,9 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import (
-    AutoencoderKL,
     SchedulerMixin,
-    StableDiffusionPipeline,
 )
 from diffusers.utils.import_utils import is_xformers_available
 from torch.utils.data import Dataset
@@ -39,12 +37,14 @@ from capman_peft.expert_use import summarize_expert_use
 from capman_peft.families import StableDiffusionFamily, cast_frozen_weights
 from capman_peft.families.stable_diffusion import (
     BASE_LICENSE,
+    DEFAULT_RESOLUTION,
     StableDiffusionSettings,
     add_adapter,
+    base_family,
     cache_latents,
     card,
     export_pipeline,
-    inference_scheduler,
+    grid_pipeline,
     load_base,
     sample_class_grid,
 )
@@ -59,7 +59,7 @@ from capman_peft.flags import (
     section,
 )
 from capman_peft.recipes import parse_settings
-from capman_peft.settings import TrainingSettings
+from capman_peft.settings import ObjectiveSettings, TrainingSettings
 from capman_peft.training.export import (
     final_model,
     finish_export,
@@ -86,13 +86,19 @@ ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
 def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     """The run's typed settings from the command line (and ``--config``), checked before any work."""
     parser = script_parser(
-        __doc__, dataset="imb-artbench10", resolution=256, objective="ddpm", validation_epochs=10, guidance_scale=7.5
+        __doc__, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10, guidance_scale=7.5
     )
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path",
         default=BASE_MODEL,
-        help="Stable Diffusion pipeline to fine-tune (Hub id or local folder); the paper uses miniSD (256 px).",
+        help="Stable Diffusion 1.x/2.x or SDXL pipeline to fine-tune (Hub id or local folder; the family is read from "
+        "its model_index.json); the paper uses miniSD (256 px).",
+    )
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE to use instead of the base pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 SDXL training).",
     )
     group.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
     group.add_argument("--variant", default=None, help='Weight variant of the base model files, e.g. "fp16".')
@@ -171,38 +177,53 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         cm_general_fraction=0.25,
     )
     args, settings = parse_settings(parser, argv)
+    check_adapter_flags(args, settings.objective)
+    # Last, as it reads the base model's model_index.json: the family decides the default resolution.
     template = args.prompt_template or get_dataset_spec(settings.data.dataset).prompt_template
-    model = section(StableDiffusionSettings, args, prompt_template=template)
-    settings = dataclasses.replace(settings, model=model)
-    check_text_to_image_settings(settings)
+    family = base_family(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision)
+    model = section(StableDiffusionSettings, args, prompt_template=template, family=family)
+    data = settings.data
+    if data.resolution is None:
+        data = dataclasses.replace(data, resolution=DEFAULT_RESOLUTION[family])
+    settings = dataclasses.replace(settings, data=data, model=model)
+    check_family_settings(settings)
     return settings
 
 
-def check_text_to_image_settings(settings: TrainingSettings) -> None:
-    objective, model = settings.objective, settings.model
-    if settings.data.resolution is None or settings.data.resolution % 8:
+def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:
+    """The adapter and optional-package flags, checked before the base model is read."""
+    cm = objective.capacity_manipulation
+    if args.resolution is not None and args.resolution % 8:
         raise ConfigError(
-            f"--resolution {settings.data.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
+            f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
         )
-    if objective.capacity_manipulation and not model.expert_rank < model.rank:
+    if cm and not args.expert_rank < args.rank:
         raise ConfigError(
-            f"--expert_rank {model.expert_rank}: not below --rank {model.rank}; allowed: 1 .. rank - 1 (paper: "
-            "r_e < r_g)"
+            f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
         )
-    if objective.capacity_manipulation and objective.cm_forward == "shared_prefix" and not model.expert_target_modules:
+    if cm and objective.cm_forward == "shared_prefix" and not args.expert_target_modules:
         raise ConfigError(
             "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts sit on "
             "every target layer, the down path's too; allowed: --cm_forward fused, or --expert_target_modules with "
             "up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
         )
-    if model.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             "--use_8bit_adam: needs bitsandbytes, which is not installed; allowed: pip install bitsandbytes"
         )
-    if model.enable_xformers_memory_efficient_attention and not is_xformers_available():
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise ConfigError(
             "--enable_xformers_memory_efficient_attention: needs xformers, which is not installed; allowed: pip "
             "install xformers"
+        )
+
+
+def check_family_settings(settings: TrainingSettings) -> None:
+    """What the base model's family requires."""
+    if settings.model.xl and not (settings.data.center_crop or settings.model.cache_latents):
+        raise ConfigError(
+            "--center_crop: needed for SDXL, whose time ids give the crop's position (a center crop's follows from "
+            "the image size); allowed: --center_crop or --cache_latents"
         )
 
 
@@ -210,28 +231,17 @@ def publish_validation_grid(
     accelerator: Accelerator,
     unet: torch.nn.Module,
     *,
-    vae: AutoencoderKL,
+    family: StableDiffusionFamily,
     noise_scheduler: SchedulerMixin,
-    cond_table: torch.Tensor,
     settings: TrainingSettings,
     epoch: int,
     step: int,
 ) -> Path:
     """A per-class grid from the model being trained (adapters active, dropout off), saved and sent to trackers."""
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=inference_scheduler(noise_scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = grid_pipeline(unet, family.vae, noise_scheduler, xl=settings.model.xl)
     was_training = unet.training
     unet.eval()
-    grid = sample_class_grid(pipeline, cond_table, settings, frozen_weight_dtype(accelerator))
+    grid = sample_class_grid(pipeline, family, settings, frozen_weight_dtype(accelerator))
     unet.train(was_training)
     path = Path(settings.output.output_dir) / "validation" / f"epoch-{epoch:03d}.png"
     return publish_image(accelerator, grid, path, step)
@@ -267,7 +277,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
-    family = StableDiffusionFamily(vae, base.cond_table.to(device))
+    family = base.family
     run = prepare_training(
         accelerator,
         settings,
@@ -285,7 +295,6 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         latent_noise=True,
     )
     logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
-    cond_table = family.cond_table
     step_loss = family_step_loss(
         family, run.denoiser, objective, noise_scheduler, num_classes=dataset.num_classes, cm=cm
     )
@@ -294,9 +303,8 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         publish_validation_grid(
             accelerator,
             trained.get_base_model(),
-            vae=vae,
+            family=family,
             noise_scheduler=noise_scheduler,
-            cond_table=cond_table,
             settings=settings,
             epoch=epoch,
             step=step,
@@ -314,7 +322,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         with staged_export(settings.output.output_dir) as out:
             pipeline = export_pipeline(settings, model, noise_scheduler, out, run.run_id)
             pipeline.set_progress_bar_config(disable=True)
-            samples = sample_class_grid(pipeline.to(device), cond_table, settings, torch.float32)
+            samples = sample_class_grid(pipeline.to(device), family, settings, torch.float32)
             finish_export(
                 accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,
                 expert_report=report, samples=samples, card=card(settings, base.prompts),

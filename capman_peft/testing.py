@@ -17,9 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # The mirror's label order (baroque is 8 there, 1 in the paper's alphabetical order).
 ARTBENCH_MIRROR_NAMES = [
@@ -64,21 +72,23 @@ def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DCon
     )
 
 
-def build_tiny_sd(root: Path) -> Path:
-    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
+def _tiny_tokenizer(files: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer with one token per character (and per word-final character): no merges needed."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # one token per character (and per word-final character): no merges needed
+    for suffix in ("", "</w>"):
         for char in string.ascii_lowercase + string.digits + "-":
             vocab[char + suffix] = len(vocab)
-    files = root / "tokenizer-files"
     files.mkdir(parents=True)
     (files / "vocab.json").write_text(json.dumps(vocab))
     (files / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
+    return CLIPTokenizer(
         str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
     )
-    unet = make_tiny_sd_unet(cross_attention_dim=16)
-    vae = AutoencoderKL(  # two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents
+
+
+def _tiny_vae() -> AutoencoderKL:
+    """Two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents."""
+    return AutoencoderKL(
         block_out_channels=(8, 8),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
@@ -87,19 +97,29 @@ def build_tiny_sd(root: Path) -> Path:
         layers_per_block=1,
         sample_size=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vocab_size=1000,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+
+
+def _tiny_text_config(**extra: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=1000,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
     )
+
+
+def build_tiny_sd(root: Path) -> Path:
+    """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
+    tokenizer = _tiny_tokenizer(root / "tokenizer-files")
+    unet = make_tiny_sd_unet(cross_attention_dim=16)
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_text_config())
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
     )
@@ -112,6 +132,46 @@ def build_tiny_sd(root: Path) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root / "base", safe_serialization=True)
+    return root / "base"
+
+
+def build_tiny_sdxl(root: Path) -> Path:
+    """A StableDiffusionXLPipeline folder at toy size: a UNet with SDXL's added conditions (pooled text embedding
+    and six time ids), two CLIP text encoders (the second with a projection), a VAE and SDXL's Euler scheduler."""
+    tokenizer = _tiny_tokenizer(root / "tokenizer-files")
+    tokenizer_2 = _tiny_tokenizer(root / "tokenizer-2-files")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,  # the two encoders' hidden states side by side
+        norm_num_groups=4,
+        attention_head_dim=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4,  # pooled embedding + six time ids
+    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipeline.save_pretrained(root / "base", safe_serialization=True)
     return root / "base"

@@ -247,6 +247,7 @@ def test_model_card_names_base_license_data_and_cm_settings(trained):
 
 def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# base\n")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     settings = train_text_to_image_cm.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
     assert stable_diffusion.base_model_license(settings) == "mit"
 
@@ -492,10 +493,12 @@ def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_defaults_are_the_paper_recipe():
-    settings = train_text_to_image_cm.parse_args([])
+def test_defaults_are_the_paper_recipe(assets):
+    base = ["--pretrained_model_name_or_path", str(assets.base)]  # the default, miniSD, is on the Hub
+    assert train_text_to_image_cm.BASE_MODEL == "lambdalabs/miniSD-diffusers"
+    settings = train_text_to_image_cm.parse_args(base)
     sd, optimization, objective = settings.model, settings.optimization, settings.objective
-    assert sd.pretrained_model_name_or_path == "lambdalabs/miniSD-diffusers" and settings.data.resolution == 256
+    assert sd.family == "stable-diffusion" and settings.data.resolution == 256
     assert (sd.rank, sd.expert_rank, sd.lora_dropout) == (128, 8, 0.1)
     assert (optimization.learning_rate, optimization.adam_weight_decay) == (3e-4, 1e-6)
     assert (optimization.train_batch_size, optimization.num_train_epochs) == (64, 100)
@@ -507,14 +510,14 @@ def test_defaults_are_the_paper_recipe():
     config = stable_diffusion.adapter_config(settings)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}
-    assert train_text_to_image_cm.parse_args(["--caption_dropout", "0.2"]).objective.label_dropout == 0.2
-    template = train_text_to_image_cm.parse_args(["--prompt_template", "a {} photo"]).model.prompt_template
+    assert train_text_to_image_cm.parse_args([*base, "--caption_dropout", "0.2"]).objective.label_dropout == 0.2
+    template = train_text_to_image_cm.parse_args([*base, "--prompt_template", "a {} photo"]).model.prompt_template
     assert template == "a {} photo"
 
 
-def test_caption_dropout_is_accepted_in_a_recipe(tmp_path):
+def test_caption_dropout_is_accepted_in_a_recipe(tmp_path, assets):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("caption_dropout: 0.05\nrank: 64\n")
+    recipe.write_text(f"caption_dropout: 0.05\nrank: 64\npretrained_model_name_or_path: {assets.base}\n")
     settings = train_text_to_image_cm.parse_args(["--config", str(recipe)])
     assert (settings.objective.label_dropout, settings.model.rank) == (0.05, 64)
 

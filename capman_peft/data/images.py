@@ -163,10 +163,12 @@ class LabelledImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         label = self.labels[i]
+        image = self.load_image(i)
         return {
-            "pixel_values": self.transform(self.load_image(i)),
+            "pixel_values": self.transform(image),
             "label": label,
             "class_name": self.class_names[label],
+            "original_size": torch.tensor([image.height, image.width]),  # SDXL's size conditioning
         }
 
     def load_image(self, i: int) -> Image.Image:

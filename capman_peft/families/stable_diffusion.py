@@ -21,6 +21,7 @@ from diffusers import (
     DDPMScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -29,7 +30,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..checkpointing import trainable_state
 from ..data import LabelledImageDataset, class_prompts, encode_prompts
@@ -89,6 +90,56 @@ class StableDiffusionFamily(ModelFamily):
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"encoder_hidden_states": cond}
 
+    def grid_prompts(self, class_id: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt arguments for `n` images of class `class_id`, the null condition as the negative."""
+        null = self.cond_table.shape[0] - 1
+        return {
+            "prompt_embeds": self.cond_table[class_id].expand(n, -1, -1).to(device),
+            "negative_prompt_embeds": self.cond_table[null].expand(n, -1, -1).to(device),
+        }
+
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: the condition adds the pooled embedding of the second text encoder (``pooled_table``, row C the empty
+    prompt's) and six time ids per image — original size, crop top-left, target size — as diffusers' SDXL training
+    script computes them for a center crop (the resize takes the shorter side to the resolution)."""
+
+    name = "stable-diffusion-xl"
+
+    def __init__(self, vae: Any, cond_table: torch.Tensor, pooled_table: torch.Tensor, resolution: int) -> None:
+        super().__init__(vae, cond_table)
+        self.pooled_table = pooled_table
+        self.resolution = resolution
+
+    def time_ids(self, batch: Mapping[str, Any] | None, n: int, device: torch.device) -> torch.Tensor:
+        res = self.resolution
+        if batch is None or "original_size" not in batch:  # no image: the image is taken as res x res, uncropped
+            return torch.tensor([[res, res, 0, 0, res, res]] * n, dtype=torch.float32, device=device)
+        sizes = torch.as_tensor(batch["original_size"], device=device).float()  # (B, 2): height, width
+        scaled = torch.div(sizes * res, sizes.min(dim=1, keepdim=True).values, rounding_mode="floor")  # short side: res
+        crop = torch.round((scaled - res) / 2).clamp(min=0)
+        target = torch.full_like(sizes, res)
+        return torch.cat([sizes, crop, target], dim=1)
+
+    def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
+        return {
+            "encoder_hidden_states": self.cond_table[class_ids],
+            "text_embeds": self.pooled_table[class_ids],
+            "time_ids": self.time_ids(batch, len(class_ids), class_ids.device),
+        }
+
+    def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+
+    def grid_prompts(self, class_id: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        null = self.pooled_table.shape[0] - 1
+        return {
+            **super().grid_prompts(class_id, n, device),
+            "pooled_prompt_embeds": self.pooled_table[class_id].expand(n, -1).to(device),
+            "negative_pooled_prompt_embeds": self.pooled_table[null].expand(n, -1).to(device),
+        }
+
 
 BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
@@ -127,6 +178,41 @@ class StableDiffusionSettings:
     cache_latents: bool
     push_merged_pipeline: bool
     license: str | None
+    pretrained_vae_model_name_or_path: str | None
+    family: str
+    """The base pipeline's family, read from its model_index.json: "stable-diffusion" or "stable-diffusion-xl"."""
+
+    @property
+    def xl(self) -> bool:
+        return self.family == "stable-diffusion-xl"
+
+
+# model_index.json's pipeline class -> the family, and the family's default image side when --resolution is not given
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionXLPipeline": "stable-diffusion-xl"}
+DEFAULT_RESOLUTION = {"stable-diffusion": 256, "stable-diffusion-xl": 1024}
+
+
+def base_family(name_or_path: str, *, cache_dir: str | None, revision: str | None) -> str:
+    """The family of the base pipeline, from its ``model_index.json`` (no weights are read)."""
+    from diffusers import DiffusionPipeline
+
+    flag = "--pretrained_model_name_or_path"
+    source = hub_source(name_or_path, flag, "model", cache_dir, revision)
+    try:
+        config = DiffusionPipeline.load_config(source, cache_dir=cache_dir, revision=revision)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{flag} {name_or_path}: no readable model_index.json ({reason}); allowed: a Stable Diffusion 1.x/2.x or "
+            "SDXL pipeline folder or Hub id"
+        ) from None
+    kind = config.get("_class_name")
+    if kind not in PIPELINE_FAMILIES:
+        raise ConfigError(
+            f"{flag} {name_or_path}: is a {kind}; allowed: {', '.join(PIPELINE_FAMILIES)} (Stable Diffusion 1.x/2.x, "
+            "SDXL)"
+        )
+    return PIPELINE_FAMILIES[kind]
 
 
 def module_spec(value: str) -> list[str] | str:
@@ -211,17 +297,19 @@ def load_unet(settings: TrainingSettings) -> UNet2DConditionModel:
 
 
 class LatentCache(Dataset):
-    """VAE posterior moments (mean and log-variance) of every training image, one entry per flip state."""
+    """VAE posterior moments (mean and log-variance) of every training image, one entry per flip state, with the
+    image's original size."""
 
-    def __init__(self, moments: torch.Tensor, labels: Sequence[int]) -> None:
+    def __init__(self, moments: torch.Tensor, labels: Sequence[int], original_sizes: torch.Tensor) -> None:
         self.moments = moments  # (N, flip states, 2 * latent channels, h, w)
         self.labels = list(labels)
+        self.original_sizes = original_sizes  # (N, 2): height, width
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"moments": self.moments[i], "label": self.labels[i]}
+        return {"moments": self.moments[i], "label": self.labels[i], "original_size": self.original_sizes[i]}
 
 
 @torch.no_grad()
@@ -232,13 +320,14 @@ def cache_latents(
     loader = DataLoader(
         dataset, batch_size=settings.optimization.train_batch_size, num_workers=settings.data.dataloader_num_workers
     )
-    chunks = []
+    chunks, sizes = [], []
     for batch in tqdm(loader, desc="Caching latents", disable=disable_bar):
+        sizes.append(batch["original_size"])
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
         views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
         moments = vae.encode(views).latent_dist.parameters.cpu()
         chunks.append(moments.unflatten(0, (2 if flip else 1, len(pixels))).transpose(0, 1))
-    return LatentCache(torch.cat(chunks), dataset.labels)
+    return LatentCache(torch.cat(chunks), dataset.labels, torch.cat(sizes))
 
 
 def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
@@ -246,24 +335,39 @@ def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
     return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
 
 
+def grid_pipeline(unet: torch.nn.Module, vae: AutoencoderKL, noise_scheduler: SchedulerMixin, *, xl: bool) -> Any:
+    """A sampling pipeline around the model being trained, without text encoders (the prompts are embedded)."""
+    if xl:
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+            scheduler=inference_scheduler(noise_scheduler),
+        )  # fmt: skip
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=inference_scheduler(noise_scheduler),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @torch.no_grad()
 def sample_class_grid(
-    pipeline: StableDiffusionPipeline,
-    cond_table: torch.Tensor,
+    pipeline: Any,
+    family: StableDiffusionFamily,
     settings: TrainingSettings,
     dtype: torch.dtype,
 ) -> Image.Image:
     """``--num_validation_images`` per class (rows = classes) from the precomputed prompt embeddings: the text
-    encoder is not needed. Class c always starts from the same seeded noise, so grids compare across epochs."""
+    encoders are not needed. Class c always starts from the same seeded noise, so grids compare across epochs."""
     device = pipeline.unet.device
-    num_classes = cond_table.shape[0] - 1
+    num_classes = family.cond_table.shape[0] - 1
     n = settings.output.num_validation_images
     images = []
     for c in range(num_classes):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             images += pipeline(
-                prompt_embeds=cond_table[c].expand(n, -1, -1).to(device),
-                negative_prompt_embeds=cond_table[num_classes].expand(n, -1, -1).to(device),
+                **family.grid_prompts(c, n, device),
                 height=settings.data.resolution,
                 width=settings.data.resolution,
                 num_inference_steps=settings.output.num_inference_steps,
@@ -279,10 +383,11 @@ def export_pipeline(
     noise_scheduler: SchedulerMixin,
     output_dir: Path,
     run_id: str,
-) -> StableDiffusionPipeline:
+) -> Any:
     """Write `output_dir` (the export stage): the adapter (PEFT format in adapter/ and as diffusers LoRA files; the
     baseline's LoRA file only) and the merged float32 StableDiffusionPipeline.
 
+    SDXL exports a StableDiffusionXLPipeline (with the ``--pretrained_vae_model_name_or_path`` VAE where given).
     The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
     the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
     """
@@ -297,10 +402,13 @@ def export_pipeline(
         merged = save_adapter_and_merge(model, output_dir, run_id)
     else:
         merged = save_plain_lora_and_merge(model, output_dir)
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    vae = {"vae": load_vae(settings)} if sd.pretrained_vae_model_name_or_path else {}
+    pipeline_class = StableDiffusionXLPipeline if sd.xl else StableDiffusionPipeline
+    pipeline = pipeline_class.from_pretrained(
         base_source(settings),
         use_safetensors=True,
         unet=merged,
+        **vae,
         scheduler=inference_scheduler(noise_scheduler),
         revision=sd.revision,
         variant=sd.variant,
@@ -341,9 +449,41 @@ class Base:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     prompts: list[str]
-    cond_table: torch.Tensor
-    """Text embeddings of the C class prompts and, in row C, of the empty prompt (the null condition)."""
+    family: StableDiffusionFamily
+    """The step's x0 and condition: the VAE, and the text embeddings of the C class prompts and, in row C, of the
+    empty prompt (the null condition)."""
     latent_shape: tuple[int, int, int]
+
+
+def load_vae(settings: TrainingSettings) -> AutoencoderKL:
+    """The base pipeline's VAE, or ``--pretrained_vae_model_name_or_path`` (e.g. SDXL's fp16-safe VAE)."""
+    sd = settings.model
+    if not sd.pretrained_vae_model_name_or_path:
+        return load_component(AutoencoderKL, settings, "vae", variant=sd.variant, use_safetensors=True)
+    flag = "--pretrained_vae_model_name_or_path"
+    source = hub_source(sd.pretrained_vae_model_name_or_path, flag, "model", settings.data.cache_dir)
+    try:
+        return AutoencoderKL.from_pretrained(source, cache_dir=settings.data.cache_dir, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{flag} {sd.pretrained_vae_model_name_or_path}: cannot load a VAE ({reason})") from err
+
+
+@torch.no_grad()
+def encode_prompts_xl(
+    tokenizers: Sequence[Any], text_encoders: Sequence[Any], prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text embeddings as StableDiffusionXLPipeline.encode_prompt makes them: both encoders' penultimate hidden
+    states side by side, and the second encoder's pooled (projected) embedding."""
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        pooled = output[0]
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
 
 
 def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
@@ -351,10 +491,17 @@ def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: 
     text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
     sd = settings.model
     noise_scheduler = load_component(DDPMScheduler, settings, "scheduler")
-    tokenizer = load_component(CLIPTokenizer, settings, "tokenizer")
+    tokenizers = [load_component(CLIPTokenizer, settings, "tokenizer")]
     # Weights are read from safetensors only: a base model with nothing but pickled .bin files is refused.
-    text_encoder = load_component(CLIPTextModel, settings, "text_encoder", variant=sd.variant, use_safetensors=True)
-    vae = load_component(AutoencoderKL, settings, "vae", variant=sd.variant, use_safetensors=True)
+    text_encoders = [load_component(CLIPTextModel, settings, "text_encoder", variant=sd.variant, use_safetensors=True)]
+    if sd.xl:
+        tokenizers.append(load_component(CLIPTokenizer, settings, "tokenizer_2"))
+        text_encoders.append(
+            load_component(
+                CLIPTextModelWithProjection, settings, "text_encoder_2", variant=sd.variant, use_safetensors=True
+            )
+        )
+    vae = load_vae(settings)
     unet = load_unet(settings)
     # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -366,15 +513,18 @@ def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: 
             f"of {factor}"
         )
     prompts = class_prompts(dataset.class_names, sd.prompt_template)
-    for frozen in (text_encoder, vae):
+    for frozen in (*text_encoders, vae):
         cast_frozen_weights(frozen.requires_grad_(False), dtype)
-    text_encoder.to(device)
-    cond_table = encode_prompts(tokenizer, text_encoder, [*prompts, ""]).float()
-    del text_encoder, tokenizer
+        frozen.to(device)
+    if sd.xl:
+        cond_table, pooled_table = encode_prompts_xl(tokenizers, text_encoders, [*prompts, ""])
+        family = StableDiffusionXLFamily(vae, cond_table.float(), pooled_table.float(), resolution)
+    else:
+        family = StableDiffusionFamily(vae, encode_prompts(tokenizers[0], text_encoders[0], [*prompts, ""]).float())
+    del text_encoders, tokenizers
     free_memory()
-    vae.to(device)
     latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
-    return Base(noise_scheduler, vae, unet, prompts, cond_table, latent_shape)
+    return Base(noise_scheduler, vae, unet, prompts, family, latent_shape)
 
 
 def card(settings: TrainingSettings, prompts: list[str]) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""Stable Diffusion XL through train_text_to_image_cm.py, on a tiny SDXL built from configs (two CLIP text encoders,
+the second with a projection; a UNet with SDXL's pooled-text and time-id conditions) and the ArtBench-format data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_python_without_capman
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision import transforms
+
+from capman_peft.errors import run_cli
+from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
+from capman_peft.testing import build_tiny_sdxl, write_artbench_mirror
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_text_to_image_cm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("sdxl-assets")
+    return SimpleNamespace(base=build_tiny_sdxl(root), data=write_artbench_mirror(root / "artbench"), cache=root / "hf")
+
+
+def sdxl_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
+    values = {
+        "pretrained_model_name_or_path": assets.base, "dataset": "imb-artbench10", "dataset_name": assets.data,
+        "cache_dir": assets.cache, "imbalance_ratio": 4, "resolution": 16, "center_crop": True,
+        "train_batch_size": 4, "max_train_steps": 2, "rank": 4, "expert_rank": 2, "learning_rate": 1e-3,
+        "num_inference_steps": 2, "num_validation_images": 1, "validation_epochs": 0, "report_to": "none",
+        "checkpointing_steps": 100, "output_dir": out, **overrides,
+    }  # fmt: skip
+    argv = []
+    for key, value in values.items():
+        argv += [f"--{key}"] if value is True else [] if value is False else [f"--{key}", str(value)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sdxl-run") / "out"
+    train_text_to_image_cm.main(sdxl_args(assets, out, max_train_steps=3))
+    return out
+
+
+def test_the_output_is_an_sdxl_pipeline_that_loads_and_samples_without_capman_peft(trained, tmp_path):
+    assert json.loads((trained / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert summary["args"]["family"] == "stable-diffusion-xl" and summary["steps"] == 3
+    code = """
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+assert type(pipe).__name__ == "StableDiffusionXLPipeline", type(pipe)
+image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
+assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+print("ok")
+"""
+    result = run_python_without_capman(code, [trained], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_the_lora_file_loads_into_the_base_sdxl_pipeline_with_diffusers_alone(trained, assets, tmp_path):
+    """base + StableDiffusionXLPipeline.load_lora_weights(out), with and without fuse_lora, computes what the merged
+    UNet computes (SDXL's added conditions included)."""
+    code = """
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+out, base = sys.argv[1], sys.argv[2]
+merged = UNet2DConditionModel.from_pretrained(out + "/unet").eval()
+torch.manual_seed(1)
+x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+added = {"text_embeds": torch.randn(2, 16), "time_ids": torch.tensor([[16.0, 18, 0, 1, 16, 16]] * 2)}
+def unet_of(unet):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+expected = unet_of(merged)
+pipe = StableDiffusionXLPipeline.from_pretrained(base)
+plain = unet_of(pipe.unet)
+pipe.load_lora_weights(out)
+torch.testing.assert_close(unet_of(pipe.unet), expected, atol=1e-5, rtol=1e-5)
+pipe.fuse_lora()
+torch.testing.assert_close(unet_of(pipe.unet), expected, atol=1e-5, rtol=1e-5)
+assert (plain - expected).abs().max() > 1e-6
+print("ok")
+"""
+    result = run_python_without_capman(code, [trained, assets.base], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_time_ids_are_the_original_size_the_center_crop_and_the_target(assets):
+    """Written out with torchvision: resize the shorter side to 16, center-crop 16; the crop's top-left is where
+    the crop's first pixel sits in the resized image."""
+    family = StableDiffusionXLFamily(vae=None, cond_table=torch.zeros(3, 77, 32), pooled_table=None, resolution=16)
+    sizes = [(16, 18), (40, 21), (16, 16), (33, 50)]
+    expected = []
+    for height, width in sizes:
+        image = Image.new("L", (width, height))
+        resized = transforms.Resize(16)(image)
+        top = int(round((resized.height - 16) / 2.0))
+        left = int(round((resized.width - 16) / 2.0))
+        expected.append([height, width, top, left, 16, 16])
+    batch = {"original_size": torch.tensor(sizes)}
+    torch.testing.assert_close(family.time_ids(batch, 4, torch.device("cpu")), torch.tensor(expected).float())
+    assert family.time_ids(None, 2, torch.device("cpu")).tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+
+
+def test_resume_is_exact(assets, tmp_path):
+    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "straight", max_train_steps=4))
+    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "resumed", max_train_steps=2, checkpointing_steps=2))
+    train_text_to_image_cm.main(
+        sdxl_args(
+            assets, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"
+        )
+    )
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
+    """As for SD (test_train_text_to_image.py): dropout off, theta^g on every row, the paper form."""
+    same = dict(
+        max_train_steps=2, lora_dropout=0, caption_dropout=0, cm_general_fraction=1, cm_form="paper",
+        allow_unbounded_cm=True,
+    )  # fmt: skip
+    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "full", train_batch_size=4, **same))
+    train_text_to_image_cm.main(
+        sdxl_args(assets, tmp_path / "accumulated", train_batch_size=2, gradient_accumulation_steps=2, **same)
+    )
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "accumulated" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_sdxl_needs_a_center_crop_and_other_pipelines_are_refused(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_text_to_image_cm.main, sdxl_args(assets, tmp_path / "o", center_crop=False))
+    assert "--center_crop: needed for SDXL" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(SystemExit):
+        run_cli(train_text_to_image_cm.main, sdxl_args(assets, tmp_path / "o", pretrained_model_name_or_path=other))
+    err = capsys.readouterr().err
+    assert "is a KandinskyPipeline; allowed: StableDiffusionPipeline, StableDiffusionXLPipeline" in err
+
+
+def test_the_default_resolution_is_the_family_s(assets, tmp_path):
+    settings = train_text_to_image_cm.parse_args(
+        ["--pretrained_model_name_or_path", str(assets.base), "--center_crop", "--output_dir", str(tmp_path / "o")]
+    )
+    assert settings.model.family == "stable-diffusion-xl" and settings.data.resolution == 1024
