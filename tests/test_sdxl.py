@@ -4,6 +4,8 @@ the second with a projection; a UNet with SDXL's pooled-text and time-id conditi
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +29,10 @@ import train_text_to_image_cm  # noqa: E402
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sdxl-assets")
-    return SimpleNamespace(base=build_tiny_sdxl(root), data=write_artbench_mirror(root / "artbench"), cache=root / "hf")
+    data = write_artbench_mirror(root / "artbench")
+    # the reference split capman-eval compares with: the same images
+    shutil.copy(data / "data" / "train-00000-of-00001.parquet", data / "data" / "test-00000-of-00001.parquet")
+    return SimpleNamespace(base=build_tiny_sdxl(root), data=data, cache=root / "hf")
 
 
 def sdxl_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
@@ -97,6 +102,32 @@ print("ok")
     result = run_python_without_capman(code, [trained, assets.base], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_capman_eval_and_capman_analyze_run_on_an_sdxl_output(trained, assets, tmp_path):
+    """θ and θ^g (from the adapter) generate per-class prompts and are measured per split; the analyses encode the
+    class prompts with both text encoders."""
+    from test_evaluation import TINY  # registers the tiny feature extractor
+
+    from capman_peft.analysis.cli import main as analyze
+    from capman_peft.evaluation.cli import main as evaluate
+
+    for expert in ("on", "off"):
+        evaluate([
+            "--pipeline", str(trained), "--dataset_name", str(assets.data), "--num_images_per_class", "2",
+            "--reference_images_per_class", "2", "--steps", "2", "--batch_size", "10", "--cache_dir", str(tmp_path),
+            "--feature_extractor", TINY, "--metrics", "fid", "--expert", expert, "--output_dir", str(tmp_path / expert),
+        ])  # fmt: skip
+        metrics = json.loads((tmp_path / expert / "metrics.json").read_text())
+        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
+        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
+    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
+    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
+    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
+    assert len(usage) == 10 and all(value >= 0 for value in usage)
+    analyze(["heldout", *data, "--images_per_class", "2", "--timesteps", "2", "--output_dir", str(tmp_path / "held")])
+    assert (tmp_path / "held" / "heldout.json").is_file()
 
 
 def test_time_ids_are_the_original_size_the_center_crop_and_the_target(assets):

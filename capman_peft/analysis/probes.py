@@ -15,13 +15,12 @@ from ..data import (
     LabelledImageDataset,
     class_prompts,
     class_splits,
-    encode_prompts,
     get_dataset_spec,
     load_imbalanced_dataset,
 )
 from ..errors import ConfigError
 from ..expert_use import LossSetup
-from ..families import ClassConditionalFamily, StableDiffusionFamily
+from ..families import family_of_pipeline
 from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
 
 
@@ -31,12 +30,11 @@ def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], d
 
     device = pipe.unet.device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if folder.kind == "class-conditional":
-        return LossSetup(pipe.unet, noise_scheduler, ClassConditionalFamily(), device)
-
-    template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
-    embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, class_prompts(class_names, template))
-    return LossSetup(pipe.unet, noise_scheduler, StableDiffusionFamily(pipe.vae, embeddings), device)
+    prompts = None
+    if folder.kind != "class-conditional":
+        template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
+        prompts = class_prompts(class_names, template)
+    return LossSetup(pipe.unet, noise_scheduler, family_of_pipeline(pipe, prompts), device)
 
 
 # ----------------------------------------------------------------------------------------------------------

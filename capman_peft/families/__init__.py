@@ -2,16 +2,34 @@
 
 * ``base.py``: :class:`ModelFamily` (the interface) and the row operations on conditions;
 * ``class_conditional.py``: the class-conditional ``UNet2DModel`` (pixels, class ids);
-* ``stable_diffusion.py``: Stable Diffusion 1.x/2.x (VAE latents, class prompts' text embeddings).
+* ``stable_diffusion.py``: Stable Diffusion 1.x/2.x and SDXL (VAE latents, class prompts' text embeddings; SDXL adds
+  the pooled embedding and the time ids).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from ..data import encode_prompts
+from ..run_folder import pipeline_resolution
 from .base import AFTER_SPLIT, Condition, ModelFamily, cast_frozen_weights, concat, take_rows
 from .class_conditional import ClassConditionalFamily
-from .stable_diffusion import StableDiffusionFamily, sample_latents
+from .stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily, encode_prompts_xl, sample_latents
+
+
+def family_of_pipeline(pipe: Any, prompts: list[str] | None = None) -> ModelFamily:
+    """The family of a loaded pipeline, ready to encode images and class ids: class-conditional, Stable Diffusion
+    or SDXL (`prompts`: one per class, encoded here once with the pipeline's text encoder(s))."""
+    if not hasattr(pipe, "text_encoder"):
+        return ClassConditionalFamily()
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        cond_table, pooled_table = encode_prompts_xl(
+            [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts
+        )
+        return StableDiffusionXLFamily(pipe.vae, cond_table, pooled_table, pipeline_resolution(pipe))
+    return StableDiffusionFamily(pipe.vae, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
 
 
 def family_of_unet(unet: nn.Module) -> ModelFamily:
@@ -31,6 +49,8 @@ __all__ = [
     "ModelFamily",
     "cast_frozen_weights",
     "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "family_of_pipeline",
     "concat",
     "family_of_unet",
     "sample_latents",
