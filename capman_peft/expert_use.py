@@ -171,8 +171,7 @@ def summarize_expert_use(
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class
     )
-    # The class-index thirds; with fewer than 3 classes (CelebA-HQ's two) Many is the largest class, Few the smallest.
-    groups = class_splits(num_classes) if num_classes >= 3 else {"many": [0], "few": [num_classes - 1]}
+    groups = class_splits(num_classes)
     splits = {
         split: {
             "distance": float(np.mean([values["expert_usage"][c] for c in ids])),
@@ -183,7 +182,8 @@ def summarize_expert_use(
         if ids
     }
     many, few = splits["many"]["distance"], splits["few"]["distance"]
-    ratio = few / many if many > 0 else math.inf
+    # A zero Few distance is an unused (dead) expert, whatever the Many distance is.
+    ratio = few / many if many > 0 else (math.inf if few > 0 else 0.0)
     report = {
         "images_per_class": images_per_class,
         "splits": splits,
@@ -200,11 +200,12 @@ def describe_expert_use(report: dict[str, Any]) -> str:
     splits = report["splits"]
     distances = ", ".join(f"{k} {v['distance']:.2g}" for k, v in splits.items())
     losses = ", ".join(f"{k} {100 * (v['loss_general'] / v['loss_full'] - 1):+.0f}%" for k, v in splits.items())
-    verdict = (
-        "the expert is used"
-        if report["expert_used"]
-        else f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
-    )
+    if report["expert_used"]:
+        verdict = "the expert is used"
+    elif splits["few"]["distance"] == 0:
+        verdict = "the expert is unused (theta and theta^g agree exactly): CM acts like plain training here"
+    else:
+        verdict = f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
     return (
         f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
         f"loss of theta^g over theta {losses}: {verdict}."

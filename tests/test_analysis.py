@@ -297,3 +297,17 @@ def test_bad_input_fails_with_one_clear_line(argv, message, cm_run, tmp_path, ca
     assert exit_info.value.code not in (0, None)
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
+
+
+def test_a_dead_expert_is_reported_unused(caplog):
+    """Every distance exactly 0 (a fresh expert: its B is zero) is an unused expert, not a used one."""
+    from capman_peft.expert_use import summarize_expert_use
+    from capman_peft.families import ClassConditionalFamily
+
+    data = load_imbalanced_dataset("imb-digits", resolution=8, imbalance_ratio=10)
+    model = get_peft_model(make_tiny_unet2d(10), CapManConfig(mode="full", target_modules=UP_TARGETS))
+    with caplog.at_level("INFO", logger="capman_peft"):
+        report = summarize_expert_use(model, DDPMScheduler(), data, ClassConditionalFamily(), images_per_class=2)
+    assert all(d == 0 for d in report["per_class_distance"])
+    assert report["few_over_many"] == 0 and report["expert_used"] is False
+    assert "the expert is unused" in caplog.text

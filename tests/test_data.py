@@ -147,6 +147,7 @@ def test_counts_cifar100_ir100():
 
 def test_class_splits_thirds():
     assert class_splits(10) == {"many": [0, 1, 2], "medium": [3, 4, 5], "few": [6, 7, 8, 9]}
+    assert class_splits(2) == {"many": [0], "medium": [], "few": [1]}  # CelebA-HQ: the larger class is Many
     splits = class_splits(100)
     assert (splits["many"][-1], splits["medium"][0], splits["medium"][-1], splits["few"][0]) == (
         32,

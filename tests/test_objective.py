@@ -184,6 +184,14 @@ def test_cm_stats_report_group_distances_and_nan_for_absent_groups():
     assert float(stats["cm_distance_many"]) == pytest.approx(sum(many) / len(many), rel=1e-6)
     assert float(stats["cm_distance_few"]) == pytest.approx(sum(few) / len(few), rel=1e-6)
     assert all(not value.requires_grad and value.ndim == 0 for value in stats.values())
+    # rows the loss leaves out (weight 0: label-dropped) are left out of the group distances too
+    kept = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    _, stats = cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), sample_weight=torch.tensor(kept))
+    many = [distances[i] for i, y in enumerate(labels.tolist()) if y <= 2 and kept[i]]
+    few = [distances[i] for i, y in enumerate(labels.tolist()) if y >= 6 and kept[i]]
+    assert len(many) == 2 and len(few) == 1
+    assert float(stats["cm_distance_many"]) == pytest.approx(sum(many) / len(many), rel=1e-6)
+    assert float(stats["cm_distance_few"]) == pytest.approx(few[0], rel=1e-6)
 
 
 def test_paper_form_gradient_flows_into_both_predictions():

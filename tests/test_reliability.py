@@ -359,6 +359,17 @@ def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, overri
     assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path, **overrides), tmp_path, expected)
 
 
+def test_a_fourier_time_embedding_is_refused_with_shared_prefix_and_trains_fused(tmp_path, capsys):
+    config = tmp_path / "fourier.json"
+    config.write_text(json.dumps({**TINY_UNET_CONFIG, "time_embedding_type": "fourier", "flip_sin_to_cos": False}))
+    argv = digits_run_args(tmp_path, model_config_name_or_path=config)
+    assert_refused(
+        capsys, train_unet_cm.main, argv, tmp_path, "--cm_forward shared_prefix: does not work with a Fourier"
+    )
+    train_unet_cm.main(digits_run_args(tmp_path, model_config_name_or_path=config, cm_forward="fused"))
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
 def test_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
     assert_refused(capsys, train_unet_cm.main, digits_run_args(tmp_path), tmp_path, "is a file")

@@ -106,10 +106,13 @@ def class_splits(num_classes: int) -> dict[str, list[int]]:
     """Many / Medium / Few as class-index thirds (paper sec. 4.1; Jiang et al. 2021).
 
     Class 0 is the largest class, so the first third is "many". The remainder of the division goes to
-    "few": 10 classes give 0-2 / 3-5 / 6-9, 100 classes give 0-32 / 33-65 / 66-99.
+    "few": 10 classes give 0-2 / 3-5 / 6-9, 100 classes give 0-32 / 33-65 / 66-99. Two classes (CelebA-HQ) are
+    Many and Few.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 2:
+        return {"many": [0], "medium": [], "few": [1]}
     third = num_classes // 3
     return {
         "many": list(range(0, third)),

@@ -63,11 +63,19 @@ class UNetSettings:
 
 
 def check_expert_placement(settings: TrainingSettings) -> None:
-    """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it; the
-    layers the regex selects are found on a model built without memory (meta device), before any data is read."""
+    """``--cm_forward shared_prefix`` runs the down path once for θ and θ^g, so every expert must sit after it (the
+    layers the regex selects are found on a model built without memory, before any data is read), and the UNet must
+    not use the timesteps after the up path (a Fourier time embedding does)."""
     objective, model = settings.objective, settings.model
     if not objective.capacity_manipulation or objective.cm_forward != "shared_prefix":
         return
+    if model.unet_config.get("time_embedding_type") == "fourier":
+        # UNet2DModel divides its output by the timesteps of the batch it was given, which the duplicated up path
+        # no longer matches.
+        raise ConfigError(
+            "--cm_forward shared_prefix: does not work with a Fourier time embedding (--model_config_name_or_path "
+            "has time_embedding_type 'fourier'); allowed: --cm_forward fused"
+        )
     with torch.device("meta"):
         unet = build_unet(model.unet_config, settings.data.resolution, 2)
     chosen = [name for name, _ in unet.named_modules() if re.fullmatch(model.expert_target_modules, name)]

@@ -173,9 +173,10 @@ def cm_loss(
     for group, classes in class_splits(num_classes).items():
         if not classes:
             continue
-        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device. A group
-        # without rows in the batch gives NaN: every process logs the same keys (the logs are averaged over them).
-        mask = ((labels >= classes[0]) & (labels <= classes[-1])).to(distance.dtype)
+        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device; rows the
+        # loss leaves out (label-dropped: weight 0) are left out here too. A group without rows in the batch gives
+        # NaN: every process logs the same keys (the logs are averaged over them).
+        mask = ((labels >= classes[0]) & (labels <= classes[-1]) & (rows > 0)).to(distance.dtype)
         stats[f"cm_distance_{group}"] = (distance.detach() * mask).sum() / mask.sum()
     return loss, stats
 
