@@ -106,11 +106,11 @@ def run_python_without_capman(code: str, args: list, tmp_path: Path) -> subproce
     )
 
 
-def run_two_processes(script: Path, args: list, cwd: Path) -> subprocess.CompletedProcess:
+def run_two_processes(script: Path, args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`script args` under torchrun: 2 CPU processes (gloo), one thread each so 2 cores are not oversubscribed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    return subprocess.run([*cmd, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*cmd, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def readme_snippet(marker: str) -> str:

@@ -126,8 +126,9 @@ def diffusion_loss(
     return loss, logs
 
 
-def check_finite(step: int, **terms: Tensor) -> None:
-    """Raise ``NonFiniteLossError`` naming the non-finite scalar loss terms, with the finite ones for context.
+def check_finite(step: int, process: int | None = None, **terms: Tensor) -> None:
+    """Raise ``NonFiniteLossError`` naming the non-finite scalar loss terms, with the finite ones for context (and
+    the process they come from, in a multi-process run).
 
     One host sync for all terms; the message is built only on failure.
     """
@@ -139,7 +140,7 @@ def check_finite(step: int, **terms: Tensor) -> None:
     named = dict(zip(terms, values.tolist(), strict=True))
     bad = ", ".join(f"{name} = {value}" for name, value in named.items() if not math.isfinite(value))
     finite = ", ".join(f"{name} = {value:.4g}" for name, value in named.items() if math.isfinite(value))
-    context = f" ({finite})" if finite else ""
+    context = (f" ({finite})" if finite else "") + ("" if process is None else f" on process {process}")
     raise NonFiniteLossError(
         f"Non-finite loss at step {step}: {bad}{context}. Training stopped; lower the learning rate or "
         "--cm_diversity_weight, or check the data."

@@ -75,10 +75,19 @@ def backward_and_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def guard_finite(step: int, logs: dict[str, torch.Tensor]) -> None:
-    """Stop on a non-finite loss, naming the term (base loss, L_con or L_div) and the step."""
+def guard_finite(accelerator: Accelerator, step: int, logs: dict[str, torch.Tensor]) -> None:
+    """Stop on a non-finite loss, naming the term (base loss, L_con or L_div) and the step. With several processes
+    every process checks every process's terms (one gather), so all stop at the same step with the same message
+    instead of the others waiting for the stopped one in the gradient all-reduce."""
     terms = {k: logs[k] for k in ("base_loss", "cm_consistency", "cm_diversity") if k in logs}
-    check_finite(step, **terms)
+    if accelerator.num_processes == 1 or not terms:
+        check_finite(step, **terms)
+        return
+    local = torch.stack([value.detach().float().reshape(()) for value in terms.values()]).to(accelerator.device)
+    every = accelerator.gather(local[None])  # (processes, terms)
+    bad = (~torch.isfinite(every)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        check_finite(step, process=bad[0], **dict(zip(terms, every[bad[0]], strict=True)))
 
 
 def reduce_logs(accelerator: Accelerator, logs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -217,7 +226,7 @@ def train(
             draws = run.randomness.micro_batch(global_step, micro)
             with accelerator.accumulate(run.denoiser):
                 loss, step_logs = step_loss(batch, draws)
-                guard_finite(global_step + 1, step_logs)
+                guard_finite(accelerator, global_step + 1, step_logs)
                 backward_and_step(
                     accelerator,
                     loss,
