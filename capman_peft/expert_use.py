@@ -171,7 +171,7 @@ def summarize_expert_use(
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class
     )
-    groups = class_splits(num_classes)
+    groups = class_splits(data.class_counts)
     splits = {
         split: {
             "distance": float(np.mean([values["expert_usage"][c] for c in ids])),

@@ -262,3 +262,35 @@ def test_two_process_launch_writes_one_output(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert "2 processes" in result.stdout
+
+
+def test_splits_follow_class_sizes_not_folder_name_order(tmp_path, caplog):
+    """A folder keeping its counts, whose name order (bird, cat, dog) is not its size order (cat 9 > bird 6 > dog 2):
+    cat is Many, bird Medium, dog Few in the log table, the CM stats and the expert-use report."""
+    import numpy as np
+    from PIL import Image
+
+    from capman_peft.data import class_splits
+    from capman_peft.objective import cm_weights
+
+    rng = np.random.default_rng(0)
+    for name, count in {"bird": 6, "cat": 9, "dog": 2}.items():
+        (tmp_path / "zoo" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "zoo" / name / f"{i}.png")
+    assert class_splits([6, 9, 2]) == {"many": [1], "medium": [0], "few": [2]}
+    assert class_splits([5, 5, 1, 5]) == {"many": [0], "medium": [1], "few": [2, 3]}  # ties rank by class id
+    assert cm_weights([6, 9, 2]).split.tolist() == [1, 0, 2]
+    with caplog.at_level("INFO", logger="capman_peft"):
+        train_unet_cm.main(
+            digits_run_args(
+                tmp_path, dataset=None, train_data_dir=tmp_path / "zoo", imbalance_ratio=None, train_batch_size=4
+            )
+        )
+    table = {line.split()[1]: line.split()[-1] for line in caplog.text.splitlines() if line.strip()[:1].isdigit()}
+    assert (table["bird"], table["cat"], table["dog"]) == ("medium", "many", "few"), caplog.text
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["class_names"] == ["bird", "cat", "dog"] and summary["class_counts"] == [6, 9, 2]
+    report = summary["expert_use"]
+    for split, class_id in (("many", 1), ("medium", 0), ("few", 2)):
+        assert report["splits"][split]["distance"] == report["per_class_distance"][class_id]

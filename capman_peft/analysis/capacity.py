@@ -13,9 +13,9 @@ from .plot import plot_per_class
 from .probes import (
     _check_sampling,
     _common_record,
-    _per_split_means,
     make_loss_setup,
     prepare_analysis,
+    split_means,
 )
 
 
@@ -54,7 +54,7 @@ def expert_capacity(
         "analysis": "capacity",
         **_common_record(setup, num_batches, batch_size, seed),
         **values,
-        "splits": _per_split_means(values, len(setup.class_names)),
+        "splits": split_means(values, setup.data.class_counts),
     }
     if output_dir is not None:
         output_dir = Path(output_dir)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import class_splits, load_heldout_dataset
+from ..data import load_heldout_dataset
 from ..errors import ConfigError
 from ..evaluation.report import write_json
 from ..expert_use import LossSetup
@@ -28,7 +28,7 @@ from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, cm_weights
 from ..randomness import derived_seed
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from ..tuner import expert_disabled
-from .probes import AnalysisSetup, make_loss_setup, prepare_analysis
+from .probes import AnalysisSetup, make_loss_setup, prepare_analysis, split_means
 
 
 def timestep_grid(num_train_timesteps: int, points: int) -> torch.Tensor:
@@ -63,18 +63,6 @@ def _class_inputs(
     y = torch.full((len(t),), class_id, dtype=torch.long, device=device)
     noisy = loss_setup.noise_scheduler.add_noise(x0, noise, t)
     return noisy, t, loss_setup.condition(y), loss_setup.target(x0, noise, t)
-
-
-def _split_means(per_class: dict[str, list[float]], num_classes: int) -> dict[str, dict[str, float]]:
-    """Mean over the classes of each split that have a value (NaN where none has)."""
-    out = {}
-    for split, ids in class_splits(num_classes).items():
-        if ids:
-            out[split] = {}
-            for key, values in per_class.items():
-                known = [values[c] for c in ids if not math.isnan(values[c])]
-                out[split][key] = float(np.mean(known)) if known else math.nan
-    return out
 
 
 @torch.no_grad()
@@ -132,7 +120,7 @@ def heldout_loss(
         "timesteps": grid.tolist(),
         "seed": seed,
         **values,
-        "splits": _split_means(values, num_classes),
+        "splits": split_means(values, setup.data.class_counts),
     }
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -243,7 +231,7 @@ def push_gradient(
         "class_counts": setup.data.class_counts,
         **record,
         "theta_heldout_rate": rates,
-        "splits": _split_means(rates, len(setup.class_names)),
+        "splits": split_means(rates, setup.data.class_counts),
     }
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

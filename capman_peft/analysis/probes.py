@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,12 +114,16 @@ def prepare_analysis(
     return AnalysisSetup(folder, pipe, data, list(names or data.class_names), dataset, imbalance_ratio, resolution)
 
 
-def _per_split_means(values: dict[str, list[float]], num_classes: int) -> dict[str, dict[str, float]]:
-    return {
-        split: {key: float(np.mean([v[c] for c in ids])) for key, v in values.items()}
-        for split, ids in class_splits(num_classes).items()
-        if ids
-    }
+def split_means(per_class: dict[str, list[float]], class_counts: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Per split (by training-set size), the mean over its classes that have a value (NaN where none has)."""
+    out = {}
+    for split, ids in class_splits(class_counts).items():
+        if ids:
+            out[split] = {}
+            for key, values in per_class.items():
+                known = [values[c] for c in ids if not math.isnan(values[c])]
+                out[split][key] = float(np.mean(known)) if known else math.nan
+    return out
 
 
 def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed: int) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from .plot import plot_per_class
 from .probes import (
     _check_sampling,
     _common_record,
-    _per_split_means,
     make_loss_setup,
     prepare_analysis,
+    split_means,
 )
 
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
@@ -116,7 +116,7 @@ def pruning_sensitivity(
         **stats,
         **values,
         "loss_change": change,
-        "splits": _per_split_means(values, num_classes),
+        "splits": split_means(values, setup.data.class_counts),
     }
     if output_dir is not None:
         output_dir = Path(output_dir)

@@ -102,23 +102,24 @@ def _check_imbalance_ratio(imbalance_ratio: float) -> None:
         )
 
 
-def class_splits(num_classes: int) -> dict[str, list[int]]:
-    """Many / Medium / Few as class-index thirds (paper sec. 4.1; Jiang et al. 2021).
+def class_splits(sizes: int | Sequence[int]) -> dict[str, list[int]]:
+    """Many / Medium / Few: the thirds of the classes ranked by training-set size (paper sec. 4.1; Jiang et al. 2021).
 
-    Class 0 is the largest class, so the first third is "many". The remainder of the division goes to
-    "few": 10 classes give 0-2 / 3-5 / 6-9, 100 classes give 0-32 / 33-65 / 66-99. Two classes (CelebA-HQ) are
-    Many and Few.
+    `sizes` is the training count per class id; ties rank by class id (a folder's ids follow its sorted names). An
+    int C instead takes class 0 as the largest and the ids as the ranking, the named datasets' convention, for
+    callers that only know the number of classes. The remainder of the division goes to "few": 10 classes give
+    3 / 3 / 4, 100 classes 33 / 33 / 34; two classes (CelebA-HQ) are Many and Few. Each group lists its ids in
+    ascending order.
     """
+    ranking = list(range(sizes)) if isinstance(sizes, int) else sorted(range(len(sizes)), key=lambda c: -sizes[c])
+    num_classes = len(ranking)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ValueError(f"class_splits needs at least one class, got {sizes!r}")
     if num_classes == 2:
-        return {"many": [0], "medium": [], "few": [1]}
+        return {"many": [ranking[0]], "medium": [], "few": [ranking[1]]}
     third = num_classes // 3
-    return {
-        "many": list(range(0, third)),
-        "medium": list(range(third, 2 * third)),
-        "few": list(range(2 * third, num_classes)),
-    }
+    groups = {"many": ranking[:third], "medium": ranking[third : 2 * third], "few": ranking[2 * third :]}
+    return {name: sorted(ids) for name, ids in groups.items()}
 
 
 def class_balanced_sampler(

@@ -172,16 +172,22 @@ def resolve_feature_extractor(dataset: str, feature_extractor: str | None) -> st
 
 @torch.no_grad()
 def classifier_accuracy(
-    classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int = 256
+    classifier: DigitsClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    batch_size: int = 256,
+    splits: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Fraction of images the classifier assigns to their own class: overall, per class and per split."""
+    """Fraction of images the classifier assigns to their own class: overall, per class and per split (`splits`:
+    as in ``measure_fidelity``)."""
     batches = range(0, len(images), batch_size)
     predictions = torch.cat([classifier(images[i : i + batch_size])[1].argmax(1) for i in batches])
     correct = (predictions == labels).float()
     per_class = [correct[labels == c].mean().item() if (labels == c).any() else None for c in range(num_classes)]
     splits = {
         name: correct[torch.isin(labels, torch.tensor(ids))].mean().item()
-        for name, ids in class_splits(num_classes).items()
+        for name, ids in (splits or class_splits(num_classes)).items()
         if ids
     }
     return {"classifier": DIGITS_CLASSIFIER, "overall": correct.mean().item(), "per_class": per_class, "splits": splits}

@@ -115,6 +115,8 @@ class _Run:
     class_names: list[str]
     num_classes: int
     prompts: list[str] | None
+    splits: dict[str, list[int]]
+    """Many / Medium / Few by the training run's class counts (by class id when the folder does not record them)."""
 
     @property
     def reference_per_class(self) -> int:
@@ -194,8 +196,15 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
         class_names=class_names,
         num_classes=num_classes,
         prompts=prompts,
+        splits=class_splits(_training_counts(folder, num_classes)),
     )
     return run, pipe
+
+
+def _training_counts(folder: PipelineFolder, num_classes: int) -> list[int] | int:
+    """The run's training count per class id from training_summary.json, else the number of classes."""
+    counts = folder.summary.get("class_counts")
+    return list(counts) if isinstance(counts, list) and len(counts) == num_classes else num_classes
 
 
 def _resolve_dataset(folder: PipelineFolder, dataset: str | None, local_data: bool) -> str | None:
@@ -288,6 +297,7 @@ def _measure(run: _Run, settings: EvalSettings, images: torch.Tensor, labels: to
         feature_extractor_weights_path=run.weights,
         per_class_fid=settings.per_class_fid,
         cache_prefix=prefix if settings.cache else None,
+        splits=run.splits,
         cache_root=run.cache_dir / "fidelity",
         batch_size=settings.batch_size,
         device=run.device,
@@ -317,7 +327,7 @@ def _record(
         "train_data_dir": None if run.train_data_dir is None else str(run.train_data_dir),
         "class_names": run.class_names,
         "num_classes": run.num_classes,
-        "splits_classes": {k: v for k, v in class_splits(run.num_classes).items() if v},
+        "splits_classes": {k: v for k, v in run.splits.items() if v},
         "num_images_per_class": settings.num_images_per_class,
         "reference_images_per_class": run.reference_per_class,
         "resolution": run.resolution,
@@ -341,7 +351,9 @@ def _record(
         weights = digits_classifier_file(run.cache_dir)
     if weights is not None:
         classifier = load_digits_classifier(weights)
-        result["classifier_accuracy"] = classifier_accuracy(classifier, images, labels, run.num_classes)
+        result["classifier_accuracy"] = classifier_accuracy(
+            classifier, images, labels, run.num_classes, splits=run.splits
+        )
     if output_dir is not None:
         write_model_outputs(result, images, labels, run.num_classes, output_dir)
     return result

@@ -347,6 +347,7 @@ def measure_fidelity(
     per_class_fid: bool = False,
     cache_prefix: str | None = None,
     cache_root: str | Path | None = None,
+    splits: dict[str, list[int]] | None = None,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -361,6 +362,8 @@ def measure_fidelity(
         metrics: any of ``fid``, ``kid``, ``isc``, ``prc``; splits and classes get only FID and KID.
         cache_prefix: caches the reference features as ``<cache_root>/<prefix>-<extractor>.safetensors``; ``None``
             caches nothing.
+        splits: Many / Medium / Few class ids (``class_splits`` of the training counts); default: class 0 the
+            largest, the ids the ranking.
     """
     from torch_fidelity.utils import resolve_feature_layer_for_metric
 
@@ -389,7 +392,7 @@ def measure_fidelity(
     result: dict[str, Any] = {"overall": fidelity_metrics(gen, ref, layers)}
     result["splits"] = {}
     if set(metrics) & {"fid", "kid"}:
-        for name, classes in class_splits(num_classes).items():
+        for name, classes in (splits or class_splits(num_classes)).items():
             if classes:
                 result["splits"][name] = fidelity_metrics(*restricted(classes, {"fid", "kid"}))
     if per_class_fid:

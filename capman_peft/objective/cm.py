@@ -57,11 +57,19 @@ DEFAULT_MARGIN = 0.1
 DEFAULT_RELATIVE_MARGIN = 0.5
 
 
+SPLITS = ("many", "medium", "few")
+
+
 class CMWeights(NamedTuple):
-    """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term."""
+    """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term; ``split``
+    is each class's index in ``SPLITS`` by training-set size (for the logged group distances)."""
 
     pull: Tensor
     push: Tensor
+    split: Tensor
+
+    def to(self, device: torch.device | str) -> CMWeights:
+        return CMWeights(*(value.to(device) for value in self))
 
 
 def cm_weights(
@@ -84,7 +92,10 @@ def cm_weights(
     else:
         c = diversity_weight * omega_div - consistency_weight * omega_con
         pull, push = (-c).clamp(min=0), c.clamp(min=0)
-    return CMWeights(pull.float(), push.float())
+    split = torch.empty(len(pull), dtype=torch.long)
+    for index, name in enumerate(SPLITS):
+        split[class_splits([int(n) for n in class_counts])[name]] = index
+    return CMWeights(pull.float(), push.float(), split)
 
 
 def _check_form(form: str) -> None:
@@ -170,14 +181,13 @@ def cm_loss(
         "cm_consistency": consistency.detach().mean(),
         "cm_diversity": diversity.detach().mean(),
     }
-    for group, classes in class_splits(num_classes).items():
-        if not classes:
-            continue
-        # class_splits gives contiguous index ranges (thirds), so two comparisons select a group on device; rows the
-        # loss leaves out (label-dropped: weight 0) are left out here too. A group without rows in the batch gives
-        # NaN: every process logs the same keys (the logs are averaged over them).
-        mask = ((labels >= classes[0]) & (labels <= classes[-1]) & (rows > 0)).to(distance.dtype)
-        stats[f"cm_distance_{group}"] = (distance.detach() * mask).sum() / mask.sum()
+    split_of_row = weights.split.to(distance.device)[labels]
+    # Which groups have classes depends on C alone (no host sync): all three from 3 classes, Many and Few for 2.
+    for index in [i for i, name in enumerate(SPLITS) if class_splits(num_classes)[name]]:
+        # Rows the loss leaves out (label-dropped: weight 0) are left out here too. A group without rows in the batch
+        # gives NaN: every process logs the same keys (the logs are averaged over them).
+        mask = ((split_of_row == index) & (rows > 0)).to(distance.dtype)
+        stats[f"cm_distance_{SPLITS[index]}"] = (distance.detach() * mask).sum() / mask.sum()
     return loss, stats
 
 

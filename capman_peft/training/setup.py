@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_training
-from ..data import LabelledImageDataset, class_balanced_sampler, load_imbalanced_dataset
+from ..data import LabelledImageDataset, class_balanced_sampler, class_splits, load_imbalanced_dataset
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..families import ModelFamily
-from ..objective import CMSettings, CMWeights, build_objective, check_cm_bounded, cm_weights, format_cm_table
+from ..objective import CMSettings, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from ..randomness import StepRandomness
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
 from .loop import Training, steps_per_epoch
@@ -150,7 +150,7 @@ def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, devi
         format_cm_table(weights, class_counts, class_names),
     )
     return CMSettings(
-        CMWeights(weights.pull.to(device), weights.push.to(device)),
+        weights.to(device),
         objective.cm_form,
         objective.cm_margin,
         objective.cm_lambda,
@@ -166,8 +166,10 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
         if data.imbalance_ratio is not None
         else "the folder's own counts (--imbalance_ratio R subsamples it)"
     )
+    split_of = {c: split for split, ids in class_splits(list(class_counts)).items() for c in ids}
     rows = "\n".join(
-        f"  {k:>4}  {name:<24} {n:>7}" for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
+        f"  {k:>4}  {name:<24} {n:>7}  {split_of[k]}"
+        for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
     )
     achieved = max(class_counts) / min(class_counts)
     if data.imbalance_ratio is not None and abs(achieved / data.imbalance_ratio - 1) > 0.1:
@@ -180,7 +182,7 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
             achieved,
         )
     logger.info(
-        "Training data: %s, %s: %d images in %d classes\n  %4s  %-24s %7s\n%s",
+        "Training data: %s, %s: %d images in %d classes (Many / Medium / Few by size)\n  %4s  %-24s %7s  %s\n%s",
         data.source,
         how,
         sum(class_counts),
@@ -188,6 +190,7 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
         "id",
         "class",
         "images",
+        "split",
         rows,
     )
 
