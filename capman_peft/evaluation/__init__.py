@@ -5,8 +5,8 @@ training run's output folder (a class-conditional UNet2DModel pipeline or a merg
 compares them with the dataset's balanced real reference split (paper sec. 4.1):
 
 * overall: all generated images vs the whole reference: FID, KID, IS, precision/recall;
-* per split (Many / Medium / Few = class-index thirds): that split's generated vs that split's real images, FID and
-  KID (KID subset size ``min(#generated, #real, 1000)``);
+* per split (Many / Medium / Few = thirds of the classes by training-set size): that split's generated vs that
+  split's real images, FID and KID (KID subset size ``min(#generated, #real, 1000)``);
 * optionally per class: FID of each class's generated vs real images.
 
 ``--expert off`` evaluates θ^g alone (paper Tab. 7 "CM (θ^g)"): the unmerged adapter in ``out/adapter`` is loaded and
