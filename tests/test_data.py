@@ -28,12 +28,9 @@ from capman_peft.data import (
     long_tail_indices,
 )
 from capman_peft.errors import ConfigError
+from capman_peft.testing import ARTBENCH_MIRROR_NAMES
 
-# The mirrors' label names in their own order (zguo0525/ArtBench is not alphabetical).
-ARTBENCH_MIRROR_NAMES = [
-    "expressionism", "art_nouveau", "renaissance", "ukiyo_e", "realism",
-    "romanticism", "surrealism", "impressionism", "baroque", "post_impressionism",
-]  # fmt: skip
+# The mirror's label names in its own order (zguo0525/ArtBench is not alphabetical): ARTBENCH_MIRROR_NAMES.
 ARTBENCH_CANONICAL = sorted(ARTBENCH_MIRROR_NAMES)  # the paper's order is alphabetical
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_NAMES = list(DATASETS["imb-cifar100"].class_names)
