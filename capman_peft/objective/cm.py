@@ -92,9 +92,10 @@ def cm_weights(
     else:
         c = diversity_weight * omega_div - consistency_weight * omega_con
         pull, push = (-c).clamp(min=0), c.clamp(min=0)
+    groups = class_splits([int(n) for n in class_counts])
     split = torch.empty(len(pull), dtype=torch.long)
     for index, name in enumerate(SPLITS):
-        split[class_splits([int(n) for n in class_counts])[name]] = index
+        split[groups[name]] = index
     return CMWeights(pull.float(), push.float(), split)
 
 
