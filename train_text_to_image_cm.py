@@ -44,6 +44,7 @@ from capman_peft.families.stable_diffusion import (
     cache_latents,
     card,
     export_pipeline,
+    export_unet,
     grid_pipeline,
     load_base,
     sample_class_grid,
@@ -315,10 +316,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     # Export: the merged pipeline (EMA weights where EMA is on) with the unmerged adapter beside it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model, report = final_model(accelerator, run), None
-        if cm is not None:
-            with accelerator.autocast():
-                report = summarize_expert_use(model, noise_scheduler, dataset, family)
+        model, report = export_unet(settings, final_model(accelerator, run)), None
+        if cm is not None:  # in float32: the report's distances have no mixed-precision rounding floor
+            report = summarize_expert_use(model.to(device), noise_scheduler, dataset, family)
         with staged_export(settings.output.output_dir) as out:
             pipeline = export_pipeline(settings, model, noise_scheduler, out, run.run_id)
             pipeline.set_progress_bar_config(disable=True)

@@ -229,6 +229,21 @@ def test_cm_loss_gradient_reaches_general_and_expert_parameters():
     assert len(general) > 1 and all(g is not None and g.abs().sum() > 0 for g in general)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_expert_gives_exactly_zero_distance_under_bf16_autocast(mode):
+    """A fresh expert (B^e = 0) leaves theta and theta^g bit-identical under bf16 autocast too: d has no rounding
+    floor of its own at E = 0 (the floor of nearby E comes from bf16 weights and activations, docs/design.md)."""
+    cfg = CapManConfig(
+        r=4, expert_r=2, target_modules=ATTN_TARGETS + ["conv1", "conv2"], expert_target_modules=UP_TARGETS
+    )
+    model = get_peft_model(make_tiny_sd_unet(), cfg)
+    x, t, cond, _ = inputs("sd")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, general, _ = CMDenoiser(model, forward_mode=mode)(x, t, cond)
+    assert full.dtype == torch.bfloat16 and full.abs().sum() > 0
+    assert torch.equal(full, general)
+
+
 DIST_SCRIPT = Path(__file__).with_name("distributed_cm_step.py")
 
 

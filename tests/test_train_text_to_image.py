@@ -447,11 +447,21 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_adapters_in_fp32(assets, tmp_path
         seen.append(({p.dtype for p in params if not p.requires_grad}, {p.dtype for p in params if p.requires_grad}))
         return real_loss(denoiser, *args, **kwargs)
 
+    reported = []
+    real_report = train_text_to_image_cm.summarize_expert_use
+
+    def recording_report(model, *args, **kwargs):
+        reported.append(({p.dtype for p in model.parameters()}, torch.is_autocast_enabled("cpu")))
+        return real_report(model, *args, **kwargs)
+
     monkeypatch.setattr(training_loop, "diffusion_loss", recording)
+    monkeypatch.setattr(train_text_to_image_cm, "summarize_expert_use", recording_report)
     train_text_to_image_cm.main(
         tiny_args(assets, tmp_path, max_train_steps=4, mixed_precision="bf16", validation_epochs=1)
     )
     assert seen and all(s == ({torch.bfloat16}, {torch.float32}) for s in seen)
+    # The expert-use report measures the float32 export, outside autocast: no bf16 rounding floor in its distances.
+    assert reported == [({torch.float32}, False)]
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["steps"] == 4 and np.isfinite(summary["final_losses"]["loss"])
     assert UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").dtype == torch.float32

@@ -81,7 +81,7 @@ class StableDiffusionFamily(ModelFamily):
         if draws is None:  # deterministic: the posterior mean
             with torch.no_grad():
                 pixels = batch["pixel_values"].to(self.vae.dtype)
-                return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+                return self.vae.encode(pixels).latent_dist.mean.float() * self.vae.config.scaling_factor
         return sample_latents(self.moments(batch, draws), draws.latent_noise, self.vae.config.scaling_factor)
 
     def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
@@ -377,26 +377,33 @@ def sample_class_grid(
     return image_grid(images, rows=num_classes, cols=n)
 
 
-def export_pipeline(
-    settings: TrainingSettings,
-    trained: torch.nn.Module,
-    noise_scheduler: SchedulerMixin,
-    output_dir: Path,
-    run_id: str,
-) -> Any:
-    """Write `output_dir` (the export stage): the adapter (PEFT format in adapter/ and as diffusers LoRA files; the
-    baseline's LoRA file only) and the merged float32 StableDiffusionPipeline.
-
-    SDXL exports a StableDiffusionXLPipeline (with the ``--pretrained_vae_model_name_or_path`` VAE where given).
-    The adapter is put on a fresh float32 copy of the base UNet before merging: training kept the base weights in
-    the mixed-precision dtype, and merging into rounded weights would bake the rounding into the export.
-    """
-    sd = settings.model
+def export_unet(settings: TrainingSettings, trained: torch.nn.Module) -> PeftModel:
+    """The trained adapter on a fresh float32 copy of the base UNet (on the CPU): what the export merges and what the
+    end-of-training expert-use report measures. Training kept the base weights in the mixed-precision dtype; merging
+    into rounded weights would bake the rounding into the export, and θ and θ^g computed in bf16 differ by a
+    rounding floor (~1e-5 in (ε_θ − ε_θg)², docs/design.md) that would compress the report's Few/Many ratio."""
     weights = {name: value.float().cpu() for name, value in trainable_state(trained).items()}
     model = add_adapter(load_unet(settings), settings)
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected or set(weights) != set(trainable_state(model)):
         raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
+    return model
+
+
+def export_pipeline(
+    settings: TrainingSettings,
+    model: PeftModel,
+    noise_scheduler: SchedulerMixin,
+    output_dir: Path,
+    run_id: str,
+) -> Any:
+    """Write `output_dir` (the export stage) from the float32 model of :func:`export_unet`: the adapter (PEFT format
+    in adapter/ and as diffusers LoRA files; the baseline's LoRA file only) and the merged float32
+    StableDiffusionPipeline.
+
+    SDXL exports a StableDiffusionXLPipeline (with the ``--pretrained_vae_model_name_or_path`` VAE where given).
+    """
+    sd = settings.model
     if settings.objective.capacity_manipulation:
         save_lora_weights(model, output_dir)  # before merging: the adapter as a diffusers LoRA
         merged = save_adapter_and_merge(model, output_dir, run_id)
