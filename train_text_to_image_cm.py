@@ -47,6 +47,7 @@ from capman_peft.families.stable_diffusion import (
     export_unet,
     grid_pipeline,
     load_base,
+    prompts_per_class,
     sample_class_grid,
 )
 from capman_peft.flags import (
@@ -140,6 +141,19 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         'dataset\'s ("a {} painting" for imb-artbench10, "a photo of a {}" for CIFAR), else "a {} painting".',
     )
     group.add_argument(
+        "--caption_column",
+        default=None,
+        help="Per-image captions: the caption column of a --dataset_name or of a --train_data_dir metadata.jsonl. Each "
+        "image trains on its own caption; its class (--class_column) still decides the CM weights, the splits and the "
+        "evaluation. Default: none (the class prompt for every image).",
+    )
+    group.add_argument(
+        "--validation_prompts_per_class",
+        default=None,
+        help='A JSON file {"class name": "prompt", ...}: the class prompts of the validation grids, the expert-use '
+        "report and capman-eval, instead of --prompt_template (useful with --caption_column).",
+    )
+    group.add_argument(
         "--caption_dropout",
         "--proportion_empty_prompts",
         dest="label_dropout",
@@ -220,7 +234,14 @@ def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) 
 
 
 def check_family_settings(settings: TrainingSettings) -> None:
-    """What the base model's family requires."""
+    """What the base model's family and the text flags require."""
+    if settings.model.validation_prompts_per_class:
+        prompts_per_class(settings.model.validation_prompts_per_class, None)
+    if settings.data.caption_column and settings.objective.objective == "cbdm":
+        raise ConfigError(
+            f"--caption_column {settings.data.caption_column}: CBDM conditions each image on a second, drawn class, "
+            "which has a class prompt but no caption of that image; allowed: --objective ddpm or oc with captions"
+        )
     if settings.model.xl and not (settings.data.center_crop or settings.model.cache_latents):
         raise ConfigError(
             "--center_crop: needed for SDXL, whose time ids give the crop's position (a center crop's follows from "

@@ -149,7 +149,17 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
         "--train_data_dir",
         type=os.path.expanduser,
         default=None,
-        help="Local image folder with one sub-folder per class; its counts are kept unless --imbalance_ratio is given.",
+        help="Local image folder: one sub-folder per class, or images with a metadata.jsonl (diffusers' imagefolder "
+        "format; name the class with --class_column). Its counts are kept unless --imbalance_ratio is given.",
+    )
+    group.add_argument(
+        "--image_column", default=None, help="Image column of a --dataset_name or metadata.jsonl (default: image)."
+    )
+    group.add_argument(
+        "--class_column",
+        default=None,
+        help="Class column of a --dataset_name or metadata.jsonl: a ClassLabel, integer ids, or class names as text "
+        "(default: label). The class decides the CM weights, the Many/Medium/Few splits and the per-class evaluation.",
     )
     group.add_argument(
         "--imbalance_ratio",

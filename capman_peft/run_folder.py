@@ -73,6 +73,12 @@ class PipelineFolder:
         return self.summary.get("args") or {}
 
     @property
+    def data_columns(self) -> dict[str, str | None]:
+        """The columns the run read its images and classes from (``--image_column``, ``--class_column``), as the data
+        loaders' keywords: evaluation and analysis read the same data the same way."""
+        return {"image_column": self.args.get("image_column"), "label_column": self.args.get("class_column")}
+
+    @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 

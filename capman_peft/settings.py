@@ -28,6 +28,9 @@ class DataSettings:
     sampler: str
     dataloader_num_workers: int
     cache_dir: str | None = None
+    image_column: str | None = None
+    class_column: str | None = None
+    caption_column: str | None = None
 
     @property
     def source(self) -> str:

@@ -45,6 +45,7 @@ def _heldout_rows(setup: AnalysisSetup, images_per_class: int) -> tuple[Any, lis
         dataset_name=args.get("dataset_name"),
         train_data_dir=args.get("train_data_dir"),
         class_order=setup.class_names,
+        **setup.folder.data_columns,
     )
     labels = np.asarray(heldout.labels)
     return heldout, [np.flatnonzero(labels == c)[:images_per_class] for c in range(len(setup.class_names))]

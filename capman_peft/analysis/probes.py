@@ -91,6 +91,7 @@ def prepare_analysis(
         dataset_name=dataset_name or args.get("dataset_name"),
         train_data_dir=train_data_dir or args.get("train_data_dir"),
         center_crop=True,
+        **folder.data_columns,
     )
     try:
         data = load_imbalanced_dataset(**data_kwargs, class_order=names)

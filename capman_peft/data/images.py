@@ -127,7 +127,8 @@ class LabelledImageDataset(torch.utils.data.Dataset):
     """Labelled images with their class names and counts: the long-tailed training set, the balanced reference set
     and the held-out images alike; items are decoded and transformed lazily.
 
-        Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str}``.
+        Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str,
+        "original_size": LongTensor[2]}``, and ``"caption": str`` when the data has per-image captions.
 
         Args:
             images: per item a PIL image, a file path, or any indexable returning those (read in ``__getitem__``).
@@ -135,6 +136,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
             class_names: name per class id.
             transform: PIL image -> tensor; see :func:`image_transform`.
             prompt_template: the dataset's class prompt template (``class_prompts``).
+            captions: a caption per item, or None (the class prompt stands for every image of a class).
     """
 
     def __init__(
@@ -144,14 +146,16 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         class_names: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor],
         prompt_template: str = "a {} painting",
+        captions: Sequence[str] | None = None,
     ):
-        if len(images) != len(labels):
-            raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        if len(images) != len(labels) or (captions is not None and len(captions) != len(labels)):
+            raise ValueError(f"got {len(images)} images and {len(captions or [])} captions for {len(labels)} labels")
         self.images = images
         self.labels = [int(y) for y in labels]
         self.class_names = list(class_names)
         self.transform = transform
         self.prompt_template = prompt_template
+        self.captions = None if captions is None else list(captions)
         self.class_counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes).tolist()
 
     @property
@@ -164,12 +168,15 @@ class LabelledImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         label = self.labels[i]
         image = self.load_image(i)
-        return {
+        item = {
             "pixel_values": self.transform(image),
             "label": label,
             "class_name": self.class_names[label],
             "original_size": torch.tensor([image.height, image.width]),  # SDXL's size conditioning
         }
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
 
     def load_image(self, i: int) -> Image.Image:
         """The RGB image of item ``i``; a file that cannot be decoded raises ValueError naming it."""

@@ -125,6 +125,7 @@ def load_imbalanced_dataset(
     random_flip: bool = False,
     image_column: str | None = None,
     label_column: str | None = None,
+    caption_column: str | None = None,
     cache_dir: str | None = None,
     verify_images: bool = True,
 ) -> LabelledImageDataset:
@@ -141,7 +142,12 @@ def load_imbalanced_dataset(
             digits 16).
         dataset_name: overrides the Hub id; may be a local folder of parquet files or a ``save_to_disk``
             folder.
-        train_data_dir: a local folder with one sub-folder of images per class (sorted names = classes).
+        train_data_dir: a local folder with one sub-folder of images per class (sorted names = classes), or an image
+            folder with a ``metadata.jsonl`` (diffusers' imagefolder format: ``file_name`` and the other columns).
+        image_column, label_column: the columns of a Hub dataset or ``metadata.jsonl`` holding the image and the
+            class (the class may be a ClassLabel, an integer or a string; strings are the class names).
+        caption_column: a column of per-image captions (Hub dataset or ``metadata.jsonl``): each item then carries
+            its ``caption``; the class column still decides the class.
         class_order: class ids or names in the order they become labels 0, 1, ... (0 = largest).
         seed: the legacy subsampling seed (0 reproduces CBDM's splits).
         center_crop, random_flip: as the diffusers training scripts' flags.
@@ -159,18 +165,29 @@ def load_imbalanced_dataset(
             cache_dir=cache_dir,
             verify_images=verify_images,
         )
-    spec, resolution, images, labels, class_names, keep = _long_tail_selection(
+    spec, resolution, source, keep = _long_tail_selection(
         name, split=split, imbalance_ratio=imbalance_ratio, resolution=resolution, dataset_name=dataset_name,
         train_data_dir=train_data_dir, class_order=class_order, seed=seed, image_column=image_column,
-        label_column=label_column, cache_dir=cache_dir, verify_images=verify_images,
+        label_column=label_column, caption_column=caption_column, cache_dir=cache_dir, verify_images=verify_images,
     )  # fmt: skip
     return LabelledImageDataset(
-        _subset(images, keep),
-        labels[keep],
-        class_names,
+        _subset(source.images, keep),
+        source.labels[keep],
+        source.class_names,
         image_transform(resolution, center_crop=center_crop, random_flip=random_flip),
         spec.prompt_template,
+        captions=None if source.captions is None else source.captions[keep].tolist(),
     )
+
+
+@dataclass
+class _Source:
+    """A source's images, class id per image, class names, and per-image captions where it has them."""
+
+    images: Any
+    labels: np.ndarray
+    class_names: list[str]
+    captions: np.ndarray | None = None
 
 
 def _long_tail_selection(
@@ -187,7 +204,8 @@ def _long_tail_selection(
     label_column: str | None,
     cache_dir: str | None,
     verify_images: bool,
-) -> tuple[DatasetSpec, int, Any, np.ndarray, list[str], np.ndarray]:
+    caption_column: str | None = None,
+) -> tuple[DatasetSpec, int, _Source, np.ndarray]:
     """The source in the requested class order and the indices the long-tail subsampling keeps (one home for the
     training set and its held-out complement)."""
     spec = get_dataset_spec(name)
@@ -195,7 +213,7 @@ def _long_tail_selection(
     _check_resolution(resolution)
     if imbalance_ratio is not None:
         _check_imbalance_ratio(imbalance_ratio)
-    images, labels, class_names = _load_source(
+    source = _load_source(
         spec,
         name,
         split=split,
@@ -203,12 +221,13 @@ def _long_tail_selection(
         train_data_dir=train_data_dir,
         image_column=image_column,
         label_column=label_column,
+        caption_column=caption_column,
         cache_dir=cache_dir,
         verify_images=verify_images,
     )
-    labels, class_names = _apply_class_order(labels, class_names, class_order)
-    keep = long_tail_indices(labels, imbalance_ratio, seed=seed, class_names=class_names)
-    return spec, resolution, images, labels, class_names, keep
+    source.labels, source.class_names = _apply_class_order(source.labels, source.class_names, class_order)
+    keep = long_tail_indices(source.labels, imbalance_ratio, seed=seed, class_names=source.class_names)
+    return spec, resolution, source, keep
 
 
 def load_reference_dataset(
@@ -237,7 +256,7 @@ def load_reference_dataset(
     if images_per_class is not None and images_per_class < 1:
         raise ConfigError(f"images_per_class must be >= 1 or None, got {images_per_class}")
     split = spec.reference_split or "train"
-    images, labels, class_names = _load_source(
+    source = _load_source(
         spec,
         name,
         split=split,
@@ -248,7 +267,8 @@ def load_reference_dataset(
         cache_dir=cache_dir,
         verify_images=verify_images,
     )
-    labels, class_names = _apply_class_order(labels, class_names, class_order)
+    images = source.images
+    labels, class_names = _apply_class_order(source.labels, source.class_names, class_order)
     per_class = [np.where(labels == c)[0] for c in range(len(class_names))]
     k = min(len(i) for i in per_class) if images_per_class is None else images_per_class
     short = [class_names[c] for c, i in enumerate(per_class) if len(i) < k]
@@ -276,6 +296,8 @@ def load_heldout_dataset(
     train_data_dir: str | os.PathLike | None = None,
     class_order: Sequence[int | str] | None = None,
     seed: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
     cache_dir: str | None = None,
 ) -> LabelledImageDataset:
     """Real images of each class that training never saw, to measure per-class generalisation.
@@ -287,20 +309,21 @@ def load_heldout_dataset(
     """
     if get_dataset_spec(name).reference_split is not None and train_data_dir is None:
         return load_reference_dataset(
-            name, resolution, dataset_name=dataset_name, class_order=class_order, cache_dir=cache_dir
-        )
+            name, resolution, dataset_name=dataset_name, class_order=class_order, image_column=image_column,
+            label_column=label_column, cache_dir=cache_dir,
+        )  # fmt: skip
     if imbalance_ratio is None:
         raise ConfigError("no held-out images: the training set keeps every source image (imbalance_ratio None)")
-    spec, resolution, images, labels, class_names, kept = _long_tail_selection(
+    spec, resolution, source, kept = _long_tail_selection(
         name, split="train", imbalance_ratio=imbalance_ratio, resolution=resolution, dataset_name=dataset_name,
-        train_data_dir=train_data_dir, class_order=class_order, seed=seed, image_column=None, label_column=None,
-        cache_dir=cache_dir, verify_images=False,
+        train_data_dir=train_data_dir, class_order=class_order, seed=seed, image_column=image_column,
+        label_column=label_column, cache_dir=cache_dir, verify_images=False,
     )  # fmt: skip
-    heldout = np.setdiff1d(np.arange(len(labels)), kept)
+    heldout = np.setdiff1d(np.arange(len(source.labels)), kept)
     return LabelledImageDataset(
-        _subset(images, heldout),
-        labels[heldout],
-        class_names,
+        _subset(source.images, heldout),
+        source.labels[heldout],
+        source.class_names,
         image_transform(resolution, center_crop=True, random_flip=False),
         spec.prompt_template,
     )
@@ -323,31 +346,40 @@ def _load_source(
     label_column: str | None,
     cache_dir: str | None,
     verify_images: bool,
-) -> tuple[Any, np.ndarray, list[str]]:
-    """Images, labels and class names of the source in its canonical class order."""
-    if train_data_dir is not None:
-        images, labels, names = _load_class_folders(Path(train_data_dir), verify_images)
+    caption_column: str | None = None,
+) -> _Source:
+    """The source in its canonical class order (captions only where `caption_column` names them)."""
+    columns = dict(
+        image_column=image_column or spec.image_column,
+        label_column=label_column or spec.label_column,
+        caption_column=caption_column,
+        spec=spec,
+    )
+    folder = None if train_data_dir is None else Path(train_data_dir)
+    if folder is not None and (folder / METADATA_FILE).is_file():
+        source = _read_columns(_load_imagefolder(folder, cache_dir), f"--train_data_dir {folder}", **columns)
+    elif folder is not None:
+        if caption_column is not None:
+            raise ConfigError(
+                f"--caption_column {caption_column}: --train_data_dir {folder} is a folder of class folders, which has "
+                f"no captions; allowed: an image folder with a {METADATA_FILE} holding that column, or a Hub dataset"
+            )
+        source = _Source(*_load_class_folders(folder, verify_images))
     elif dataset_name is not None or spec.hub_id is not None:
-        source = dataset_name or spec.hub_id
-        images, labels, names = _load_hub(
-            source,
-            split,
-            image_column=image_column or spec.image_column,
-            label_column=label_column or spec.label_column,
-            spec=spec,
-            cache_dir=cache_dir,
-        )
+        where = dataset_name or spec.hub_id
+        flag = "--dataset_name" if where != spec.hub_id else "--dataset"
+        source = _read_columns(_load_hub(where, split, flag=flag, cache_dir=cache_dir), f"{flag} {where}", **columns)
     elif spec is DATASETS["imb-digits"]:
-        images, labels, names = _load_digits()
+        source = _Source(*_load_digits())
     else:
         raise ConfigError(f"dataset {name!r} needs dataset_name (a Hub id or local path) or train_data_dir")
-    labels, names = _canonical_order(labels, names, spec)
+    labels, names = _canonical_order(source.labels, source.class_names, spec)
     renames = dict(spec.renames)
     names = [renames.get(n, n) for n in names]
     empty = [n for n, count in zip(names, np.bincount(labels, minlength=len(names)), strict=True) if count == 0]
     if empty:
         raise ConfigError(f"classes {empty} have no images in split {split!r}; every class needs at least one")
-    return images, labels, names
+    return _Source(source.images, labels, names, source.captions)
 
 
 def _canonical_order(labels: np.ndarray, names: list[str], spec: DatasetSpec) -> tuple[np.ndarray, list[str]]:
@@ -389,10 +421,12 @@ def _apply_class_order(
     return new_label[labels], [class_names[i] for i in ids]
 
 
-def _load_hub(
-    source: str, split: str, *, image_column: str, label_column: str, spec: DatasetSpec, cache_dir: str | None
-) -> tuple[_HubImages, np.ndarray, list[str]]:
-    """A Hub dataset (or a local copy in Hub format): labels read eagerly, images left for later."""
+# diffusers' imagefolder format: images with one JSON object per line naming its ``file_name`` and other columns.
+METADATA_FILE = "metadata.jsonl"
+
+
+def _load_hub(source: str, split: str, *, flag: str, cache_dir: str | None) -> Any:
+    """A Hub dataset's split (or a local copy in Hub format: parquet files or a ``save_to_disk`` folder)."""
     import datasets
 
     path = Path(source)
@@ -403,15 +437,34 @@ def _load_hub(
             if split not in loaded:
                 raise ConfigError(f"split {split!r} not in {source}; available splits: {list(loaded)}")
             loaded = loaded[split]
-        hf = loaded
-    else:
-        from ..hub import hub_source
+        return loaded
+    from ..hub import hub_source
 
-        where = hub_source(source, "--dataset_name" if source != spec.hub_id else "--dataset", "dataset", cache_dir)
-        hf = datasets.load_dataset(where, split=split, cache_dir=cache_dir)
-    for column in (image_column, label_column):
-        if column not in hf.column_names:
-            raise ConfigError(f"column {column!r} not in {source}; available columns: {hf.column_names}")
+    return datasets.load_dataset(hub_source(source, flag, "dataset", cache_dir), split=split, cache_dir=cache_dir)
+
+
+def _load_imagefolder(folder: Path, cache_dir: str | None) -> Any:
+    """An image folder with a ``metadata.jsonl``, read by datasets' imagefolder builder (local files only)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        raise ConfigError(f"--train_data_dir {folder}: cannot read {METADATA_FILE} and its images: {err}") from err
+
+
+def _read_columns(
+    hf: Any, source: str, *, image_column: str, label_column: str, caption_column: str | None, spec: DatasetSpec
+) -> _Source:
+    """Labels (and captions) read eagerly from the columns of a datasets table, images left for later."""
+    import datasets
+
+    flags = {image_column: "--image_column", label_column: "--class_column", caption_column: "--caption_column"}
+    for column in (image_column, label_column, caption_column):
+        if column is not None and column not in hf.column_names:
+            raise ConfigError(
+                f"{flags[column]} {column}: not a column of {source}; available columns: {hf.column_names}"
+            )
     feature = hf.features[label_column]
     raw = np.asarray(hf[label_column])
     if isinstance(feature, datasets.ClassLabel):
@@ -425,7 +478,16 @@ def _load_hub(
         labels = raw.astype(np.int64)
         num = int(labels.max()) + 1 if len(labels) else 0
         names = list(spec.class_names) if num <= len(spec.class_names) else [str(i) for i in range(num)]
-    return _HubImages(hf, image_column, np.arange(len(hf)), source), labels, names
+    captions = None
+    if caption_column is not None:
+        captions = np.asarray(hf[caption_column], dtype=object)
+        bad = [i for i, caption in enumerate(captions) if not isinstance(caption, str)]
+        if bad:
+            raise ConfigError(
+                f"--caption_column {caption_column}: row {bad[0]} of {source} has {captions[bad[0]]!r}; allowed: a "
+                "text caption in every row"
+            )
+    return _Source(_HubImages(hf, image_column, np.arange(len(hf)), source), labels, names, captions)
 
 
 def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np.ndarray, list[str]]:

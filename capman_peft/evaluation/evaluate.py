@@ -175,6 +175,7 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
         s.reference_images_per_class,
         dataset_name=dataset_name,
         train_data_dir=train_data_dir,
+        **folder.data_columns,
     )
     class_names, num_classes, prompts = _model_classes(pipe, folder, reference, spec, s.prompt_template)
     reference_labels = _align_reference_labels(reference.labels, reference.class_names, class_names, num_classes)
@@ -241,6 +242,8 @@ def _model_classes(
     if folder.kind == "class-conditional":
         return pipe.class_names, pipe.num_classes, None
     class_names = folder.summary.get("class_names") or reference.class_names
+    if prompt_template is None and folder.summary.get("prompts"):  # the run's class prompts, as it validated with
+        return class_names, len(class_names), list(folder.summary["prompts"])
     template = prompt_template or folder.args.get("prompt_template") or spec.prompt_template
     return class_names, len(class_names), class_prompts(class_names, template)
 

@@ -8,6 +8,7 @@ files (:func:`export_pipeline`) and the model card's parts (:func:`card`).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,20 +50,62 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor, scaling_factor: f
     return (posterior.mean + posterior.std * noise) * scaling_factor
 
 
+class PromptEncoder:
+    """The frozen tokenizers and text encoders of a pipeline (two for SDXL): text embeddings as its pipeline makes
+    them, and SDXL's pooled embeddings."""
+
+    def __init__(self, tokenizers: Sequence[Any], text_encoders: Sequence[Any]) -> None:
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = list(text_encoders)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompts, tokens, dim) embeddings and (prompts, dim) pooled embeddings (None for SD 1.x/2.x), float32."""
+        if len(self.text_encoders) == 2:
+            hidden, pooled = encode_prompts_xl(self.tokenizers, self.text_encoders, prompts)
+            return hidden.float(), pooled.float()
+        return encode_prompts(self.tokenizers[0], self.text_encoders[0], prompts).float(), None
+
+
 class StableDiffusionFamily(ModelFamily):
     """x0 is the VAE latent of the image; the condition of class c is row c of `cond_table` (the text embedding of
     the class prompt; row C, the empty prompt's, is the null condition).
 
+    With `captions` (data with per-image captions) a training batch's rows are conditioned on their own captions,
+    encoded per step as diffusers' text-to-image scripts do (a table of every caption would grow with the data);
+    label-dropped rows still get the empty prompt, and everything without a batch (the validation grid, the
+    expert-use report, evaluation) uses the class prompts.
+
     Args:
         vae: the pipeline's VAE (frozen); None for a family that only calls the UNet.
         cond_table: (C + 1, tokens, dim) text embeddings, encoded once per run; None likewise.
+        captions: the prompt encoder for the batch's ``"caption"`` entries.
     """
 
     name = "stable-diffusion"
 
-    def __init__(self, vae: Any = None, cond_table: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
+    ) -> None:
         self.vae = vae
         self.cond_table = cond_table
+        self.captions = captions
+        self.pooled_table: torch.Tensor | None = None
+
+    def text(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per row the text embedding (and SDXL's pooled one): the row's caption where the batch has captions, else
+        its class prompt's; the null class ``C`` always gets the empty prompt's."""
+        pooled_table = self.pooled_table
+        if self.captions is None or batch is None or "caption" not in batch:
+            return self.cond_table[class_ids], None if pooled_table is None else pooled_table[class_ids]
+        hidden, pooled = self.captions(list(batch["caption"]))
+        null = class_ids == len(self.cond_table) - 1
+        hidden = torch.where(null[:, None, None], self.cond_table[-1], hidden.to(self.cond_table.device))
+        if pooled is not None:
+            pooled = torch.where(null[:, None], pooled_table[-1], pooled.to(pooled_table.device))
+        return hidden, pooled
 
     def moments(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
         """VAE posterior moments of a batch: picked from the latent cache by the drawn flips, or encoded now."""
@@ -85,7 +128,7 @@ class StableDiffusionFamily(ModelFamily):
         return sample_latents(self.moments(batch, draws), draws.latent_noise, self.vae.config.scaling_factor)
 
     def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
-        return self.cond_table[class_ids]
+        return self.text(class_ids, batch)[0]
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"encoder_hidden_states": cond}
@@ -106,8 +149,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     name = "stable-diffusion-xl"
 
-    def __init__(self, vae: Any, cond_table: torch.Tensor, pooled_table: torch.Tensor, resolution: int) -> None:
-        super().__init__(vae, cond_table)
+    def __init__(
+        self,
+        vae: Any,
+        cond_table: torch.Tensor,
+        pooled_table: torch.Tensor,
+        resolution: int,
+        captions: PromptEncoder | None = None,
+    ) -> None:
+        super().__init__(vae, cond_table, captions)
         self.pooled_table = pooled_table
         self.resolution = resolution
 
@@ -122,9 +172,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return torch.cat([sizes, crop, target], dim=1)
 
     def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
+        hidden, pooled = self.text(class_ids, batch)
         return {
-            "encoder_hidden_states": self.cond_table[class_ids],
-            "text_embeds": self.pooled_table[class_ids],
+            "encoder_hidden_states": hidden,
+            "text_embeds": pooled,
             "time_ids": self.time_ids(batch, len(class_ids), class_ids.device),
         }
 
@@ -179,6 +230,8 @@ class StableDiffusionSettings:
     push_merged_pipeline: bool
     license: str | None
     pretrained_vae_model_name_or_path: str | None
+    validation_prompts_per_class: str | None
+    """A JSON file {class name: prompt} for the class prompts (validation, the expert-use report, evaluation)."""
     family: str
     """The base pipeline's family, read from its model_index.json: "stable-diffusion" or "stable-diffusion-xl"."""
 
@@ -298,18 +351,28 @@ def load_unet(settings: TrainingSettings) -> UNet2DConditionModel:
 
 class LatentCache(Dataset):
     """VAE posterior moments (mean and log-variance) of every training image, one entry per flip state, with the
-    image's original size."""
+    image's original size (and caption)."""
 
-    def __init__(self, moments: torch.Tensor, labels: Sequence[int], original_sizes: torch.Tensor) -> None:
+    def __init__(
+        self,
+        moments: torch.Tensor,
+        labels: Sequence[int],
+        original_sizes: torch.Tensor,
+        captions: Sequence[str] | None = None,
+    ) -> None:
         self.moments = moments  # (N, flip states, 2 * latent channels, h, w)
         self.labels = list(labels)
         self.original_sizes = original_sizes  # (N, 2): height, width
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"moments": self.moments[i], "label": self.labels[i], "original_size": self.original_sizes[i]}
+        item = {"moments": self.moments[i], "label": self.labels[i], "original_size": self.original_sizes[i]}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
 
 
 @torch.no_grad()
@@ -327,7 +390,7 @@ def cache_latents(
         views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
         moments = vae.encode(views).latent_dist.parameters.cpu()
         chunks.append(moments.unflatten(0, (2 if flip else 1, len(pixels))).transpose(0, 1))
-    return LatentCache(torch.cat(chunks), dataset.labels, torch.cat(sizes))
+    return LatentCache(torch.cat(chunks), dataset.labels, torch.cat(sizes), dataset.captions)
 
 
 def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
@@ -493,6 +556,29 @@ def encode_prompts_xl(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def prompts_per_class(path: str, class_names: Sequence[str] | None) -> list[str]:
+    """The class prompts of ``--validation_prompts_per_class``, in class order; with `class_names` None only the
+    file's format is checked (before any work)."""
+    flag = f"--validation_prompts_per_class {path}"
+    allowed = 'allowed: a JSON object with one prompt per class name, e.g. {"baroque": "a baroque painting"}'
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{flag}: cannot be read as JSON ({err}); {allowed}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) and v.strip() for v in table.values()):
+        raise ConfigError(f"{flag}: not an object of non-empty text prompts; {allowed}")
+    if class_names is None:
+        return list(table.values())
+    missing = [name for name in class_names if name not in table]
+    unknown = sorted(set(table) - set(class_names))
+    if missing or unknown:
+        raise ConfigError(
+            f"{flag}: no prompt for classes {missing} and prompts for unknown classes {unknown}; {allowed} "
+            f"(the classes: {', '.join(class_names)})"
+        )
+    return [table[name] for name in class_names]
+
+
 def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
     """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
     text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
@@ -520,15 +606,19 @@ def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: 
             f"of {factor}"
         )
     prompts = class_prompts(dataset.class_names, sd.prompt_template)
+    if sd.validation_prompts_per_class:
+        prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
     for frozen in (*text_encoders, vae):
         cast_frozen_weights(frozen.requires_grad_(False), dtype)
         frozen.to(device)
+    encoder = PromptEncoder(tokenizers, text_encoders)
+    captions = encoder if dataset.captions is not None else None  # else the text encoders leave after this call
+    cond_table, pooled_table = encoder([*prompts, ""])
     if sd.xl:
-        cond_table, pooled_table = encode_prompts_xl(tokenizers, text_encoders, [*prompts, ""])
-        family = StableDiffusionXLFamily(vae, cond_table.float(), pooled_table.float(), resolution)
+        family = StableDiffusionXLFamily(vae, cond_table, pooled_table, resolution, captions)
     else:
-        family = StableDiffusionFamily(vae, encode_prompts(tokenizers[0], text_encoders[0], [*prompts, ""]).float())
-    del text_encoders, tokenizers
+        family = StableDiffusionFamily(vae, cond_table, captions)
+    del text_encoders, tokenizers, encoder
     free_memory()
     latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
     return Base(noise_scheduler, vae, unet, prompts, family, latent_shape)

@@ -215,6 +215,9 @@ def load_training_data(data: DataSettings, *, center_crop: bool, random_flip: bo
         seed=data.data_seed,
         center_crop=center_crop,
         random_flip=random_flip,
+        image_column=data.image_column,
+        label_column=data.class_column,
+        caption_column=data.caption_column,
         cache_dir=data.cache_dir,
     )
     log_training_data(data, dataset.class_names, dataset.class_counts)
