@@ -289,3 +289,30 @@ def test_capman_eval_uses_the_runs_class_prompts():
     spec = SimpleNamespace(prompt_template="a {}")
     assert _model_classes(None, folder, None, spec, None)[2] == ["a pencil sketch", "an oil painting"]
     assert _model_classes(None, folder, None, spec, "a {} picture")[2] == ["a sketch picture", "an oil picture"]
+
+
+@pytest.mark.slow
+def test_capman_eval_and_analyze_read_the_runs_class_column(sd_base, tmp_path):
+    """The reference images and the splits come from the same metadata.jsonl folder and class column as training."""
+    from test_evaluation import TINY  # registers the tiny feature extractor
+
+    from capman_peft.analysis.cli import main as analyze
+    from capman_peft.evaluation.cli import main as evaluate
+
+    write_metadata_folder(tmp_path / "mine")
+    train_text_to_image_cm.main(caption_args(sd_base, tmp_path, max_train_steps=1))
+    out = tmp_path / "out"
+    evaluate([
+        "--pipeline", str(out), "--num_images_per_class", "2", "--steps", "2", "--batch_size", "6",
+        "--cache_dir", str(tmp_path / "features"), "--feature_extractor", TINY, "--metrics", "fid",
+        "--output_dir", str(tmp_path / "eval"),
+    ])  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_classes"] == 3 and set(metrics["splits"]) == {"many", "medium", "few"}
+    names = metrics["class_names"]
+    assert {split: [names[c] for c in ids] for split, ids in metrics["splits_classes"].items()} == {
+        "many": ["sketch"], "medium": ["ink"], "few": ["oil"]
+    }  # fmt: skip
+    analyze(["capacity", "--pipeline", str(out), "--num_batches", "1", "--batch_size", "2", "--output_dir",
+             str(tmp_path / "cap")])  # fmt: skip
+    assert len(json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]) == 3
