@@ -85,12 +85,23 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return total
 
 
-def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size: int):
+# Training variants: forward mode and the fraction of the batch theta^g runs on (--cm_general_fraction).
+TRAINING_VARIANTS = {
+    "no CM": (None, 1.0),
+    "fused": ("fused", 1.0),
+    "sequential": ("sequential", 1.0),
+    "shared_prefix": ("shared_prefix", 1.0),
+    "fused, θ^g on 25% of the batch": ("fused", 0.25),
+    "shared_prefix, θ^g on 25% of the batch": ("shared_prefix", 0.25),
+}
+
+
+def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size: int, general_fraction: float = 1.0):
     """A closure doing one optimizer step (DDPM base, + CM when `cm`) and one returning the loss (for memory)."""
     denoiser = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     objective = build_objective("ddpm", scheduler=scheduler, class_counts=COUNTS)
-    weights = CMSettings(cm_weights(COUNTS), "hinge", 0.1, 1.0) if cm else None
+    weights = CMSettings(cm_weights(COUNTS), "hinge", 0.1, 1.0, general_fraction) if cm else None
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x0 = torch.randn(batch, 3, size, size)
     labels = torch.arange(batch) % NUM_CLASSES
@@ -123,24 +134,27 @@ def cm_model(config: dict) -> torch.nn.Module:
     return get_peft_model(unet, CapManConfig(mode="full", expert_rank_ratio=0.1, target_modules=UP_TARGETS))
 
 
-def step_seconds(config_name: str, mode: str, batch: int, repeats: int, warmup: int) -> float:
-    """Median step time of one variant, alone in this process (one model in memory, as in a real run)."""
-    config = CONFIGS[config_name]
-    if mode == "no CM":
+def variant_step(config: dict, variant: str, batch: int):
+    """`training_step` of one of TRAINING_VARIANTS: a plain UNet for "no CM", a CM model otherwise."""
+    mode, fraction = TRAINING_VARIANTS[variant]
+    if mode is None:
         torch.manual_seed(0)
-        step, _ = training_step(
-            UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1), False, "fused", batch, config["sample_size"]
-        )
-    else:
-        step, _ = training_step(cm_model(config), True, mode, batch, config["sample_size"])
-    return interleaved_medians({mode: step}, repeats, warmup)[mode]
+        plain = UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1)
+        return training_step(plain, False, "fused", batch, config["sample_size"])
+    return training_step(cm_model(config), True, mode, batch, config["sample_size"], fraction)
+
+
+def step_seconds(config_name: str, variant: str, batch: int, repeats: int, warmup: int) -> float:
+    """Median step time of one variant, alone in this process (one model in memory, as in a real run)."""
+    step, _ = variant_step(CONFIGS[config_name], variant, batch)
+    return interleaved_medians({variant: step}, repeats, warmup)[variant]
 
 
 def bench_training(name: str, batch: int, repeats: int, warmup: int, rounds: int = 3) -> None:
     """Each variant runs in its own process (measured: four 36M-parameter models with Adam state in one process
     slowed the larger CM steps by cache and allocator effects, 2.59x vs 1.96x for fused); processes alternate over
     `rounds` rounds and the median round is reported."""
-    modes = ["no CM", "fused", "sequential", "shared_prefix"]
+    modes = list(TRAINING_VARIANTS)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
         for mode in modes:
@@ -160,14 +174,7 @@ def bench_training(name: str, batch: int, repeats: int, warmup: int, rounds: int
             output = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             times[mode].append(float(output.strip().splitlines()[-1]))
     medians = {mode: statistics.median(t) for mode, t in times.items()}
-    config = CONFIGS[name]
-    losses = {
-        "no CM": training_step(
-            UNet2DModel(**config, num_class_embeds=NUM_CLASSES + 1), False, "fused", batch, config["sample_size"]
-        )[1]
-    }
-    for mode in modes[1:]:
-        losses[mode] = training_step(cm_model(config), True, mode, batch, config["sample_size"])[1]
+    losses = {mode: variant_step(CONFIGS[name], mode, batch)[1] for mode in modes}
     memory = {key: saved_activation_bytes(fn) for key, fn in losses.items()}
     print(f"\n### Training step, {name}, batch {batch}, {platform.processor() or platform.machine()}\n")
     print("| forward mode | step time (s) | time ÷ no CM | activation memory ÷ no CM |")
