@@ -256,6 +256,7 @@ def publish_validation_grid(
     family: StableDiffusionFamily,
     noise_scheduler: SchedulerMixin,
     settings: TrainingSettings,
+    class_counts: Sequence[int],
     epoch: int,
     step: int,
 ) -> Path:
@@ -263,7 +264,7 @@ def publish_validation_grid(
     pipeline = grid_pipeline(unet, family.vae, noise_scheduler, xl=settings.model.xl)
     was_training = unet.training
     unet.eval()
-    grid = sample_class_grid(pipeline, family, settings, frozen_weight_dtype(accelerator))
+    grid = sample_class_grid(pipeline, family, settings, frozen_weight_dtype(accelerator), class_counts)
     unet.train(was_training)
     path = Path(settings.output.output_dir) / "validation" / f"epoch-{epoch:03d}.png"
     return publish_image(accelerator, grid, path, step)
@@ -328,6 +329,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
             family=family,
             noise_scheduler=noise_scheduler,
             settings=settings,
+            class_counts=dataset.class_counts,
             epoch=epoch,
             step=step,
         )
@@ -343,7 +345,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         with staged_export(settings.output.output_dir) as out:
             pipeline = export_pipeline(settings, model, noise_scheduler, out, run.run_id)
             pipeline.set_progress_bar_config(disable=True)
-            samples = sample_class_grid(pipeline.to(device), family, settings, torch.float32)
+            samples = sample_class_grid(pipeline.to(device), family, settings, torch.float32, dataset.class_counts)
             finish_export(
                 accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,
                 expert_report=report, samples=samples, card=card(settings, base.prompts),

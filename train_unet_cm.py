@@ -128,7 +128,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
 
     def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
         sampler = trained.get_base_model() if cm is not None else trained
-        grid = class_grid(sampler, noise_scheduler, dataset.class_names, settings, accelerator.device)
+        grid = class_grid(
+            sampler, noise_scheduler, dataset.class_names, dataset.class_counts, settings, accelerator.device
+        )
         publish_image(accelerator, grid, Path(output.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
     trained = train(accelerator, settings, run, step_loss=step_loss, validate=validate, callbacks=callbacks)
@@ -144,7 +146,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
                 model = save_adapter_and_merge(model, out, run.run_id)
             scheduler = DDIMScheduler.from_config(noise_scheduler.config)
             save_class_conditional_pipeline(model, scheduler, dataset.class_names, out)
-            samples = class_grid(model, noise_scheduler, dataset.class_names, settings, accelerator.device)
+            samples = class_grid(
+                model, noise_scheduler, dataset.class_names, dataset.class_counts, settings, accelerator.device
+            )
             cm_settings = cm_card_settings(
                 settings.objective, mode="full", expert_rank_ratio=model_settings.expert_rank_ratio
             )

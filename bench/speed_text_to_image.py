@@ -76,10 +76,10 @@ def make_assets(root: Path, family: str) -> tuple[Path, Path]:
 
 def step_times() -> list[float]:
     """Timestamps of every optimizer step of this process, from a global post-step hook (no script is changed)."""
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[float] = []
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     return stamps
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import LabelledImageDataset, class_splits
 from .errors import ConfigError
-from .families import Condition, ModelFamily
+from .families import Condition, ModelFamily, concat
 from .randomness import derived_seed
 from .tuner import expert_disabled
 
@@ -122,25 +122,42 @@ def measure_expert_use(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    rows_per_call: int = 64,
 ) -> dict[str, list[float]]:
     """Per class: ``expert_usage`` = mean (ε_θ − ε_θg)², and the loss of θ (``loss_full``) and θ^g
-    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode)."""
+    (``loss_general``), on the fixed batches of ``fixed_batches`` (a CapMan model with its experts, in eval mode).
+
+    The batches of consecutive classes are stacked into UNet calls of about `rows_per_call` rows, so that thousands
+    of small classes cost calls in proportion to their images, not to their number."""
     was_training = capman.training
     capman.eval()
     sums = {k: torch.zeros(num_classes, dtype=torch.float64) for k in ("expert_usage", "loss_full", "loss_general")}
-    counts = torch.zeros(num_classes)
-    batches = fixed_batches(loss_setup, data, num_classes, num_batches=num_batches, batch_size=batch_size, seed=seed)
-    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
-        full = loss_setup.predict(capman, batch.noisy, batch.timesteps, batch.condition)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    pending: list[FixedBatch] = []
+
+    def measure_pending() -> None:
+        noisy, timesteps = torch.cat([b.noisy for b in pending]), torch.cat([b.timesteps for b in pending])
+        condition, target = concat([b.condition for b in pending]), torch.cat([b.target for b in pending])
+        class_ids = torch.cat([torch.full((len(b.timesteps),), b.class_id) for b in pending])
+        full = loss_setup.predict(capman, noisy, timesteps, condition)
         with expert_disabled(capman):
-            general = loss_setup.predict(capman, batch.noisy, batch.timesteps, batch.condition)
+            general = loss_setup.predict(capman, noisy, timesteps, condition)
         for key, (a, b) in {
             "expert_usage": (full, general),
-            "loss_full": (full, batch.target),
-            "loss_general": (general, batch.target),
+            "loss_full": (full, target),
+            "loss_general": (general, target),
         }.items():
-            sums[key][batch.class_id] += per_sample_mse(a, b).sum().item()
-        counts[batch.class_id] += len(batch.timesteps)
+            sums[key].index_add_(0, class_ids, per_sample_mse(a, b).double().cpu())
+        counts.index_add_(0, class_ids, torch.ones(len(class_ids), dtype=torch.float64))
+        pending.clear()
+
+    batches = fixed_batches(loss_setup, data, num_classes, num_batches=num_batches, batch_size=batch_size, seed=seed)
+    for batch in tqdm(batches, total=num_classes * num_batches, desc="Per-class expert usage", disable=not progress):
+        pending.append(batch)
+        if sum(len(b.timesteps) for b in pending) >= rows_per_call:
+            measure_pending()
+    if pending:
+        measure_pending()
     capman.train(was_training)
     return {k: (v / counts).tolist() for k, v in sums.items()}
 

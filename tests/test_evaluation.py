@@ -263,6 +263,7 @@ OVERALL_KEYS = {"num_generated", "num_real", "fid", "kid_mean", "kid_std", "kid_
 OVERALL_KEYS |= {"precision", "recall", "f_score"}
 SPLIT_KEYS = {"num_generated", "num_real", "fid", "kid_mean", "kid_std", "kid_subset_size"}
 TOP_KEYS = {
+    "num_images",
     "pipeline",
     "label",
     "kind",
@@ -342,10 +343,12 @@ def test_capman_eval_writes_metrics_json_charts_and_model_card(tmp_path, cache_d
 @pytest.mark.slow
 def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm_run, cache_dir):
     out = cm_run[0]
-    args = eval_args(out, cache_dir, "--expert", "both", "--metrics", "fid", "--no_model_card")
+    args = eval_args(out, cache_dir, "--expert", "both", "--metrics", "fid", "--no_model_card", "--num_images", "25")
     main([*args, "--feature_extractor", TINY, "--output_dir", str(tmp_path / "cmp")])
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [(r["label"], r["expert"]) for r in summary] == [("out", "on"), ("out-general", "off")]
+    # a total budget of 25 images over 10 classes: 2 per class, replacing --num_images_per_class 4
+    assert summary[0]["num_images_per_class"] == 2 and summary[0]["overall"]["num_generated"] == 20
     assert summary[0]["overall"]["fid"] != summary[1]["overall"]["fid"]
     for label in ("out", "out-general"):
         assert (tmp_path / "cmp" / label / "metrics.json").is_file()
@@ -365,6 +368,10 @@ def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm
         ({"--dataset": "imb-nope"}, "unknown dataset 'imb-nope'; known datasets: imb-artbench10"),
         ({"--num_images_per_class": "0"}, "--num_images_per_class: got '0'; allowed: an integer >= 1"),
         ({"--metrics": "fid,fud"}, "unknown metric fud; allowed: fid, kid, isc, prc"),
+        (
+            {"--num_images": "5"},
+            "--num_images 5: fewer than one image for each of the 10 classes; allowed: at least 10",
+        ),
         ({"--guidance_scale": "nan"}, "--guidance_scale: got 'nan'; allowed: a finite number >= 0"),
         ({"--steps": "0"}, "--steps: got '0'; allowed: an integer >= 1"),
         ({"--scheduler": "euler"}, "unknown scheduler 'euler'; allowed: ddim, dpm, pipeline"),

@@ -15,7 +15,17 @@ from .images import (
     readable_class_name,
     to_rgb,
 )
-from .longtail import class_balanced_sampler, class_splits, long_tail_counts, long_tail_indices
+from .longtail import (
+    GRID_CLASSES,
+    LISTED_CLASSES,
+    LISTED_ENDS,
+    class_balanced_sampler,
+    class_splits,
+    grid_classes,
+    listed_classes,
+    long_tail_counts,
+    long_tail_indices,
+)
 from .sources import (
     DATASETS,
     DatasetSpec,
@@ -27,6 +37,9 @@ from .sources import (
 
 __all__ = [
     "DATASETS",
+    "GRID_CLASSES",
+    "LISTED_CLASSES",
+    "LISTED_ENDS",
     "IMAGE_EXTENSIONS",
     "DatasetSpec",
     "LabelledImageDataset",
@@ -35,6 +48,8 @@ __all__ = [
     "encode_prompts",
     "class_splits",
     "get_dataset_spec",
+    "grid_classes",
+    "listed_classes",
     "image_transform",
     "load_heldout_dataset",
     "load_imbalanced_dataset",

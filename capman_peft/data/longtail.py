@@ -122,6 +122,37 @@ def class_splits(sizes: int | Sequence[int]) -> dict[str, list[int]]:
     return {name: sorted(ids) for name, ids in groups.items()}
 
 
+# A per-class table in the log lists every class up to LISTED_CLASSES, else the LISTED_ENDS largest and smallest.
+LISTED_CLASSES = 40
+LISTED_ENDS = 10
+
+
+def listed_classes(class_counts: Sequence[int]) -> list[int | None]:
+    """The rows of a per-class log table: every class id in order for up to ``LISTED_CLASSES`` classes, else the
+    ``LISTED_ENDS`` largest and smallest by training count with None standing for the classes left out."""
+    num_classes = len(class_counts)
+    if num_classes <= LISTED_CLASSES:
+        return list(range(num_classes))
+    ranking = sorted(range(num_classes), key=lambda c: -class_counts[c])
+    return [*ranking[:LISTED_ENDS], None, *ranking[-LISTED_ENDS:]]
+
+
+# Classes in a validation or export sample grid: every class up to this many, else this many spread over the sizes.
+GRID_CLASSES = 10
+
+
+def grid_classes(class_counts: Sequence[int], limit: int = GRID_CLASSES) -> list[int]:
+    """The class ids a sample grid shows: all of them for up to `limit` classes, else `limit` classes evenly spaced
+    over the classes ranked by training-set size (the largest and the smallest included), in ascending id order, so
+    that a grid of a thousands-of-classes set still shows Many, Medium and Few."""
+    num_classes = len(class_counts)
+    if num_classes <= limit:
+        return list(range(num_classes))
+    ranking = sorted(range(num_classes), key=lambda c: -class_counts[c])
+    picks = {ranking[round(k * (num_classes - 1) / (limit - 1))] for k in range(limit)}
+    return sorted(picks)
+
+
 def class_balanced_sampler(
     labels: Sequence[int] | np.ndarray,
     num_samples: int | None = None,

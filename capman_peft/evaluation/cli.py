@@ -49,6 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_images_per_class", type=positive_int, default=500, help="Generated images per class.")
     parser.add_argument(
+        "--num_images",
+        type=positive_int,
+        default=None,
+        help="A total budget of generated images spread evenly over the classes, replacing --num_images_per_class "
+        "(e.g. 50000 for ImageNet-LT's 1,000 or iNaturalist's 8,142 classes).",
+    )
+    parser.add_argument(
         "--reference_images_per_class",
         type=positive_int,
         default=None,
@@ -115,6 +122,7 @@ def _evaluate_from_command_line(argv: Sequence[str] | None) -> None:
     args = parse_args(argv)
     settings = EvalSettings(
         num_images_per_class=args.num_images_per_class,
+        num_images=args.num_images,
         metrics=_check_metrics(args.metrics),
         scheduler=args.scheduler,
         steps=args.steps,

@@ -59,6 +59,8 @@ class EvalSettings:
             ``digits-classifier`` for ``imb-digits``.
         feature_extractor_weights_path: local weights for the extractor (offline machines).
         resolution: image side for generation (SD) and the reference; default: the pipeline's sample size.
+        num_images: a total budget of generated images spread evenly over the classes (the paper's 50,000 for
+            ImageNet-LT or iNaturalist): ``num_images // C`` per class, replacing ``num_images_per_class``.
         reference_images_per_class: real images per class; default: as many as the smallest class has.
         dataset_name, train_data_dir: passed to the data module (Hub id / local copy, class-folder tree); default:
             the training summary's.
@@ -69,6 +71,7 @@ class EvalSettings:
     """
 
     num_images_per_class: int = 500
+    num_images: int | None = None
     metrics: Sequence[str] | str = METRIC_NAMES
     scheduler: str = "ddim"
     steps: int = 50
@@ -144,6 +147,8 @@ def evaluate_pipeline(
     """
     settings = _with_overrides(settings, overrides)
     run, pipe = _resolve(pipeline, dataset, settings)
+    if settings.num_images is not None:
+        settings = replace(settings, num_images_per_class=settings.num_images // run.num_classes)
     images, labels = _generate(pipe, run, settings)
     del pipe
     measured = _measure(run, settings, images, labels)
@@ -178,6 +183,11 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
         **folder.data_columns,
     )
     class_names, num_classes, prompts = _model_classes(pipe, folder, reference, spec, s.prompt_template)
+    if s.num_images is not None and s.num_images < num_classes:
+        raise ConfigError(
+            f"--num_images {s.num_images}: fewer than one image for each of the {num_classes} classes; allowed: at "
+            f"least {num_classes}"
+        )
     reference_labels = _align_reference_labels(reference.labels, reference.class_names, class_names, num_classes)
     class_names = list(class_names or reference.class_names)
     run = _Run(
@@ -332,6 +342,7 @@ def _record(
         "num_classes": run.num_classes,
         "splits_classes": {k: v for k, v in run.splits.items() if v},
         "num_images_per_class": settings.num_images_per_class,
+        "num_images": settings.num_images,
         "reference_images_per_class": run.reference_per_class,
         "resolution": run.resolution,
         "scheduler": settings.scheduler,

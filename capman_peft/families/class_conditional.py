@@ -8,7 +8,7 @@ model (:func:`build_unet`), where the experts may sit (:func:`check_expert_place
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from ..class_conditional_pipeline import ClassConditionalPipeline
+from ..data import grid_classes
 from ..errors import ConfigError
 from ..hub import hub_source
 from ..pipelines import image_grid
@@ -124,15 +125,22 @@ def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
 
 
 def class_grid(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, class_names: list[str], settings: TrainingSettings, device
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    class_names: list[str],
+    class_counts: Sequence[int],
+    settings: TrainingSettings,
+    device,
 ):
-    """A per-class sample grid (rows = classes) with DDIM and guidance, from fixed seeds."""
+    """A per-class sample grid (rows = classes; ``grid_classes`` of them for a set with many) with DDIM and
+    guidance, from fixed seeds."""
     pipeline = ClassConditionalPipeline(
         unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
     )
     pipeline.set_progress_bar_config(disable=True)
     output = settings.output
-    labels = [c for c in range(len(class_names)) for _ in range(output.num_validation_images)]
+    shown = grid_classes(class_counts)
+    labels = [c for c in shown for _ in range(output.num_validation_images)]
     generator = torch.Generator(device).manual_seed(settings.optimization.seed)
     was_training = unet.training
     unet.eval()
@@ -144,4 +152,4 @@ def class_grid(
             generator=generator,
         ).images
     unet.train(was_training)
-    return image_grid(images, rows=len(class_names), cols=output.num_validation_images)
+    return image_grid(images, rows=len(shown), cols=output.num_validation_images)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..checkpointing import trainable_state
-from ..data import LabelledImageDataset, class_prompts, encode_prompts
+from ..data import LabelledImageDataset, class_prompts, encode_prompts, grid_classes
 from ..errors import ConfigError
 from ..hub import card_license, cm_card_settings, hub_source
 from ..pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
@@ -420,14 +420,16 @@ def sample_class_grid(
     family: StableDiffusionFamily,
     settings: TrainingSettings,
     dtype: torch.dtype,
+    class_counts: Sequence[int],
 ) -> Image.Image:
-    """``--num_validation_images`` per class (rows = classes) from the precomputed prompt embeddings: the text
-    encoders are not needed. Class c always starts from the same seeded noise, so grids compare across epochs."""
+    """``--num_validation_images`` per class (rows = classes; ``grid_classes`` of them for a set with many) from the
+    precomputed prompt embeddings: the text encoders are not needed. Class c always starts from the same seeded
+    noise, so grids compare across epochs."""
     device = pipeline.unet.device
-    num_classes = family.cond_table.shape[0] - 1
     n = settings.output.num_validation_images
+    shown = grid_classes(class_counts)
     images = []
-    for c in range(num_classes):
+    for c in shown:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             images += pipeline(
                 **family.grid_prompts(c, n, device),
@@ -437,7 +439,7 @@ def sample_class_grid(
                 guidance_scale=settings.output.guidance_scale,
                 generator=torch.Generator(device).manual_seed(settings.optimization.seed + c),
             ).images
-    return image_grid(images, rows=num_classes, cols=n)
+    return image_grid(images, rows=len(shown), cols=n)
 
 
 def export_unet(settings: TrainingSettings, trained: torch.nn.Module) -> PeftModel:

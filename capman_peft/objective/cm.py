@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..data import class_splits
+from ..data import LISTED_ENDS, class_splits, listed_classes
 from ..errors import ConfigError
 from .base import ClassCounts, _check_labels, _counts64
 
@@ -97,6 +98,13 @@ def cm_weights(
     for index, name in enumerate(SPLITS):
         split[groups[name]] = index
     return CMWeights(pull.float(), push.float(), split)
+
+
+@functools.cache
+def _groups_present(num_classes: int) -> tuple[int, ...]:
+    """The indices in ``SPLITS`` of the groups that have classes: all three from 3 classes, Many and Few for 2. It
+    depends on C alone, so it costs no host sync and, cached, no per-step work that grows with C."""
+    return tuple(i for i, name in enumerate(SPLITS) if class_splits(num_classes)[name])
 
 
 def _check_form(form: str) -> None:
@@ -183,8 +191,7 @@ def cm_loss(
         "cm_diversity": diversity.detach().mean(),
     }
     split_of_row = weights.split.to(distance.device)[labels]
-    # Which groups have classes depends on C alone (no host sync): all three from 3 classes, Many and Few for 2.
-    for index in [i for i, name in enumerate(SPLITS) if class_splits(num_classes)[name]]:
+    for index in _groups_present(num_classes):
         # Rows the loss leaves out (label-dropped: weight 0) are left out here too. A group without rows in the batch
         # gives NaN: every process logs the same keys (the logs are averaged over them).
         mask = ((split_of_row == index) & (rows > 0)).to(distance.dtype)
@@ -237,9 +244,11 @@ def check_cm_bounded(
 
 def format_cm_table(weights: CMWeights, class_counts: Sequence[int], class_names: Sequence[str] | None = None) -> str:
     """A printable per-class table of the CM coefficients for the training scripts' start-up report."""
+    pulls, pushes = weights.pull.tolist(), weights.push.tolist()
     rows = [f"{'class':<24} {'N_c':>7} {'pull':>8} {'push':>8}"]
-    for k, (count, pull, push) in enumerate(
-        zip(class_counts, weights.pull.tolist(), weights.push.tolist(), strict=True)
-    ):
-        rows.append(f"{_class_label(k, class_names):<24} {count:>7} {pull:>8.3f} {push:>8.3f}")
+    for k in listed_classes(class_counts):
+        if k is None:
+            rows.append(f"... {len(class_counts) - LISTED_ENDS * 2} more classes ...")
+        else:
+            rows.append(f"{_class_label(k, class_names):<24} {class_counts[k]:>7} {pulls[k]:>8.3f} {pushes[k]:>8.3f}")
     return "\n".join(rows)

@@ -19,7 +19,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_training
-from ..data import LabelledImageDataset, class_balanced_sampler, class_splits, load_imbalanced_dataset
+from ..data import (
+    LISTED_CLASSES,
+    LISTED_ENDS,
+    LabelledImageDataset,
+    class_balanced_sampler,
+    class_splits,
+    listed_classes,
+    load_imbalanced_dataset,
+)
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..families import ModelFamily
@@ -166,11 +174,21 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
         if data.imbalance_ratio is not None
         else "the folder's own counts (--imbalance_ratio R subsamples it)"
     )
-    split_of = {c: split for split, ids in class_splits(list(class_counts)).items() for c in ids}
-    rows = "\n".join(
-        f"  {k:>4}  {name:<24} {n:>7}  {split_of[k]}"
-        for k, (name, n) in enumerate(zip(class_names, class_counts, strict=True))
-    )
+    splits = class_splits(list(class_counts))
+    split_of = {c: split for split, ids in splits.items() for c in ids}
+    rows = [
+        f"  ... {len(class_names) - LISTED_ENDS * 2} more classes ..."
+        if k is None
+        else f"  {k:>4}  {class_names[k]:<24} {class_counts[k]:>7}  {split_of[k]}"
+        for k in listed_classes(class_counts)
+    ]
+    if len(class_names) > LISTED_CLASSES:  # thousands of classes: each split in one line too
+        rows += [
+            f"  {name}: {len(ids)} classes, {sum(class_counts[c] for c in ids)} images "
+            f"({min(class_counts[c] for c in ids)} ... {max(class_counts[c] for c in ids)} per class)"
+            for name, ids in splits.items()
+            if ids
+        ]
     achieved = max(class_counts) / min(class_counts)
     if data.imbalance_ratio is not None and abs(achieved / data.imbalance_ratio - 1) > 0.1:
         logger.warning(
@@ -191,7 +209,7 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
         "class",
         "images",
         "split",
-        rows,
+        "\n".join(rows),
     )
 
 
