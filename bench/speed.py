@@ -96,15 +96,25 @@ TRAINING_VARIANTS = {
 }
 
 
-def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size: int, general_fraction: float = 1.0):
-    """A closure doing one optimizer step (DDPM base, + CM when `cm`) and one returning the loss (for memory)."""
+def training_step(
+    model: torch.nn.Module,
+    cm: bool,
+    mode: str,
+    batch: int,
+    size: int,
+    general_fraction: float = 1.0,
+    counts: list[int] = COUNTS,
+):
+    """A closure doing one optimizer step (DDPM base, + CM when `cm`) and one returning the loss (for memory), for a
+    training set of `counts` images per class."""
+    num_classes = len(counts)
     denoiser = CMDenoiser(model, forward_mode=mode, capacity_manipulation=cm)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    objective = build_objective("ddpm", scheduler=scheduler, class_counts=COUNTS)
-    weights = CMSettings(cm_weights(COUNTS), "hinge", 0.1, 1.0, general_fraction) if cm else None
+    objective = build_objective("ddpm", scheduler=scheduler, class_counts=counts)
+    weights = CMSettings(cm_weights(counts), "hinge", 0.1, 1.0, general_fraction) if cm else None
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x0 = torch.randn(batch, 3, size, size)
-    labels = torch.arange(batch) % NUM_CLASSES
+    labels = torch.arange(batch) * (num_classes // batch or 1) % num_classes  # spread over the classes
 
     draws = draw_step(
         torch.Generator().manual_seed(0),
@@ -113,11 +123,12 @@ def training_step(model: torch.nn.Module, cm: bool, mode: str, batch: int, size:
         num_train_timesteps=1000,
         label_dropout=0.1,
         objective=objective,
+        general_draw=cm and general_fraction < 1,
     ).rows(0, batch, x0.device)
 
     def loss() -> torch.Tensor:
         return diffusion_loss(
-            denoiser, objective, scheduler, x0, labels, num_classes=NUM_CLASSES, cm=weights, draws=draws
+            denoiser, objective, scheduler, x0, labels, num_classes=num_classes, cm=weights, draws=draws
         )[0]
 
     def step() -> None:
