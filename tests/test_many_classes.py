@@ -69,3 +69,15 @@ def test_a_run_with_3000_classes_logs_a_summary_and_grids_a_sample(tmp_path, cap
     # the sample grid: GRID_CLASSES rows (8 px images drawn as 64 px cells with 2 px gaps), not 3,000
     assert Image.open(out / "samples.png").height == GRID_CLASSES * (64 + 2) + 2
     assert (out / "checkpoint-2").is_dir()
+
+
+def test_the_evaluation_sample_grid_shows_ten_classes_of_a_large_set(tmp_path):
+    import torch
+
+    from capman_peft.evaluation.report import write_model_outputs
+
+    classes = 30
+    images = torch.zeros(classes * 2, 3, 8, 8, dtype=torch.uint8)
+    labels = torch.arange(classes).repeat_interleave(2)
+    write_model_outputs({"label": "x"}, images, labels, list(range(classes, 0, -1)), tmp_path)
+    assert Image.open(tmp_path / "samples.png").height == GRID_CLASSES * (64 + 2) + 2

@@ -141,10 +141,13 @@ def listed_classes(class_counts: Sequence[int]) -> list[int | None]:
 GRID_CLASSES = 10
 
 
-def grid_classes(class_counts: Sequence[int], limit: int = GRID_CLASSES) -> list[int]:
+def grid_classes(class_counts: int | Sequence[int], limit: int = GRID_CLASSES) -> list[int]:
     """The class ids a sample grid shows: all of them for up to `limit` classes, else `limit` classes evenly spaced
     over the classes ranked by training-set size (the largest and the smallest included), in ascending id order, so
-    that a grid of a thousands-of-classes set still shows Many, Medium and Few."""
+    that a grid of a thousands-of-classes set still shows Many, Medium and Few. An int C ranks by class id, as
+    ``class_splits`` does."""
+    if isinstance(class_counts, int):
+        class_counts = list(range(class_counts, 0, -1))
     num_classes = len(class_counts)
     if num_classes <= limit:
         return list(range(num_classes))

@@ -118,7 +118,12 @@ class _Run:
     class_names: list[str]
     num_classes: int
     prompts: list[str] | None
-    splits: dict[str, list[int]]
+    training_counts: list[int] | int
+
+    @property
+    def splits(self) -> dict[str, list[int]]:
+        return class_splits(self.training_counts)
+
     """Many / Medium / Few by the training run's class counts (by class id when the folder does not record them)."""
 
     @property
@@ -207,7 +212,7 @@ def _resolve(pipeline: str | os.PathLike, dataset: str | None, settings: EvalSet
         class_names=class_names,
         num_classes=num_classes,
         prompts=prompts,
-        splits=class_splits(_training_counts(folder, num_classes)),
+        training_counts=_training_counts(folder, num_classes),
     )
     return run, pipe
 
@@ -369,7 +374,7 @@ def _record(
             classifier, images, labels, run.num_classes, splits=run.splits
         )
     if output_dir is not None:
-        write_model_outputs(result, images, labels, run.num_classes, output_dir)
+        write_model_outputs(result, images, labels, run.training_counts, output_dir)
     return result
 
 

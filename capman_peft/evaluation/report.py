@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import grid_classes
 from ..pipelines import image_grid
 from ..run_folder import PipelineFolder
 from .fidelity import INCEPTION, _finite_or_none
@@ -35,28 +36,33 @@ def write_json(data: Any, path: str | Path) -> Path:
 
 
 def save_sample_grid(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: str | Path, per_row: int = 8
+    images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int], path: str | Path, per_row: int = 8
 ) -> Path:
-    """PNG with one row per class (its first ``per_row`` images; white where a class has fewer)."""
+    """PNG with one row per class of `classes` (its first ``per_row`` images; white where a class has fewer)."""
     from PIL import Image
 
     blank = Image.new("RGB", (images.shape[-1], images.shape[-2]), "white")
     cells = []
-    for c in range(num_classes):
+    for c in classes:
         row = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images[labels == c][:per_row]]
         cells += row + [blank] * (per_row - len(row))
-    image_grid(cells, rows=num_classes, cols=per_row).save(path)
+    image_grid(cells, rows=len(classes), cols=per_row).save(path)
     return Path(path)
 
 
 def write_model_outputs(
-    result: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, num_classes: int, output_dir: str | Path
+    result: dict[str, Any],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_counts: int | Sequence[int],
+    output_dir: str | Path,
 ) -> None:
-    """One evaluated model's ``output_dir/metrics.json`` and ``output_dir/samples.png``."""
+    """One evaluated model's ``output_dir/metrics.json`` and ``output_dir/samples.png`` (the ``grid_classes`` of its
+    training counts: every class of a small set, 10 spread over the sizes of a large one)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, output_dir / "metrics.json")
-    save_sample_grid(images, labels, num_classes, output_dir / "samples.png")
+    save_sample_grid(images, labels, grid_classes(class_counts), output_dir / "samples.png")
 
 
 def write_comparison(results: Sequence[dict[str, Any]], output_dir: Path) -> None:
