@@ -85,30 +85,20 @@ def check_captions_follow_their_images(data) -> None:
         assert torch.allclose(item["pixel_values"], torch.full_like(item["pixel_values"], expected), atol=1e-5)
 
 
-def test_metadata_folder_gives_each_image_its_caption_and_class(tmp_path):
-    folder = write_metadata_folder(tmp_path / "mine")
+@pytest.mark.parametrize("kind", ["metadata_folder", "hub_parquet"])
+def test_each_image_gets_its_caption_and_the_class_of_the_class_column(tmp_path, kind):
+    if kind == "metadata_folder":
+        source = {"train_data_dir": write_metadata_folder(tmp_path / "mine")}
+    else:
+        source = {"dataset_name": str(write_caption_parquet(tmp_path / "hub"))}
     data = load_imbalanced_dataset(
         None,
         imbalance_ratio=None,
         resolution=8,
-        train_data_dir=folder,
         label_column="style",
         caption_column="text",
         cache_dir=str(tmp_path / "hf"),
-    )
-    check_captions_follow_their_images(data)
-
-
-def test_hub_dataset_with_caption_and_class_columns(tmp_path):
-    source = write_caption_parquet(tmp_path / "hub")
-    data = load_imbalanced_dataset(
-        None,
-        imbalance_ratio=None,
-        resolution=8,
-        dataset_name=str(source),
-        label_column="style",
-        caption_column="text",
-        cache_dir=str(tmp_path / "hf"),
+        **source,
     )
     check_captions_follow_their_images(data)
 
