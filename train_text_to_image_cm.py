@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
             samples = sample_class_grid(pipeline.to(device), family, settings, torch.float32, dataset.class_counts)
             finish_export(
                 accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,
-                expert_report=report, samples=samples, card=card(settings, base.prompts),
+                expert_report=report, samples=samples, card=card(settings, base.prompts, dataset.class_counts),
                 summary=dict(prompts=base.prompts),
             )  # fmt: skip
         # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.

@@ -120,9 +120,10 @@ def write_model_card(
     pipeline_note: str = "",
     expert_use: dict[str, Any] | None = None,
     widget_prompts: Sequence[str] = (),
+    listed_classes: Sequence[int | None] | None = None,
 ) -> Path:
     """README.md with the Hub's metadata (tags, base model, license, widget prompts) and the facts a user needs to
-    trust the weights."""
+    trust the weights. `listed_classes` are the class table's rows (None: left-out classes; default: every class)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -132,8 +133,13 @@ def write_model_card(
         base_model=base_model,
         widget=[{"text": prompt} for prompt in widget_prompts] or None,
     )
+    listed = range(len(class_names)) if listed_classes is None else listed_classes
+    shown = sum(i is not None for i in listed)
     rows = "\n".join(
-        f"| {i} | {name} | {count} |" for i, (name, count) in enumerate(zip(class_names, class_counts, strict=True))
+        f"| {i} | {class_names[i]} | {class_counts[i]} |"
+        if i is not None
+        else f"| … | {len(class_names) - shown} more classes (all in `training_summary.json`) | |"
+        for i in listed
     )
     cm = (
         "Trained with Capacity Manipulation (CM): "

@@ -69,6 +69,8 @@ def test_a_run_with_3000_classes_logs_a_summary_and_grids_a_sample(tmp_path, cap
     # the sample grid: GRID_CLASSES rows (8 px images drawn as 64 px cells with 2 px gaps), not 3,000
     assert Image.open(out / "samples.png").height == GRID_CLASSES * (64 + 2) + 2
     assert (out / "checkpoint-2").is_dir()
+    card = (out / "README.md").read_text()
+    assert "| … | 2980 more classes" in card and card.count("\n| ") < 40
 
 
 def test_the_evaluation_sample_grid_shows_ten_classes_of_a_large_set(tmp_path):

@@ -626,7 +626,7 @@ def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: 
     return Base(noise_scheduler, vae, unet, prompts, family, latent_shape)
 
 
-def card(settings: TrainingSettings, prompts: list[str]) -> dict[str, Any]:
+def card(settings: TrainingSettings, prompts: list[str], class_counts: Sequence[int]) -> dict[str, Any]:
     """The model card's run-specific parts: base model, license, CM settings, how to load, widget prompts."""
     sd = settings.model
     base_is_local = Path(sd.pretrained_model_name_or_path).exists()
@@ -653,5 +653,5 @@ def card(settings: TrainingSettings, prompts: list[str]) -> dict[str, Any]:
         cm_settings=cm_card_settings(settings.objective, **adapter, target_modules=sd.target_modules),
         license=base_model_license(settings),
         pipeline_note=note,
-        widget_prompts=prompts,
+        widget_prompts=[prompts[c] for c in grid_classes(class_counts)],  # the Hub widget: the grid's classes
     )

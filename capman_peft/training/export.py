@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
+from ..data import listed_classes
 from ..objective import class_weights
 from ..settings import TrainingSettings
 from .loop import Trained, Training
@@ -136,6 +137,7 @@ def finish_export(
         class_names=dataset.class_names,
         class_counts=dataset.class_counts,
         expert_use=expert_report,
+        listed_classes=listed_classes(dataset.class_counts),
         **card,
     )
     publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
