@@ -512,3 +512,12 @@ def test_class_prompts_use_readable_names_and_the_right_article():
 def test_each_named_dataset_brings_its_own_prompt_template():
     assert get_dataset_spec("imb-cifar10").prompt_template == "a photo of a {}"
     assert get_dataset_spec("imb-artbench10").prompt_template == "a {} painting"
+
+
+def test_a_hub_copy_without_the_reference_split_is_one_clear_error(tmp_path):
+    from capman_peft.data import load_reference_dataset
+    from capman_peft.testing import write_artbench_mirror
+
+    data = write_artbench_mirror(tmp_path / "artbench")  # a train split only
+    with pytest.raises(ConfigError, match=r"--dataset_name .*artbench: has no split 'test' .*one of \['train'\]"):
+        load_reference_dataset("imb-artbench10", 16, dataset_name=str(data), cache_dir=str(tmp_path / "hf"))

@@ -440,7 +440,13 @@ def _load_hub(source: str, split: str, *, flag: str, cache_dir: str | None) -> A
         return loaded
     from ..hub import hub_source
 
-    return datasets.load_dataset(hub_source(source, flag, "dataset", cache_dir), split=split, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(hub_source(source, flag, "dataset", cache_dir), split=split, cache_dir=cache_dir)
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        # e.g. the balanced reference split ("test") of a copy that holds only "train": datasets' own words name them
+        raise ConfigError(f"{flag} {source}: has no split {split!r} ({err}); allowed: a copy with that split") from err
 
 
 def _load_imagefolder(folder: Path, cache_dir: str | None) -> Any:
