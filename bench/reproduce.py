@@ -67,10 +67,10 @@ EVAL = dict(steps=25, guidance_scale=1.5, seed=0)
 
 # CM forms compared for each base objective: row suffix -> CM flags
 FORMS = {
-    "hinge": [],
+    "hinge": ["--cm_form", "hinge"],  # the default when the protocol was fixed; pinned since the study changed it
     "hinge, push through θ^g only": ["--cm_form", "hinge_general"],
     "relative hinge": ["--cm_form", "relative"],
-    "consistency only": ["--no_diversity"],
+    "consistency only": ["--cm_form", "hinge", "--no_diversity"],
 }
 BASES = {"DDPM": "ddpm", "OC": "oc"}
 # row -> training flags on top of the testbed recipe; the protocol's rows first, base block by base block
@@ -89,7 +89,9 @@ METHODS.update({
     "CM (+OC), paper form, w_div 0.2": [
         "--objective", "oc", "--cm_form", "paper", "--cm_diversity_weight", "0.2", "--allow_unbounded_cm",
     ],
-    "CM (+DDPM), hinge, general pass on 25% of the batch": ["--objective", "ddpm", "--cm_general_fraction", "0.25"],
+    "CM (+DDPM), hinge, general pass on 25% of the batch": [
+        "--objective", "ddpm", "--cm_form", "hinge", "--cm_general_fraction", "0.25",
+    ],
 })  # fmt: skip
 COLUMNS = [
     ("many", "Many FID"),

@@ -227,14 +227,15 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     group.add_argument(
         "--cm_form",
         choices=list(CM_FORMS),
-        default="hinge",
+        default="relative",
         help="How L_CM pushes apart the classes with net weight c_y = w_div*omega_div - w_con*omega_con > 0 (the "
-        "minorities); classes with c_y < 0 are pulled together with weight -c_y. 'hinge' (default): such a class "
-        "pays c_y * max(0, m - RMS(eps_theta - eps_theta^g)), bounded below by 0, and the push moves both "
-        "predictions (the expert may meet the margin by perturbing theta itself). 'hinge_general': the same push "
-        "moves theta^g only. 'relative': theta^g only, with a margin per sample of --cm_relative_margin times "
-        "theta's own RMS error. 'paper': Eq. 2 as written, unbounded below as soon as a class has c_y > 0 (refused "
-        "unless --allow_unbounded_cm).",
+        "minorities); classes with c_y < 0 are pulled together with weight -c_y. 'relative' (default, chosen by the "
+        'study\'s pre-registered rule, README "Does CM help?"): such a class pays c_y * max(0, margin - '
+        "RMS(eps_theta - eps_theta^g)) with a margin per sample of --cm_relative_margin times theta's own RMS error, "
+        "bounded below by 0, and the push moves theta^g only. 'hinge': a fixed margin --cm_margin, and the push "
+        "moves both predictions (the expert may meet the margin by perturbing theta itself). 'hinge_general': the "
+        "fixed margin, theta^g only. 'paper': Eq. 2 as written, unbounded below as soon as a class has c_y > 0 "
+        "(refused unless --allow_unbounded_cm).",
     )
     group.add_argument(
         "--cm_margin",

@@ -154,7 +154,7 @@ def test_settings_cannot_change_once_built(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.data = None
     flags = settings.flags()
-    assert flags["cm_form"] == "hinge" and flags["output_dir"] == str(tmp_path / "o") and "hub_token" not in flags
+    assert flags["cm_form"] == "relative" and flags["output_dir"] == str(tmp_path / "o") and "hub_token" not in flags
 
 
 def test_finishing_a_training_run_loads_no_evaluation_code():

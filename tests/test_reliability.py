@@ -302,7 +302,7 @@ def test_a_setting_recorded_under_its_earlier_name_is_compared_under_the_current
         tmp_path,
         "checkpoint-2: was written by a run with other settings",
     )
-    assert "--cm_form hinge (now hinge_general)" in line
+    assert "--cm_form relative (now hinge_general)" in line
     train_unet_cm.main(digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4))
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 4
 

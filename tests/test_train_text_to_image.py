@@ -516,7 +516,7 @@ def test_defaults_are_the_paper_recipe(assets):
     assert objective.label_dropout == 0.1
     # the template is the dataset's own ("a {} painting" for ArtBench), resolved with the settings
     assert settings.data.dataset == "imb-artbench10" and sd.prompt_template == "a {} painting"
-    assert (objective.cm_general_fraction, objective.cm_form, objective.cm_forward) == (0.25, "hinge", "fused")
+    assert (objective.cm_general_fraction, objective.cm_form, objective.cm_forward) == (0.25, "relative", "fused")
     config = stable_diffusion.adapter_config(settings)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}

@@ -45,7 +45,8 @@ def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
 # bounded below by construction and differ in what the push may move and how far:
 # * "hinge": the push's gradient reaches both predictions, so the expert can meet the margin by perturbing θ itself;
 # * "hinge_general": the push moves θ^g only (ε_θ is a constant in it); the expert has to compensate through L_base;
-# * "relative": as "hinge_general", with a margin per row of ``relative_margin`` times θ's own RMS error on that row.
+# * "relative": as "hinge_general", with a margin per row of ``relative_margin`` times θ's own RMS error on that row
+#   (the training scripts' default, chosen by the study's pre-registered rule: README "Does CM help?").
 # "paper" is Eq. 2 as written, kept for reproduction; it is unbounded below as soon as some class has c_y > 0.
 CM_FORMS = ("hinge", "hinge_general", "relative", "paper")
 HINGE_FORMS = ("hinge", "hinge_general", "relative")
