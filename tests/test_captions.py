@@ -191,11 +191,8 @@ def reference_embeddings(base: Path, prompts: list[str]) -> torch.Tensor:
         return encoder(torch.tensor(ids)).last_hidden_state
 
 
-@pytest.mark.parametrize("cache_latents", [False, True], ids=["images", "cached_latents"])
-def test_training_conditions_each_image_on_its_caption_and_splits_by_class(
-    sd_base, tmp_path, monkeypatch, cache_latents
-):
-    write_metadata_folder(tmp_path / "mine")
+def record_conditions(monkeypatch) -> list:
+    """(captions, label-dropped rows, the condition the family gives them) of every training step of the script."""
     seen = []
     real_step_loss = train_text_to_image_cm.family_step_loss
 
@@ -203,14 +200,22 @@ def test_training_conditions_each_image_on_its_caption_and_splits_by_class(
         inner = real_step_loss(family, *args, **kwargs)
 
         def step_loss(batch, draws):
-            labels = batch["label"]
-            dropped = torch.where(draws.label_dropped, len(family.cond_table) - 1, labels)
-            seen.append((list(batch["caption"]), draws.label_dropped.clone(), family.condition(dropped, batch)))
+            ids = torch.where(draws.label_dropped, len(family.cond_table) - 1, batch["label"])
+            seen.append((list(batch["caption"]), draws.label_dropped.clone(), family.condition(ids, batch)))
             return inner(batch, draws)
 
         return step_loss
 
     monkeypatch.setattr(train_text_to_image_cm, "family_step_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("cache_latents", [False, True], ids=["images", "cached_latents"])
+def test_training_conditions_each_image_on_its_caption_and_splits_by_class(
+    sd_base, tmp_path, monkeypatch, cache_latents
+):
+    write_metadata_folder(tmp_path / "mine")
+    seen = record_conditions(monkeypatch)
     train_text_to_image_cm.main(caption_args(sd_base, tmp_path, cache_latents=cache_latents))
 
     assert len(seen) == 2
@@ -306,3 +311,41 @@ def test_capman_eval_and_analyze_read_the_runs_class_column(sd_base, tmp_path):
     analyze(["capacity", "--pipeline", str(out), "--num_batches", "1", "--batch_size", "2", "--output_dir",
              str(tmp_path / "cap")])  # fmt: skip
     assert len(json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]) == 3
+
+
+def test_sdxl_trains_each_image_on_its_caption_with_both_text_encoders(tmp_path, monkeypatch):
+    """SDXL: the condition of a row is both encoders' penultimate hidden states of its caption, side by side, and the
+    second encoder's projected embedding as the pooled one (empty prompt for dropped rows), as SDXL encodes prompts."""
+    from transformers import CLIPTextModelWithProjection
+
+    from capman_peft.testing import build_tiny_sdxl
+
+    base = build_tiny_sdxl(tmp_path / "sdxl")
+    write_metadata_folder(tmp_path / "mine")
+    seen = record_conditions(monkeypatch)
+    train_text_to_image_cm.main(caption_args(base, tmp_path, max_train_steps=2, center_crop=True))
+
+    encoders = [
+        (CLIPTokenizer.from_pretrained(base, subfolder=tok), model.from_pretrained(base, subfolder=enc))
+        for tok, model, enc in [
+            ("tokenizer", CLIPTextModel, "text_encoder"),
+            ("tokenizer_2", CLIPTextModelWithProjection, "text_encoder_2"),
+        ]
+    ]
+
+    def encode(prompts):
+        hidden, pooled = [], None
+        for tokenizer, encoder in encoders:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+            with torch.no_grad():
+                out = encoder(torch.tensor(ids.input_ids), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    empty_hidden, empty_pooled = encode([""])
+    for captions, dropped, condition in seen:
+        hidden, pooled = encode(captions)
+        hidden[dropped], pooled[dropped] = empty_hidden[0], empty_pooled[0]
+        torch.testing.assert_close(condition["encoder_hidden_states"], hidden, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(condition["text_embeds"], pooled, atol=1e-5, rtol=1e-5)
