@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +56,9 @@ def make_tiny_unet2d(num_classes: int | None = 3, seed: int = 0) -> UNet2DModel:
     )
 
 
-def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DConditionModel:
-    """Text-conditional UNet2DConditionModel with cross-attention in both halves."""
+def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12, **extra: Any) -> UNet2DConditionModel:
+    """Text-conditional UNet2DConditionModel with cross-attention in both halves (`extra`: more config, e.g.
+    SDXL's added conditions)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
@@ -69,6 +71,7 @@ def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12) -> UNet2DCon
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=4,
         attention_head_dim=4,
+        **extra,
     )
 
 
@@ -142,18 +145,8 @@ def build_tiny_sdxl(root: Path) -> Path:
     and six time ids), two CLIP text encoders (the second with a projection), a VAE and SDXL's Euler scheduler."""
     tokenizer = _tiny_tokenizer(root / "tokenizer-files")
     tokenizer_2 = _tiny_tokenizer(root / "tokenizer-2-files")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    unet = make_tiny_sd_unet(
         cross_attention_dim=32,  # the two encoders' hidden states side by side
-        norm_num_groups=4,
-        attention_head_dim=4,
         addition_embed_type="text_time",
         addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=16 + 6 * 4,  # pooled embedding + six time ids
