@@ -607,9 +607,10 @@ def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: 
             f"--resolution {resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
             f"of {factor}"
         )
-    prompts = class_prompts(dataset.class_names, sd.prompt_template)
     if sd.validation_prompts_per_class:
         prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
+    else:
+        prompts = class_prompts(dataset.class_names, sd.prompt_template)
     for frozen in (*text_encoders, vae):
         cast_frozen_weights(frozen.requires_grad_(False), dtype)
         frozen.to(device)
