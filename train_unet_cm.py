@@ -29,9 +29,11 @@ from capman_peft.families.class_conditional import (
     PIPELINE_NOTE,
     UP_PATH_TARGETS,
     UNetSettings,
+    add_augment_embedding,
     build_unet,
     check_expert_placement,
     class_grid,
+    drop_augment_embedding,
     unet_config,
 )
 from capman_peft.flags import (
@@ -78,6 +80,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     group.add_argument(
         "--expert_target_modules", type=module_patterns, default=UP_PATH_TARGETS, help="Regex of layers with an expert."
     )
+    group.add_argument(
+        "--ada_probability",
+        type=fraction,
+        default=0.0,
+        help="The paper's +ADA baseline: augment each training image (x-flip, and with this probability each of "
+        "y-flip, scale, rotation, anisotropy, translation) and condition the UNet on the augmentation, sampling "
+        "without it (capman_peft/data/augment.py). 0.12 is the value of the CBDM authors' code; 0 (default): off. "
+        "Combines with every --objective and CM.",
+    )
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
     # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
     # theta^g on a quarter of each batch: a CM step costs 1.26x plain training on the paper UNet instead of 1.84x,
@@ -95,10 +106,16 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         model_config_name_or_path=args.model_config_name_or_path,
         expert_rank_ratio=args.expert_rank_ratio,
         expert_target_modules=args.expert_target_modules,
+        ada_probability=args.ada_probability,
         unet_config=unet_config(args.model_config_name_or_path, settings.data.resolution),
     )
     settings = dataclasses.replace(settings, model=model)
     check_expert_placement(settings)
+    if args.ada_probability and settings.data.random_flip:
+        raise ConfigError(
+            f"--random_flip with --ada_probability {args.ada_probability}: ADA flips the images itself and tells the "
+            "model which ones it flipped; allowed: one of the two"
+        )
     return settings
 
 
@@ -111,6 +128,8 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
 
     # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
     unet = build_unet(model_settings.unet_config, data.resolution, dataset.num_classes)
+    if model_settings.ada_probability:
+        add_augment_embedding(unet)
     if settings.optimization.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
@@ -127,7 +146,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     run = prepare_training(
         accelerator, settings, model, cm=cm, objective=objective, optimizer_cls=torch.optim.Adam, train_set=dataset,
         labels=dataset.labels, sample_shape=(unet.config.in_channels, data.resolution, data.resolution),
-        project="capman-unet", family=family,
+        project="capman-unet", family=family, augment_probability=model_settings.ada_probability,
     )  # fmt: skip
     step_loss = family_step_loss(
         family, run.denoiser, objective, noise_scheduler, num_classes=dataset.num_classes, cm=cm
@@ -145,7 +164,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     # Export: merged (EMA) weights as a plain pipeline, the unmerged adapter beside it, moved into place whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model, report = final_model(accelerator, run), None
+        model, report = drop_augment_embedding(final_model(accelerator, run)), None
         if cm is not None:
             report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(output.output_dir) as out:

@@ -328,6 +328,8 @@ RUN_IDENTITY_FLAGS = (
     "expert_rank_ratio",
     "prompt_template",
     "objective",
+    "focal_gamma",
+    "ada_probability",
     "capacity_manipulation",
     "cm_lambda",
     "cm_form",

@@ -198,6 +198,13 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         "--snr_gamma", type=positive_float, default=None, help="Min-SNR-gamma loss weighting (off by default)."
     )
     group.add_argument(
+        "--focal_gamma",
+        type=nonnegative_float,
+        default=None,
+        help="The paper's +Focal baseline: weight each sample's loss L by (1 - exp(-L))^gamma (focal loss, Lin et al. "
+        "2017, with -log p = L); 2 is Lin et al.'s value. Off by default; combines with every --objective and CM.",
+    )
+    group.add_argument(
         "--capacity_manipulation",
         action=argparse.BooleanOptionalAction,
         default=True,

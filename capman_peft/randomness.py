@@ -12,6 +12,7 @@ checkpoint must draw what it would have drawn, so none of them may change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,6 +50,7 @@ class StepDraws:
     condition for the null one; ``extra_labels`` is CBDM's y' (None for other objectives). Latent-diffusion training
     adds ``flip`` (horizontal flip of the image) and ``latent_noise`` (VAE posterior sample z = mean + std * noise).
     ``general_draw`` (uniform in [0, 1)) picks the rows of the theta^g pass when it runs on part of the batch.
+    ``augment`` holds the +ADA baseline's augmentation parameters (:func:`draw_augmentation`).
     """
 
     noise: torch.Tensor
@@ -58,6 +60,7 @@ class StepDraws:
     flip: torch.Tensor | None = None
     latent_noise: torch.Tensor | None = None
     general_draw: torch.Tensor | None = None
+    augment: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int, device: torch.device | str) -> StepDraws:
         """Rows ``start:stop`` on ``device``."""
@@ -79,6 +82,7 @@ def draw_step(
     flip: bool = False,
     latent_noise: bool = False,
     general_draw: bool = False,
+    augment_probability: float = 0.0,
 ) -> StepDraws:
     """Draw every random choice of `num_samples` samples at once, on the generator's device (None: the global RNG,
     on the CPU).
@@ -88,6 +92,7 @@ def draw_step(
         noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise (diffusers' flag).
         flip, latent_noise: also draw flips (p = 0.5) and VAE posterior noise of `sample_shape`.
         general_draw: also draw one uniform per sample for choosing the rows of a partial theta^g pass.
+        augment_probability: > 0 also draws the +ADA augmentation of every sample (:func:`draw_augmentation`).
     """
     rng = {"generator": generator, "device": generator.device if generator is not None else "cpu"}
     shape = (num_samples, *sample_shape)
@@ -103,7 +108,36 @@ def draw_step(
     flips = torch.rand(num_samples, **rng) < 0.5 if flip else None
     posterior = torch.randn(shape, **rng) if latent_noise else None
     general = torch.rand(num_samples, **rng) if general_draw else None
-    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general)
+    augment = draw_augmentation(num_samples, augment_probability, **rng) if augment_probability > 0 else None
+    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general, augment)
+
+
+def draw_augmentation(
+    num_samples: int, probability: float, *, generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
+    """The parameters (B, 8) of k-diffusion's `KarrasAugmentationPipeline`, which the CBDM authors' code uses for
+    its ADA baseline: a0 x-flip (always drawn, p = 1/2), a1 y-flip, a2 log-scale ~ N(0, 1), a3 rotation ~ U[-pi, pi),
+    a4 anisotropy angle ~ U[-pi, pi) and a5 its log-strength ~ N(0, 1), a6 and a7 translation ~ N(0, 1); each
+    group after the x-flip is applied with probability `probability` (else 0, the identity). The images and the
+    model's conditioning vector are made from them by `capman_peft.data.augment`."""
+    rng = {"generator": generator, "device": device}
+    do = (torch.rand(num_samples, 5, **rng) < probability).float()  # y-flip, scale, rotation, anisotropy, translation
+    flips = torch.randint(0, 2, (num_samples, 2), **rng).float()
+    angles = torch.rand(num_samples, 2, **rng) * 2 * math.pi - math.pi
+    normals = torch.randn(num_samples, 4, **rng)  # scale, anisotropy strength, translation x and y
+    return torch.stack(
+        [
+            flips[:, 0],
+            flips[:, 1] * do[:, 0],
+            normals[:, 0] * do[:, 1],
+            angles[:, 0] * do[:, 2],
+            angles[:, 1] * do[:, 3],
+            normals[:, 1] * do[:, 3],
+            normals[:, 2] * do[:, 4],
+            normals[:, 3] * do[:, 4],
+        ],
+        dim=1,
+    )
 
 
 class StepRandomness:

@@ -51,6 +51,7 @@ class ObjectiveSettings:
     cbdm_tau: float
     cbdm_gamma: float
     snr_gamma: float | None
+    focal_gamma: float | None
     label_dropout: float
     capacity_manipulation: bool
     cm_lambda: float

@@ -433,6 +433,35 @@ def test_ddpm_min_snr_gamma_weighting(prediction_type):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "cbdm"])
+def test_focal_weighting_of_the_per_sample_loss(name):
+    """+Focal: each sample's mean squared error L_i is weighted by (1 - exp(-L_i))^gamma (Lin et al. with
+    -log p = L), gradient included; gamma = 0 is the plain loss. CBDM's data term gets the same weighting (its
+    regulariser is 0 here: the extra prediction equals the own one)."""
+    torch.manual_seed(2)
+    x0, noise = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    pred = (noise + torch.tensor([0.1, 0.7, 2.0]).reshape(3, 1, 1, 1) * torch.randn(3, 1, 2, 2)).requires_grad_()
+    timesteps = torch.tensor([10, 500, 900])
+    scheduler = make_scheduler()
+    alphas = [scheduler.alphas_cumprod[t].item() for t in timesteps.tolist()]
+    inputs = dict(x0=x0, noise=noise, x_t=noisy(x0, noise, alphas), timesteps=timesteps, labels=torch.zeros(3).long())
+    counts = {"class_counts": [5]} if name == "cbdm" else {}
+    if name == "cbdm":
+        inputs["pred_extra"] = pred.detach().clone()
+    losses = [mean_sq(values(pred[i]), values(noise[i])) for i in range(3)]
+    assert min(losses) < 0.1 < 1 < max(losses)  # easy and hard samples
+    for gamma in (0.0, 2.0):
+        loss, _ = build_objective(name, scheduler, focal_gamma=gamma, **counts)(pred, **inputs)
+        expected = sum((1 - math.exp(-L)) ** gamma * L for L in losses) / 3
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # d/dL of (1 - e^-L)^2 L = 2(1 - e^-L) e^-L L + (1 - e^-L)^2, times dL/dpred = 2(pred - noise)/4, over 3 samples
+    (grad,) = torch.autograd.grad(loss, pred)
+    for i, L in enumerate(losses):
+        slope = 2 * (1 - math.exp(-L)) * math.exp(-L) * L + (1 - math.exp(-L)) ** 2
+        expected_grad = [slope * 2 * (p - e) / 4 / 3 for p, e in zip(values(pred[i]), values(noise[i]), strict=True)]
+        assert values(grad[i]) == pytest.approx(expected_grad, rel=1e-4)
+
+
 def test_class_weights_refuse_empty_classes():
     with pytest.raises(ValueError, match="0"):
         class_weights([5, 0, 3])

@@ -59,9 +59,12 @@ class ModelFamily:
         posterior noise where the family draws them; None gives the deterministic encoding (the posterior mean)."""
         raise NotImplementedError
 
-    def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
         """The UNet's condition for `class_ids` (the null class is ``num_classes``); `batch` gives what a family
-        takes per image besides the class (e.g. original sizes)."""
+        takes per image besides the class (e.g. original sizes), `draws` the step's random choices it conditions on
+        (e.g. the +ADA augmentation); without them, the condition a sampler uses."""
         raise NotImplementedError
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The family's parts: its settings (:class:`UNetSettings`), the UNet config (the paper's preset or a file) and the
 model (:func:`build_unet`), where the experts may sit (:func:`check_expert_placement`), the step's x0 and condition
-(:class:`ClassConditionalFamily`) and the per-class grid (:func:`class_grid`).
+(:class:`ClassConditionalFamily`), the +ADA baseline's class embedding (:class:`AugmentedClassEmbedding`) and the
+per-class grid (:func:`class_grid`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch import nn
 
 from ..class_conditional_pipeline import ClassConditionalPipeline
 from ..data import grid_classes
+from ..data.augment import AUGMENT_CONDITION_DIM, augment_condition, augment_images
 from ..errors import ConfigError
 from ..hub import hub_source
 from ..pipelines import image_grid
@@ -26,18 +29,61 @@ from .base import AFTER_SPLIT, Condition, ModelFamily
 
 
 class ClassConditionalFamily(ModelFamily):
-    """x0 is the pixels; the condition is the class id itself (``class_labels``), the null class ``num_classes``."""
+    """x0 is the pixels; the condition is the class id itself (``class_labels``), the null class ``num_classes``.
+
+    With the +ADA baseline (``draws.augment``), x0 is the augmented pixels and the condition packs each class id with
+    its augmentation's conditioning vector, a (B, 1 + 9) float tensor that :class:`AugmentedClassEmbedding` reads.
+    """
 
     name = "class-conditional"
 
     def encode(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
-        return batch["pixel_values"]
+        if draws is None or draws.augment is None:
+            return batch["pixel_values"]
+        return augment_images(batch["pixel_values"], draws.augment)
 
-    def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
-        return class_ids
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
+        if draws is None or draws.augment is None:
+            return class_ids
+        return torch.cat([class_ids[:, None].float(), augment_condition(draws.augment)], dim=1)
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"class_labels": cond}
+
+
+class AugmentedClassEmbedding(nn.Module):
+    """The class embedding plus a bias-free linear embedding of the +ADA conditioning vector (the CBDM code's
+    ``augm_embedding``), both added to the time embedding. Integer class ids (what a sampler passes) give the class
+    embedding alone, the model's output without augmentation; so :func:`drop_augment_embedding` removes the linear
+    part for export without changing any sample."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.augment = nn.Linear(AUGMENT_CONDITION_DIM, embedding.embedding_dim, bias=False)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if not labels.is_floating_point():
+            return self.embedding(labels)
+        return self.embedding(labels[:, 0].long()) + self.augment(labels[:, 1:])
+
+
+def add_augment_embedding(unet: UNet2DModel) -> UNet2DModel:
+    """`unet` with :class:`AugmentedClassEmbedding` in place of its class embedding (+ADA training)."""
+    unet.class_embedding = AugmentedClassEmbedding(unet.class_embedding)
+    return unet
+
+
+def drop_augment_embedding(model: nn.Module) -> nn.Module:
+    """`model` (a UNet, or the PEFT model around one) with its plain class embedding back: a diffusers UNet2DModel
+    to export, sampled as ADA samples, with zero augmentation conditioning."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AugmentedClassEmbedding):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.embedding)
+    return model
 
 
 PIPELINE_NOTE = (
@@ -59,6 +105,7 @@ class UNetSettings:
     model_config_name_or_path: str | None
     expert_rank_ratio: float
     expert_target_modules: str
+    ada_probability: float
     unet_config: dict
     """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
 

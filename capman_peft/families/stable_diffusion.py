@@ -127,7 +127,9 @@ class StableDiffusionFamily(ModelFamily):
                 return self.vae.encode(pixels).latent_dist.mean.float() * self.vae.config.scaling_factor
         return sample_latents(self.moments(batch, draws), draws.latent_noise, self.vae.config.scaling_factor)
 
-    def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
         return self.text(class_ids, batch)[0]
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
@@ -171,7 +173,9 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         target = torch.full_like(sizes, res)
         return torch.cat([sizes, crop, target], dim=1)
 
-    def condition(self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None) -> Condition:
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
         hidden, pooled = self.text(class_ids, batch)
         return {
             "encoder_hidden_states": hidden,

@@ -50,11 +50,21 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def focal_weight(per_sample_loss: Tensor, gamma: float) -> Tensor:
+    """(1 − p)^γ with p = exp(−L): focal loss (Lin et al. 2017, Eq. 5: FL = −(1 − p_t)^γ log p_t) for a loss L that
+    is a negative log-likelihood up to a constant, as the per-sample diffusion MSE is (a Gaussian's). So
+    weight·L = (1 − e^{−L})^γ·L is FL with −log p_t = L: samples the model already fits well (small L) are
+    down-weighted, hard ones keep their weight. The weight is not detached, as in Lin et al.
+    """
+    return (-torch.expm1(-per_sample_loss)).pow(gamma)
+
+
 class DDPMObjective:
     """L_base = mean‖pred − target‖² (Ho et al. 2020) with the scheduler's target: ε, or v for v-prediction.
 
-    ``snr_gamma`` turns on min-SNR-γ weighting as in diffusers' ``train_text_to_image.py``; the CBDM and OC
-    objectives inherit it for their data term.
+    ``snr_gamma`` turns on min-SNR-γ weighting as in diffusers' ``train_text_to_image.py``; ``focal_gamma`` turns
+    on the focal weighting of ``focal_weight`` (the paper's +Focal baseline). The CBDM and OC objectives inherit both
+    for their data term.
     """
 
     name = "ddpm"
@@ -64,15 +74,19 @@ class DDPMObjective:
         scheduler: DDPMScheduler,
         class_counts: ClassCounts | None = None,
         snr_gamma: float | None = None,
+        focal_gamma: float | None = None,
     ) -> None:
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma}")
+        if focal_gamma is not None and focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0 or None, got {focal_gamma}")
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
+        self.focal_gamma = focal_gamma
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.class_counts = None if class_counts is None else _counts64(class_counts).float()
         self._alphas_cumprod = scheduler.alphas_cumprod.float()
@@ -98,8 +112,11 @@ class DDPMObjective:
         return self.scheduler.get_velocity(x0, noise, timesteps)
 
     def mse(self, pred: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        """Batch mean of the per-sample mean squared error, min-SNR-γ weighted when ``snr_gamma`` is set."""
+        """Batch mean of the per-sample mean squared error, focal-weighted when ``focal_gamma`` is set and min-SNR-γ
+        weighted when ``snr_gamma`` is set."""
         per_sample = (pred.float() - target.float()).pow(2).reshape(len(pred), -1).mean(dim=1)
+        if self.focal_gamma is not None:
+            per_sample = focal_weight(per_sample, self.focal_gamma) * per_sample
         if self.snr_gamma is None:
             return per_sample.mean()
         snr = compute_snr(self.scheduler, timesteps)
@@ -143,12 +160,13 @@ class CBDMObjective(DDPMObjective):
         scheduler: DDPMScheduler,
         class_counts: ClassCounts | None = None,
         snr_gamma: float | None = None,
+        focal_gamma: float | None = None,
         tau: float = 1.0,
         gamma: float = 0.25,
     ) -> None:
         if class_counts is None:
             raise ValueError("the cbdm objective needs class_counts (y' is drawn from the class frequencies)")
-        super().__init__(scheduler, class_counts, snr_gamma)
+        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma)
         self.tau = tau
         self.gamma = gamma
 
@@ -221,10 +239,11 @@ class OCObjective(DDPMObjective):
         scheduler: DDPMScheduler,
         class_counts: ClassCounts | None = None,
         snr_gamma: float | None = None,
+        focal_gamma: float | None = None,
     ) -> None:
         if class_counts is None:
             raise ValueError("the oc objective needs class_counts (a reference must be as frequent as its sample)")
-        super().__init__(scheduler, class_counts, snr_gamma)
+        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma)
 
     @torch.no_grad()
     def select_references(
@@ -284,7 +303,7 @@ def build_objective(
 ) -> DDPMObjective:
     """The base objective L_base of Eq. 4 by name; CM is added on top of any of them (paper Fig. 4a).
 
-    Options: ``snr_gamma`` (all), ``tau`` and ``gamma`` (cbdm).
+    Options: ``snr_gamma`` and ``focal_gamma`` (all), ``tau`` and ``gamma`` (cbdm).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -171,7 +171,7 @@ def family_step_loss(
     def step_loss(batch: Any, draws: StepDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return diffusion_loss(
             denoiser, objective, noise_scheduler, family.encode(batch, draws), batch["label"],
-            num_classes=num_classes, cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch),
+            num_classes=num_classes, cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws),
         )  # fmt: skip
 
     return step_loss

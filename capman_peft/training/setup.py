@@ -214,7 +214,7 @@ def log_training_data(data: DataSettings, class_names: Sequence[str], class_coun
 
 
 def make_objective(objective: ObjectiveSettings, noise_scheduler: Any, class_counts: Sequence[int]) -> Any:
-    options: dict[str, Any] = {"snr_gamma": objective.snr_gamma}
+    options: dict[str, Any] = {"snr_gamma": objective.snr_gamma, "focal_gamma": objective.focal_gamma}
     if objective.objective == "cbdm":
         options.update(tau=objective.cbdm_tau, gamma=objective.cbdm_gamma)
     return build_objective(objective.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
