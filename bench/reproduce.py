@@ -5,6 +5,7 @@ form of the push does it without harming them?
     python bench/reproduce.py                    # the protocol's rows on the digits, 5 seeds, 2 runs at a time
     python bench/reproduce.py --testbed glyphs   # the same on the printed letters
     python bench/reproduce.py --methods DDPM "CM (+DDPM), hinge" --seeds 0 1 --jobs 1
+    python bench/reproduce.py --methods "DDPM +RS" "DDPM +ADA" "DDPM +Focal"   # the paper's other baselines
 
 Protocol, fixed before any result of this study was seen (README "Does CM help?"):
 
@@ -93,6 +94,15 @@ METHODS.update({
         "--objective", "ddpm", "--cm_form", "hinge", "--cm_general_fraction", "0.25",
     ],
 })  # fmt: skip
+# The paper's other Tab. 2 baselines, each on DDPM (no CM): re-sampling, ADA (probability 0.12 as in the CBDM code)
+# and focal weighting (gamma 2 as in Lin et al.).
+BASELINES = {
+    "DDPM +RS": ["--sampler", "balanced"],
+    "DDPM +ADA": ["--ada_probability", "0.12"],
+    "DDPM +Focal": ["--focal_gamma", "2"],
+}
+for _name, _flags in BASELINES.items():
+    METHODS[_name] = ["--no_capacity_manipulation", "--objective", "ddpm", *_flags]
 COLUMNS = [
     ("many", "Many FID"),
     ("medium", "Medium FID"),
