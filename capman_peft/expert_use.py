@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import LabelledImageDataset, class_splits
+from .data import LabelledImageDataset
 from .errors import ConfigError
 from .families import Condition, ModelFamily, concat
 from .randomness import derived_seed
@@ -188,7 +188,7 @@ def summarize_expert_use(
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class
     )
-    groups = class_splits(data.class_counts)
+    groups = data.splits
     splits = {
         split: {
             "distance": float(np.mean([values["expert_usage"][c] for c in ids])),

@@ -150,7 +150,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
         type=os.path.expanduser,
         default=None,
         help="Local image folder: one sub-folder per class, or images with a metadata.jsonl (diffusers' imagefolder "
-        "format; name the class with --class_column). Its counts are kept unless --imbalance_ratio is given.",
+        "format; name the class with --class_column). Its counts are kept unless --imbalance_ratio is given. With "
+        "--dataset imb-imagenet-lt or imb-inaturalist: the folder with the official list files and the images.",
     )
     group.add_argument(
         "--image_column", default=None, help="Image column of a --dataset_name or metadata.jsonl (default: image)."
@@ -169,6 +170,16 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
         "dataset; a --train_data_dir folder keeps its own counts unless this is given.",
     )
     group.add_argument("--class_order", default=None, help="Comma-separated class names or ids, largest class first.")
+    group.add_argument(
+        "--split_thresholds",
+        type=nonnegative_int,
+        nargs=2,
+        metavar=("MANY_ABOVE", "FEW_BELOW"),
+        default=None,
+        help="Many/Medium/Few by image count: Many has more than MANY_ABOVE training images, Few fewer than "
+        "FEW_BELOW (e.g. 100 20, ImageNet-LT's convention, the default of imb-imagenet-lt and imb-inaturalist). "
+        "Default: the thirds of the classes ranked by size (the paper's).",
+    )
     group.add_argument("--data_seed", type=seed_value, default=0, help="Seed of the long-tail subsampling (legacy: 0).")
     group.add_argument("--resolution", type=positive_int, default=default_resolution, help="Training image size.")
     group.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
@@ -488,7 +499,7 @@ def check_training_settings(settings: TrainingSettings) -> None:
         )
     if optimization.learning_rate is None:
         raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
-    if data.train_data_dir and data.dataset:
+    if data.train_data_dir and data.dataset and not DATASETS[data.dataset].list_files:
         raise ConfigError(
             f"--train_data_dir {data.train_data_dir}: given together with --dataset {data.dataset}; allowed: one of "
             "them (a local copy of a named dataset's Hub files goes in --dataset_name)"

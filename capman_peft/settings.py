@@ -21,6 +21,7 @@ class DataSettings:
     train_data_dir: str | None
     imbalance_ratio: float | None
     class_order: str | None
+    split_thresholds: tuple[int, int] | None
     data_seed: int
     resolution: int
     center_crop: bool

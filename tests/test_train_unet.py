@@ -187,7 +187,8 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     # An output folder of the recipe's that exists (`make demo` ran) must not matter.
     settings = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
     data = settings.data
-    num_classes = {"imb-cifar10": 10, "imb-cifar100": 100, "imb-celebahq": 2, "imb-digits": 10}[data.dataset]
+    num_classes = {"imb-cifar10": 10, "imb-cifar100": 100, "imb-celebahq": 2, "imb-digits": 10}
+    num_classes = {**num_classes, "imb-imagenet-lt": 1000, "imb-inaturalist": 8142}[data.dataset]
     with torch.device("meta"):
         unet = train_unet_cm.build_unet(settings.model.unet_config, data.resolution, num_classes)
     assert unet.config.num_class_embeds == num_classes + 1

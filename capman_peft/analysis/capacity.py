@@ -54,7 +54,7 @@ def expert_capacity(
         "analysis": "capacity",
         **_common_record(setup, num_batches, batch_size, seed),
         **values,
-        "splits": split_means(values, setup.data.class_counts),
+        "splits": split_means(values, setup.data.splits),
     }
     if output_dir is not None:
         output_dir = Path(output_dir)

@@ -121,7 +121,7 @@ def heldout_loss(
         "timesteps": grid.tolist(),
         "seed": seed,
         **values,
-        "splits": split_means(values, setup.data.class_counts),
+        "splits": split_means(values, setup.data.splits),
     }
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -173,6 +173,7 @@ def push_gradient(
         "hinge",
         consistency_weight=0.0 if args.get("no_consistency") else args.get("cm_consistency_weight", 1.0),
         diversity_weight=0.0 if args.get("no_diversity") else args.get("cm_diversity_weight", 1.0),
+        splits=setup.data.splits,
     )
     margin = args.get("cm_margin", DEFAULT_MARGIN)
     relative_margin = args.get("cm_relative_margin", DEFAULT_RELATIVE_MARGIN)
@@ -232,7 +233,7 @@ def push_gradient(
         "class_counts": setup.data.class_counts,
         **record,
         "theta_heldout_rate": rates,
-        "splits": split_means(rates, setup.data.class_counts),
+        "splits": split_means(rates, setup.data.splits),
     }
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

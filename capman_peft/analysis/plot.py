@@ -16,7 +16,8 @@ def plot_per_class(result: dict[str, Any], key: str, title: str, path: str | Pat
     from matplotlib.patches import Patch
 
     order = result["order_by_size"]
-    split_of = {c: s for s, ids in class_splits(result["class_counts"]).items() for c in ids}
+    splits = result.get("class_splits") or class_splits(result["class_counts"])
+    split_of = {c: s for s, ids in splits.items() for c in ids}
     values = [result[key][c] for c in order]
     fig = Figure(figsize=(max(5.0, 0.12 * len(order) + 3), 3.4), layout="constrained")
     ax = fig.add_subplot()

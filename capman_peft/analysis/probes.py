@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,6 @@ import torch
 from ..data import (
     LabelledImageDataset,
     class_prompts,
-    class_splits,
     get_dataset_spec,
     load_imbalanced_dataset,
 )
@@ -91,6 +89,7 @@ def prepare_analysis(
         dataset_name=dataset_name or args.get("dataset_name"),
         train_data_dir=train_data_dir or args.get("train_data_dir"),
         center_crop=True,
+        split_thresholds=args.get("split_thresholds"),
         **folder.data_columns,
     )
     try:
@@ -115,10 +114,10 @@ def prepare_analysis(
     return AnalysisSetup(folder, pipe, data, list(names or data.class_names), dataset, imbalance_ratio, resolution)
 
 
-def split_means(per_class: dict[str, list[float]], class_counts: Sequence[int]) -> dict[str, dict[str, float]]:
-    """Per split (by training-set size), the mean over its classes that have a value (NaN where none has)."""
+def split_means(per_class: dict[str, list[float]], splits: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per split (the training set's ``splits``), the mean over its classes that have a value (NaN where none has)."""
     out = {}
-    for split, ids in class_splits(class_counts).items():
+    for split, ids in splits.items():
         if ids:
             out[split] = {}
             for key, values in per_class.items():
@@ -140,6 +139,7 @@ def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed
         "prediction_type": setup.pipe.scheduler.config.get("prediction_type", "epsilon"),
         "class_names": setup.class_names,
         "class_counts": setup.data.class_counts,
+        "class_splits": setup.data.splits,
         "order_by_size": sorted(range(len(setup.class_names)), key=lambda c: -setup.data.class_counts[c]),
     }
 

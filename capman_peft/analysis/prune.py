@@ -116,7 +116,7 @@ def pruning_sensitivity(
         **stats,
         **values,
         "loss_change": change,
-        "splits": split_means(values, setup.data.class_counts),
+        "splits": split_means(values, setup.data.splits),
     }
     if output_dir is not None:
         output_dir = Path(output_dir)

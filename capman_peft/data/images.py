@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from .longtail import class_splits
 
 
 def readable_class_name(name: str) -> str:
@@ -137,6 +138,8 @@ class LabelledImageDataset(torch.utils.data.Dataset):
             transform: PIL image -> tensor; see :func:`image_transform`.
             prompt_template: the dataset's class prompt template (``class_prompts``).
             captions: a caption per item, or None (the class prompt stands for every image of a class).
+            split_thresholds: (many_above, few_below) image counts of the Many/Medium/Few splits; None: thirds of
+                the classes by size (``class_splits``).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         prompt_template: str = "a {} painting",
         captions: Sequence[str] | None = None,
+        split_thresholds: Sequence[int] | None = None,
     ):
         if len(images) != len(labels) or (captions is not None and len(captions) != len(labels)):
             raise ValueError(f"got {len(images)} images and {len(captions or [])} captions for {len(labels)} labels")
@@ -157,6 +161,9 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         self.prompt_template = prompt_template
         self.captions = None if captions is None else list(captions)
         self.class_counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes).tolist()
+        self.split_thresholds = None if split_thresholds is None else tuple(split_thresholds)
+        self.splits = class_splits(self.class_counts, self.split_thresholds)
+        """Many / Medium / Few class ids by training count."""
 
     @property
     def num_classes(self) -> int:

@@ -102,15 +102,25 @@ def _check_imbalance_ratio(imbalance_ratio: float) -> None:
         )
 
 
-def class_splits(sizes: int | Sequence[int]) -> dict[str, list[int]]:
-    """Many / Medium / Few: the thirds of the classes ranked by training-set size (paper sec. 4.1; Jiang et al. 2021).
+def class_splits(sizes: int | Sequence[int], thresholds: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """Many / Medium / Few: the thirds of the classes ranked by training-set size (paper sec. 4.1; Jiang et al. 2021),
+    or by `thresholds` (many_above, few_below): Many has more than `many_above` training images, Few fewer than
+    `few_below`, Medium the rest (Liu et al. 2019's > 100 / 20-100 / < 20 for ImageNet-LT and iNaturalist).
 
     `sizes` is the training count per class id; ties rank by class id (a folder's ids follow its sorted names). An
     int C instead takes class 0 as the largest and the ids as the ranking, the named datasets' convention, for
-    callers that only know the number of classes. The remainder of the division goes to "few": 10 classes give
-    3 / 3 / 4, 100 classes 33 / 33 / 34; two classes (CelebA-HQ) are Many and Few. Each group lists its ids in
-    ascending order.
+    callers that only know the number of classes (thirds only). The remainder of the division goes to "few": 10
+    classes give 3 / 3 / 4, 100 classes 33 / 33 / 34; two classes (CelebA-HQ) are Many and Few. Each group lists its
+    ids in ascending order; with thresholds a group may be empty.
     """
+    if thresholds is not None:
+        many_above, few_below = thresholds
+        if isinstance(sizes, int) or few_below > many_above + 1:
+            raise ValueError(f"split thresholds need class counts and few_below <= many_above + 1, got {thresholds}")
+        groups = {"many": [], "medium": [], "few": []}
+        for c, n in enumerate(sizes):
+            groups["many" if n > many_above else "few" if n < few_below else "medium"].append(c)
+        return groups
     ranking = list(range(sizes)) if isinstance(sizes, int) else sorted(range(len(sizes)), key=lambda c: -sizes[c])
     num_classes = len(ranking)
     if num_classes < 1:

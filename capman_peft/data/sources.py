@@ -3,6 +3,7 @@ tree, scikit-learn's digits), turned into the long-tailed training set or the ba
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -51,6 +52,11 @@ class DatasetSpec:
     """Balanced split to measure FID against; ``None``: a balanced subset of the training data."""
     prompt_template: str = "a {}"
     renames: tuple[tuple[str, str], ...] = ()
+    split_thresholds: tuple[int, int] | None = None
+    """(many_above, few_below) image counts of the Many/Medium/Few splits; None: thirds of the classes by size."""
+    list_files: tuple[tuple[str, str], ...] = ()
+    """(split, file): a dataset read from a local copy (``--train_data_dir``) and its official list files, which are
+    already long-tailed; classes are ordered by their training count (ties by the list's id), class 0 largest."""
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -85,6 +91,28 @@ DATASETS: dict[str, DatasetSpec] = {
         resolution=64,
         reference_split="validation",
         prompt_template="a photo of a {} face",
+    ),
+    # Liu et al. 2019 (OLTR): the ImageNet-LT lists over a local ImageNet copy, "train/n01440764/x.JPEG 0" per line;
+    # 1,000 classes, 1,280 ... 5 training images (IR 256), 20 per class in the validation list; splits > 100 / 20-100 /
+    # < 20 images as Liu et al. define them. Class names are the WordNet ids of the image folders.
+    "imb-imagenet-lt": DatasetSpec(
+        None,
+        resolution=32,
+        reference_split="val",
+        prompt_template="a photo of a {}",
+        split_thresholds=(100, 20),
+        list_files=(("train", "ImageNet_LT_train.txt"), ("val", "ImageNet_LT_val.txt")),
+    ),
+    # iNaturalist 2018 (Van Horn et al. 2018): the official COCO-style train2018.json / val2018.json over the
+    # extracted images; 8,142 classes, 1,000 ... 2 training images (IR 500), 3 per class in validation; the same
+    # > 100 / 20-100 / < 20 splits as ImageNet-LT in the long-tail literature (Kang et al. 2020).
+    "imb-inaturalist": DatasetSpec(
+        None,
+        resolution=32,
+        reference_split="val",
+        prompt_template="a photo of {}",
+        split_thresholds=(100, 20),
+        list_files=(("train", "train2018.json"), ("val", "val2018.json")),
     ),
     # scikit-learn's bundled 8x8 digits: the offline CPU demo.
     "imb-digits": DatasetSpec(
@@ -128,6 +156,7 @@ def load_imbalanced_dataset(
     caption_column: str | None = None,
     cache_dir: str | None = None,
     verify_images: bool = True,
+    split_thresholds: Sequence[int] | None = None,
 ) -> LabelledImageDataset:
     """The long-tailed training set of a named dataset (or a Hub id / local folder).
 
@@ -152,6 +181,8 @@ def load_imbalanced_dataset(
         seed: the legacy subsampling seed (0 reproduces CBDM's splits).
         center_crop, random_flip: as the diffusers training scripts' flags.
         verify_images: check every local-folder image header up front (``PIL.Image.verify``).
+        split_thresholds: (many_above, few_below) of the Many/Medium/Few splits; default: the dataset's (thirds of
+            the classes by size for most).
     """
     if split in ("test", "reference"):
         return load_reference_dataset(
@@ -177,6 +208,7 @@ def load_imbalanced_dataset(
         image_transform(resolution, center_crop=center_crop, random_flip=random_flip),
         spec.prompt_template,
         captions=None if source.captions is None else source.captions[keep].tolist(),
+        split_thresholds=split_thresholds or spec.split_thresholds,
     )
 
 
@@ -307,10 +339,11 @@ def load_heldout_dataset(
     the same ``imbalance_ratio``, ``seed`` and ``class_order``. A class may have none (digits at IR 100 keep
     all of class 0): its entries are missing, and callers report NaN for it.
     """
-    if get_dataset_spec(name).reference_split is not None and train_data_dir is None:
+    spec = get_dataset_spec(name)
+    if spec.reference_split is not None and (train_data_dir is None or spec.list_files):
         return load_reference_dataset(
-            name, resolution, dataset_name=dataset_name, class_order=class_order, image_column=image_column,
-            label_column=label_column, cache_dir=cache_dir,
+            name, resolution, dataset_name=dataset_name, train_data_dir=train_data_dir, class_order=class_order,
+            image_column=image_column, label_column=label_column, cache_dir=cache_dir,
         )  # fmt: skip
     if imbalance_ratio is None:
         raise ConfigError("no held-out images: the training set keeps every source image (imbalance_ratio None)")
@@ -356,7 +389,15 @@ def _load_source(
         spec=spec,
     )
     folder = None if train_data_dir is None else Path(train_data_dir)
-    if folder is not None and (folder / METADATA_FILE).is_file():
+    if spec.list_files:
+        if folder is None:
+            files = " and ".join(file for _, file in spec.list_files)
+            raise ConfigError(
+                f"--dataset {name}: is read from a local copy; allowed: --train_data_dir DIR, the folder with {files} "
+                "and the images they list"
+            )
+        source = _load_listed(folder, spec, name, split)
+    elif folder is not None and (folder / METADATA_FILE).is_file():
         source = _read_columns(_load_imagefolder(folder, cache_dir), f"--train_data_dir {folder}", **columns)
     elif folder is not None:
         if caption_column is not None:
@@ -380,6 +421,64 @@ def _load_source(
     if empty:
         raise ConfigError(f"classes {empty} have no images in split {split!r}; every class needs at least one")
     return _Source(source.images, labels, names, source.captions)
+
+
+def _load_listed(folder: Path, spec: DatasetSpec, name: str | None, split: str) -> _Source:
+    """The images a list file of `spec` names under `folder`, with class ids ranked by the training list's counts."""
+    files = dict(spec.list_files)
+    if split not in files:
+        raise ConfigError(f"--dataset {name}: has no split {split!r}; allowed: {', '.join(files)}")
+    train_paths, train_ids, names = _read_list(folder / files["train"])
+    paths, ids, _ = (train_paths, train_ids, names) if split == "train" else _read_list(folder / files[split])
+    counts = np.bincount(train_ids, minlength=len(names))
+    ranking = sorted(range(len(names)), key=lambda c: (-counts[c], c))
+    if counts[ranking[-1]] == 0:
+        raise ConfigError(f"{folder / files['train']}: class {names[ranking[-1]]!r} has no training images")
+    new_id = np.empty(len(names), dtype=np.int64)
+    new_id[ranking] = np.arange(len(names))
+    if ids.max(initial=-1) >= len(names):
+        raise ConfigError(f"{folder / files[split]}: class id {int(ids.max())} is not in the training list")
+    images = [str(folder / path) for path in paths]
+    missing = [path for path in images if not os.path.isfile(path)]
+    if missing:
+        raise ConfigError(
+            f"--train_data_dir {folder}: {len(missing)} of the {len(images)} images {files[split]} lists are missing "
+            f"(first: {missing[0]}); allowed: the folder the list's paths are relative to"
+        )
+    return _Source(images, new_id[ids], [names[c] for c in ranking])
+
+
+def _read_list(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """An official list file: a text file of ``relative/path.jpg class_id`` lines (ImageNet-LT; a class is named by
+    its image folder), or a COCO-style JSON with ``images``, ``annotations`` and ``categories`` (iNaturalist).
+    Returns the paths, the class id per path and the name per class id."""
+    if not path.is_file():
+        raise ConfigError(f"--train_data_dir {path.parent}: has no {path.name}; allowed: the folder with the lists")
+    if path.suffix == ".json":
+        try:
+            listing = json.loads(path.read_text())
+            by_image = {a["image_id"]: int(a["category_id"]) for a in listing["annotations"]}
+            paths = [image["file_name"] for image in listing["images"]]
+            ids = np.array([by_image[image["id"]] for image in listing["images"]], dtype=np.int64)
+            named = {int(c["id"]): str(c.get("name", c["id"])) for c in listing.get("categories", [])}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: not a COCO-style list ({type(err).__name__}: {err})") from None
+        num_classes = max(int(ids.max(initial=-1)) + 1, max(named, default=-1) + 1)
+        return paths, ids, [named.get(c, str(c)) for c in range(num_classes)]
+    paths, ids = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ConfigError(f"{path}, line {number}: {line!r} is not `relative/path.jpg class_id`")
+        paths.append(parts[0])
+        ids.append(int(parts[1]))
+    ids_array = np.array(ids, dtype=np.int64)
+    names = [""] * (int(ids_array.max(initial=-1)) + 1)
+    for rel, c in zip(paths, ids, strict=True):
+        names[c] = names[c] or Path(rel).parent.name or str(c)
+    return paths, ids_array, [n or str(c) for c, n in enumerate(names)]
 
 
 def _canonical_order(labels: np.ndarray, names: list[str], spec: DatasetSpec) -> tuple[np.ndarray, list[str]]:

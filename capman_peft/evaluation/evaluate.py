@@ -122,9 +122,14 @@ class _Run:
 
     @property
     def splits(self) -> dict[str, list[int]]:
+        """Many / Medium / Few as the training run recorded them; else by its class counts (by class id when the
+        folder records neither)."""
+        recorded = self.folder.summary.get("splits")
+        if isinstance(recorded, dict) and sorted(c for ids in recorded.values() for c in ids) == list(
+            range(self.num_classes)
+        ):
+            return {name: list(recorded.get(name, [])) for name in ("many", "medium", "few")}
         return class_splits(self.training_counts)
-
-    """Many / Medium / Few by the training run's class counts (by class id when the folder does not record them)."""
 
     @property
     def reference_per_class(self) -> int:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -64,14 +63,16 @@ SPLITS = ("many", "medium", "few")
 
 class CMWeights(NamedTuple):
     """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term; ``split``
-    is each class's index in ``SPLITS`` by training-set size (for the logged group distances)."""
+    is each class's index in ``SPLITS`` by training-set size and ``groups`` the indices of the groups that have
+    classes (for the logged group distances: known on the host, so logging them costs no sync)."""
 
     pull: Tensor
     push: Tensor
     split: Tensor
+    groups: tuple[int, ...]
 
     def to(self, device: torch.device | str) -> CMWeights:
-        return CMWeights(*(value.to(device) for value in self))
+        return CMWeights(self.pull.to(device), self.push.to(device), self.split.to(device), self.groups)
 
 
 def cm_weights(
@@ -79,8 +80,10 @@ def cm_weights(
     form: str = "hinge",
     consistency_weight: float = 1.0,
     diversity_weight: float = 1.0,
+    splits: dict[str, list[int]] | None = None,
 ) -> CMWeights:
-    """The (pull, push) coefficients per class, float32.
+    """The (pull, push) coefficients per class, float32; `splits` the Many/Medium/Few class ids (default:
+    ``class_splits`` of the counts).
 
     The hinge forms use the net weight of Algorithm C.1, c_y = w_div·ω_div[y] − w_con·ω_con[y]: pull max(−c_y, 0), push
     max(c_y, 0), so each class is either pulled together with θ^g (majorities) or pushed away from it (minorities).
@@ -94,18 +97,12 @@ def cm_weights(
     else:
         c = diversity_weight * omega_div - consistency_weight * omega_con
         pull, push = (-c).clamp(min=0), c.clamp(min=0)
-    groups = class_splits([int(n) for n in class_counts])
+    groups = splits or class_splits([int(n) for n in class_counts])
     split = torch.empty(len(pull), dtype=torch.long)
     for index, name in enumerate(SPLITS):
         split[groups[name]] = index
-    return CMWeights(pull.float(), push.float(), split)
-
-
-@functools.cache
-def _groups_present(num_classes: int) -> tuple[int, ...]:
-    """The indices in ``SPLITS`` of the groups that have classes: all three from 3 classes, Many and Few for 2. It
-    depends on C alone, so it costs no host sync and, cached, no per-step work that grows with C."""
-    return tuple(i for i, name in enumerate(SPLITS) if class_splits(num_classes)[name])
+    present = tuple(index for index, name in enumerate(SPLITS) if groups[name])
+    return CMWeights(pull.float(), push.float(), split, present)
 
 
 def _check_form(form: str) -> None:
@@ -192,7 +189,7 @@ def cm_loss(
         "cm_diversity": diversity.detach().mean(),
     }
     split_of_row = weights.split.to(distance.device)[labels]
-    for index in _groups_present(num_classes):
+    for index in weights.groups:
         # Rows the loss leaves out (label-dropped: weight 0) are left out here too. A group without rows in the batch
         # gives NaN: every process logs the same keys (the logs are averaged over them).
         mask = ((split_of_row == index) & (rows > 0)).to(distance.dtype)

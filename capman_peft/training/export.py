@@ -128,6 +128,7 @@ def finish_export(
         steps=trained.steps,
         train_seconds=round(trained.seconds, 1),
         expert_use=expert_report,
+        splits=dataset.splits,
         **(summary or {}),
     )
     write_model_card(

@@ -24,7 +24,6 @@ from ..data import (
     LISTED_ENDS,
     LabelledImageDataset,
     class_balanced_sampler,
-    class_splits,
     listed_classes,
     load_imbalanced_dataset,
 )
@@ -150,6 +149,7 @@ def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, devi
         objective.cm_form,
         consistency_weight=objective.consistency_weight,
         diversity_weight=objective.diversity_weight,
+        splits=dataset.splits,
     )
     check_cm_bounded(weights, objective.cm_form, class_names, objective.allow_unbounded_cm)
     logger.info(
@@ -167,14 +167,15 @@ def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, devi
     )
 
 
-def log_training_data(data: DataSettings, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
+def log_training_data(data: DataSettings, dataset: LabelledImageDataset) -> None:
     """The training set's classes and counts, as a table at the start of the log."""
+    class_names, class_counts = dataset.class_names, dataset.class_counts
     how = (
         f"long-tail subsampled to imbalance ratio {data.imbalance_ratio:g}"
         if data.imbalance_ratio is not None
         else "the folder's own counts (--imbalance_ratio R subsamples it)"
     )
-    splits = class_splits(list(class_counts))
+    splits = dataset.splits
     split_of = {c: split for split, ids in splits.items() for c in ids}
     rows = [
         f"  ... {len(class_names) - LISTED_ENDS * 2} more classes ..."
@@ -237,8 +238,9 @@ def load_training_data(data: DataSettings, *, center_crop: bool, random_flip: bo
         label_column=data.class_column,
         caption_column=data.caption_column,
         cache_dir=data.cache_dir,
+        split_thresholds=data.split_thresholds,
     )
-    log_training_data(data, dataset.class_names, dataset.class_counts)
+    log_training_data(data, dataset)
     return dataset
 
 
