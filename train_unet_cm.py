@@ -22,12 +22,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from peft import get_peft_model
 
 from capman_peft import CapManConfig
+from capman_peft.data import SPLITS, split_of_class
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.expert_use import summarize_expert_use
 from capman_peft.families import ClassConditionalFamily
 from capman_peft.families.class_conditional import (
     PIPELINE_NOTE,
     UP_PATH_TARGETS,
+    GroupExpertFamily,
     UNetSettings,
     add_augment_embedding,
     build_unet,
@@ -42,7 +44,7 @@ from capman_peft.flags import (
     script_parser,
 )
 from capman_peft.hub import cm_card_settings
-from capman_peft.pipelines import save_adapter_and_merge, save_class_conditional_pipeline
+from capman_peft.pipelines import save_adapter, save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (
@@ -60,6 +62,7 @@ from capman_peft.training.setup import (
     prepare_cm,
     prepare_training,
 )
+from capman_peft.tuner import merge_group_and_unload
 
 logger = logging.getLogger("capman_peft")
 
@@ -79,6 +82,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     group.add_argument("--expert_rank_ratio", type=fraction, default=0.1, help="Expert rank / min(d, k) (paper: 0.1).")
     group.add_argument(
         "--expert_target_modules", type=module_patterns, default=UP_PATH_TARGETS, help="Regex of layers with an expert."
+    )
+    group.add_argument(
+        "--group_experts",
+        action="store_true",
+        help="The paper's Group-Expert LoRA baseline (sec. E.4; with --no_capacity_manipulation): the expert of every "
+        "up-path layer is split into one block per Many/Medium/Few group, each sample trains its class's block, "
+        "with CM's rank budget (--expert_rank_ratio). The output holds one merged UNet per group (unet, unet_medium, "
+        "unet_few); the pipeline samples each class with its group's.",
     )
     group.add_argument(
         "--ada_probability",
@@ -107,10 +118,16 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         expert_rank_ratio=args.expert_rank_ratio,
         expert_target_modules=args.expert_target_modules,
         ada_probability=args.ada_probability,
+        group_experts=args.group_experts,
         unet_config=unet_config(args.model_config_name_or_path, settings.data.resolution),
     )
     settings = dataclasses.replace(settings, model=model)
     check_expert_placement(settings)
+    if args.group_experts and settings.objective.capacity_manipulation:
+        raise ConfigError(
+            "--group_experts: is a baseline without the CM loss (one expert block per class group, no theta^g "
+            "pass); allowed: --group_experts --no_capacity_manipulation"
+        )
     if args.ada_probability and settings.data.random_flip:
         raise ConfigError(
             f"--random_flip with --ada_probability {args.ada_probability}: ADA flips the images itself and tells the "
@@ -133,16 +150,23 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     if settings.optimization.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model: torch.nn.Module = unet
-    if cm is not None:
-        targets = model_settings.expert_target_modules
-        config = CapManConfig(mode="full", expert_rank_ratio=model_settings.expert_rank_ratio, target_modules=targets)
+    group_experts = model_settings.group_experts
+    if cm is not None or group_experts:
+        targets, groups = model_settings.expert_target_modules, len(SPLITS) if group_experts else 1
+        config = CapManConfig(
+            mode="full",
+            expert_rank_ratio=model_settings.expert_rank_ratio,
+            target_modules=targets,
+            expert_groups=groups,
+        )
         try:
             model = get_peft_model(unet, config)
         except ValueError as err:
             raise ConfigError(f"--expert_target_modules {targets}: {err}") from None
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
-    family = ClassConditionalFamily()
+    class_groups = split_of_class(dataset.splits) if group_experts else None
+    family = GroupExpertFamily(class_groups) if group_experts else ClassConditionalFamily()
     run = prepare_training(
         accelerator, settings, model, cm=cm, objective=objective, optimizer_cls=torch.optim.Adam, train_set=dataset,
         labels=dataset.labels, sample_shape=(unet.config.in_channels, data.resolution, data.resolution),
@@ -152,11 +176,20 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         family, run.denoiser, objective, noise_scheduler, num_classes=dataset.num_classes, cm=cm
     )
 
+    def samplers(trained: torch.nn.Module) -> torch.nn.Module | list[torch.nn.Module]:
+        """What samples: the (unmerged) UNet, or one merged UNet per class group."""
+        if group_experts:
+            return [merge_group_and_unload(trained, group).eval() for group in range(len(SPLITS))]
+        return trained.get_base_model() if cm is not None else trained
+
+    def grid_of(unets: torch.nn.Module | list[torch.nn.Module]):
+        return class_grid(
+            unets, noise_scheduler, dataset.class_names, dataset.class_counts, settings, accelerator.device,
+            class_groups=class_groups,
+        )  # fmt: skip
+
     def validate(trained: torch.nn.Module, epoch: int, step: int) -> None:
-        sampler = trained.get_base_model() if cm is not None else trained
-        grid = class_grid(
-            sampler, noise_scheduler, dataset.class_names, dataset.class_counts, settings, accelerator.device
-        )
+        grid = grid_of(samplers(trained))
         publish_image(accelerator, grid, Path(output.output_dir) / "validation" / f"step-{step:07d}.png", step)
 
     trained = train(accelerator, settings, run, step_loss=step_loss, validate=validate, callbacks=callbacks)
@@ -168,13 +201,14 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         if cm is not None:
             report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(output.output_dir) as out:
-            if cm is not None:
+            if group_experts:
+                save_adapter(model, out, run.run_id)
+                model = samplers(model)
+            elif cm is not None:
                 model = save_adapter_and_merge(model, out, run.run_id)
             scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-            save_class_conditional_pipeline(model, scheduler, dataset.class_names, out)
-            samples = class_grid(
-                model, noise_scheduler, dataset.class_names, dataset.class_counts, settings, accelerator.device
-            )
+            save_class_conditional_pipeline(model, scheduler, dataset.class_names, out, class_groups)
+            samples = grid_of(model)
             cm_settings = cm_card_settings(
                 settings.objective, mode="full", expert_rank_ratio=model_settings.expert_rank_ratio
             )

@@ -6,6 +6,7 @@ form of the push does it without harming them?
     python bench/reproduce.py --testbed glyphs   # the same on the printed letters
     python bench/reproduce.py --methods DDPM "CM (+DDPM), hinge" --seeds 0 1 --jobs 1
     python bench/reproduce.py --methods "DDPM +RS" "DDPM +ADA" "DDPM +Focal"   # the paper's other baselines
+    python bench/reproduce.py --methods "Group-Expert LoRA (+OC)"                # paper sec. E.4
 
 Protocol, fixed before any result of this study was seen (README "Does CM help?"):
 
@@ -103,6 +104,8 @@ BASELINES = {
 }
 for _name, _flags in BASELINES.items():
     METHODS[_name] = ["--no_capacity_manipulation", "--objective", "ddpm", *_flags]
+# Sec. E.4's Group-Expert LoRA on CM's base objective and rank budget: one expert block per Many/Medium/Few group.
+METHODS["Group-Expert LoRA (+OC)"] = ["--no_capacity_manipulation", "--group_experts", "--objective", "oc"]
 COLUMNS = [
     ("many", "Many FID"),
     ("medium", "Medium FID"),
@@ -174,8 +177,9 @@ def train_and_evaluate(method: str, seed: int, steps: int, run_dir: Path, testbe
         return record
     summary = json.loads((run_dir / "training_summary.json").read_text())
     record["expert_use"] = summary.get("expert_use")
-    heldout = heldout_loss(run_dir)
-    record["heldout"] = {k: heldout[k] for k in ("loss_full", "loss_general") if k in heldout}
+    # capman-analyze measures one UNet; a group-expert output has one per group, so it has no held-out row here.
+    heldout = None if summary["args"].get("group_experts") else heldout_loss(run_dir)
+    record["heldout"] = heldout and {k: heldout[k] for k in ("loss_full", "loss_general") if k in heldout}
     for expert in ("on", "off") if (run_dir / "adapter").exists() else ("on",):
         result = evaluate_pipeline(
             str(run_dir), num_images_per_class=IMAGES_PER_CLASS, metrics=("fid",), expert=expert, progress=False,

@@ -330,6 +330,7 @@ RUN_IDENTITY_FLAGS = (
     "objective",
     "focal_gamma",
     "ada_probability",
+    "group_experts",
     "capacity_manipulation",
     "cm_lambda",
     "cm_form",

@@ -40,15 +40,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
             keys (the `DiTPipeline` / transformers convention) and not as a list: diffusers reads
             every list-valued entry of `model_index.json` as a `[library, class]` component spec
             when loading from the Hub and rejects a list of class names there.
+        unet_medium, unet_few, class_groups: a model with one UNet per class group (the Group-Expert
+            LoRA baseline): class c is sampled by the UNet of group `class_groups[c]` (0: `unet`, 1:
+            `unet_medium`, 2: `unet_few`), with its guidance pass too; each image runs through one UNet.
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["unet_medium", "unet_few"]
 
     def __init__(
         self,
         unet: UNet2DModel,
         scheduler: SchedulerMixin,
         id2label: dict[str, str] | dict[int, str] | None = None,
+        unet_medium: UNet2DModel | None = None,
+        unet_few: UNet2DModel | None = None,
+        class_groups: dict[str, int] | dict[int, int] | None = None,
     ):
         super().__init__()
         num_class_embeds = unet.config.num_class_embeds
@@ -64,8 +71,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     f"id2label must name exactly the class ids 0..{num_class_embeds - 2} of a UNet with "
                     f"num_class_embeds={num_class_embeds}; got keys {sorted(id2label, key=int)}."
                 )
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(id2label=id2label)
+        if class_groups is not None:
+            class_groups = {str(key): int(group) for key, group in class_groups.items()}
+            unets = [unet, unet_medium, unet_few]
+            missing = sorted({g for g in class_groups.values() if not 0 <= g < 3 or unets[g] is None})
+            if set(class_groups) != {str(i) for i in range(num_class_embeds - 1)} or missing:
+                raise ValueError(
+                    "class_groups must give every class id 0..C-1 a group whose UNet is present (0: unet, 1: "
+                    f"unet_medium, 2: unet_few); got {len(class_groups)} classes, groups without a UNet: {missing}."
+                )
+        self.register_modules(unet=unet, scheduler=scheduler, unet_medium=unet_medium, unet_few=unet_few)
+        self.register_to_config(id2label=id2label, class_groups=class_groups)
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +143,21 @@ class ClassConditionalPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    def _predict(
+        self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The UNet's prediction; with class groups, each group's rows from that group's UNet."""
+        if groups is None:
+            return self.unet(sample, t, class_labels=labels).sample
+        out = None
+        for group, unet in enumerate([self.unet, self.unet_medium, self.unet_few]):
+            rows = (groups == group).nonzero().flatten().to(sample.device)
+            if len(rows):
+                pred = unet(sample[rows], t, class_labels=labels[rows]).sample
+                out = torch.empty_like(sample, dtype=pred.dtype) if out is None else out
+                out[rows] = pred
+        return out
+
     @torch.no_grad()
     def __call__(
         self,
@@ -168,10 +199,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = self._scheduler_step_kwargs(generator, eta)
+        groups = None
+        if self.config.class_groups is not None:  # each row (and its guidance row) goes to its class's group
+            groups = torch.tensor([self.config.class_groups[str(c)] for c in labels[:batch_size].tolist()])
+            groups = torch.cat([groups, groups]) if use_guidance else groups
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([image, image]) if use_guidance else image
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, class_labels=labels).sample
+            noise_pred = self._predict(model_input, t, labels, groups)
             if use_guidance:
                 noise_cond, noise_uncond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

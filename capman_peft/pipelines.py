@@ -34,13 +34,31 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 GENERAL_LORA_FILE = "pytorch_lora_weights_general.safetensors"
 
 
+def class_conditional_pipeline(
+    unets: UNet2DModel | Sequence[UNet2DModel],
+    scheduler: SchedulerMixin,
+    class_names: list[str] | None,
+    class_groups: Sequence[int] | None = None,
+) -> ClassConditionalPipeline:
+    """The pipeline of one UNet, or of one UNet per class group (Many, Medium, Few; the Group-Expert LoRA baseline)
+    with `class_groups[c]` the group of class c."""
+    unets = [unets] if isinstance(unets, torch.nn.Module) else list(unets)
+    id2label = None if class_names is None else dict(enumerate(class_names))
+    groups = {}
+    if class_groups is not None:
+        groups = dict(unet_medium=unets[1], unet_few=unets[2], class_groups=dict(enumerate(class_groups)))
+    return ClassConditionalPipeline(unet=unets[0], scheduler=scheduler, id2label=id2label, **groups)
+
+
 def save_class_conditional_pipeline(
-    unet: UNet2DModel,
+    unets: UNet2DModel | Sequence[UNet2DModel],
     scheduler: SchedulerMixin,
     class_names: list[str] | None,
     output_dir: str | Path,
+    class_groups: Sequence[int] | None = None,
 ) -> Path:
-    """Write a loadable pipeline folder: model_index.json, unet/, scheduler/ and pipeline.py.
+    """Write a loadable pipeline folder: model_index.json, unet/ (and unet_medium/, unet_few/ with class groups),
+    scheduler/ and pipeline.py.
 
     Weights are written as safetensors only. The folder loads with
     `ClassConditionalPipeline.from_pretrained(output_dir)` and, without capman_peft, with
@@ -49,8 +67,7 @@ def save_class_conditional_pipeline(
     Args:
         class_names: names of the classes 0..C-1 in id order (the null class C is not named).
     """
-    id2label = None if class_names is None else dict(enumerate(class_names))
-    pipeline = ClassConditionalPipeline(unet=unet, scheduler=scheduler, id2label=id2label)
+    pipeline = class_conditional_pipeline(unets, scheduler, class_names, class_groups)
     output_dir = Path(output_dir)
     pipeline.save_pretrained(str(output_dir), safe_serialization=True)
     return output_dir
@@ -125,15 +142,19 @@ def save_plain_lora_and_merge(model: torch.nn.Module, output_dir: str | Path) ->
     return model.merge_and_unload()
 
 
-def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> torch.nn.Module:
-    """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format, with the run's id), then merge
-    theta^g + theta^e.
-
-    The returned module is a plain diffusers model: zero inference overhead. `model` must not be used afterwards.
-    """
+def save_adapter(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> None:
+    """Write the unmerged CapMan adapter to ``output_dir/adapter`` (PEFT format, with the run's id)."""
     adapter = Path(output_dir) / "adapter"
     model.save_pretrained(str(adapter), safe_serialization=True)
     (adapter / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+
+
+def save_adapter_and_merge(model: torch.nn.Module, output_dir: str | Path, run_id: str) -> torch.nn.Module:
+    """Write the unmerged CapMan adapter (:func:`save_adapter`), then merge theta^g + theta^e.
+
+    The returned module is a plain diffusers model: zero inference overhead. `model` must not be used afterwards.
+    """
+    save_adapter(model, output_dir, run_id)
     return model.merge_and_unload()
 
 

@@ -206,6 +206,9 @@ def load_pipeline(
     pipe = loader.from_pretrained(str(folder.path), use_safetensors=True)
     if expert == "off":
         pipe.unet = merge_general_and_unload(load_capman_unet(folder)).eval()
+        if getattr(pipe.config, "class_groups", None) is not None:  # group experts: theta^g serves every class
+            pipe.register_modules(unet_medium=None, unet_few=None)
+            pipe.register_to_config(class_groups=None)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm":

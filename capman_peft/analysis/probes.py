@@ -80,6 +80,11 @@ def prepare_analysis(
         imbalance_ratio = args.get("imbalance_ratio", 100)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(folder, expert="on", scheduler="pipeline", device=device)
+    if getattr(pipe.config, "class_groups", None) is not None:
+        raise ConfigError(
+            f"{str(folder.path)!r} holds one UNet per class group (--group_experts), and capman-analyze measures one "
+            "UNet; allowed: capman-eval for this output, or capman-analyze on a CM or baseline run"
+        )
     resolution = resolution or args.get("resolution") or pipeline_resolution(pipe)
     names = pipe.class_names if folder.kind == "class-conditional" else folder.summary.get("class_names")
     data_kwargs = dict(

@@ -19,12 +19,14 @@ from .longtail import (
     GRID_CLASSES,
     LISTED_CLASSES,
     LISTED_ENDS,
+    SPLITS,
     class_balanced_sampler,
     class_splits,
     grid_classes,
     listed_classes,
     long_tail_counts,
     long_tail_indices,
+    split_of_class,
 )
 from .sources import (
     DATASETS,
@@ -47,6 +49,8 @@ __all__ = [
     "class_prompts",
     "encode_prompts",
     "class_splits",
+    "split_of_class",
+    "SPLITS",
     "get_dataset_spec",
     "grid_classes",
     "listed_classes",

@@ -132,6 +132,15 @@ def class_splits(sizes: int | Sequence[int], thresholds: Sequence[int] | None = 
     return {name: sorted(ids) for name, ids in groups.items()}
 
 
+SPLITS = ("many", "medium", "few")
+
+
+def split_of_class(splits: dict[str, list[int]]) -> list[int]:
+    """Each class's index in ``SPLITS`` (0 Many, 1 Medium, 2 Few), from the class ids per split."""
+    index = {c: i for i, name in enumerate(SPLITS) for c in splits[name]}
+    return [index[c] for c in range(len(index))]
+
+
 # A per-class table in the log lists every class up to LISTED_CLASSES, else the LISTED_ENDS largest and smallest.
 LISTED_CLASSES = 40
 LISTED_ENDS = 10

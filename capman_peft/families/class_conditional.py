@@ -17,14 +17,14 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
-from ..class_conditional_pipeline import ClassConditionalPipeline
 from ..data import grid_classes
 from ..data.augment import AUGMENT_CONDITION_DIM, augment_condition, augment_images
 from ..errors import ConfigError
 from ..hub import hub_source
-from ..pipelines import image_grid
+from ..pipelines import class_conditional_pipeline, image_grid
 from ..randomness import StepDraws
 from ..settings import TrainingSettings
+from ..tuner import group_experts
 from .base import AFTER_SPLIT, Condition, ModelFamily
 
 
@@ -51,6 +51,35 @@ class ClassConditionalFamily(ModelFamily):
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"class_labels": cond}
+
+
+class GroupExpertFamily(ClassConditionalFamily):
+    """The Group-Expert LoRA baseline (paper sec. E.4): each sample runs through the expert block of its class's group
+    (`capman_peft.tuner.group_experts`). Routing is by class, so a label-dropped sample keeps its true class's group
+    (the unconditional branch of guidance uses the requested class's group too), and CBDM's extra pass for y' uses
+    y''s group. `class_groups[c]` is class c's group index (0 Many, 1 Medium, 2 Few)."""
+
+    name = "class-conditional group experts"
+
+    def __init__(self, class_groups: Sequence[int]) -> None:
+        self.class_groups = torch.as_tensor(list(class_groups), dtype=torch.long)
+
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
+        null = len(self.class_groups)
+        routed = class_ids if batch is None else torch.where(class_ids == null, batch["label"], class_ids)
+        if batch is None and bool((routed == null).any()):
+            raise ValueError("a group expert is chosen by the requested class; the null class alone has no group")
+        groups = self.class_groups.to(routed.device)[routed]
+        return {"class_labels": super().condition(class_ids, batch, draws), "group": groups}
+
+    def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
+        return {"class_labels": cond["class_labels"]}
+
+    def predict(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
+        with group_experts(unet, cond["group"]):
+            return super().predict(unet, sample, timestep, cond)
 
 
 class AugmentedClassEmbedding(nn.Module):
@@ -106,6 +135,7 @@ class UNetSettings:
     expert_rank_ratio: float
     expert_target_modules: str
     ada_probability: float
+    group_experts: bool
     unet_config: dict
     """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
 
@@ -172,25 +202,24 @@ def build_unet(config: dict, resolution: int, num_classes: int) -> UNet2DModel:
 
 
 def class_grid(
-    unet: torch.nn.Module,
+    unet: torch.nn.Module | Sequence[torch.nn.Module],
     scheduler: DDPMScheduler,
     class_names: list[str],
     class_counts: Sequence[int],
     settings: TrainingSettings,
     device,
+    class_groups: Sequence[int] | None = None,
 ):
     """A per-class sample grid (rows = classes; ``grid_classes`` of them for a set with many) with DDIM and
-    guidance, from fixed seeds."""
-    pipeline = ClassConditionalPipeline(
-        unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), id2label=dict(enumerate(class_names))
-    )
+    guidance, from fixed seeds; with `class_groups`, `unet` is one UNet per group."""
+    pipeline = class_conditional_pipeline(unet, DDIMScheduler.from_config(scheduler.config), class_names, class_groups)
     pipeline.set_progress_bar_config(disable=True)
     output = settings.output
     shown = grid_classes(class_counts)
     labels = [c for c in shown for _ in range(output.num_validation_images)]
     generator = torch.Generator(device).manual_seed(settings.optimization.seed)
-    was_training = unet.training
-    unet.eval()
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
     with torch.no_grad():
         images = pipeline(
             class_labels=labels,
@@ -198,5 +227,5 @@ def class_grid(
             guidance_scale=output.guidance_scale,
             generator=generator,
         ).images
-    unet.train(was_training)
+    pipeline.unet.train(was_training)
     return image_grid(images, rows=len(shown), cols=output.num_validation_images)

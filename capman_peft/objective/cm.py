@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..data import LISTED_ENDS, class_splits, listed_classes
+from ..data import LISTED_ENDS, SPLITS, class_splits, listed_classes, split_of_class
 from ..errors import ConfigError
 from .base import ClassCounts, _check_labels, _counts64
 
@@ -58,9 +58,6 @@ DEFAULT_MARGIN = 0.1
 DEFAULT_RELATIVE_MARGIN = 0.5
 
 
-SPLITS = ("many", "medium", "few")
-
-
 class CMWeights(NamedTuple):
     """Per-class coefficients of L_CM: ``pull`` multiplies d (consistency), ``push`` the diversity term; ``split``
     is each class's index in ``SPLITS`` by training-set size and ``groups`` the indices of the groups that have
@@ -98,9 +95,7 @@ def cm_weights(
         c = diversity_weight * omega_div - consistency_weight * omega_con
         pull, push = (-c).clamp(min=0), c.clamp(min=0)
     groups = splits or class_splits([int(n) for n in class_counts])
-    split = torch.empty(len(pull), dtype=torch.long)
-    for index, name in enumerate(SPLITS):
-        split[groups[name]] = index
+    split = torch.tensor(split_of_class(groups), dtype=torch.long)
     present = tuple(index for index, name in enumerate(SPLITS) if groups[name])
     return CMWeights(pull.float(), push.float(), split, present)
 

@@ -7,7 +7,9 @@ from .model import (
     capman_layers,
     expert_disabled,
     expert_gate,
+    group_experts,
     merge_general_and_unload,
+    merge_group_and_unload,
     pair_dropout,
 )
 
@@ -35,7 +37,9 @@ __all__ = [
     "capman_layers",
     "expert_disabled",
     "expert_gate",
+    "group_experts",
     "merge_general_and_unload",
+    "merge_group_and_unload",
     "pair_dropout",
     "PairedDropout",
     "register_with_peft",

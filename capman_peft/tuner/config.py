@@ -68,6 +68,14 @@ class CapManConfig(PeftConfig):
         default=None,
         metadata={"help": "Alpha of the expert; scaling is expert_alpha / expert rank. Default: equal to the rank."},
     )
+    expert_groups: int = field(
+        default=1,
+        metadata={
+            "help": "Split each expert into this many rank blocks, one per class group, each sample using its group's "
+            "block (`group_experts`): the Group-Expert LoRA baseline of paper sec. E.4, with the expert rank budget "
+            "of CM (max(expert_groups, r_e) in all). 1 (default): one expert, as CM."
+        },
+    )
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout on the adapter input (shared by general and expert branches)."},
@@ -138,6 +146,8 @@ class CapManConfig(PeftConfig):
                     f"the expert rank must be smaller than the general rank (paper: r_e < r_g), "
                     f"got expert_r={self.expert_r} >= r={self.r}"
                 )
+        if not isinstance(self.expert_groups, int) or isinstance(self.expert_groups, bool) or self.expert_groups < 1:
+            raise ValueError(f"`expert_groups` must be an integer >= 1, got {self.expert_groups!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
         if self.init_lora_weights not in (True, False, "gaussian"):

@@ -26,7 +26,18 @@ class GateRows(NamedTuple):
     runs: tuple[tuple[int, int, bool], ...]
 
 
-Gate = GateRows | str | None
+class GroupRows(NamedTuple):
+    """Per-sample expert blocks: row i uses block ``groups[i]`` of every expert split by ``expert_groups``."""
+
+    groups: torch.Tensor
+
+
+def rank_blocks(rank: int, groups: int) -> torch.Tensor:
+    """The block of each of an expert's `rank` hidden units when it is split into `groups` near-equal blocks."""
+    return torch.arange(rank) * groups // rank
+
+
+Gate = GateRows | GroupRows | str | None
 # A gate with at most this many runs (e.g. [1]*B + [0]*B) is applied by running contiguous row blocks with the
 # merged weights W + dW; more fragmented gates multiply the low-rank expert output per row instead.
 MAX_MERGED_RUNS = 2
@@ -48,7 +59,7 @@ class CapManLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("capman_A", "capman_B", "capman_expert_A", "capman_expert_B")
-    other_param_names = ("r", "expert_r", "scaling", "expert_scaling", "capman_dropout")
+    other_param_names = ("r", "expert_r", "expert_groups", "scaling", "expert_scaling", "capman_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -56,6 +67,7 @@ class CapManLayer(BaseTunerLayer):
         self.expert_r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.expert_scaling: dict[str, float] = {}
+        self.expert_groups: dict[str, int] = {}
         self.capman_dropout = nn.ModuleDict({})
         self.capman_A = nn.ParameterDict({})
         self.capman_B = nn.ParameterDict({})
@@ -85,13 +97,14 @@ class CapManLayer(BaseTunerLayer):
             self.capman_A[adapter_name] = nn.Parameter(self._new_a(r))
             self.capman_B[adapter_name] = nn.Parameter(torch.empty(shape[0], r))
         if with_expert:
-            r_e = rank_for(shape, config.expert_r, config.expert_rank_ratio)
+            r_e = max(config.expert_groups, rank_for(shape, config.expert_r, config.expert_rank_ratio))
             if adapter_name in self.r and r_e >= self.r[adapter_name]:
                 raise ValueError(
                     f"expert rank {r_e} must be smaller than the general rank {self.r[adapter_name]} "
                     f"(paper: r_e < r_g) on a layer of shape {shape}"
                 )
             self.expert_r[adapter_name] = r_e
+            self.expert_groups[adapter_name] = config.expert_groups
             self.expert_scaling[adapter_name] = (config.expert_alpha or r_e) / r_e
             self.capman_expert_A[adapter_name] = nn.Parameter(self._new_a(r_e))
             self.capman_expert_B[adapter_name] = nn.Parameter(torch.empty(shape[0], r_e))
@@ -187,12 +200,25 @@ class CapManLayer(BaseTunerLayer):
         """The base layer's op with another weight (same bias and geometry)."""
         raise NotImplementedError
 
-    def _check_batch(self, gate: GateRows, batch: int) -> None:
-        if gate.mask.shape[0] != batch:
+    def _check_batch(self, rows: torch.Tensor, batch: int) -> None:
+        if rows.shape[0] != batch:
             raise ValueError(
-                f"expert gate must have one entry per batch row: got shape {tuple(gate.mask.shape)} "
+                f"expert gate must have one entry per batch row: got shape {tuple(rows.shape)} "
                 f"for a batch of {batch} in {type(self.get_base_layer()).__name__}"
             )
+
+    # The dimension of the low-rank hidden state that holds the rank (Linear: last; Conv2d: channels).
+    rank_dim = -1
+
+    def _group_mask(self, name: str, groups: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """1 where hidden unit j of row i belongs to row i's group block, shaped to multiply `h`."""
+        self._check_batch(groups, h.shape[0])
+        rank = self.expert_r[name]
+        blocks = rank_blocks(rank, self.expert_groups[name]).to(h.device)
+        mask = (groups.to(h.device)[:, None] == blocks[None, :]).to(h.dtype)
+        shape = [h.shape[0]] + [1] * (h.ndim - 1)
+        shape[self.rank_dim] = rank
+        return mask.view(shape)
 
     def _can_merge_weights(self, names: list[str], x: torch.Tensor, gate: Gate) -> bool:
         """Whether this forward can run the base op once per gate run with W + dW instead of adding B(A(x)).
@@ -202,7 +228,7 @@ class CapManLayer(BaseTunerLayer):
         weights of one dtype, and a gate of few contiguous runs.
         """
         weight = self.get_base_layer().weight
-        if isinstance(gate, GateRows) and len(gate.runs) > MAX_MERGED_RUNS:
+        if isinstance(gate, GroupRows) or (isinstance(gate, GateRows) and len(gate.runs) > MAX_MERGED_RUNS):
             return False
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
@@ -228,7 +254,7 @@ class CapManLayer(BaseTunerLayer):
         full = general + sum(experts)
         if gate is None:
             return self._functional(x, full)
-        self._check_batch(gate, x.shape[0])
+        self._check_batch(gate.mask, x.shape[0])
         return torch.cat([self._functional(x[start:stop], full if on else general) for start, stop, on in gate.runs])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -264,8 +290,10 @@ class CapManLayer(BaseTunerLayer):
                 # contribution and zero gradient, as if the expert were absent for them.
                 h = self._down(x_in, self.capman_expert_A[name])
                 if isinstance(gate, GateRows):
-                    self._check_batch(gate, h.shape[0])
+                    self._check_batch(gate.mask, h.shape[0])
                     h = h * gate.mask.to(device=h.device, dtype=h.dtype).view(-1, *([1] * (h.ndim - 1)))
+                elif isinstance(gate, GroupRows):
+                    h = h * self._group_mask(name, gate.groups, h)
                 expert = self._up(h, self.capman_expert_B[name]) * self.expert_scaling[name]
                 delta = expert if delta is None else delta + expert
             result = result + delta.to(result.dtype)
@@ -321,6 +349,7 @@ class Conv2d(nn.Module, CapManLayer):
     """
 
     forward = CapManLayer.forward
+    rank_dim = 1
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config: CapManConfig, with_expert: bool) -> None:
         super().__init__()

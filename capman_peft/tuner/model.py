@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import CapManConfig
-from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, GateRows, Linear, PairedDropout
+from .layer import EXPERT_OFF, CapManLayer, Conv2d, Gate, GateRows, GroupRows, Linear, PairedDropout, rank_blocks
 
 
 def _matches(spec: Any, key: str) -> bool:
@@ -237,6 +238,27 @@ def expert_gate(
     return _gated(model, GateRows(gate, tuple(runs)), mask_source)
 
 
+def group_experts(model: nn.Module, groups: torch.Tensor) -> AbstractContextManager[None]:
+    """Route each sample to its group's block of every expert (``CapManConfig(expert_groups=G)``): row i uses block
+    ``groups[i]`` in [0, G), so the blocks act as G separate low-rank experts, one per class group, computed in one
+    call (the Group-Expert LoRA baseline, paper sec. E.4)."""
+    if not isinstance(groups, torch.Tensor) or groups.ndim != 1 or groups.dtype.is_floating_point:
+        raise ValueError(f"groups must be a 1-D integer tensor with one group per batch row, got {groups!r}")
+    return _gated(model, GroupRows(groups))
+
+
+def merge_group_and_unload(model: nn.Module, group: int) -> nn.Module:
+    """The plain model of one class group: a copy with every expert cut to block `group`, merged (W^g + that
+    block's low-rank part). `model` is left as it was."""
+    model = copy.deepcopy(model)
+    for layer in capman_layers(model):
+        for name, b in layer.capman_expert_B.items():
+            blocks = rank_blocks(b.shape[1], layer.expert_groups[name]).to(b.device)
+            with torch.no_grad():
+                b[:, blocks != group] = 0
+    return model.merge_and_unload()
+
+
 def expert_disabled(model: nn.Module) -> AbstractContextManager[None]:
     """Run theta^g: the same network with every expert branch switched off for the whole batch."""
     return _gated(model, EXPERT_OFF)
@@ -248,6 +270,7 @@ def merge_general_and_unload(model: nn.Module) -> nn.Module:
     This is the "CM (theta^g)" row of the paper's Tab. 7; the model passed in loses its experts.
     """
     for layer in capman_layers(model):
-        for container in (layer.capman_expert_A, layer.capman_expert_B, layer.expert_r, layer.expert_scaling):
+        experts = (layer.capman_expert_A, layer.capman_expert_B, layer.expert_r, layer.expert_scaling)
+        for container in (*experts, layer.expert_groups):
             container.clear()
     return model.merge_and_unload()
