@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
     class_groups = split_of_class(dataset.splits) if group_experts else None
+    if group_experts:
+        sizes = ", ".join(f"{name} {len(dataset.splits[name])} classes" for name in SPLITS)
+        logger.info("Group experts: one expert block per group (%s), no CM loss", sizes)
     family = GroupExpertFamily(class_groups) if group_experts else ClassConditionalFamily()
     run = prepare_training(
         accelerator, settings, model, cm=cm, objective=objective, optimizer_cls=torch.optim.Adam, train_set=dataset,

@@ -499,6 +499,12 @@ def check_training_settings(settings: TrainingSettings) -> None:
         )
     if optimization.learning_rate is None:
         raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
+    if data.split_thresholds and data.split_thresholds[1] > data.split_thresholds[0] + 1:
+        many_above, few_below = data.split_thresholds
+        raise ConfigError(
+            f"--split_thresholds {many_above} {few_below}: a class cannot have more than {many_above} and fewer than "
+            f"{few_below} images at once; allowed: MANY_ABOVE FEW_BELOW with FEW_BELOW <= MANY_ABOVE + 1, e.g. 100 20"
+        )
     if data.train_data_dir and data.dataset and not DATASETS[data.dataset].list_files:
         raise ConfigError(
             f"--train_data_dir {data.train_data_dir}: given together with --dataset {data.dataset}; allowed: one of "

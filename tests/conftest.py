@@ -106,6 +106,20 @@ def run_python_without_capman(code: str, args: list, tmp_path: Path) -> subproce
     )
 
 
+def assert_samples_without_capman(folder: Path, class_labels: list[int], tmp_path: Path, check: str = "") -> None:
+    """The class-conditional pipeline in `folder` loads as a diffusers custom pipeline where capman_peft cannot be
+    imported, passes `check` (Python run on `pipe`), and samples 8x8 images of `class_labels`."""
+    code = (
+        "import torch\nfrom diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline', trust_remote_code=True)\n"
+        f"{check}\nimages = pipe(class_labels={class_labels}, num_inference_steps=2, output_type='np').images\n"
+        f"assert images.shape == ({len(class_labels)}, 8, 8, 3)\nprint('ok')\n"
+    )
+    result = run_python_without_capman(code, [folder], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
 def run_two_processes(script: Path, args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`script args` under torchrun: 2 CPU processes (gloo), one thread each so 2 cores are not oversubscribed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}

@@ -134,6 +134,7 @@ def test_tab5_recipes_keep_the_lists_long_tail(recipe, resolution, tmp_path):
     [
         ({"train_data_dir": False}, "--train_data_dir DIR, the folder with ImageNet_LT_train.txt"),
         ({"missing": True}, "1 of the 270 images"),
+        ({"extra": ["--split_thresholds", "20", "100"]}, "--split_thresholds 20 100"),
     ],
 )
 def test_list_datasets_refuse_bad_input_with_one_line(tmp_path, capsys, overrides, message):
@@ -141,8 +142,9 @@ def test_list_datasets_refuse_bad_input_with_one_line(tmp_path, capsys, override
     write_imagenet_lt(root)
     if overrides.pop("missing", False):
         (root / "train" / "n00000000" / "n00000000_0.JPEG").unlink()
+    extra = overrides.pop("extra", [])
     values = {"dataset": "imb-imagenet-lt", "imbalance_ratio": False, "train_data_dir": root, **overrides}
     with pytest.raises(SystemExit):
-        run_cli(train_unet_cm.main, digits_run_args(tmp_path, **values))
+        run_cli(train_unet_cm.main, digits_run_args(tmp_path, **values) + extra)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import digits_run_args, run_python_without_capman, run_two_processes
+from conftest import assert_samples_without_capman, digits_run_args, run_two_processes
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -85,15 +85,7 @@ def test_merged_unet_equals_the_unmerged_model_and_has_the_plain_parameter_count
 
 @pytest.mark.slow
 def test_custom_pipeline_loading_without_capman_peft(trained, tmp_path):
-    code = (
-        "import torch\nfrom diffusers import DiffusionPipeline\n"
-        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline', trust_remote_code=True)\n"
-        "images = pipe(class_labels=[1, 2], num_inference_steps=2, output_type='np').images\n"
-        "assert images.shape == (2, 8, 8, 3)\nprint('ok')\n"
-    )
-    result = run_python_without_capman(code, [trained], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("ok")
+    assert_samples_without_capman(trained, [1, 2], tmp_path)
 
 
 @pytest.mark.slow
