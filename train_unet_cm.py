@@ -6,8 +6,9 @@
 
 CM runs in full mode: the UNet's weights are the general part theta^g and a low-rank expert (rank 10% of each
 weight) is reserved in the up path (paper G.1). With --no_capacity_manipulation the same script is the plain
-DDPM / CBDM / OC baseline with one UNet call per step. The output folder is a ClassConditionalPipeline with merged
-(EMA) weights, plus adapter/, training_summary.json and a model card.
+DDPM / CBDM / OC baseline with one UNet call per step, and --sampler balanced, --ada_probability, --focal_gamma and
+--group_experts give the paper's other baselines (README "Recipes"). The output folder is a ClassConditionalPipeline
+with merged (EMA) weights, plus adapter/, training_summary.json and a model card.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     dataset = load_training_data(data, center_crop=data.center_crop, random_flip=data.random_flip)
     cm = prepare_cm(settings.objective, dataset, accelerator.device)
 
-    # Model: plain UNet (baseline) or the UNet with reserved experts in the up path (CM, full mode).
+    # Model: plain UNet (baseline), or the UNet with reserved experts in the up path (CM, full mode), or with those
+    # experts split into one block per class group (Group-Expert LoRA).
     unet = build_unet(model_settings.unet_config, data.resolution, dataset.num_classes)
     if model_settings.ada_probability:
         add_augment_embedding(unet)
