@@ -143,19 +143,28 @@ class ClassConditionalPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    def _group_rows(self, labels: list[int], use_guidance: bool, device: torch.device) -> list | None:
+        """(UNet, row indices) for each class group with rows: a row and its guidance row go to the UNet of the
+        requested class's group. None without class groups. Found once per call, not per denoising step."""
+        if self.config.class_groups is None:
+            return None
+        groups = torch.tensor([self.config.class_groups[str(c)] for c in labels])
+        groups = torch.cat([groups, groups]) if use_guidance else groups
+        unets = [self.unet, self.unet_medium, self.unet_few]
+        rows = [(unets[g], (groups == g).nonzero().flatten().to(device)) for g in range(len(unets))]
+        return [(unet, index) for unet, index in rows if len(index)]
+
     def _predict(
-        self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
+        self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, group_rows: list | None
     ) -> torch.Tensor:
         """The UNet's prediction; with class groups, each group's rows from that group's UNet."""
-        if groups is None:
+        if group_rows is None:
             return self.unet(sample, t, class_labels=labels).sample
         out = None
-        for group, unet in enumerate([self.unet, self.unet_medium, self.unet_few]):
-            rows = (groups == group).nonzero().flatten().to(sample.device)
-            if len(rows):
-                pred = unet(sample[rows], t, class_labels=labels[rows]).sample
-                out = torch.empty_like(sample, dtype=pred.dtype) if out is None else out
-                out[rows] = pred
+        for unet, rows in group_rows:
+            pred = unet(sample[rows], t, class_labels=labels[rows]).sample
+            out = torch.empty_like(sample, dtype=pred.dtype) if out is None else out
+            out[rows] = pred
         return out
 
     @torch.no_grad()
@@ -199,14 +208,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = self._scheduler_step_kwargs(generator, eta)
-        groups = None
-        if self.config.class_groups is not None:  # each row (and its guidance row) goes to its class's group
-            groups = torch.tensor([self.config.class_groups[str(c)] for c in labels[:batch_size].tolist()])
-            groups = torch.cat([groups, groups]) if use_guidance else groups
+        group_rows = self._group_rows(labels[:batch_size].tolist(), use_guidance, device)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([image, image]) if use_guidance else image
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self._predict(model_input, t, labels, groups)
+            noise_pred = self._predict(model_input, t, labels, group_rows)
             if use_guidance:
                 noise_cond, noise_uncond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
