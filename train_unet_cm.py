@@ -44,7 +44,7 @@ from capman_peft.flags import (
     module_patterns,
     script_parser,
 )
-from capman_peft.hub import cm_card_settings
+from capman_peft.objective import cm_card_settings
 from capman_peft.pipelines import save_adapter, save_adapter_and_merge, save_class_conditional_pipeline
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings

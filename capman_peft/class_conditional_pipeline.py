@@ -182,7 +182,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Args:
             class_labels: class ids in [0, C) or class names, one per image.
-            guidance_scale: w in eps = eps_uncond + w * (eps_cond - eps_uncond) (CBDM / DiT convention).
+            guidance_scale: w in eps = eps_uncond + w * (eps_cond - eps_uncond) (diffusers' and DiT's convention;
+                the CBDM and OC codes write eps_cond + w' * (eps_cond - eps_uncond), so their w' is w - 1).
                 w = 1 is plain conditional sampling and skips the unconditional pass; any other w runs
                 the conditional and null-class passes as one batch of 2B.
             generator: torch generator(s) for the initial noise and stochastic scheduler steps.

@@ -22,7 +22,7 @@ from diffusers.optimization import SchedulerType
 from .data import DATASETS
 from .denoiser import FORWARD_MODES
 from .errors import ConfigError
-from .objective import CM_FORMS, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
+from .objective import CM_FORMS, DEFAULT_BAND_UPPER, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
 from .settings import (
     DataSettings,
     HubSettings,
@@ -206,6 +206,13 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     group.add_argument("--cbdm_tau", type=nonnegative_float, default=1.0, help="CBDM regulariser weight tau.")
     group.add_argument("--cbdm_gamma", type=nonnegative_float, default=0.25, help="CBDM commitment weight gamma.")
     group.add_argument(
+        "--oc_transfer_label_dropped",
+        action="store_true",
+        help="OC: label-dropped samples draw a reference by their true class too, as the OC authors' trainer does "
+        "(default: they keep their own target, the unconditional one; docs/design.md \"Fidelity to the authors' "
+        'code").',
+    )
+    group.add_argument(
         "--snr_gamma", type=positive_float, default=None, help="Min-SNR-gamma loss weighting (off by default)."
     )
     group.add_argument(
@@ -252,8 +259,9 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         "RMS(eps_theta - eps_theta^g)) with a margin per sample of --cm_relative_margin times theta's own RMS error, "
         "bounded below by 0, and the push moves theta^g only. 'hinge': a fixed margin --cm_margin, and the push "
         "moves both predictions (the expert may meet the margin by perturbing theta itself). 'hinge_general': the "
-        "fixed margin, theta^g only. 'paper': Eq. 2 as written, unbounded below as soon as a class has c_y > 0 "
-        "(refused unless --allow_unbounded_cm).",
+        "fixed margin, theta^g only. 'band': 'relative' with an upper wall --cm_band_upper past which theta^g is "
+        "pulled back, so the gap stays in a band. 'paper': Eq. 2 as written, unbounded below as soon as a class has "
+        "c_y > 0 (refused unless --allow_unbounded_cm).",
     )
     group.add_argument(
         "--cm_margin",
@@ -267,8 +275,24 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         "--cm_relative_margin",
         type=margin_value,
         default=DEFAULT_RELATIVE_MARGIN,
-        help="The margin of 'relative' as a fraction of theta's own RMS error on each sample (theta^g's loss is then "
-        f"about 1 + rho^2 times theta's on a pushed class). Default {DEFAULT_RELATIVE_MARGIN}, chosen a priori.",
+        help="The margin of 'relative' and the lower margin of 'band' as a fraction of theta's own RMS error on each "
+        "sample (theta^g's loss is then about 1 + rho^2 times theta's on a pushed class). Default "
+        f"{DEFAULT_RELATIVE_MARGIN}, chosen a priori.",
+    )
+    group.add_argument(
+        "--cm_band_upper",
+        type=margin_value,
+        default=DEFAULT_BAND_UPPER,
+        help="The upper wall of 'band' as a fraction of theta's own RMS error: a pushed class whose gap goes past it "
+        "pulls theta^g back, so theta^g's loss there stays below about 1 + upper^2 times theta's. Must be above "
+        f"--cm_relative_margin. Default {DEFAULT_BAND_UPPER}, chosen a priori.",
+    )
+    group.add_argument(
+        "--cm_push_warmup_steps",
+        type=nonnegative_int,
+        default=0,
+        help="Ramp the push linearly from 0 to its full weight over this many optimizer steps (the pull is never "
+        "ramped), so a class is pushed apart only once theta has begun to fit it. Default 0: full from the start.",
     )
     group.add_argument(
         "--cm_general_fraction",
@@ -491,6 +515,11 @@ def check_training_settings(settings: TrainingSettings) -> None:
         raise ConfigError(
             "--no_diversity: together with --no_consistency it leaves no CM loss; "
             "allowed: one of them, or --no_capacity_manipulation"
+        )
+    if objective.cm_form == "band" and not objective.cm_band_upper > objective.cm_relative_margin:
+        raise ConfigError(
+            f"--cm_band_upper {objective.cm_band_upper}: the band's upper wall must be above its lower margin "
+            f"--cm_relative_margin {objective.cm_relative_margin}; allowed: a value above it"
         )
     if objective.cm_general_fraction < 1 and objective.cm_forward == "sequential":
         raise ConfigError(

@@ -7,13 +7,10 @@ import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .settings import ObjectiveSettings
 
 
 @functools.cache
@@ -90,21 +87,6 @@ def check_hub_upload(repo_id: str, token: str | None = None) -> None:
 
 
 METRICS_START, METRICS_END = "<!-- capman-metrics -->", "<!-- /capman-metrics -->"
-
-
-def cm_card_settings(objective: ObjectiveSettings, **adapter: Any) -> dict[str, Any] | None:
-    """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
-    if not objective.capacity_manipulation:
-        return None
-    return {
-        **adapter,
-        "lambda": objective.cm_lambda,
-        "w_con": objective.cm_consistency_weight,
-        "w_div": objective.cm_diversity_weight,
-        "form": objective.cm_form,
-        "margin": objective.cm_relative_margin if objective.cm_form == "relative" else objective.cm_margin,
-        "objective": objective.objective,
-    }
 
 
 def write_model_card(

@@ -51,6 +51,7 @@ class ObjectiveSettings:
     objective: str
     cbdm_tau: float
     cbdm_gamma: float
+    oc_transfer_label_dropped: bool
     snr_gamma: float | None
     focal_gamma: float | None
     label_dropout: float
@@ -60,6 +61,8 @@ class ObjectiveSettings:
     cm_form: str
     cm_margin: float
     cm_relative_margin: float
+    cm_band_upper: float
+    cm_push_warmup_steps: int
     cm_consistency_weight: float
     cm_diversity_weight: float
     no_consistency: bool

@@ -178,7 +178,7 @@ def test_the_training_step_sees_augmented_images_and_trains_the_augment_embeddin
         augment_probability=1.0,
     )  # fmt: skip
     pixels = torch.rand(4, 3, 8, 8) * 2 - 1
-    loss, _ = step({"pixel_values": pixels, "label": torch.tensor([0, 1, 2, 0])}, draws)
+    loss, _ = step({"pixel_values": pixels, "label": torch.tensor([0, 1, 2, 0])}, draws, 0)
     assert torch.equal(seen[0], augment_images(pixels, draws.augment)) and not torch.equal(seen[0], pixels)
     loss.backward()
     assert unet.class_embedding.augment.weight.grad.abs().sum() > 0

@@ -199,10 +199,10 @@ def record_conditions(monkeypatch) -> list:
     def recording(family, *args, **kwargs):
         inner = real_step_loss(family, *args, **kwargs)
 
-        def step_loss(batch, draws):
+        def step_loss(batch, draws, step):
             ids = torch.where(draws.label_dropped, len(family.cond_table) - 1, batch["label"])
             seen.append((list(batch["caption"]), draws.label_dropped.clone(), family.condition(ids, batch)))
-            return inner(batch, draws)
+            return inner(batch, draws, step)
 
         return step_loss
 

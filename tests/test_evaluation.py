@@ -356,6 +356,20 @@ def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm
     assert METRICS_START not in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_capman_eval_takes_several_guidance_scales_and_records_each(tmp_path, cm_run, cache_dir):
+    out = cm_run[0]
+    args = eval_args(out, cache_dir, "--metrics", "fid", "--guidance_scale", "1", "2.5", "--feature_extractor", TINY)
+    main([*args, "--output_dir", str(tmp_path / "scales")])
+    summary = json.loads((tmp_path / "scales" / "summary.json").read_text())
+    assert [(r["label"], r["guidance_scale"]) for r in summary] == [("out-w1", 1.0), ("out-w2.5", 2.5)]
+    assert summary[0]["overall"]["fid"] != summary[1]["overall"]["fid"]
+    for label in ("out-w1", "out-w2.5"):
+        assert json.loads((tmp_path / "scales" / label / "metrics.json").read_text())["label"] == label
+    card = (out / "README.md").read_text()
+    assert "guidance scale 1 and 2.5" in card and "θ (expert on, merged), w = 2.5" in card
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one clear line, non-zero exit
 # ----------------------------------------------------------------------------------------------------------
@@ -373,6 +387,7 @@ def test_capman_eval_several_models_get_one_chart_and_a_folder_each(tmp_path, cm
             "--num_images 5: fewer than one image for each of the 10 classes; allowed: at least 10",
         ),
         ({"--guidance_scale": "nan"}, "--guidance_scale: got 'nan'; allowed: a finite number >= 0"),
+        ({"--guidance_scale": "-1"}, "--guidance_scale: got '-1'; allowed: a finite number >= 0"),
         ({"--steps": "0"}, "--steps: got '0'; allowed: an integer >= 1"),
         ({"--scheduler": "euler"}, "unknown scheduler 'euler'; allowed: ddim, dpm, pipeline"),
         ({"--feature_extractor": "nope"}, "unknown feature extractor 'nope'; registered:"),

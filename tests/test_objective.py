@@ -24,6 +24,7 @@ from capman_peft.objective import (
     format_cm_table,
     importance_rows,
     oc_selection_probs,
+    push_warmup_scale,
 )
 
 CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -114,10 +115,10 @@ def test_balanced_counts_give_exactly_zero_cm_loss(form, counts):
 
 
 def cm_loss_by_hand(
-    form, eps_full, eps_general, labels, counts, w_con, w_div, margin, sample_weight, target=None, rho=None
+    form, eps_full, eps_general, labels, counts, w_con, w_div, margin, sample_weight, target=None, rho=None, upper=None
 ):
     """Eq. 2 sample by sample: returns (L_CM, L_con, L_div, per-sample distances). ``relative`` takes the margin of
-    row i as rho · RMS(ε_θ − target)_i."""
+    row i as rho · RMS(ε_θ − target)_i; ``band`` adds max(0, RMS gap − upper · RMS(ε_θ − target)_i)."""
     pull, push = pull_push_by_hand(counts, form, w_con, w_div)
     con = div = 0.0
     distances = []
@@ -128,8 +129,12 @@ def cm_loss_by_hand(
         if form == "paper":
             div += sample_weight[i] * push[y] * -d
         else:
-            m = rho * math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if form == "relative" else margin
-            div += sample_weight[i] * push[y] * max(0.0, m - math.sqrt(d))
+            error = math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if target is not None else None
+            m = rho * error if form in ("relative", "band") else margin
+            term = max(0.0, m - math.sqrt(d))
+            if form == "band":
+                term += max(0.0, math.sqrt(d) - upper * error)
+            div += sample_weight[i] * push[y] * term
     batch = len(distances)
     return (con + div) / batch, con / batch, div / batch, distances
 
@@ -149,8 +154,9 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
     eps_full, eps_general = spread_pair()
     labels = torch.tensor([0, 9, 1, 8, 7, 2])
     sample_weight = [0.5, 2.0, 0.0, 1.0, 3.0, 1.0] if weighted else [1.0] * 6
-    margin, rho = 1.0, 0.7
-    target = eps_full + torch.linspace(0.5, 2.5, 6).reshape(-1, 1, 1, 1) * torch.randn(eps_full.shape)
+    margin, (rho, upper) = 1.0, (0.4, 0.6) if form == "band" else (0.7, 0.9)
+    noise = torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(1))
+    target = eps_full + torch.linspace(0.5, 2.5, 6).reshape(-1, 1, 1, 1) * noise
     loss, stats = cm_loss(
         eps_full,
         eps_general,
@@ -159,14 +165,20 @@ def test_cm_loss_matches_per_sample_loop(form, w_con, w_div, weighted):
         form=form,
         margin=margin,
         relative_margin=rho,
+        band_upper=upper,
         target=target,
         sample_weight=torch.tensor(sample_weight) if weighted else None,
     )
     expected, con, div, distances = cm_loss_by_hand(
-        form, eps_full, eps_general, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight, target, rho
+        form, eps_full, eps_general, labels, CIFAR10_IR100, w_con, w_div, margin, sample_weight, target, rho, upper
     )
     if form in ("hinge", "hinge_general"):  # the margin is exercised on both sides
         assert min(distances) < margin**2 < max(distances)
+    if form == "band":  # rows below the lower margin and above the upper wall
+        ratios = [
+            math.sqrt(d / mean_sq(values(f), values(t))) for d, f, t in zip(distances, eps_full, target, strict=True)
+        ]
+        assert min(ratios) < rho and max(ratios) > upper
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert float(stats["cm_consistency"]) == pytest.approx(con, rel=1e-5, abs=1e-7)
@@ -210,31 +222,40 @@ def test_paper_form_gradient_flows_into_both_predictions():
         torch.testing.assert_close(eps_general.grad[i], -expected, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("form", ["hinge", "hinge_general", "relative"])
+@pytest.mark.parametrize("form", ["hinge", "hinge_general", "relative", "band"])
 def test_hinge_gradients_push_with_unit_slope_inside_the_margin_through_the_forms_predictions(form):
     """Pushed class y, gap g = ε_θ − ε_θg with RMS r = √d: d/dε_θg of push·max(0, m − r) is +push·g/(B·D·r) while
     r < m (a unit step in RMS, whatever the size of g), and 0 beyond m. ``hinge`` sends the opposite gradient into ε_θ;
-    ``hinge_general`` and ``relative`` hold ε_θ constant in the push (0 there), and ``relative`` has m = rho·RMS(ε_θ −
-    target) (the target gets no gradient). Pulled classes get the consistency gradient ±2·pull·g/(B·D) on both."""
+    ``hinge_general``, ``relative`` and ``band`` hold ε_θ constant in the push (0 there), and ``relative`` and ``band``
+    have m = rho·RMS(ε_θ − target) (the target gets no gradient). ``band``'s wall push·max(0, r − u·RMS(ε_θ −
+    target)) gives −push·g/(B·D·r) past it: θ^g is pulled back. Pulled classes get the consistency gradient
+    ±2·pull·g/(B·D) on both."""
     eps_full, eps_general = spread_pair()
     target = eps_full.detach() + 1.5 * torch.randn(eps_full.shape, generator=torch.Generator().manual_seed(3))
     for tensor in (eps_full, eps_general, target):
         tensor.requires_grad_(True)
     labels = torch.tensor([0, 9, 1, 8, 7, 9])
-    rho = 0.8
+    rho, upper = 0.8, 0.85
     weights = cm_weights(CIFAR10_IR100, form)
-    loss, _ = cm_loss(eps_full, eps_general, labels, weights, form=form, margin=1.0, relative_margin=rho, target=target)
+    loss, _ = cm_loss(
+        eps_full, eps_general, labels, weights, form=form, margin=1.0, relative_margin=rho, band_upper=upper,
+        target=target,
+    )  # fmt: skip
     loss.backward()
     pull, push = pull_push_by_hand(CIFAR10_IR100, form)
     batch, elements = eps_full.shape[0], eps_full[0].numel()
-    inside = 0
+    inside = beyond = 0
     for i, y in enumerate(labels.tolist()):
         gap = (eps_full[i] - eps_general[i]).detach()
         rms = math.sqrt(mean_sq(values(eps_full[i]), values(eps_general[i])))
         if push[y] > 0:
-            margin = rho * math.sqrt(mean_sq(values(eps_full[i]), values(target[i]))) if form == "relative" else 1.0
+            error = math.sqrt(mean_sq(values(eps_full[i]), values(target[i])))
+            margin = rho * error if form in ("relative", "band") else 1.0
             inside += rms < margin
             on_general = push[y] * gap / (batch * elements * rms) if rms < margin else torch.zeros_like(gap)
+            if form == "band" and rms > upper * error:
+                beyond += 1
+                on_general = -push[y] * gap / (batch * elements * rms)
             on_full = -on_general if form == "hinge" else torch.zeros_like(gap)
         else:
             on_full = 2 * pull[y] * gap / (batch * elements)
@@ -242,7 +263,24 @@ def test_hinge_gradients_push_with_unit_slope_inside_the_margin_through_the_form
         torch.testing.assert_close(eps_full.grad[i], on_full, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(eps_general.grad[i], on_general, rtol=1e-4, atol=1e-7)
     assert 0 < inside < 4  # pushed rows on both sides of the margin
+    assert (beyond > 0) == (form == "band")  # and past the band's wall
     assert target.grad is None or not target.grad.any()
+
+
+def test_push_scale_multiplies_the_push_and_never_the_pull():
+    eps_full, eps_general = spread_pair()
+    labels = torch.tensor([0, 9, 1, 8, 7, 2])
+    weights = cm_weights(CIFAR10_IR100)
+    _, full = cm_loss(eps_full, eps_general, labels, weights, margin=2.0)
+    _, ramped = cm_loss(eps_full, eps_general, labels, weights, margin=2.0, push_scale=0.25)
+    assert float(full["cm_diversity"]) > 0 and float(full["cm_consistency"]) > 0
+    assert float(ramped["cm_diversity"]) == pytest.approx(0.25 * float(full["cm_diversity"]), rel=1e-6)
+    assert float(ramped["cm_consistency"]) == float(full["cm_consistency"])
+
+
+def test_push_warmup_is_a_linear_ramp_over_the_steps():
+    assert [push_warmup_scale(step, 4) for step in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert push_warmup_scale(0, 0) == 1.0
 
 
 @pytest.mark.parametrize("bad", [10, -1])
@@ -261,6 +299,8 @@ def test_cm_loss_refuses_bad_settings():
         cm_weights(CIFAR10_IR100, "repel")
     with pytest.raises(ValueError, match="needs the diffusion target"):
         cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), form="relative")
+    with pytest.raises(ValueError, match="band_upper"):
+        cm_loss(eps_full, eps_general, labels, cm_weights(CIFAR10_IR100), form="band", target=eps_full, band_upper=0.5)
 
 
 # --- boundedness -----------------------------------------------------------------------------------------
@@ -626,6 +666,10 @@ def test_oc_reference_must_be_at_least_as_frequent():
         assert references[2] == 3  # a majority reference is kept
     dropped = torch.tensor([False, False, True, False])
     assert objective.select_references(x_t, x0, timesteps, labels, label_dropped=dropped)[2] == 2
+    # the authors' trainer: a label-dropped sample is transferred by its true class like the others
+    authors = build_objective("oc", objective.scheduler, class_counts=[50, 30, 20], transfer_label_dropped=True)
+    references = authors.select_references(x_t, x0, timesteps, labels, label_dropped=dropped)
+    assert references[2] == 3 and references[0] == 0
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -187,7 +187,24 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     assert unet.config.sample_size == data.resolution
 
 
-@pytest.mark.parametrize("form, margin", [("hinge_general", "0.1"), ("relative", "0.5")])
+def test_paper_recipes_follow_the_authors_code():
+    """docs/design.md "Fidelity to the authors' code": the OC and CBDM codes sample with eps_c + w' (eps_c - eps_u)
+    (OC --w 1.5, CBDM --omega 1.6, CBDM's DDPM 0.8), i.e. w = 2.5 / 2.6 / 1.8 here; they flip CIFAR horizontally
+    (ADA flips by itself); OC transfers label-dropped samples by their true class."""
+    scales = {"oc": 2.5, "cbdm": 2.6, "ddpm": 1.8}
+    recipes = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.stem != "demo_digits"]
+    assert len(recipes) > 40
+    for recipe in recipes:
+        settings = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", "unused"])
+        objective, flags = settings.objective.objective, settings.flags()
+        assert flags["guidance_scale"] == scales[objective], recipe.stem
+        assert flags["random_flip"] == (not flags["ada_probability"]), recipe.stem
+        assert flags["oc_transfer_label_dropped"] == (objective == "oc"), recipe.stem
+
+
+@pytest.mark.parametrize(
+    "form, margin", [("hinge_general", "0.1"), ("relative", "0.5"), ("band", "0.5, band_upper=1.0")]
+)
 def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
     train_unet_cm.main(tiny_args(tmp_path, cm_form=form, max_train_steps=2))
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
@@ -197,6 +214,21 @@ def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
     assert f"form={form}, margin={margin}," in card
 
 
+def test_push_warmup_ramps_the_push_from_zero_by_optimizer_step(tmp_path):
+    """The first optimizer step pushes with weight 0, the second with 1/1000; without warm-up the first pushes.
+    θ^g on the whole batch, so every step has pushed rows."""
+    seen: dict[str, list[float]] = {"warm": [], "plain": []}
+    for name, warmup in (("warm", 1000), ("plain", 0)):
+        callbacks = TrainingCallbacks(on_step_end=lambda step, values, name=name: seen[name].append(values))
+        args = tiny_args(tmp_path, name, max_train_steps=2, cm_push_warmup_steps=warmup, cm_general_fraction=1)
+        train_unet_cm.main(args, callbacks)
+    assert seen["warm"][0]["cm_diversity"] == 0 and seen["warm"][1]["cm_diversity"] > 0
+    assert seen["plain"][0]["cm_diversity"] > 0
+    assert seen["warm"][0]["cm_consistency"] == seen["plain"][0]["cm_consistency"]
+    summary = json.loads((tmp_path / "warm" / "training_summary.json").read_text())
+    assert summary["args"]["cm_push_warmup_steps"] == 1000
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -204,6 +236,7 @@ def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
         ({"dataset": False, "train_data_dir": "/no/such/dir"}, "/no/such/dir"),
         ({"imbalance_ratio": 0.5}, "imbalance_ratio"),
         ({"cm_form": "paper", "imbalance_ratio": 100}, "unbounded"),
+        ({"cm_form": "band", "cm_band_upper": 0.4}, "--cm_band_upper 0.4"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, overrides, message):

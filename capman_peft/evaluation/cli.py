@@ -68,8 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance_scale",
         type=nonnegative_float,
-        default=1.5,
-        help="Classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 disables guidance.",
+        nargs="+",
+        default=[1.5],
+        help="Classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 disables guidance. Several values evaluate "
+        "each model at each (e.g. 1.5 2.5). The OC and CBDM codes write eps_c + w' (eps_c - eps_u): their w' is w - 1 "
+        "(OC's README: w' = 1.5, i.e. 2.5 here; CBDM's: 1.6, i.e. 2.6).",
     )
     parser.add_argument(
         "--expert",
@@ -126,7 +129,7 @@ def _evaluate_from_command_line(argv: Sequence[str] | None) -> None:
         metrics=_check_metrics(args.metrics),
         scheduler=args.scheduler,
         steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale[0],
         feature_extractor=args.feature_extractor,
         feature_extractor_weights_path=args.feature_extractor_weights_path,
         batch_size=args.batch_size,
@@ -155,12 +158,14 @@ def _evaluate_from_command_line(argv: Sequence[str] | None) -> None:
         update_model_cards=not args.no_model_card,
         dataset=args.dataset,
         settings=settings,
+        guidance_scales=args.guidance_scale,
     )
 
 
 def _check_cli(args: argparse.Namespace) -> None:
     """Every cheap check before any model is loaded, so a typo fails in a second rather than after sampling."""
-    _check_settings(args.num_images_per_class, args.steps, args.guidance_scale, args.batch_size, args.seed)
+    for scale in args.guidance_scale:
+        _check_settings(args.num_images_per_class, args.steps, scale, args.batch_size, args.seed)
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {args.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     if args.expert not in EXPERT_SETTINGS:

@@ -414,16 +414,19 @@ def evaluate_pipelines(
     *,
     dataset: str | None = None,
     settings: EvalSettings | None = None,
+    guidance_scales: Sequence[float] | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """What ``capman-eval`` does: evaluate each pipeline (and expert setting), then write files and charts.
+    """What ``capman-eval`` does: evaluate each pipeline (and expert setting, and guidance scale), then write files
+    and charts.
 
     One model: ``output_dir/{metrics.json,samples.png,fid_splits.png}``. Several (more than one ``pipelines`` or
     ``expert="both"``): ``output_dir/<label>/{metrics.json,samples.png}`` per model, plus ``output_dir/summary.json``
     (the list of all results) and ``output_dir/fid_splits.png``. Default ``output_dir``: ``<pipeline>/eval`` for a
     single pipeline folder, else ``./capman_eval``. ``expert``: ``on``, ``off`` or ``both``; default: the settings'
-    (``on``). With ``update_model_cards``, each pipeline's README.md gets its results in the section between the
-    ``capman-metrics`` markers (replaced, or appended when the card has none). ``dataset``, ``settings`` and
+    (``on``). ``guidance_scales``: several scales, each a model of its own (label suffix ``-w<scale>``); default:
+    the settings' one. With ``update_model_cards``, each pipeline's README.md gets its results in the section between
+    the ``capman-metrics`` markers (replaced, or appended when the card has none). ``dataset``, ``settings`` and
     ``overrides`` go to :func:`evaluate_pipeline`.
     """
     settings = _with_overrides(settings, overrides)
@@ -434,7 +437,12 @@ def evaluate_pipelines(
         raise ConfigError("no pipeline given")
     folders = [read_pipeline_folder(p) for p in pipelines]  # fail fast on a bad folder before any sampling
     experts = ["on", "off"] if expert == "both" else [expert]
-    jobs = [(f, e) for f in folders for e in experts]
+    scales = [settings.guidance_scale] if guidance_scales is None else list(guidance_scales)
+    if not scales:
+        raise ConfigError("no guidance scale given")
+    for scale in scales:
+        _check_settings(settings.num_images_per_class, settings.steps, scale, settings.batch_size, settings.seed)
+    jobs = [(f, e, w) for f in folders for e in experts for w in scales]
     if output_dir is None:
         output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")
     output_dir = Path(output_dir)
@@ -445,13 +453,15 @@ def evaluate_pipelines(
                 check_writable_folder(folder.path, "--pipeline")
             except ConfigError as err:
                 raise ConfigError(f"{err} (its README.md gets the metrics; or pass --no_model_card)") from None
-    labels = _unique_labels([f.path.resolve().name for f, _ in jobs], [e for _, e in jobs])
+    names = [f.path.resolve().name + (f"-w{w:g}" if len(scales) > 1 else "") for f, _, w in jobs]
+    labels = _unique_labels(names, [e for _, e, _ in jobs])
     results = []
-    for (folder, setting), label in zip(jobs, labels, strict=True):
+    for (folder, setting, scale), label in zip(jobs, labels, strict=True):
         target = output_dir if len(jobs) == 1 else output_dir / label
         result = evaluate_pipeline(
-            folder.path, dataset, replace(settings, expert=setting), output_dir=target, label=label
-        )
+            folder.path, dataset, replace(settings, expert=setting, guidance_scale=scale), output_dir=target,
+            label=label,
+        )  # fmt: skip
         results.append(result)
         _print_summary(result)
     write_comparison(results, output_dir)

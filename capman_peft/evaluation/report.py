@@ -107,10 +107,12 @@ def _fmt(value: Any) -> str:
 def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
     """Markdown for the model card's metrics section (:func:`capman_peft.hub.update_model_card_metrics`)."""
     first = results[0]
+    scales = sorted({r["guidance_scale"] for r in results})
     lines = [
         f"`capman-eval` on `{first['dataset']}`: {first['num_images_per_class']} generated images per class vs "
         f"{first['reference_images_per_class']} real images per class at {first['resolution']} px, "
-        f"{first['scheduler']} sampler, {first['steps']} steps, guidance scale {first['guidance_scale']}, "
+        f"{first['scheduler']} sampler, {first['steps']} steps, guidance scale "
+        f"{' and '.join(f'{w:g}' for w in scales)} (w in eps_u + w (eps_c - eps_u)), "
         f"seed {first['seed']}; features from `{first['feature_extractor']}`"
         + (" (not comparable to Inception FIDs)." if first["feature_extractor"] != INCEPTION else "."),
         "",
@@ -120,6 +122,7 @@ def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         o, s = r["overall"], r.get("splits", {})
         name = "θ (expert on, merged)" if r["expert"] == "on" else "θ^g (expert off)"
+        name += f", w = {r['guidance_scale']:g}" if len(scales) > 1 else ""
         cells = [o.get("fid"), o.get("kid_mean"), o.get("isc_mean"), o.get("precision"), o.get("recall")]
         cells += [s.get(k, {}).get("fid") for k in ("many", "medium", "few")]
         lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in cells) + " |")
@@ -129,7 +132,8 @@ def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
         for r in accuracy:
             a = r["classifier_accuracy"]
             splits = ", ".join(f"{k} {_fmt(v)}" for k, v in a["splits"].items())
-            lines.append(f"* expert {r['expert']}: overall {_fmt(a['overall'])} ({splits})")
+            scale = f", w = {r['guidance_scale']:g}" if len(scales) > 1 else ""
+            lines.append(f"* expert {r['expert']}{scale}: overall {_fmt(a['overall'])} ({splits})")
     return "\n".join(lines)
 
 

@@ -36,7 +36,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ..checkpointing import trainable_state
 from ..data import LabelledImageDataset, class_prompts, encode_prompts, grid_classes
 from ..errors import ConfigError
-from ..hub import card_license, cm_card_settings, hub_source
+from ..hub import card_license, hub_source
+from ..objective import cm_card_settings
 from ..pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
 from ..randomness import StepDraws
 from ..settings import TrainingSettings

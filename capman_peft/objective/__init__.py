@@ -9,20 +9,24 @@
 from .base import OBJECTIVES, CBDMObjective, DDPMObjective, OCObjective, build_objective, oc_selection_probs
 from .cm import (
     CM_FORMS,
+    DEFAULT_BAND_UPPER,
     DEFAULT_MARGIN,
     DEFAULT_RELATIVE_MARGIN,
     CMWeights,
     check_cm_bounded,
     class_weights,
+    cm_card_settings,
     cm_loss,
     cm_lower_bound,
     cm_weights,
     format_cm_table,
+    push_warmup_scale,
 )
 from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
 __all__ = [
     "CM_FORMS",
+    "DEFAULT_BAND_UPPER",
     "DEFAULT_MARGIN",
     "DEFAULT_RELATIVE_MARGIN",
     "OBJECTIVES",
@@ -35,6 +39,7 @@ __all__ = [
     "check_cm_bounded",
     "check_finite",
     "class_weights",
+    "cm_card_settings",
     "cm_loss",
     "cm_lower_bound",
     "cm_weights",
@@ -42,4 +47,5 @@ __all__ = [
     "format_cm_table",
     "importance_rows",
     "oc_selection_probs",
+    "push_warmup_scale",
 ]

@@ -228,8 +228,10 @@ class OCObjective(DDPMObjective):
     Each sample i draws a reference j from its batch by ``oc_selection_probs``; the reference is kept only
     when its class is at least as frequent (N_{y_j} ≥ N_{y_i}), so knowledge flows from majorities to
     minorities, and the target becomes ε̂ = (x_t − √ᾱ x0_j)/√(1 − ᾱ) (or v̂ = √ᾱ ε̂ − √(1 − ᾱ) x0_j). A sample
-    that keeps itself gets the ordinary target from ``noise``. Label-dropped samples always keep themselves:
-    their condition is the null class, whose target is the unconditional one.
+    that keeps itself gets the ordinary target from ``noise``. Label-dropped samples keep themselves by default:
+    their condition is the null class, whose target is the unconditional one. With ``transfer_label_dropped`` they
+    draw a reference by their true class like every other sample, as the OC authors' trainer does (it transfers
+    every sample of the batch by its true label, label-dropped or not: OC_LT ``diffusion.py``, lines 324-336).
     """
 
     name = "oc"
@@ -240,10 +242,12 @@ class OCObjective(DDPMObjective):
         class_counts: ClassCounts | None = None,
         snr_gamma: float | None = None,
         focal_gamma: float | None = None,
+        transfer_label_dropped: bool = False,
     ) -> None:
         if class_counts is None:
             raise ValueError("the oc objective needs class_counts (a reference must be as frequent as its sample)")
         super().__init__(scheduler, class_counts, snr_gamma, focal_gamma)
+        self.transfer_label_dropped = transfer_label_dropped
 
     @torch.no_grad()
     def select_references(
@@ -255,13 +259,14 @@ class OCObjective(DDPMObjective):
         label_dropped: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Reference index j per sample (B,); j = i where the drawn one is rarer or i is label-dropped."""
+        """Reference index j per sample (B,); j = i where the drawn one is rarer or i is label-dropped (unless
+        ``transfer_label_dropped``)."""
         counts = self._counts_on(labels.device)
         _check_labels(labels, len(counts))
         probs = oc_selection_probs(x_t, x0, self._alphas_at(timesteps))
         drawn = torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
         keep = counts[labels[drawn]] >= counts[labels]
-        if label_dropped is not None:
+        if label_dropped is not None and not self.transfer_label_dropped:
             keep &= ~label_dropped
         return torch.where(keep, drawn, torch.arange(len(labels), device=labels.device))
 
@@ -299,11 +304,11 @@ OBJECTIVES: dict[str, type[DDPMObjective]] = {"ddpm": DDPMObjective, "cbdm": CBD
 
 
 def build_objective(
-    name: str, scheduler: DDPMScheduler, class_counts: ClassCounts | None = None, **options: float | None
+    name: str, scheduler: DDPMScheduler, class_counts: ClassCounts | None = None, **options: float | bool | None
 ) -> DDPMObjective:
     """The base objective L_base of Eq. 4 by name; CM is added on top of any of them (paper Fig. 4a).
 
-    Options: ``snr_gamma`` and ``focal_gamma`` (all), ``tau`` and ``gamma`` (cbdm).
+    Options: ``snr_gamma`` and ``focal_gamma`` (all), ``tau`` and ``gamma`` (cbdm), ``transfer_label_dropped`` (oc).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from torch import Tensor
 from ..data import LISTED_ENDS, SPLITS, class_splits, listed_classes, split_of_class
 from ..errors import ConfigError
 from .base import ClassCounts, _check_labels, _counts64
+
+if TYPE_CHECKING:
+    from ..settings import ObjectiveSettings
 
 
 def _class_weights64(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
@@ -40,15 +43,18 @@ def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
     return omega_con.float(), omega_div.float()
 
 
-# How L_CM treats the classes it pushes apart (c_y > 0), docs/design.md "The CM loss". The three hinge forms are
-# bounded below by construction and differ in what the push may move and how far:
+# How L_CM treats the classes it pushes apart (c_y > 0), docs/design.md "The CM loss". The hinge forms are bounded
+# below by construction and differ in what the push may move and how far:
 # * "hinge": the push's gradient reaches both predictions, so the expert can meet the margin by perturbing θ itself;
 # * "hinge_general": the push moves θ^g only (ε_θ is a constant in it); the expert has to compensate through L_base;
-# * "relative": as "hinge_general", with a margin per row of ``relative_margin`` times θ's own RMS error on that row
-#   (the training scripts' default, chosen by the study's pre-registered rule: README "Does CM help?").
+# * "relative": as "hinge_general", with a margin per row of ``relative_margin`` times θ's own RMS error on that row;
+# * "band": "relative" with an upper wall: beyond ``band_upper`` times θ's error the gap is pulled back (θ^g only),
+#   so W^g keeps a bounded share of a pushed class and the expert carries a bounded difference.
 # "paper" is Eq. 2 as written, kept for reproduction; it is unbounded below as soon as some class has c_y > 0.
-CM_FORMS = ("hinge", "hinge_general", "relative", "paper")
-HINGE_FORMS = ("hinge", "hinge_general", "relative")
+CM_FORMS = ("hinge", "hinge_general", "relative", "band", "paper")
+HINGE_FORMS = ("hinge", "hinge_general", "relative", "band")
+# The forms whose margins are fractions of θ's own error on the row: they need the diffusion target.
+RELATIVE_FORMS = ("relative", "band")
 # The absolute hinges' margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the
 # prediction (unit-variance noise for ε-prediction). Chosen once, a priori, and not tuned.
 DEFAULT_MARGIN = 0.1
@@ -56,6 +62,10 @@ DEFAULT_MARGIN = 0.1
 # θ^g's loss is then (1 + ρ²) times θ's: ρ = 0.5 asks θ^g to be 25% worse on a pushed class, a push an expert of a
 # few percent of the weights can carry. Chosen a priori, not tuned.
 DEFAULT_RELATIVE_MARGIN = 0.5
+# The band's upper wall as a fraction of θ's own RMS error: past it θ^g is pulled back, so θ^g's loss on a pushed
+# class stays below about (1 + 1²) = 2 times θ's (the study found θ^g's Few loss 3.4-6.4 times θ's under the relative
+# hinge on the 16-px digits, where θ lost the rare classes). Chosen a priori, before any run of the band.
+DEFAULT_BAND_UPPER = 1.0
 
 
 class CMWeights(NamedTuple):
@@ -119,8 +129,10 @@ def cm_loss(
     form: str = "hinge",
     margin: float = DEFAULT_MARGIN,
     relative_margin: float = DEFAULT_RELATIVE_MARGIN,
+    band_upper: float = DEFAULT_BAND_UPPER,
     target: Tensor | None = None,
     sample_weight: Tensor | None = None,
+    push_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Capacity manipulation loss L_CM (Eq. 2), a weighted mean over the rows given.
 
@@ -133,14 +145,18 @@ def cm_loss(
       prediction, and the expert has to compensate what the general part loses.
     * ``relative``: as ``hinge_general`` with margin_i = ``relative_margin`` · RMS(ε_θ − target)_i (held constant):
       the gap asked of a row is a fixed fraction of θ's own error there. Needs ``target``.
+    * ``band``: ``relative`` plus max(0, g_i − ``band_upper`` · RMS(ε_θ − target)_i) with g_i the RMS gap: a gap
+      past the upper wall pulls θ^g back towards θ (ε_θ held constant). Needs ``target``.
     * ``paper``: R_i = −d_i (Eq. 2 as written). Unbounded below when some class has push > pull.
 
     Args:
         labels: true class ids, one per row.
         weights: from ``cm_weights`` (the same form); C is their length.
-        target: the diffusion target (ε or v) of each row, for ``relative``.
+        target: the diffusion target (ε or v) of each row, for ``relative`` and ``band``.
         sample_weight: per-row factor of the mean (default 1): 0 leaves a row out (label-dropped samples), an
             importance weight makes a subset of rows an unbiased estimate of the batch mean.
+        push_scale: factor on the push term (the training scripts' warm-up ramp, ``push_warmup_scale``); the pull
+            is never scaled.
 
     Returns:
         The loss and detached scalar stats: ``cm_loss``, ``cm_consistency`` and ``cm_diversity`` (the two terms'
@@ -152,8 +168,10 @@ def cm_loss(
         raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
     if not (margin > 0 and relative_margin > 0):
         raise ValueError(f"margin and relative_margin must be positive, got {margin} and {relative_margin}")
-    if form == "relative" and (target is None or target.shape != eps_full.shape):
-        raise ValueError("form='relative' needs the diffusion target, shaped like eps_full")
+    if form == "band" and not band_upper > relative_margin:
+        raise ValueError(f"band_upper ({band_upper}) must be above relative_margin ({relative_margin})")
+    if form in RELATIVE_FORMS and (target is None or target.shape != eps_full.shape):
+        raise ValueError(f"form={form!r} needs the diffusion target, shaped like eps_full")
     num_classes = len(weights.pull)
     ids = _check_labels(labels, num_classes)
     if len(ids) != len(eps_full):
@@ -168,12 +186,15 @@ def cm_loss(
         push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
     else:
         gap = _rms(full.detach() - general)
-        if form == "relative":
-            margin = relative_margin * _rms(full - target.float()).detach()
+        if form in RELATIVE_FORMS:
+            error = _rms(full - target.float()).detach()
+            margin = relative_margin * error
         push_term = (margin - gap).clamp(min=0)
+        if form == "band":
+            push_term = push_term + (gap - band_upper * error).clamp(min=0)
     rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
     consistency = rows * weights.pull.to(distance.device)[labels] * distance
-    diversity = rows * weights.push.to(distance.device)[labels] * push_term
+    diversity = push_scale * rows * weights.push.to(distance.device)[labels] * push_term
     # One sum per row: for balanced counts the coefficients are exact (0 for hinge; equal ω = 1 for paper with
     # w_con = w_div), so L_CM is exactly 0 as Eq. 3 promises.
     loss = (consistency + diversity).mean()
@@ -192,6 +213,12 @@ def cm_loss(
     return loss, stats
 
 
+def push_warmup_scale(step: int, warmup_steps: int) -> float:
+    """The push's factor at optimizer step ``step`` (0 for the first): a linear ramp from 0 to 1 over
+    ``warmup_steps`` steps (1 throughout when 0), so classes are pushed apart only once θ has begun to fit them."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
 def cm_lower_bound(weights: CMWeights, form: str) -> float:
     """The least value L_CM can take (per row and so for the mean): 0 for the hinge forms; for paper −inf as soon as
     some class has push > pull (docs/design.md: for a fixed merged W the expert can grow that class's distance
@@ -200,6 +227,23 @@ def cm_lower_bound(weights: CMWeights, form: str) -> float:
     if form in HINGE_FORMS:
         return 0.0
     return -math.inf if bool((weights.push > weights.pull).any()) else 0.0
+
+
+def cm_card_settings(objective: ObjectiveSettings, **adapter: Any) -> dict[str, Any] | None:
+    """The CM settings a model card lists (None for a baseline run): the adapter's shape, then the loss weights."""
+    if not objective.capacity_manipulation:
+        return None
+    return {
+        **adapter,
+        "lambda": objective.cm_lambda,
+        "w_con": objective.cm_consistency_weight,
+        "w_div": objective.cm_diversity_weight,
+        "form": objective.cm_form,
+        "margin": objective.cm_relative_margin if objective.cm_form in RELATIVE_FORMS else objective.cm_margin,
+        **({"band_upper": objective.cm_band_upper} if objective.cm_form == "band" else {}),
+        **({"push_warmup_steps": objective.cm_push_warmup_steps} if objective.cm_push_warmup_steps else {}),
+        "objective": objective.objective,
+    }
 
 
 def _class_label(index: int, class_names: Sequence[str] | None) -> str:
@@ -226,8 +270,8 @@ def check_cm_bounded(
         "--cm_form paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
         f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
         "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_form hinge, hinge_general or "
-        "relative), or --allow_unbounded_cm to train the literal form anyway"
+        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_form hinge, hinge_general, "
+        "relative or band), or --allow_unbounded_cm to train the literal form anyway"
     )
     if not allow_unbounded:
         raise ConfigError(message)

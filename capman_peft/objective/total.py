@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteLossError
-from .cm import DEFAULT_RELATIVE_MARGIN, CMWeights, cm_loss
+from .cm import DEFAULT_BAND_UPPER, DEFAULT_RELATIVE_MARGIN, RELATIVE_FORMS, CMWeights, cm_loss, push_warmup_scale
 
 if TYPE_CHECKING:
     from ..randomness import StepDraws
@@ -32,6 +32,8 @@ class CMSettings:
     cm_lambda: float
     general_fraction: float = 1.0
     relative_margin: float = DEFAULT_RELATIVE_MARGIN
+    band_upper: float = DEFAULT_BAND_UPPER
+    push_warmup_steps: int = 0
 
     def general_rows(self, batch_size: int) -> int:
         """Rows of a batch that get a theta^g prediction (the same on every process: DDP-safe)."""
@@ -63,6 +65,7 @@ def diffusion_loss(
     cm: CMSettings | None,
     draws: StepDraws,
     condition: Callable[[Tensor], Any] | None = None,
+    step: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
 
@@ -72,7 +75,7 @@ def diffusion_loss(
     class to allocate capacity for (their weight is 0 in the batch mean). With ``cm.general_fraction < 1`` theta^g
     runs on rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and
     CBDM labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
-    device)`).
+    device)`). `step` is the optimizer step the batch belongs to (0 for the first): the push's warm-up ramp reads it.
     """
     if draws.noise.shape != x0.shape:
         raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
@@ -108,7 +111,7 @@ def diffusion_loss(
     logs = dict(logs)
     if cm is not None:
         rows = slice(None) if general_rows is None else general_rows
-        target = objective.target(x0[rows], noise[rows], timesteps[rows]) if cm.form == "relative" else None
+        target = objective.target(x0[rows], noise[rows], timesteps[rows]) if cm.form in RELATIVE_FORMS else None
         cm_value, cm_logs = cm_loss(
             outputs.full[rows],
             outputs.general,
@@ -117,8 +120,10 @@ def diffusion_loss(
             form=cm.form,
             margin=cm.margin,
             relative_margin=cm.relative_margin,
+            band_upper=cm.band_upper,
             target=target,
             sample_weight=sample_weight,
+            push_scale=push_warmup_scale(step, cm.push_warmup_steps),
         )
         loss = loss + cm.cm_lambda * cm_value
         logs.update(cm_logs)

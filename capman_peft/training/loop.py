@@ -164,14 +164,14 @@ def family_step_loss(
     *,
     num_classes: int,
     cm: CMSettings | None,
-) -> Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+) -> Callable[[Any, StepDraws, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Eq. 4 for one micro-batch of any model family: the family encodes the batch to x0 and turns class ids into
     its condition; :func:`diffusion_loss` does the rest."""
 
-    def step_loss(batch: Any, draws: StepDraws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step_loss(batch: Any, draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return diffusion_loss(
-            denoiser, objective, noise_scheduler, family.encode(batch, draws), batch["label"],
-            num_classes=num_classes, cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws),
+            denoiser, objective, noise_scheduler, family.encode(batch, draws), batch["label"], num_classes=num_classes,
+            cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws), step=step,
         )  # fmt: skip
 
     return step_loss
@@ -203,15 +203,16 @@ def train(
     settings: TrainingSettings,
     run: Training,
     *,
-    step_loss: Callable[[Any, StepDraws], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    step_loss: Callable[[Any, StepDraws, int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     validate: Callable[[nn.Module, int, int], Any] | None = None,
     callbacks: TrainingCallbacks | None = None,
 ) -> Trained:
     """Train from ``run.global_step`` to ``run.max_steps``.
 
-    `step_loss(batch, draws)` is Eq. 4 for one micro-batch (the scripts differ only in how a batch becomes x0 and
-    a condition). On the main process a checkpoint is written every ``--checkpointing_steps`` and, when due,
-    `validate(model, epoch, step)` runs with the EMA weights; `callbacks` run after each step and checkpoint.
+    `step_loss(batch, draws, step)` is Eq. 4 for one micro-batch of optimizer step `step` (0 for the first; the
+    scripts differ only in how a batch becomes x0 and a condition). On the main process a checkpoint is written every
+    ``--checkpointing_steps`` and, when due, `validate(model, epoch, step)` runs with the EMA weights; `callbacks` run
+    after each step and checkpoint.
     """
     callbacks = callbacks or TrainingCallbacks()
     output, max_grad_norm = settings.output, settings.optimization.max_grad_norm
@@ -225,7 +226,7 @@ def train(
                 break
             draws = run.randomness.micro_batch(global_step, micro)
             with accelerator.accumulate(run.denoiser):
-                loss, step_logs = step_loss(batch, draws)
+                loss, step_logs = step_loss(batch, draws, global_step)
                 guard_finite(accelerator, global_step + 1, step_logs)
                 backward_and_step(
                     accelerator,

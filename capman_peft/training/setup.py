@@ -164,6 +164,8 @@ def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, devi
         objective.cm_lambda,
         objective.cm_general_fraction,
         objective.cm_relative_margin,
+        objective.cm_band_upper,
+        objective.cm_push_warmup_steps,
     )
 
 
@@ -218,6 +220,8 @@ def make_objective(objective: ObjectiveSettings, noise_scheduler: Any, class_cou
     options: dict[str, Any] = {"snr_gamma": objective.snr_gamma, "focal_gamma": objective.focal_gamma}
     if objective.objective == "cbdm":
         options.update(tau=objective.cbdm_tau, gamma=objective.cbdm_gamma)
+    if objective.objective == "oc":
+        options.update(transfer_label_dropped=objective.oc_transfer_label_dropped)
     return build_objective(objective.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
 
 
