@@ -70,7 +70,7 @@ def child(script: str, assets: Path, precision: str, cm: bool, args: argparse.Na
     flags = [*run_flags(script, assets, args), "--max_train_steps", str(args.steps), "--mixed_precision", precision]
     flags += ["--validation_epochs", "0", "--num_validation_images", "1", "--num_inference_steps", "2"]
     flags += ["--checkpointing_steps", "100000", "--report_to", "none", "--output_dir", str(out), "--seed", "0"]
-    flags += [] if cm else ["--no_capacity_manipulation"]
+    flags += ["--capacity_manipulation"] if cm else ["--no_capacity_manipulation"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     module.main(flags, TrainingCallbacks(on_step_end=on_step_end))
