@@ -346,35 +346,45 @@ def worse(form: dict[int, float], base: dict[int, float], lower_is_better: bool)
     return reasons
 
 
-def apply_rule(records: list[dict]) -> list[str]:
-    """The default-form rule on the rows given: per base, each CM form passes when θ's Few accuracy and Few FID are
-    not worse than the base's (``worse``); among forms passing on every base measured, the best mean Few FID."""
-    lines, passing = [], None
+def verdicts(records: list[dict]) -> dict[tuple[str, str], str]:
+    """(base, form) -> "passes", "fails (...)" or "undecided (...)": θ's Few accuracy and Few FID against the base's
+    (``worse``), for every CM form with records; a verdict needs the protocol's number of paired seeds."""
+    result = {}
     for base in BASES:
         base_runs = {r["seed"]: r["theta"] for r in records if r["method"] == base and "theta" in r}
         if not base_runs:
             continue
-        passed = set()
         for form in FORMS:
             runs = {r["seed"]: r["theta"] for r in records if r["method"] == f"CM (+{base}), {form}" and "theta" in r}
             if not runs:
                 continue
+            paired = len(runs.keys() & base_runs.keys())
+            if paired < len(SEEDS):
+                result[base, form] = f"undecided ({paired} paired seeds; the rule needs {len(SEEDS)})"
+                continue
             checks = {
-                "Few accuracy": worse(
-                    {s: r["few accuracy"] for s, r in runs.items()},
-                    {s: r["few accuracy"] for s, r in base_runs.items()},
-                    False,
-                ),
-                "Few FID": worse(
-                    {s: r["few"] for s, r in runs.items()}, {s: r["few"] for s, r in base_runs.items()}, True
-                ),
+                name: worse({s: r[key] for s, r in runs.items()}, {s: r[key] for s, r in base_runs.items()}, lower)
+                for name, key, lower in (("Few accuracy", "few accuracy", False), ("Few FID", "few", True))
             }
             failed = [f"{name}: {', '.join(reasons)}" for name, reasons in checks.items() if reasons]
-            if not failed:
-                passed.add(form)
-            verdict = f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
-            lines.append(f"* {base} base, {form}: {verdict}")
-        passing = passed if passing is None else passing & passed
+            result[base, form] = f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
+    return result
+
+
+def passing_forms(judged: dict[tuple[str, str], str]) -> set[str] | None:
+    """The forms that pass on every base they were judged on (None: nothing decided)."""
+    decided = {form for (_, form), verdict in judged.items() if not verdict.startswith("undecided")}
+    if not decided:
+        return None
+    return {form for form in decided if all(v == "passes" for (_, f), v in judged.items() if f == form)}
+
+
+def apply_rule(records: list[dict]) -> list[str]:
+    """The default-form rule on the rows given: each form's verdict per base; among the forms that pass on every base
+    measured, the default is the one with the best mean Few FID."""
+    judged = verdicts(records)
+    lines = [f"* {base} base, {form}: {verdict}" for (base, form), verdict in judged.items()]
+    passing = passing_forms(judged)
     if passing:
 
         def few_fid(form: str) -> float:
@@ -388,19 +398,13 @@ def apply_rule(records: list[dict]) -> list[str]:
 
 
 def rule_over_testbeds(folders: list[Path]) -> list[str]:
-    """``apply_rule`` per folder of records (one testbed each), then the forms that pass on every testbed and base."""
+    """``apply_rule`` per folder of records (one testbed each), then the forms that pass on every testbed and base
+    (a form undecided or unmeasured on some testbed does not pass)."""
     lines, passing = [], None
     for folder in folders:
         records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-        verdicts = apply_rule(records)
-        lines += [f"{folder.name}:", *verdicts]
-        measured = {
-            line.split(": ")[0].split(", ", 1)[1] for line in verdicts if line.startswith("* ") and " base, " in line
-        }
-        passed = {form for form in measured if all(
-            not (line.startswith("* ") and line.split(": ")[0].endswith(f", {form}") and "fails" in line)
-            for line in verdicts
-        )}  # fmt: skip
+        lines += [f"{folder.name}:", *apply_rule(records)]
+        passed = passing_forms(verdicts(records)) or set()
         passing = passed if passing is None else passing & passed
     lines.append(f"Pass on every testbed and base measured: {sorted(passing) if passing else 'none'}")
     return lines
@@ -425,9 +429,14 @@ def table(records: list[dict], floor_rows: dict, steps: int, seeds: list[int], t
         diverged = [r["diverged_at_step"] for r in runs if r.get("diverged_at_step")]
         ratios = [r["expert_use"]["few_over_many"] for r in runs if r.get("expert_use")]
         seconds = [r["train_seconds"] for r in runs]
-        for key, label in (("theta", method), ("theta_g", f"{method}, θ^g: expert off")):
+        scales = sorted({scale for r in runs for scale in r.get("theta_at_guidance", {})}, key=float)
+        rows = [("theta", method), ("theta_g", f"{method}, θ^g: expert off")]
+        rows += [(f"guidance {scale}", f"{method}, guidance {scale}") for scale in scales]
+        for key, label in rows:
             done = [r[key] for r in runs if key in r]
-            if key == "theta_g" and not done:
+            if key.startswith("guidance"):
+                done = [r["theta_at_guidance"][key.split()[1]] for r in runs if "theta_at_guidance" in r]
+            if key != "theta" and not done:
                 continue
             cells = [fmt([d.get(k) for d in done], digits_for(k)) for k, _ in COLUMNS]
             extra = [fmt(ratios) if key == "theta" and ratios else "–", fmt(seconds) if key == "theta" else "–"]
