@@ -81,6 +81,13 @@ from capman_peft.training.setup import (
 
 logger = logging.getLogger("capman_peft")
 
+# The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (README "Does CM help?").
+LORA_CM_HELP = (
+    "Train with the CM loss: a general LoRA and a reserved expert LoRA. On by default; the LoRA mode has no quality "
+    "testbed yet, so neither this default nor --cm_form's is measured for it (the from-scratch script has CM off "
+    'by default after its testbeds, README "Does CM help?"). --no_capacity_manipulation: one plain LoRA.'
+)
+
 BASE_MODEL = "lambdalabs/miniSD-diffusers"
 ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
 
@@ -88,8 +95,9 @@ ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
 def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     """The run's typed settings from the command line (and ``--config``), checked before any work."""
     parser = script_parser(
-        __doc__, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10, guidance_scale=7.5
-    )
+        __doc__, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10, guidance_scale=7.5,
+        capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
+    )  # fmt: skip
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path",

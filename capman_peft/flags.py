@@ -195,7 +195,12 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
     )
 
 
-def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) -> None:
+def add_objective_args(
+    parser: argparse.ArgumentParser,
+    default_objective: str,
+    capacity_manipulation: bool,
+    capacity_manipulation_help: str,
+) -> None:
     group = parser.add_argument_group("objective and capacity manipulation")
     group.add_argument(
         "--objective",
@@ -225,8 +230,8 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     group.add_argument(
         "--capacity_manipulation",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Train with the CM loss and a reserved expert; --no_capacity_manipulation is the baseline.",
+        default=capacity_manipulation,
+        help=capacity_manipulation_help,
     )
     add_underscore_negation(group, "capacity_manipulation")
     group.add_argument(
@@ -409,12 +414,21 @@ def add_validation_args(parser: argparse.ArgumentParser, validation_epochs: int,
 
 
 def script_parser(
-    description: str, *, dataset: str, resolution: int, objective: str, validation_epochs: int, guidance_scale: float
+    description: str,
+    *,
+    dataset: str,
+    resolution: int,
+    objective: str,
+    validation_epochs: int,
+    guidance_scale: float,
+    capacity_manipulation: bool,
+    capacity_manipulation_help: str,
 ) -> ArgumentParser:
-    """The flags both training scripts have, with the script's defaults; the script adds its model's flags."""
+    """The flags both training scripts have, with the script's defaults (whether CM is on, and the help that says
+    what that default rests on); the script adds its model's flags."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, dataset, resolution)
-    add_objective_args(parser, objective)
+    add_objective_args(parser, objective, capacity_manipulation, capacity_manipulation_help)
     add_training_args(parser)
     add_validation_args(parser, validation_epochs, guidance_scale)
     return parser

@@ -54,6 +54,7 @@ def digits_run_args(tmp_path: Path, **overrides) -> list[str]:
         config.write_text(json.dumps(TINY_UNET_CONFIG))
     values = {
         "dataset": "imb-digits",
+        "capacity_manipulation": True,  # the script's default is off; these tests exercise CM unless told otherwise
         "imbalance_ratio": 10,
         "resolution": 8,
         "model_config_name_or_path": config,

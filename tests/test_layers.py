@@ -133,8 +133,9 @@ def test_settings_cannot_change_once_built(tmp_path):
     from capman_peft.flags import script_parser, training_settings
 
     parser = script_parser(
-        "t", dataset="imb-digits", resolution=8, objective="oc", validation_epochs=0, guidance_scale=1
-    )
+        "t", dataset="imb-digits", resolution=8, objective="oc", validation_epochs=0, guidance_scale=1,
+        capacity_manipulation=True, capacity_manipulation_help="CM",
+    )  # fmt: skip
     parser.add_argument("--config", default=None)
     argv = [
         "--max_train_steps",

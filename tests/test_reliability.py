@@ -407,9 +407,9 @@ def test_bad_recipes_are_read_like_the_command_line_and_named_by_file(tmp_path, 
         ("no_capacity_manipulation: true", False, True),
         ("capacity_manipulation: false", False, True),
         ("capacity_manipulation: true", True, True),
-        ("no_use_ema: true", True, False),
-        ("no_use_ema: false", True, True),
-        ("use_ema: false", True, False),
+        ("no_use_ema: true", False, False),  # CM is off unless asked for in train_unet_cm.py
+        ("no_use_ema: false", False, True),
+        ("use_ema: false", False, False),
     ],
 )
 def test_a_recipe_key_means_what_the_flag_of_that_name_means(tmp_path, line, capacity_manipulation, use_ema):

@@ -272,6 +272,7 @@ def test_push_to_hub_uploads_the_lora_file_with_its_card(trained):
     card = (trained.out / "README.md").read_text()
     assert "widget:" in card and "- text: a realism painting" in card
     assert 'pipe.load_lora_weights("someone/tiny-capman-sd")' in card
+    assert "The LoRA mode's CM default has no quality measurement yet" in card
 
 
 def test_push_merged_pipeline_uploads_the_whole_folder(tmp_path):

@@ -119,6 +119,12 @@ PIPELINE_NOTE = (
     "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
     '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
 )
+# What a CM run's card says about CM's measured effect (README "Does CM help?").
+CM_QUALITY_NOTE = (
+    ' What CM does to the rare classes is measured in capman-peft\'s study (README "Does CM help?"): no CM form has '
+    "passed its rule on every testbed yet, and the shipped relative hinge made the rare classes worse than plain "
+    "training on 16-px MNIST. Compare with a `--no_capacity_manipulation` run of the same data before relying on it."
+)
 
 # The paper's expert placement: every weight matrix of the up path (G.1): the resnets' convs and time-embedding
 # projections, the attention projections and the upsampler convs.

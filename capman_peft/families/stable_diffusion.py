@@ -199,7 +199,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
 BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
-LORA_CARD_NOTE = """
+LORA_CARD_NOTE = """ The LoRA mode's CM default has no quality measurement yet: no testbed of capman-peft's study
+fine-tunes (README "Does CM help?").
 
 The trained adapter is also a plain diffusers LoRA (general and expert part stacked, rank r_g + r_e, scale 1):
 `pytorch_lora_weights.safetensors`, and the general part alone (theta^g) in `pytorch_lora_weights_general.safetensors`.
