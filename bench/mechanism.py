@@ -2,7 +2,7 @@
 """Why θ loses what W^g gives up: the push's effect over training, for a study row and its base.
 
 One run per (row, seed) is trained in stages with ``--resume_from_checkpoint latest`` (resume is exact, so the staged
-run is the straight one) and, after each stage, its exported (EMA) model is measured:
+run is the straight one at the same thread count) and, after each stage, its exported (EMA) model is measured:
 
 * θ's and θ^g's held-out denoising loss per split (``capman-analyze heldout``: images training never saw);
 * θ's and θ^g's loss on training images per split, from the expert-use report: how much of a class's fit sits in
