@@ -3,7 +3,9 @@
 * ``longtail.py``: long-tail subsampling (Cao et al. 2019 / CBDM), Many/Medium/Few splits, the balanced sampler;
 * ``images.py``: class names, prompts and their text embeddings, RGB conversion, transforms, the labelled training
   dataset;
-* ``sources.py``: the named datasets and their sources, the long-tailed training set and the balanced reference set.
+* ``registry.py``: the named datasets (where each lives, class order, resolution, reference split, prompts);
+* ``readers.py``: reading a source in its format (Hub, image folder, class folders, list files, digits);
+* ``selection.py``: the long-tailed training set, the balanced reference set and the held-out images.
 """
 
 from .images import (
@@ -28,10 +30,8 @@ from .longtail import (
     long_tail_indices,
     split_of_class,
 )
-from .sources import (
-    DATASETS,
-    DatasetSpec,
-    get_dataset_spec,
+from .registry import DATASETS, DatasetSpec, get_dataset_spec
+from .selection import (
     load_heldout_dataset,
     load_imbalanced_dataset,
     load_reference_dataset,

@@ -1,138 +1,30 @@
-"""The training scripts' command line: flags with typed values, and the checks that run before any work (YAML
-recipes, read by the same parser, are in ``recipes.py``).
-
-Every bad value is one line on stderr, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and a non-zero
-exit, before anything is written.
-"""
+"""The flags both training scripts share, by group (data, objective, training, validation), with the script's
+defaults; each script adds its model's flags."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
-import re
-from collections.abc import Callable
-from dataclasses import fields
-from pathlib import Path
-from typing import Any
 
 from diffusers.optimization import SchedulerType
 
-from .data import DATASETS
-from .denoiser import FORWARD_MODES
-from .errors import ConfigError
-from .objective import CM_FORMS, DEFAULT_BAND_UPPER, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
-from .settings import (
-    DataSettings,
-    HubSettings,
-    ObjectiveSettings,
-    OptimizationSettings,
-    OutputSettings,
-    TrainingSettings,
+from ..data import DATASETS
+from ..denoiser import FORWARD_MODES
+from ..objective import CM_FORMS, DEFAULT_BAND_UPPER, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
+from .values import (
+    ArgumentParser,
+    add_underscore_negation,
+    fraction,
+    margin_value,
+    nonnegative_float,
+    nonnegative_int,
+    open_unit,
+    positive_float,
+    positive_int,
+    probability,
+    ratio,
+    seed_value,
 )
-
-logger = logging.getLogger("capman_peft")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``error: --flag: ...`` (no usage block), exit status 2.
-
-    While a recipe is read, errors raise ``ConfigError`` naming the recipe file and key instead.
-    """
-
-    recipe_context: str | None = None
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        message = message.removeprefix("argument ")
-        if self.recipe_context is not None:
-            raise ConfigError(f"{self.recipe_context}: {message}")
-        self.exit(2, f"error: {message}\n")
-
-
-def _value(kind: type, check: Callable[[Any], bool], allowed: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that converts with `kind` and accepts only values passing `check`."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
-        return value
-
-    parse.__name__ = allowed
-    return parse
-
-
-positive_int = _value(int, lambda v: v >= 1, "an integer >= 1")
-nonnegative_int = _value(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _value(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-nonnegative_float = _value(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-probability = _value(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-open_unit = _value(float, lambda v: 0 < v < 1, "a number in (0, 1)")
-fraction = _value(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-ratio = _value(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
-# RMS gaps are in units of the unit-variance noise: beyond 10 a margin only makes the loss overflow.
-margin_value = _value(float, lambda v: 0 < v <= 10, "a number in (0, 10]")
-
-
-def device_value(text: str) -> str:
-    """An argparse ``type`` for ``--device``: cpu, or cuda / cuda:N where CUDA is available here."""
-    import torch
-
-    if text == "cpu":
-        return text
-    if re.fullmatch(r"cuda(:\d+)?", text):
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"got {text!r}, but no CUDA device is available here; allowed: cpu")
-        return text
-    raise argparse.ArgumentTypeError(f"got {text!r}; allowed: cpu, cuda or cuda:N")
-
-
-def module_patterns(text: str) -> str:
-    """An argparse ``type`` for layer selections: comma-separated names (suffixes), or one regex that compiles."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: comma-separated layer names or one regex")
-    for name in names:
-        try:
-            re.compile(name)
-        except re.error as err:
-            raise argparse.ArgumentTypeError(
-                f"got {text!r}: {name!r} is not a valid regex ({err}); allowed: comma-separated layer names or one "
-                "regex"
-            ) from None
-    return text
-
-
-def prompt_template_value(text: str) -> str:
-    """An argparse ``type`` for class prompt templates: exactly one ``{}``, where the class name goes."""
-    import string
-
-    try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"got {text!r}: {err}; allowed: a text with one {{}}") from None
-    if fields != [""]:
-        raise argparse.ArgumentTypeError(
-            f"got {text!r} with {len(fields)} fields {fields}; allowed: a text with exactly one {{}} for the class "
-            "name (write {{ and }} for literal braces)"
-        )
-    return text
-
-
-# numpy's seeds (the long-tail subsampling, derived seeds) are 32-bit; torch's accept more, the rule is one for all.
-seed_value = _value(int, lambda v: 0 <= v < 2**32, "an integer in [0, 4294967295]")
-
-
-def add_underscore_negation(group: argparse._ActionsContainer, flag: str) -> None:
-    """argparse spells the negation of a BooleanOptionalAction ``--x_y`` as ``--no-x_y``; accept ``--no_x_y`` too,
-    the spelling of every other flag here."""
-    group.add_argument(
-        f"--no_{flag}", dest=flag, action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default_resolution: int | None) -> None:
@@ -432,138 +324,3 @@ def script_parser(
     add_training_args(parser)
     add_validation_args(parser, validation_epochs, guidance_scale)
     return parser
-
-
-# --- checks before any work ------------------------------------------------------------------------------------
-
-
-def section(cls: type, args: argparse.Namespace, **resolved: Any) -> Any:
-    """One frozen settings section from the parsed flags of the same names; `resolved` gives derived values."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    return cls(**{**values, **resolved})
-
-
-def training_settings(args: argparse.Namespace) -> TrainingSettings:
-    """The typed settings of a training run from its parsed flags, after the checks both scripts share.
-
-    Resolved here, once: ``--dataset`` (the script's default named dataset unless other data was named), the default
-    ``--imbalance_ratio`` (100 for a named dataset, the folder's own counts for ``--train_data_dir``) and
-    ``--cm_lambda 0``, which is training without CM: no expert and no second prediction.
-    """
-    dataset = args.dataset
-    if dataset is None and not (args.train_data_dir or args.dataset_name):
-        dataset = args.default_dataset
-    imbalance_ratio = args.imbalance_ratio
-    if imbalance_ratio is None and dataset is not None and not args.train_data_dir:
-        imbalance_ratio = 100.0
-    capacity_manipulation = args.capacity_manipulation
-    if args.cm_lambda == 0 and capacity_manipulation:
-        logger.info("--cm_lambda 0: training without capacity manipulation (one prediction per step)")
-        capacity_manipulation = False
-    settings = TrainingSettings(
-        data=section(DataSettings, args, dataset=dataset, imbalance_ratio=imbalance_ratio),
-        objective=section(ObjectiveSettings, args, capacity_manipulation=capacity_manipulation),
-        optimization=section(OptimizationSettings, args),
-        output=section(OutputSettings, args),
-        hub=section(HubSettings, args),
-        config=args.config,
-    )
-    check_training_settings(settings)
-    return settings
-
-
-def check_output_dir(output: OutputSettings) -> None:
-    """The output folder policy: a new or empty folder, unless resuming this run there or ``--overwrite_output_dir``.
-
-    An earlier run's pipeline, adapter and checkpoints are never mixed into a new run silently, no file of the
-    user's (a README.md, say) is replaced without being asked, and resuming only ever continues the run whose
-    checkpoints are in this folder.
-    """
-    from .checkpointing import LOCK_FILE, list_checkpoints
-    from .run_folder import check_writable_folder
-
-    if not output.output_dir or not str(output.output_dir).strip():
-        raise ConfigError("--output_dir: is empty; allowed: a folder for the pipeline and checkpoints")
-    path = Path(output.output_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output_dir {path}: is a file; allowed: a new or empty folder")
-    check_writable_folder(path)
-    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
-    if not entries or output.overwrite_output_dir:
-        return
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    resume = output.resume_from_checkpoint
-    if not resume:
-        raise ConfigError(
-            f"--output_dir {path}: is not empty ({shown}); allowed: a new or empty folder, "
-            "--resume_from_checkpoint latest to continue the run there, or --overwrite_output_dir"
-        )
-    if resume == "latest" and not list_checkpoints(path):
-        raise ConfigError(
-            f"--resume_from_checkpoint latest: {path} has no checkpoint to continue, and it is not empty ({shown}); "
-            "allowed: a folder with this run's checkpoints, a new or empty --output_dir, or --overwrite_output_dir"
-        )
-    if resume != "latest":
-        checkpoint = Path(resume) if Path(resume).exists() else path / resume
-        if checkpoint.resolve().parent != path.resolve():
-            raise ConfigError(
-                f"--resume_from_checkpoint {resume}: continues a run in {checkpoint.parent}, but --output_dir {path} "
-                f"is another folder and not empty ({shown}); allowed: the checkpoint's own folder as --output_dir, "
-                "or a new or empty one"
-            )
-
-
-def check_training_settings(settings: TrainingSettings) -> None:
-    """Reject combinations that would only fail (or silently mislead) later; the message names the flag and value."""
-    data, objective, optimization = settings.data, settings.objective, settings.optimization
-    output, hub = settings.output, settings.hub
-    if optimization.max_train_steps is None and optimization.num_train_epochs is None:
-        raise ConfigError("--max_train_steps: not given; allowed: --max_train_steps or --num_train_epochs >= 1")
-    if hub.push_to_hub and not hub.hub_model_id:
-        raise ConfigError("--hub_model_id: missing; --push_to_hub needs the user/name of the repository")
-    if hub.push_to_hub:
-        from .hub import check_hub_upload
-
-        check_hub_upload(hub.hub_model_id, hub.hub_token)
-    if objective.capacity_manipulation and objective.no_consistency and objective.no_diversity:
-        raise ConfigError(
-            "--no_diversity: together with --no_consistency it leaves no CM loss; "
-            "allowed: one of them, or --no_capacity_manipulation"
-        )
-    if objective.cm_form == "band" and not objective.cm_band_upper > objective.cm_relative_margin:
-        raise ConfigError(
-            f"--cm_band_upper {objective.cm_band_upper}: the band's upper wall must be above its lower margin "
-            f"--cm_relative_margin {objective.cm_relative_margin}; allowed: a value above it"
-        )
-    if objective.cm_general_fraction < 1 and objective.cm_forward == "sequential":
-        raise ConfigError(
-            f"--cm_general_fraction {objective.cm_general_fraction}: needs --cm_forward fused or shared_prefix "
-            "(sequential computes theta^g on every row); allowed: 1 with sequential"
-        )
-    if optimization.learning_rate is None:
-        raise ConfigError("--learning_rate: missing; allowed: a finite number > 0")
-    if data.split_thresholds and data.split_thresholds[1] > data.split_thresholds[0] + 1:
-        many_above, few_below = data.split_thresholds
-        raise ConfigError(
-            f"--split_thresholds {many_above} {few_below}: a class cannot have more than {many_above} and fewer than "
-            f"{few_below} images at once; allowed: MANY_ABOVE FEW_BELOW with FEW_BELOW <= MANY_ABOVE + 1, e.g. 100 20"
-        )
-    if data.train_data_dir and data.dataset and not DATASETS[data.dataset].list_files:
-        raise ConfigError(
-            f"--train_data_dir {data.train_data_dir}: given together with --dataset {data.dataset}; allowed: one of "
-            "them (a local copy of a named dataset's Hub files goes in --dataset_name)"
-        )
-    if output.report_to in ("wandb", "comet_ml"):  # ("all" takes the trackers that are installed)
-        import importlib.util
-
-        if importlib.util.find_spec(output.report_to) is None:
-            raise ConfigError(
-                f"--report_to {output.report_to}: needs {output.report_to}, which is not installed; allowed: "
-                f"pip install {output.report_to}, or --report_to tensorboard / none"
-            )
-    logging_dir = Path(output.output_dir, output.logging_dir).resolve()
-    if not logging_dir.is_relative_to(Path(output.output_dir).resolve()):
-        logger.warning(
-            "--logging_dir %s: the tracker logs go to %s, outside --output_dir", output.logging_dir, logging_dir
-        )
-    check_output_dir(output)
