@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.reproduce import METHODS, STEPS, TESTBEDS, method_flags, slug, testbed_setup  # noqa: E402
+from capman_peft.objective import LOWER_MARGIN_FORMS  # noqa: E402
 
-PUSH_FORMS = ("hinge", "hinge_general", "relative")  # the forms capman-analyze push measures
 SPLITS = ("many", "medium", "few")
 
 
@@ -44,7 +44,7 @@ def measure(run_dir: Path, step: int) -> dict:
         stage["train"] = use["splits"]
         stage["few_over_many"] = use["few_over_many"]
     form = summary["args"].get("cm_form")
-    if use and form in PUSH_FORMS:
+    if use and form in LOWER_MARGIN_FORMS:
         push = push_gradient(run_dir, images_per_class=16, timesteps=10)
         total = sum(min(16, summary["class_counts"][c]) * 10 for c in push["pushed_classes"])
         stage["pushed_rows_inside_margin"] = [push["active_rows"], total]

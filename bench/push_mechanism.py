@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TESTBED = ROOT / "bench" / "testbed_digits_ir100.yaml"
-FORMS = ("hinge", "hinge_general", "relative")
 
 
 def main() -> None:
@@ -34,10 +33,11 @@ def main() -> None:
 
     import train_unet_cm
     from capman_peft.analysis import push_gradient
+    from capman_peft.objective import LOWER_MARGIN_FORMS
 
     out = Path(args.output_dir)
     rows = []
-    for form in FORMS:
+    for form in LOWER_MARGIN_FORMS:
         run = out / form
         flags = ["--config", str(TESTBED), "--max_train_steps", str(args.steps), "--seed", str(args.seed)]
         flags += ["--objective", "ddpm", "--cm_form", form, "--no_use_ema", "--report_to", "none"]

@@ -10,7 +10,6 @@ after that. A checkpoint that cannot be read is reported by file name (``Checkpo
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError, call_on_exit
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .settings import TrainingSettings
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("capman_peft")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Held (flock) by the training run writing an output folder, for its lifetime.
-LOCK_FILE = ".capman-training.lock"
 
 
 class CheckpointError(ConfigError):
@@ -205,53 +202,6 @@ def _check_counters(path: Path, state: Any) -> None:
         part = state.get(group)
         if isinstance(part, dict) and key in part and not valid(part[key]):
             raise bad(f"{group}.{key}", part[key])
-
-
-_held_locks: dict[Path, Any] = {}
-
-
-def _release_all_locks() -> None:
-    for path in list(_held_locks):
-        unlock_output_dir(path.parent)
-
-
-atexit.register(_release_all_locks)
-
-
-def lock_output_dir(output_dir: str | Path) -> None:
-    """Take an exclusive lock on a training run's output folder for the run's lifetime (released by
-    :func:`unlock_output_dir` or at exit): a second run started into the same folder stops at once instead of
-    silently replacing the first one's files. A new run in this same process takes the lock over."""
-    import fcntl
-
-    path = (Path(output_dir) / LOCK_FILE).resolve()
-    unlock_output_dir(output_dir)
-    created = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 (held open for the run)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ConfigError(
-            f"--output_dir {output_dir}: another training run is writing to it; allowed: wait for it to finish, "
-            "or another --output_dir"
-        ) from None
-    _held_locks[path] = (handle, created)
-    call_on_exit(lambda: unlock_output_dir(output_dir))
-
-
-def unlock_output_dir(output_dir: str | Path) -> None:
-    """Release the lock :func:`lock_output_dir` took, if this process holds it: its file goes, and so does the folder
-    if the lock created it and nothing else was written (a refused run leaves no trace)."""
-    path = (Path(output_dir) / LOCK_FILE).resolve()
-    held = _held_locks.pop(path, None)
-    if held is not None:
-        handle, created = held
-        path.unlink(missing_ok=True)
-        handle.close()
-        if created and not any(path.parent.iterdir()):
-            path.parent.rmdir()
 
 
 def remove_earlier_checkpoints(output_dir: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Reading a training run's output folder: the pipeline it holds, its training summary, the unmerged adapter.
+"""A training run's output folder: the lock a run holds while it writes there, and reading what it holds (the
+pipeline, its training summary, the unmerged adapter).
 
 Shared by ``capman-eval`` (:mod:`capman_peft.evaluation`) and ``capman-analyze`` (:mod:`capman_peft.analysis`):
 :func:`read_pipeline_folder` checks the folder and reads ``model_index.json`` and ``training_summary.json``,
@@ -7,6 +8,7 @@ Shared by ``capman-eval`` (:mod:`capman_peft.evaluation`) and ``capman-analyze``
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from dataclasses import dataclass
@@ -16,11 +18,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, call_on_exit
 
 SCHEDULERS = ("ddim", "dpm", "pipeline")
 # Room the result files of a run or an evaluation need at the least, checked before any work.
 MIN_FREE_BYTES = 16 * 2**20
+
+
+# Held (flock) by the training run writing an output folder, for its lifetime.
+LOCK_FILE = ".capman-training.lock"
+_held_locks: dict[Path, Any] = {}
+
+
+def _release_all_locks() -> None:
+    for path in list(_held_locks):
+        unlock_output_dir(path.parent)
+
+
+atexit.register(_release_all_locks)
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Take an exclusive lock on a training run's output folder for the run's lifetime (released by
+    :func:`unlock_output_dir` or at exit): a second run started into the same folder stops at once instead of
+    silently replacing the first one's files. A new run in this same process takes the lock over."""
+    import fcntl
+
+    path = (Path(output_dir) / LOCK_FILE).resolve()
+    unlock_output_dir(output_dir)
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"--output_dir {output_dir}: another training run is writing to it; allowed: wait for it to finish, "
+            "or another --output_dir"
+        ) from None
+    _held_locks[path] = (handle, created)
+    call_on_exit(lambda: unlock_output_dir(output_dir))
+
+
+def unlock_output_dir(output_dir: str | Path) -> None:
+    """Release the lock :func:`lock_output_dir` took, if this process holds it: its file goes, and so does the folder
+    if the lock created it and nothing else was written (a refused run leaves no trace)."""
+    path = (Path(output_dir) / LOCK_FILE).resolve()
+    held = _held_locks.pop(path, None)
+    if held is not None:
+        handle, created = held
+        path.unlink(missing_ok=True)
+        handle.close()
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def check_writable_folder(path: str | os.PathLike, flag: str = "--output_dir") -> None:

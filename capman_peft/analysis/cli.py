@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import run_cli
 from ..evaluation.evaluate import check_writable_output
 from ..flags import ArgumentParser, device_value, positive_int, seed_value
+from ..objective import LOWER_MARGIN_FORMS
 from .capacity import expert_capacity
 from .heldout import heldout_loss, push_gradient
 from .prune import pruning_sensitivity
@@ -63,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     _add_common(push)
     push.add_argument(
         "--form",
-        choices=["hinge", "hinge_general", "relative"],
+        choices=LOWER_MARGIN_FORMS,
         default=None,
         help="The hinge form whose push is measured; default: the run's.",
     )

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..evaluation.report import write_json
 from ..expert_use import LossSetup
 from ..families import Condition, take_rows
-from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, cm_weights
+from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, LOWER_MARGIN_FORMS, RELATIVE_FORMS, cm_weights
 from ..randomness import derived_seed
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from ..tuner import expert_disabled
@@ -159,8 +159,8 @@ def push_gradient(
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
     args = folder.args
     form = form or args.get("cm_form", "hinge")
-    if form not in ("hinge", "hinge_general", "relative"):
-        raise ConfigError(f"--form: the push gradient is measured for the hinge forms, got {form!r}")
+    if form not in LOWER_MARGIN_FORMS:
+        raise ConfigError(f"--form {form}: the push gradient is measured for {', '.join(LOWER_MARGIN_FORMS)}")
     capman = load_capman_unet(folder).to(setup.pipe.unet.device)
     capman.eval()
     names, params = zip(*[(n, p) for n, p in capman.named_parameters() if p.is_floating_point()], strict=True)
@@ -191,7 +191,7 @@ def push_gradient(
         with expert_disabled(capman):
             general = loss_setup.predict(capman, noisy, t, condition).float()
         gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
-        if form == "relative":
+        if form in RELATIVE_FORMS:
             m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
         else:
             m = torch.full_like(gap, margin)

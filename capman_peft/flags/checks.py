@@ -65,8 +65,8 @@ def check_output_dir(output: OutputSettings) -> None:
     user's (a README.md, say) is replaced without being asked, and resuming only ever continues the run whose
     checkpoints are in this folder.
     """
-    from ..checkpointing import LOCK_FILE, list_checkpoints
-    from ..run_folder import check_writable_folder
+    from ..checkpointing import list_checkpoints
+    from ..run_folder import LOCK_FILE, check_writable_folder
 
     if not output.output_dir or not str(output.output_dir).strip():
         raise ConfigError("--output_dir: is empty; allowed: a folder for the pipeline and checkpoints")

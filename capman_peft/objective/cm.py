@@ -51,8 +51,10 @@ def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
 # * "band": "relative" with an upper wall: beyond ``band_upper`` times θ's error the gap is pulled back (θ^g only),
 #   so W^g keeps a bounded share of a pushed class and the expert carries a bounded difference.
 # "paper" is Eq. 2 as written, kept for reproduction; it is unbounded below as soon as some class has c_y > 0.
-CM_FORMS = ("hinge", "hinge_general", "relative", "band", "paper")
-HINGE_FORMS = ("hinge", "hinge_general", "relative", "band")
+# The hinges with a lower margin only (what ``capman-analyze push`` measures; the band's wall would need its own slope).
+LOWER_MARGIN_FORMS = ("hinge", "hinge_general", "relative")
+HINGE_FORMS = (*LOWER_MARGIN_FORMS, "band")
+CM_FORMS = (*HINGE_FORMS, "paper")
 # The forms whose margins are fractions of θ's own error on the row: they need the diffusion target.
 RELATIVE_FORMS = ("relative", "band")
 # The absolute hinges' margin: the RMS gap between θ and θ^g that a pushed class should reach, in units of the

@@ -147,9 +147,9 @@ def finish_export(
 def publish_export(settings: TrainingSettings, trained: Trained, lora_only: bool = False) -> None:
     """After the export is in place: the closing log lines, the folder's lock released, and the upload with
     ``--push_to_hub`` (`lora_only`: the LoRA files and card only)."""
-    from ..checkpointing import unlock_output_dir
     from ..hub import push_to_hub
     from ..pipelines import GENERAL_LORA_FILE, LORA_FILE
+    from ..run_folder import unlock_output_dir
 
     output_dir, hub = Path(settings.output.output_dir), settings.hub
     logger.info(

@@ -18,7 +18,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..checkpointing import lock_output_dir, remove_earlier_checkpoints, resume_training
+from ..checkpointing import remove_earlier_checkpoints, resume_training
 from ..data import (
     LISTED_CLASSES,
     LISTED_ENDS,
@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..families import ModelFamily
 from ..objective import CMSettings, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from ..randomness import StepRandomness
+from ..run_folder import lock_output_dir
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
 from .loop import Training, steps_per_epoch
 
