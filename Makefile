@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install test lint demo
+.PHONY: install test test-fast lint demo docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ lint: install
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The inner loop: everything but the end-to-end checks marked slow (CI runs `make test`, all of them).
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# The documentation site, built offline into site/ in strict mode: a dead link or a page left out of the nav fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # CPU demo: CM + OC on the bundled digits (IR 10), then the per-split evaluation of theta and theta^g. The demo
 # writes over its own demo_output/ when run again.

@@ -81,11 +81,11 @@ from capman_peft.training.setup import (
 
 logger = logging.getLogger("capman_peft")
 
-# The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (README "Does CM help?").
+# The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (docs/study.md).
 LORA_CM_HELP = (
     "Train with the CM loss: a general LoRA and a reserved expert LoRA. On by default; the LoRA mode has no quality "
     "testbed yet, so neither this default nor --cm_form's is measured for it (the from-scratch script has CM off "
-    'by default after its testbeds, README "Does CM help?"). --no_capacity_manipulation: one plain LoRA.'
+    "by default after its testbeds, docs/study.md). --no_capacity_manipulation: one plain LoRA."
 )
 
 BASE_MODEL = "lambdalabs/miniSD-diffusers"
@@ -189,7 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         default=None,
         help=f"License in the model card; default: the base model card's, else {BASE_LICENSE}.",
     )
-    # theta^g on a quarter of each batch: the CM step costs ~1.25x plain LoRA instead of ~2x (README "Benchmarks"),
+    # theta^g on a quarter of each batch: the CM step costs ~1.25x plain LoRA instead of ~2x (docs/benchmarks.md),
     # with the same CM loss in expectation (importance-weighted rows).
     parser.set_defaults(
         learning_rate=3e-4,

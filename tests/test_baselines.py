@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import digits_run_args
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
+import train_unet_cm  # noqa: E402
 from capman_peft.data.augment import augment_condition, augment_images, augment_matrices
 from capman_peft.denoiser import CMDenoiser
 from capman_peft.errors import run_cli
@@ -31,10 +31,6 @@ from capman_peft.objective import build_objective
 from capman_peft.randomness import StepDraws, draw_augmentation, draw_step
 from capman_peft.testing import make_tiny_unet2d
 from capman_peft.training.loop import family_step_loss
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train_unet_cm  # noqa: E402
 
 
 def kdiffusion_matrix(a: list[float], size: int) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,14 +14,12 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+import train_text_to_image_cm  # noqa: E402
 from capman_peft.data import load_imbalanced_dataset
 from capman_peft.errors import ConfigError
 from capman_peft.families import StableDiffusionFamily
 from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
 from capman_peft.testing import build_tiny_sd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_text_to_image_cm  # noqa: E402
 
 # Name order (ink, oil, sketch) differs from count order (sketch 6, ink 3, oil 2).
 STYLE_COUNTS = {"sketch": 6, "ink": 3, "oil": 2}

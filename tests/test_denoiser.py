@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ATTN_TARGETS, UP_TARGETS, readme_snippet, run_two_processes
+from conftest import ATTN_TARGETS, UP_TARGETS, run_two_processes
 from diffusers import UNet2DModel
 from peft import get_peft_model
 from safetensors.torch import load_file
@@ -232,7 +232,7 @@ def test_cm_loss_gradient_reaches_general_and_expert_parameters():
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_expert_gives_exactly_zero_distance_under_bf16_autocast(mode):
     """A fresh expert (B^e = 0) leaves theta and theta^g bit-identical under bf16 autocast too: d has no rounding
-    floor of its own at E = 0 (the floor of nearby E comes from bf16 weights and activations, docs/design.md)."""
+    floor of its own at E = 0 (the floor of nearby E comes from bf16 weights and activations, docs/method.md)."""
     cfg = CapManConfig(
         r=4, expert_r=2, target_modules=ATTN_TARGETS + ["conv1", "conv2"], expert_target_modules=UP_TARGETS
     )
@@ -262,9 +262,3 @@ def test_two_process_ddp_step_equals_one_process_step_on_the_whole_batch(tmp_pat
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
         changed += not torch.equal(a[key], load_file(single.with_suffix(".init.safetensors"))[key])
     assert changed > 10  # the step really moved the weights
-
-
-def test_readme_training_step_snippet_runs(capsys):
-    exec(compile(readme_snippet("training-step-snippet"), "README.md", "exec"), {"__name__": "readme"})
-    printed = capsys.readouterr().out
-    assert "cm_loss" in printed and "cm_distance_few" in printed

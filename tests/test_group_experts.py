@@ -85,12 +85,8 @@ def test_bad_groups_are_refused():
 
 @pytest.fixture(scope="module")
 def group_run(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
     from conftest import digits_run_args
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import train_unet_cm
 
     tmp = tmp_path_factory.mktemp("group")
@@ -166,15 +162,10 @@ def test_capman_eval_evaluates_the_group_run_and_its_general_part(group_run, tmp
 
 
 def test_group_experts_refuse_the_cm_loss(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
     from conftest import digits_run_args
 
-    from capman_peft.errors import run_cli
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import train_unet_cm
+    from capman_peft.errors import run_cli
 
     with pytest.raises(SystemExit):
         run_cli(train_unet_cm.main, digits_run_args(tmp_path, group_experts=True))

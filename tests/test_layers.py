@@ -1,4 +1,4 @@
-"""The package's layers (docs/design.md, "Architecture"): every import, at module level or inside a function, runs
+"""The package's layers (docs/architecture.md): every import, at module level or inside a function, runs
 to the same layer or a lower one, and no module imports itself back through others."""
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ training, capman-eval and capman-analyze on such a run."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,9 @@ import pytest
 from conftest import digits_run_args
 from PIL import Image
 
+import train_unet_cm  # noqa: E402
 from capman_peft.data import class_splits, load_imbalanced_dataset, load_reference_dataset
 from capman_peft.errors import run_cli
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_unet_cm  # noqa: E402
 
 # ImageNet-LT list ids 0..5 (WordNet ids n0000000<id>) with training counts not in id order
 IMAGENET_COUNTS = [3, 130, 25, 1, 101, 10]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,8 @@ import pytest
 from conftest import digits_run_args
 from PIL import Image
 
-from capman_peft.data import GRID_CLASSES, grid_classes
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_unet_cm  # noqa: E402
+from capman_peft.data import GRID_CLASSES, grid_classes
 
 NUM_CLASSES = 3000
 

@@ -333,9 +333,9 @@ def toy_step_losses(form: str, w_div: float, steps: int = 300) -> list[float]:
 
 
 def test_paper_form_is_unbounded_below_even_where_the_old_rule_called_it_stable():
-    """docs/design.md: for a fixed merged W the expert can grow a pushed class's distance at no cost to L_base, so Eq. 2
+    """docs/method.md: for a fixed merged W the expert can grow a pushed class's distance at no cost to L_base, so Eq. 2
     as written is unbounded below for any λ > 0 once some class has c_y > 0. With w_div = 0.4 the rarest class here
-    has c_y = 0.57 < 1 (the old rule's "stable"), and the toy model's loss still runs away."""
+    has c_y = 0.57 < 1 ("stable" by a λ·c_y < 1 rule), and the toy model's loss still runs away."""
     omega_con, omega_div = eq3_by_hand([100, 40, 10])
     assert 0 < 0.4 * omega_div[2] - omega_con[2] < 1
     losses, _ = toy_step_losses("paper", 0.4, steps=600)

@@ -21,16 +21,13 @@ import torch
 from accelerate.utils import DistributedType
 from conftest import TINY_UNET_CONFIG, as_argv, digits_run_args
 
+import train_text_to_image_cm  # noqa: E402
+import train_unet_cm  # noqa: E402
 from capman_peft.errors import ConfigError, run_cli
 from capman_peft.evaluation import evaluate_pipeline
 from capman_peft.evaluation.cli import main as eval_main
 from capman_peft.families import stable_diffusion
 from capman_peft.testing import build_tiny_sd
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train_text_to_image_cm  # noqa: E402
-import train_unet_cm  # noqa: E402
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

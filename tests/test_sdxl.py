@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
 
+import train_text_to_image_cm  # noqa: E402
 from capman_peft.errors import run_cli
 from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
 from capman_peft.testing import build_tiny_sdxl, write_artbench_mirror
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train_text_to_image_cm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +37,6 @@ from capman_peft.families import stable_diffusion
 from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import train_text_to_image_cm  # noqa: E402
 
 # write_artbench_mirror: IR 4 keeps [4, 3, 2, 2, 2, 1, 1, 1, 1, 1] = 18 images

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from capman_peft.errors import run_cli
 from capman_peft.training.loop import TrainingCallbacks
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import train_unet_cm  # noqa: E402
 
 
@@ -188,7 +186,7 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
 
 
 def test_cm_is_opt_in_from_scratch_and_on_in_the_lora_script(tmp_path, capsys):
-    """README "Does CM help?": no CM form has passed the study's rule on every testbed, so the from-scratch script
+    """docs/study.md: no CM form has passed the study's rule on every testbed, so the from-scratch script
     trains the plain base unless asked; its --help says why. The LoRA script keeps CM on and says it is unmeasured."""
     import train_text_to_image_cm
 
@@ -205,7 +203,7 @@ def test_cm_is_opt_in_from_scratch_and_on_in_the_lora_script(tmp_path, capsys):
 
 
 def test_paper_recipes_follow_the_authors_code():
-    """docs/design.md "Fidelity to the authors' code": the OC and CBDM codes sample with eps_c + w' (eps_c - eps_u)
+    """docs/method.md "Fidelity to the authors' code": the OC and CBDM codes sample with eps_c + w' (eps_c - eps_u)
     (OC --w 1.5, CBDM --omega 1.6, CBDM's DDPM 0.8), i.e. w = 2.5 / 2.6 / 1.8 here; they flip CIFAR horizontally
     (ADA flips by itself); OC transfers label-dropped samples by their true class."""
     scales = {"oc": 2.5, "cbdm": 2.6, "ddpm": 1.8}

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATTN_TARGETS, UP_TARGETS, readme_snippet
+from conftest import ATTN_TARGETS, UP_TARGETS
 from diffusers import UNet2DConditionModel, UNet2DModel
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
@@ -432,10 +432,6 @@ def test_error_gating_a_merged_model():
     model.merge_adapter()
     with expert_disabled(model), pytest.raises(ValueError, match="merged layer"):
         model(torch.randn(2, 4))
-
-
-def test_readme_python_api_snippet_runs():
-    exec(compile(readme_snippet("tuner-snippet"), "README.md", "exec"), {"__name__": "readme"})
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

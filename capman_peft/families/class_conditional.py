@@ -119,9 +119,9 @@ PIPELINE_NOTE = (
     "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
     '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
 )
-# What a CM run's card says about CM's measured effect (README "Does CM help?").
+# What a CM run's card says about CM's measured effect (docs/study.md).
 CM_QUALITY_NOTE = (
-    ' What CM does to the rare classes is measured in capman-peft\'s study (README "Does CM help?"): no CM form has '
+    " What CM does to the rare classes is measured in capman-peft's study (docs/study.md): no CM form has "
     "passed its rule on every testbed yet, and the shipped relative hinge made the rare classes worse than plain "
     "training on 16-px MNIST. Compare with a `--no_capacity_manipulation` run of the same data before relying on it."
 )
@@ -155,7 +155,7 @@ def check_expert_placement(settings: TrainingSettings) -> None:
         return
     if model.unet_config.get("time_embedding_type") == "fourier":
         # UNet2DModel divides its output by the timesteps of the batch it was given, which the duplicated up path
-        # no longer matches.
+        # does not match.
         raise ConfigError(
             "--cm_forward shared_prefix: does not work with a Fourier time embedding (--model_config_name_or_path "
             "has time_embedding_type 'fourier'); allowed: --cm_forward fused"

@@ -200,7 +200,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
 LORA_CARD_NOTE = """ The LoRA mode's CM default has no quality measurement yet: no testbed of capman-peft's study
-fine-tunes (README "Does CM help?").
+fine-tunes (docs/study.md).
 
 The trained adapter is also a plain diffusers LoRA (general and expert part stacked, rank r_g + r_e, scale 1):
 `pytorch_lora_weights.safetensors`, and the general part alone (theta^g) in `pytorch_lora_weights_general.safetensors`.
@@ -452,7 +452,7 @@ def export_unet(settings: TrainingSettings, trained: torch.nn.Module) -> PeftMod
     """The trained adapter on a fresh float32 copy of the base UNet (on the CPU): what the export merges and what the
     end-of-training expert-use report measures. Training kept the base weights in the mixed-precision dtype; merging
     into rounded weights would bake the rounding into the export, and θ and θ^g computed in bf16 differ by a
-    rounding floor (~1e-5 in (ε_θ − ε_θg)², docs/design.md) that would compress the report's Few/Many ratio."""
+    rounding floor (~1e-5 in (ε_θ − ε_θg)², docs/method.md) that would compress the report's Few/Many ratio."""
     weights = {name: value.float().cpu() for name, value in trainable_state(trained).items()}
     model = add_adapter(load_unet(settings), settings)
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys

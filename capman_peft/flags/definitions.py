@@ -106,7 +106,7 @@ def add_objective_args(
         "--oc_transfer_label_dropped",
         action="store_true",
         help="OC: label-dropped samples draw a reference by their true class too, as the OC authors' trainer does "
-        "(default: they keep their own target, the unconditional one; docs/design.md \"Fidelity to the authors' "
+        "(default: they keep their own target, the unconditional one; docs/method.md \"Fidelity to the authors' "
         'code").',
     )
     group.add_argument(
@@ -152,7 +152,7 @@ def add_objective_args(
         default="relative",
         help="How L_CM pushes apart the classes with net weight c_y = w_div*omega_div - w_con*omega_con > 0 (the "
         "minorities); classes with c_y < 0 are pulled together with weight -c_y. 'relative' (default, chosen by the "
-        'study\'s pre-registered rule, README "Does CM help?"): such a class pays c_y * max(0, margin - '
+        "study's pre-registered rule, docs/study.md): such a class pays c_y * max(0, margin - "
         "RMS(eps_theta - eps_theta^g)) with a margin per sample of --cm_relative_margin times theta's own RMS error, "
         "bounded below by 0, and the push moves theta^g only. 'hinge': a fixed margin --cm_margin, and the push "
         "moves both predictions (the expert may meet the margin by perturbing theta itself). 'hinge_general': the "

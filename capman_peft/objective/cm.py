@@ -43,7 +43,7 @@ def class_weights(class_counts: ClassCounts) -> tuple[Tensor, Tensor]:
     return omega_con.float(), omega_div.float()
 
 
-# How L_CM treats the classes it pushes apart (c_y > 0), docs/design.md "The CM loss". The hinge forms are bounded
+# How L_CM treats the classes it pushes apart (c_y > 0), docs/method.md. The hinge forms are bounded
 # below by construction and differ in what the push may move and how far:
 # * "hinge": the push's gradient reaches both predictions, so the expert can meet the margin by perturbing θ itself;
 # * "hinge_general": the push moves θ^g only (ε_θ is a constant in it); the expert has to compensate through L_base;
@@ -223,7 +223,7 @@ def push_warmup_scale(step: int, warmup_steps: int) -> float:
 
 def cm_lower_bound(weights: CMWeights, form: str) -> float:
     """The least value L_CM can take (per row and so for the mean): 0 for the hinge forms; for paper −inf as soon as
-    some class has push > pull (docs/design.md: for a fixed merged W the expert can grow that class's distance
+    some class has push > pull (docs/method.md: for a fixed merged W the expert can grow that class's distance
     without changing L_base, so Eq. 4 is unbounded below for any λ > 0), else 0."""
     _check_form(form)
     if form in HINGE_FORMS:
@@ -272,7 +272,7 @@ def check_cm_bounded(
         "--cm_form paper: the CM loss (Eq. 2 as written) is unbounded below here: classes "
         f"{', '.join(_class_label(k, class_names) for k in pushed)} are pushed apart more than they are pulled "
         "together, and for a fixed merged weight the expert can grow their distance at no cost to L_base, for any "
-        "--cm_lambda > 0 (docs/design.md); allowed: a hinge form (--cm_form hinge, hinge_general, "
+        "--cm_lambda > 0 (docs/method.md); allowed: a hinge form (--cm_form hinge, hinge_general, "
         "relative or band), or --allow_unbounded_cm to train the literal form anyway"
     )
     if not allow_unbounded:

@@ -136,7 +136,7 @@ def make_lr_scheduler(
 
 
 def prepare_cm(objective: ObjectiveSettings, dataset: LabelledImageDataset, device: torch.device) -> CMSettings | None:
-    """The CM coefficients on the training device, after the boundedness check (docs/design.md "The CM loss")."""
+    """The CM coefficients on the training device, after the boundedness check (docs/method.md)."""
     if not objective.capacity_manipulation:
         return None
     class_counts, class_names = dataset.class_counts, dataset.class_names

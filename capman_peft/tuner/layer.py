@@ -304,7 +304,7 @@ class PairedDropout(nn.Dropout):
     """``nn.Dropout`` whose rows can share a mask: row i is masked like row ``mask_source[i]``.
 
     theta and theta^g are computed on copies of the same rows in one call; with independent masks their distance
-    would measure dropout noise instead of the expert (docs/design.md). ``expert_gate(..., mask_source=...)`` sets the
+    would measure dropout noise instead of the expert (docs/method.md). ``expert_gate(..., mask_source=...)`` sets the
     sharing for the call; without it (or on a tensor with another number of rows, such as the shared prefix in
     ``shared_prefix`` mode, which is computed once for both) this is exactly ``nn.Dropout``.
     """
