@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,6 +48,39 @@ def as_argv(values: dict) -> list[str]:
         elif value is not False and value is not None:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+# A tiny train_text_to_image_cm.py run: 16 px, batch 4, 2 steps, adapter rank 4 + expert rank 2, no validation.
+TINY_TEXT_TO_IMAGE_RUN = {
+    "resolution": 16,
+    "train_batch_size": 4,
+    "max_train_steps": 2,
+    "rank": 4,
+    "expert_rank": 2,
+    "learning_rate": 1e-3,
+    "num_inference_steps": 2,
+    "num_validation_images": 1,
+    "validation_epochs": 0,
+    "report_to": "none",
+    "checkpointing_steps": 100,
+}
+
+
+def text_to_image_args(base: Path | str, out: Path, **overrides) -> list[str]:
+    """train_text_to_image_cm.py on the tiny base model `base` into `out`; `overrides` change or add flags (False or
+    None leaves one out)."""
+    return as_argv({"pretrained_model_name_or_path": base, **TINY_TEXT_TO_IMAGE_RUN, "output_dir": out, **overrides})
+
+
+def artbench_assets(root: Path, base: Path) -> SimpleNamespace:
+    """A tiny base model and the ArtBench mirror (`write_artbench_mirror`) under `root`: what the text-to-image tests
+    train on, with `args` giving the named dataset's flags."""
+    from capman_peft.testing import write_artbench_mirror
+
+    data = write_artbench_mirror(root / "artbench")
+    cache = root / "hf"
+    args = {"dataset": "imb-artbench10", "dataset_name": data, "cache_dir": cache, "imbalance_ratio": 4}
+    return SimpleNamespace(base=base, data=data, cache=cache, args=args)
 
 
 def digits_run_args(tmp_path: Path, **overrides) -> list[str]:

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from conftest import text_to_image_args
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import train_text_to_image_cm  # noqa: E402
+import train_text_to_image_cm
 from capman_peft.data import load_imbalanced_dataset
 from capman_peft.errors import ConfigError
 from capman_peft.families import StableDiffusionFamily
@@ -153,30 +154,17 @@ def sd_base(tmp_path_factory) -> Path:
 
 
 def caption_args(base: Path, tmp_path: Path, **overrides) -> list[str]:
+    """A captioned image folder (`tmp_path/mine`), half the captions dropped, at the script's learning rate."""
     values = {
-        "pretrained_model_name_or_path": base,
         "train_data_dir": tmp_path / "mine",
         "class_column": "style",
         "caption_column": "text",
         "cache_dir": tmp_path / "hf",
-        "resolution": 16,
-        "train_batch_size": 4,
-        "max_train_steps": 2,
-        "rank": 4,
-        "expert_rank": 2,
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-        "validation_epochs": 0,
-        "report_to": "none",
         "caption_dropout": 0.5,
-        "output_dir": tmp_path / "out",
-        **overrides,
+        "learning_rate": None,
+        "checkpointing_steps": None,
     }
-    args = []
-    for key, value in values.items():
-        if value is not False:
-            args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    return args
+    return text_to_image_args(base, tmp_path / "out", **{**values, **overrides})
 
 
 def reference_embeddings(base: Path, prompts: list[str]) -> torch.Tensor:

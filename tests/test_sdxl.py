@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_python_without_capman
+from conftest import artbench_assets, run_python_without_capman, text_to_image_args
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
@@ -19,30 +19,21 @@ from torchvision import transforms
 import train_text_to_image_cm  # noqa: E402
 from capman_peft.errors import run_cli
 from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
-from capman_peft.testing import build_tiny_sdxl, write_artbench_mirror
+from capman_peft.testing import build_tiny_sdxl
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sdxl-assets")
-    data = write_artbench_mirror(root / "artbench")
+    assets = artbench_assets(root, build_tiny_sdxl(root))
     # the reference split capman-eval compares with: the same images
-    shutil.copy(data / "data" / "train-00000-of-00001.parquet", data / "data" / "test-00000-of-00001.parquet")
-    return SimpleNamespace(base=build_tiny_sdxl(root), data=data, cache=root / "hf")
+    data = assets.data / "data"
+    shutil.copy(data / "train-00000-of-00001.parquet", data / "test-00000-of-00001.parquet")
+    return assets
 
 
 def sdxl_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
-    values = {
-        "pretrained_model_name_or_path": assets.base, "dataset": "imb-artbench10", "dataset_name": assets.data,
-        "cache_dir": assets.cache, "imbalance_ratio": 4, "resolution": 16, "center_crop": True,
-        "train_batch_size": 4, "max_train_steps": 2, "rank": 4, "expert_rank": 2, "learning_rate": 1e-3,
-        "num_inference_steps": 2, "num_validation_images": 1, "validation_epochs": 0, "report_to": "none",
-        "checkpointing_steps": 100, "output_dir": out, **overrides,
-    }  # fmt: skip
-    argv = []
-    for key, value in values.items():
-        argv += [f"--{key}"] if value is True else [] if value is False else [f"--{key}", str(value)]
-    return argv
+    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
 
 
 @pytest.fixture(scope="module")

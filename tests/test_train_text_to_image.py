@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_python_without_capman, run_two_processes
+from conftest import artbench_assets, run_python_without_capman, run_two_processes, text_to_image_args
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -34,7 +34,7 @@ import capman_peft.training.loop as training_loop
 from capman_peft.errors import run_cli
 from capman_peft.expert_use import EXPERT_USE_IMAGES
 from capman_peft.families import stable_diffusion
-from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet, write_artbench_mirror
+from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 import train_text_to_image_cm  # noqa: E402
@@ -46,37 +46,11 @@ NUM_TRAIN = 18
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sd-assets")
-    return SimpleNamespace(base=build_tiny_sd(root), data=write_artbench_mirror(root / "artbench"), cache=root / "hf")
+    return artbench_assets(root, build_tiny_sd(root))
 
 
 def tiny_args(assets: SimpleNamespace, tmp_path: Path, out: str = "out", **overrides) -> list[str]:
-    values = {
-        "pretrained_model_name_or_path": assets.base,
-        "dataset": "imb-artbench10",
-        "dataset_name": assets.data,
-        "cache_dir": assets.cache,
-        "imbalance_ratio": 4,
-        "resolution": 16,
-        "train_batch_size": 4,
-        "max_train_steps": 2,
-        "rank": 4,
-        "expert_rank": 2,
-        "learning_rate": 1e-3,
-        "num_inference_steps": 2,
-        "num_validation_images": 1,
-        "validation_epochs": 0,
-        "report_to": "none",
-        "checkpointing_steps": 100,
-        "output_dir": tmp_path / out,
-    }
-    values.update(overrides)
-    args = []
-    for key, value in values.items():
-        if value is True:
-            args.append(f"--{key}")
-        elif value is not False:
-            args += [f"--{key}", str(value)]
-    return args
+    return text_to_image_args(assets.base, tmp_path / out, **{**assets.args, **overrides})
 
 
 def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
