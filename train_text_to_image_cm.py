@@ -51,6 +51,7 @@ from capman_peft.families.stable_diffusion import (
     sample_class_grid,
 )
 from capman_peft.flags import (
+    check_every_flag_placed,
     module_patterns,
     nonnegative_float,
     positive_float,
@@ -210,6 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
         data = dataclasses.replace(data, resolution=DEFAULT_RESOLUTION[family])
     settings = dataclasses.replace(settings, data=data, model=model)
     check_family_settings(settings)
+    check_every_flag_placed(args, settings)
     return settings
 
 

@@ -42,6 +42,7 @@ from capman_peft.families.class_conditional import (
     unet_config,
 )
 from capman_peft.flags import (
+    check_every_flag_placed,
     fraction,
     module_patterns,
     script_parser,
@@ -145,6 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
             f"--random_flip with --ada_probability {args.ada_probability}: ADA flips the images itself and tells the "
             "model which ones it flipped; allowed: one of the two"
         )
+    check_every_flag_placed(args, settings)
     return settings
 
 

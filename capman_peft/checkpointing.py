@@ -252,59 +252,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, 
     return state
 
 
-# The settings that define what a run trains (data, model, objective): a checkpoint written with other values of
-# these is refused on resume. Learning rate, step counts and logging may change when a run is continued.
-RUN_IDENTITY_FLAGS = (
-    "dataset",
-    "dataset_name",
-    "train_data_dir",
-    "image_column",
-    "class_column",
-    "caption_column",
-    "imbalance_ratio",
-    "class_order",
-    "data_seed",
-    "resolution",
-    "unet_config",  # the content of --model_config_name_or_path, so a moved config file does not matter
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "rank",
-    "expert_rank",
-    "lora_alpha",
-    "expert_alpha",
-    "target_modules",
-    "expert_target_modules",
-    "expert_rank_ratio",
-    "prompt_template",
-    "objective",
-    "oc_transfer_label_dropped",
-    "focal_gamma",
-    "ada_probability",
-    "group_experts",
-    "capacity_manipulation",
-    "cm_lambda",
-    "cm_form",
-    "cm_consistency_weight",
-    "cm_diversity_weight",
-    "cm_margin",
-    "cm_relative_margin",
-    "cm_band_upper",
-    "cm_push_warmup_steps",
-    "no_consistency",
-    "no_diversity",
-    "use_ema",
-)
-
-
 # Settings a checkpoint may record under an earlier name; they are compared under the current one.
 RENAMED_SETTINGS = {"cm_diversity": "cm_form"}
-
-
-def run_config(settings: TrainingSettings) -> dict[str, Any]:
-    """The run's identity: the values of ``RUN_IDENTITY_FLAGS`` this script has."""
-    flags = settings.flags()
-    return {k: flags[k] for k in RUN_IDENTITY_FLAGS if k in flags}
 
 
 def save_training_checkpoint(
@@ -318,11 +267,11 @@ def save_training_checkpoint(
     ema: Any | None = None,
 ) -> Path:
     """``output_dir/checkpoint-<step>``: the trainable parameters of `model`, the optimizer/LR/EMA state and the
-    run's identity (`run_id` and ``run_config``)."""
+    run's identity (`run_id` and ``settings.identity()``)."""
     state = {
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
-        "run": {"id": run_id, "config": run_config(settings)},
+        "run": {"id": run_id, "config": settings.identity()},
     }
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -376,7 +325,7 @@ def resume_training(
     skipped = []
     for path in candidates:
         try:
-            state = load_checkpoint(path, model, run_config(settings))
+            state = load_checkpoint(path, model, settings.identity())
             _restore(path, state, optimizer, lr_scheduler, ema)
         except CheckpointError as err:
             if output.resume_from_checkpoint != "latest" or isinstance(err, ForeignCheckpointError):

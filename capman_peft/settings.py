@@ -8,30 +8,46 @@ gives every value by its flag (``training_summary.json``, the trackers, a checkp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+
+
+def identity(default: Any = MISSING) -> Any:
+    """A field that defines what a run trains (its data, model, objective): a checkpoint written with another value
+    is refused on resume. Every other field (learning rate, step counts, logging, speed) may change when a run is
+    continued; each section says why its other fields are not part of the identity."""
+    return field(default=default, metadata={"identity": True})
+
+
+def identity_values(settings: Any) -> dict[str, Any]:
+    """The identity fields of one settings dataclass, by name."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if f.metadata.get("identity")}
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which images, how many per class, and how they are read."""
+    """Which images, how many per class, and how they are read.
 
-    dataset: str | None
-    dataset_name: str | None
-    train_data_dir: str | None
-    imbalance_ratio: float | None
-    class_order: str | None
+    Not identity: the Many/Medium/Few thresholds only group what is reported; crop, flip, sampler, workers and cache
+    change how the same images are fed, not which.
+    """
+
+    dataset: str | None = identity()
+    dataset_name: str | None = identity()
+    train_data_dir: str | None = identity()
+    imbalance_ratio: float | None = identity()
+    class_order: str | None = identity()
     split_thresholds: tuple[int, int] | None
-    data_seed: int
-    resolution: int
+    data_seed: int = identity()
+    resolution: int = identity()
     center_crop: bool
     random_flip: bool
     sampler: str
     dataloader_num_workers: int
     cache_dir: str | None = None
-    image_column: str | None = None
-    class_column: str | None = None
-    caption_column: str | None = None
+    image_column: str | None = identity(None)
+    class_column: str | None = identity(None)
+    caption_column: str | None = identity(None)
 
     @property
     def source(self) -> str:
@@ -46,27 +62,32 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """L_base, and CM: Eq. 4's λ, the form and weights of L_CM, how θ and θ^g are computed."""
+    """L_base, and CM: Eq. 4's λ, the form and weights of L_CM, how θ and θ^g are computed.
 
-    objective: str
+    Not identity: CBDM's τ and γ, the min-SNR γ and the label dropout weigh or drop terms of the same objective and
+    may be tuned when a run is continued; the forward mode and the general fraction change how θ^g is computed, not
+    what it is; ``allow_unbounded_cm`` only permits a form.
+    """
+
+    objective: str = identity()
     cbdm_tau: float
     cbdm_gamma: float
-    oc_transfer_label_dropped: bool
+    oc_transfer_label_dropped: bool = identity()
     snr_gamma: float | None
-    focal_gamma: float | None
+    focal_gamma: float | None = identity()
     label_dropout: float
-    capacity_manipulation: bool
-    cm_lambda: float
+    capacity_manipulation: bool = identity()
+    cm_lambda: float = identity()
     cm_forward: str
-    cm_form: str
-    cm_margin: float
-    cm_relative_margin: float
-    cm_band_upper: float
-    cm_push_warmup_steps: int
-    cm_consistency_weight: float
-    cm_diversity_weight: float
-    no_consistency: bool
-    no_diversity: bool
+    cm_form: str = identity()
+    cm_margin: float = identity()
+    cm_relative_margin: float = identity()
+    cm_band_upper: float = identity()
+    cm_push_warmup_steps: int = identity()
+    cm_consistency_weight: float = identity()
+    cm_diversity_weight: float = identity()
+    no_consistency: bool = identity()
+    no_diversity: bool = identity()
     cm_general_fraction: float
     allow_unbounded_cm: bool
 
@@ -83,7 +104,10 @@ class ObjectiveSettings:
 
 @dataclass(frozen=True)
 class OptimizationSettings:
-    """Steps, batch, optimizer, schedule, EMA, precision and the run's seed."""
+    """Steps, batch, optimizer, schedule, EMA, precision and the run's seed.
+
+    Identity: whether there is an EMA model (its state is in the checkpoint). The rest may change on resume.
+    """
 
     seed: int
     train_batch_size: int
@@ -99,7 +123,7 @@ class OptimizationSettings:
     adam_weight_decay: float
     adam_epsilon: float
     max_grad_norm: float
-    use_ema: bool
+    use_ema: bool = identity()
     ema_decay: float
     mixed_precision: str | None
     allow_tf32: bool
@@ -147,6 +171,12 @@ class TrainingSettings:
     model: Any = None
     config: str | None = None
     """The ``--config`` recipe the values came from, if any."""
+
+    def identity(self) -> dict[str, Any]:
+        """The run's identity (the fields marked with :func:`identity`), by flag name: what a resumed run must match."""
+        parts = [self.data, self.objective, self.optimization, self.output, self.hub]
+        values = {k: v for part in parts for k, v in identity_values(part).items()}
+        return {**values, **(identity_values(self.model) if self.model is not None else {})}
 
     def flags(self) -> dict[str, Any]:
         """Every value by its flag name, the Hub token left out."""

@@ -158,6 +158,36 @@ def test_settings_cannot_change_once_built(tmp_path):
     assert flags["cm_form"] == "relative" and flags["output_dir"] == str(tmp_path / "o") and "hub_token" not in flags
 
 
+
+def test_a_flag_that_lands_in_no_settings_section_is_an_error(tmp_path):
+    """A parser flag without a settings field would be accepted and do nothing; the scripts check every run."""
+    import argparse
+
+    from conftest import digits_run_args
+
+    import train_unet_cm
+    from capman_peft.flags import check_every_flag_placed
+
+    settings = train_unet_cm.parse_args(digits_run_args(tmp_path))
+    placed = {**settings.flags(), "config": None, "default_dataset": "imb-cifar10"}
+    check_every_flag_placed(argparse.Namespace(**placed), settings)
+    with pytest.raises(RuntimeError, match="--cm_typo"):
+        check_every_flag_placed(argparse.Namespace(**placed, cm_typo=1.0), settings)
+
+
+def test_the_run_identity_is_what_a_resume_must_match(tmp_path):
+    """The fields marked as identity: data, model, objective and CM settings and whether there is an EMA model;
+    learning rate, steps, logging and how θ^g is computed (forward mode, general fraction) are not."""
+    from conftest import digits_run_args
+
+    import train_unet_cm
+
+    identity = train_unet_cm.parse_args(digits_run_args(tmp_path)).identity()
+    for name in ("dataset", "imbalance_ratio", "resolution", "unet_config", "objective", "cm_form", "use_ema"):
+        assert name in identity, name
+    for name in ("learning_rate", "max_train_steps", "report_to", "cm_forward", "cm_general_fraction", "seed"):
+        assert name not in identity, name
+
 def test_finishing_a_training_run_loads_no_evaluation_code():
     """The training scripts' library imports (export included) pull in neither evaluation, analysis nor
     torch-fidelity."""

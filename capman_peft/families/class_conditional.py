@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..hub import hub_source
 from ..pipelines import class_conditional_pipeline, image_grid
 from ..randomness import StepDraws
-from ..settings import TrainingSettings
+from ..settings import TrainingSettings, identity
 from ..tuner import group_experts
 from .base import AFTER_SPLIT, Condition, ModelFamily
 
@@ -135,14 +135,17 @@ UP_PATH_TARGETS = (
 
 @dataclass(frozen=True)
 class UNetSettings:
-    """The model flags of this script, and the UNet config they resolve to."""
+    """The model flags of this script, and the UNet config they resolve to.
+
+    Not identity: the config's path (its content, ``unet_config``, is: a moved file does not matter).
+    """
 
     model_config_name_or_path: str | None
-    expert_rank_ratio: float
-    expert_target_modules: str
-    ada_probability: float
-    group_experts: bool
-    unet_config: dict
+    expert_rank_ratio: float = identity()
+    expert_target_modules: str = identity()
+    ada_probability: float = identity()
+    group_experts: bool = identity()
+    unet_config: dict = identity()
     """The content of --model_config_name_or_path (or the paper's preset): a moved config file does not matter."""
 
 

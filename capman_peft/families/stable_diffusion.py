@@ -40,7 +40,7 @@ from ..hub import card_license, hub_source
 from ..objective import cm_card_settings
 from ..pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
 from ..randomness import StepDraws
-from ..settings import TrainingSettings
+from ..settings import TrainingSettings, identity
 from ..tuner import CapManConfig
 from .base import Condition, ModelFamily, cast_frozen_weights
 
@@ -215,21 +215,26 @@ pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference o
 
 @dataclass(frozen=True)
 class StableDiffusionSettings:
-    """The model, adapter, prompt and export flags of this script."""
+    """The model, adapter, prompt and export flags of this script.
 
-    pretrained_model_name_or_path: str
-    revision: str | None
-    variant: str | None
-    rank: int
-    expert_rank: int
-    lora_alpha: float | None
-    expert_alpha: float | None
+    Not identity: adapter dropout, attention kernels, the optimizer's precision, the noise offset, latent caching, the
+    VAE (the fp16-safe one encodes the same latents), validation prompts and what is exported or uploaded; the family
+    follows from the base model, which is.
+    """
+
+    pretrained_model_name_or_path: str = identity()
+    revision: str | None = identity()
+    variant: str | None = identity()
+    rank: int = identity()
+    expert_rank: int = identity()
+    lora_alpha: float | None = identity()
+    expert_alpha: float | None = identity()
     lora_dropout: float
-    target_modules: str
-    expert_target_modules: str | None
+    target_modules: str = identity()
+    expert_target_modules: str | None = identity()
     enable_xformers_memory_efficient_attention: bool
     use_8bit_adam: bool
-    prompt_template: str
+    prompt_template: str = identity()
     """The class prompt: --prompt_template, else the named dataset's."""
     noise_offset: float
     cache_latents: bool

@@ -9,7 +9,7 @@ Every bad value is one line on stderr, ``error: <flag or file>: <what is wrong>;
 exit, before anything is written.
 """
 
-from .checks import section, training_settings
+from .checks import check_every_flag_placed, section, training_settings
 from .definitions import script_parser
 from .values import (
     ArgumentParser,
@@ -26,6 +26,7 @@ from .values import (
 
 __all__ = [
     "ArgumentParser",
+    "check_every_flag_placed",
     "device_value",
     "fraction",
     "module_patterns",

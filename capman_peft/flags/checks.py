@@ -23,6 +23,19 @@ from ..settings import (
 logger = logging.getLogger("capman_peft")
 
 
+# Parsed values that are not settings: the recipe file (``TrainingSettings.config``) and the script's default dataset
+# (resolved into ``--dataset``).
+NOT_SETTINGS = frozenset({"config", "default_dataset"})
+
+
+def check_every_flag_placed(args: argparse.Namespace, settings: TrainingSettings) -> None:
+    """Every parsed flag must land in a settings section (the script's model section included): one that lands
+    nowhere would be accepted and silently do nothing. A programming error, so it raises on every run."""
+    unplaced = sorted(set(vars(args)) - set(settings.flags()) - NOT_SETTINGS - {"hub_token"})
+    if unplaced:
+        raise RuntimeError(f"flags parsed but in no settings section: {', '.join('--' + k for k in unplaced)}")
+
+
 def section(cls: type, args: argparse.Namespace, **resolved: Any) -> Any:
     """One frozen settings section from the parsed flags of the same names; `resolved` gives derived values."""
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
