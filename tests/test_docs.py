@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # History phrases; a sentence broken over two lines is caught too (the text is searched with line breaks as spaces).
 HISTORY = re.compile(
     r"\b(this|first|earlier|previous|last|next) release\b|\bissues? #?\d+|\bthe issue\b|\bused to (be|say|do|train)\b"
-    r"|\bno longer\b|\bpreviously\b|\bformerly\b|\bthe then\b|\bsince this\b|\bthe old (default|rule|form|version)\b"
+    r"|\bno longer\b|\bpreviously\b|\bformerly\b|\bthe then\b|\bsince this\b"
+    r"|\b(the )?old (default|rule|form|version)s?\b"
     r"|\bwas the default\b|\bearlier (default|version|study|answer)\b|\bfirst version\b|\bnow (also|the default)\b",
     re.IGNORECASE,
 )

@@ -151,7 +151,10 @@ def test_fused_gate_call_equals_two_separate_calls_outputs_and_gradients(fused_p
     ):
         assert (g_sep is None) == (g_fused is None), name
         if g_sep is not None:
-            torch.testing.assert_close(g_fused, g_sep, atol=1e-5, rtol=1e-4, msg=name)
+            # float32 sums over a batch of 6 vs 3 round differently: ~1e-6 of the gradient's largest entry (measured
+            # up to 1.6e-6 on this machine); a wrong gate differs by O(1) of it.
+            scale = max(1.0, float(g_sep.abs().max()))
+            torch.testing.assert_close(g_fused, g_sep, atol=1e-5 * scale, rtol=1e-4, msg=name)
             expert_grads += "capman_expert" in name and bool(g_sep.abs().sum() > 0)
     assert expert_grads > 0
 
