@@ -158,7 +158,6 @@ def test_settings_cannot_change_once_built(tmp_path):
     assert flags["cm_form"] == "relative" and flags["output_dir"] == str(tmp_path / "o") and "hub_token" not in flags
 
 
-
 def test_a_flag_that_lands_in_no_settings_section_is_an_error(tmp_path):
     """A parser flag without a settings field would be accepted and do nothing; the scripts check every run."""
     import argparse
@@ -187,6 +186,7 @@ def test_the_run_identity_is_what_a_resume_must_match(tmp_path):
         assert name in identity, name
     for name in ("learning_rate", "max_train_steps", "report_to", "cm_forward", "cm_general_fraction", "seed"):
         assert name not in identity, name
+
 
 def test_finishing_a_training_run_loads_no_evaluation_code():
     """The training scripts' library imports (export included) pull in neither evaluation, analysis nor
