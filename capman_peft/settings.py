@@ -172,16 +172,17 @@ class TrainingSettings:
     config: str | None = None
     """The ``--config`` recipe the values came from, if any."""
 
+    def _sections(self) -> list[Any]:
+        return [self.data, self.objective, self.optimization, self.output, self.hub]
+
     def identity(self) -> dict[str, Any]:
         """The run's identity (the fields marked with :func:`identity`), by flag name: what a resumed run must match."""
-        parts = [self.data, self.objective, self.optimization, self.output, self.hub]
-        values = {k: v for part in parts for k, v in identity_values(part).items()}
+        values = {k: v for part in self._sections() for k, v in identity_values(part).items()}
         return {**values, **(identity_values(self.model) if self.model is not None else {})}
 
     def flags(self) -> dict[str, Any]:
         """Every value by its flag name, the Hub token left out."""
-        parts = [self.data, self.objective, self.optimization, self.output, self.hub]
-        values = {f.name: getattr(part, f.name) for part in parts for f in fields(part)}
+        values = {f.name: getattr(part, f.name) for part in self._sections() for f in fields(part)}
         if self.model is not None:
             values.update({f.name: getattr(self.model, f.name) for f in fields(self.model)})
         values["config"] = self.config

@@ -2,7 +2,6 @@
 pytest plugin, ``-p doc_snippets`` in pyproject.toml, so that the pages outside tests/ see them): a snippet names what
 it needs in its fence, e.g. ``{ .python fixture:demo_output_cwd }``; ``notest`` marks one that needs the Hub."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ def scratch_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def demo_output_cwd(scratch_cwd: Path) -> Path:
     """`scratch_cwd` holding a `demo_output/` as `make demo` writes it, trained for 2 steps instead of 2000."""
-    sys.modules.pop("train_unet_cm", None)
     import train_unet_cm
 
     fast = ["--max_train_steps", "2", "--num_inference_steps", "2", "--num_validation_images", "1"]
