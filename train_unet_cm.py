@@ -39,6 +39,7 @@ from capman_peft.families.class_conditional import (
     check_expert_placement,
     class_grid,
     drop_augment_embedding,
+    save_class_conditional_pipeline,
     unet_config,
 )
 from capman_peft.flags import (
@@ -48,7 +49,7 @@ from capman_peft.flags import (
     script_parser,
 )
 from capman_peft.objective import cm_card_settings
-from capman_peft.pipelines import save_adapter, save_adapter_and_merge, save_class_conditional_pipeline
+from capman_peft.pipelines import save_adapter, save_adapter_and_merge
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
 from capman_peft.training.export import (

@@ -4,8 +4,8 @@ Importing the package registers the CapMan tuner with PEFT.
 """
 
 from .denoiser import CMDenoiser
+from .families.class_conditional import ClassConditionalPipeline, save_class_conditional_pipeline
 from .objective import build_objective, check_cm_bounded, class_weights, cm_loss, cm_weights
-from .pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
 from .tuner import CapManConfig, CapManModel, expert_disabled, expert_gate
 
 __all__ = [

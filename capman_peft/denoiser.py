@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from .families import AFTER_SPLIT, Condition, ModelFamily, concat, family_of_unet, take_rows
+from .families import AFTER_SPLIT, Condition, ModelFamily, concat, family_of_denoiser, take_rows
 from .tuner import CapManLayer, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
@@ -85,8 +85,8 @@ class CMDenoiser(nn.Module):
         unet: a diffusers UNet carrying CapMan layers; without CM any diffusers UNet works.
         forward_mode: "fused", "sequential" or "shared_prefix" (see module docstring).
         capacity_manipulation: False computes only theta: no second prediction at all, one UNet call per step.
-        family: how the UNet is called with a condition (:mod:`capman_peft.families`); default: the family of a
-            bare UNet of this kind (class ids for ``UNet2DModel``, text embeddings for ``UNet2DConditionModel``).
+        family: how the UNet is called with a condition (:mod:`capman_peft.families`); default: the first
+            registered family whose denoiser `unet` is (:func:`capman_peft.families.family_of_denoiser`).
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class CMDenoiser(nn.Module):
         self.forward_mode = forward_mode
         self.capacity_manipulation = capacity_manipulation
         base = _base_model(unet)
-        self.family = family or family_of_unet(unet)
+        self.family = family or family_of_denoiser(unet)
         if not capacity_manipulation:
             return
         expert_layers = [name for name, m in base.named_modules() if isinstance(m, CapManLayer) and m.expert_r]

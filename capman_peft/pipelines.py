@@ -1,76 +1,24 @@
-"""Class-conditional pipeline for UNet2DModel and the helpers that export a trained model as one.
-
-The pipeline class lives in `class_conditional_pipeline.py`, a module that imports only torch and
-diffusers, because that same file is copied into every saved folder as `pipeline.py` for loading
-without capman_peft: one source, no copy to drift.
+"""Exporting a trained model, for every family: the adapter in PEFT format beside the merged model, the adapter as
+diffusers LoRA files (θ and θ^g), and sample grids. What a family's own pipeline looks like is in
+``capman_peft.families``.
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import SchedulerMixin, UNet2DModel
 from PIL import Image
 
-from capman_peft.class_conditional_pipeline import (
-    CUSTOM_PIPELINE_FILENAME,
-    ClassConditionalPipeline,
-    write_custom_pipeline_file,
-)
-
 __all__ = [
-    "CUSTOM_PIPELINE_FILENAME",
-    "ClassConditionalPipeline",
     "image_grid",
     "save_adapter_and_merge",
-    "save_class_conditional_pipeline",
     "save_lora_weights",
-    "write_custom_pipeline_file",
 ]
 
 # diffusers' LoRA file names: the full model theta (what users load), and theta^g alone for analysis.
 LORA_FILE = "pytorch_lora_weights.safetensors"
 GENERAL_LORA_FILE = "pytorch_lora_weights_general.safetensors"
-
-
-def class_conditional_pipeline(
-    unets: UNet2DModel | Sequence[UNet2DModel],
-    scheduler: SchedulerMixin,
-    class_names: list[str] | None,
-    class_groups: Sequence[int] | None = None,
-) -> ClassConditionalPipeline:
-    """The pipeline of one UNet, or of one UNet per class group (Many, Medium, Few; the Group-Expert LoRA baseline)
-    with `class_groups[c]` the group of class c."""
-    unets = [unets] if isinstance(unets, torch.nn.Module) else list(unets)
-    id2label = None if class_names is None else dict(enumerate(class_names))
-    groups = {}
-    if class_groups is not None:
-        groups = dict(unet_medium=unets[1], unet_few=unets[2], class_groups=dict(enumerate(class_groups)))
-    return ClassConditionalPipeline(unet=unets[0], scheduler=scheduler, id2label=id2label, **groups)
-
-
-def save_class_conditional_pipeline(
-    unets: UNet2DModel | Sequence[UNet2DModel],
-    scheduler: SchedulerMixin,
-    class_names: list[str] | None,
-    output_dir: str | Path,
-    class_groups: Sequence[int] | None = None,
-) -> Path:
-    """Write a loadable pipeline folder: model_index.json, unet/ (and unet_medium/, unet_few/ with class groups),
-    scheduler/ and pipeline.py.
-
-    Weights are written as safetensors only. The folder loads with
-    `ClassConditionalPipeline.from_pretrained(output_dir)` and, without capman_peft, with
-    `DiffusionPipeline.from_pretrained(output_dir, custom_pipeline="pipeline", trust_remote_code=True)`.
-
-    Args:
-        class_names: names of the classes 0..C-1 in id order (the null class C is not named).
-    """
-    pipeline = class_conditional_pipeline(unets, scheduler, class_names, class_groups)
-    output_dir = Path(output_dir)
-    pipeline.save_pretrained(str(output_dir), safe_serialization=True)
-    return output_dir
 
 
 # Beside the adapter: the id of the run that wrote it, also in training_summary.json, so that an adapter left over
@@ -115,30 +63,29 @@ def uniform_rank(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return padded
 
 
-def save_lora_weights(model: torch.nn.Module, output_dir: str | Path) -> list[Path]:
-    """Write the adapter as diffusers LoRA files that ``StableDiffusionPipeline.load_lora_weights`` reads:
-    ``pytorch_lora_weights.safetensors`` (theta = general + expert) and ``..._general.safetensors`` (theta^g), each
-    at one rank (:func:`uniform_rank`)."""
-    from diffusers import StableDiffusionPipeline
+LoraWriter = Callable[[dict[str, torch.Tensor], Path, str], None]
+"""Writes diffusers-format LoRA layers to a folder under a file name, as a family's pipeline reads them."""
 
+
+def save_lora_weights(model: torch.nn.Module, output_dir: str | Path, write: LoraWriter) -> list[Path]:
+    """Write the adapter as diffusers LoRA files that the family's ``load_lora_weights`` reads (`write`: the family's
+    writer): ``pytorch_lora_weights.safetensors`` (theta = general + expert) and ``..._general.safetensors``
+    (theta^g), each at one rank (:func:`uniform_rank`)."""
     written = []
     for name, include_expert in ((LORA_FILE, True), (GENERAL_LORA_FILE, False)):
-        layers = uniform_rank(lora_state_dict(model, include_expert))
-        StableDiffusionPipeline.save_lora_weights(str(output_dir), unet_lora_layers=layers, weight_name=name)
+        write(uniform_rank(lora_state_dict(model, include_expert)), Path(output_dir), name)
         written.append(Path(output_dir) / name)
     return written
 
 
-def save_plain_lora_and_merge(model: torch.nn.Module, output_dir: str | Path) -> torch.nn.Module:
+def save_plain_lora_and_merge(model: torch.nn.Module, output_dir: str | Path, write: LoraWriter) -> torch.nn.Module:
     """The baseline (a plain PEFT LoRA, no expert): ``pytorch_lora_weights.safetensors`` as diffusers' own LoRA
-    script writes it, and the merged UNet. No ``adapter/``: there is no θ^g to evaluate."""
-    from diffusers import StableDiffusionPipeline
+    scripts write it, and the merged model. No ``adapter/``: there is no θ^g to evaluate."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
-    layers = convert_state_dict_to_diffusers(state)
-    StableDiffusionPipeline.save_lora_weights(str(output_dir), unet_lora_layers=layers, weight_name=LORA_FILE)
+    write(convert_state_dict_to_diffusers(state), Path(output_dir), LORA_FILE)
     return model.merge_and_unload()
 
 

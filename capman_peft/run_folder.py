@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, call_on_exit
+from .families import ModelFamily, family_class
 
 SCHEDULERS = ("ddim", "dpm", "pipeline")
 # Room the result files of a run or an evaluation need at the least, checked before any work.
@@ -114,10 +115,14 @@ class PipelineFolder:
     """``training_summary.json`` (empty when absent)."""
 
     @property
+    def family(self) -> type[ModelFamily]:
+        """The registered family of the saved pipeline (``model_index.json``'s ``_class_name``)."""
+        return family_class(self.model_index.get("_class_name"), str(self.path / "model_index.json"))
+
+    @property
     def kind(self) -> str:
-        """``class-conditional`` (UNet2DModel + class ids) or ``text-to-image`` (Stable Diffusion + prompts)."""
-        is_class_conditional = self.model_index.get("_class_name") == "ClassConditionalPipeline"
-        return "class-conditional" if is_class_conditional else "text-to-image"
+        """``text-to-image`` (classes given as prompts) or ``class-conditional`` (as class ids)."""
+        return "text-to-image" if self.family.prompted else "class-conditional"
 
     @property
     def args(self) -> dict[str, Any]:
@@ -145,12 +150,13 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     summary_file = path / "training_summary.json"
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     folder = PipelineFolder(path, model_index, summary)
-    if folder.kind == "text-to-image" and "unet" not in model_index:
+    denoiser = folder.family.denoiser
+    if denoiser not in model_index:
         raise ConfigError(
-            f"{str(path)!r} holds a {model_index.get('_class_name')} without a unet; capman-eval evaluates "
-            "ClassConditionalPipeline and Stable Diffusion pipelines"
+            f"{str(path)!r} holds a {model_index.get('_class_name')} without a {denoiser}; capman-eval evaluates a "
+            "training run's output_dir"
         )
-    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = path / denoiser / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise ConfigError(
             f"{weights}: missing; the pipeline folder is incomplete (an interrupted export?); allowed: a finished "
@@ -199,16 +205,15 @@ def load_capman_unet(folder: PipelineFolder) -> nn.Module:
     LoRA mode: the base is the pretrained UNet named by ``base_model_name_or_path`` in the adapter config (falling
     back to the summary's ``pretrained_model_name_or_path``); it must be available locally when offline.
     """
-    from diffusers import UNet2DConditionModel, UNet2DModel
     from peft import PeftModel
 
     from . import tuner  # noqa: F401  (registers the CapMan tuner with PEFT)
 
     config_file = require_adapter(folder)
     adapter_config = json.loads(config_file.read_text())
-    unet_cls = UNet2DModel if folder.kind == "class-conditional" else UNet2DConditionModel
+    denoiser, denoiser_cls = folder.family.denoiser, folder.family.denoiser_class
     if adapter_config.get("mode") == "full":
-        base = unet_cls.from_config(unet_cls.load_config(folder.path / "unet"))
+        base = denoiser_cls.from_config(denoiser_cls.load_config(folder.path / denoiser))
     else:
         name = adapter_config.get("base_model_name_or_path") or folder.args.get("pretrained_model_name_or_path")
         if not name:
@@ -219,9 +224,9 @@ def load_capman_unet(folder: PipelineFolder) -> nn.Module:
 
         name = hub_source(name, f"base model of {config_file}", "model")
         try:
-            as_pipeline = not Path(name).exists() or (Path(name) / "unet").is_dir()
-            where = {"subfolder": "unet"} if as_pipeline else {}
-            base = unet_cls.from_pretrained(name, use_safetensors=True, **where)
+            as_pipeline = not Path(name).exists() or (Path(name) / denoiser).is_dir()
+            where = {"subfolder": denoiser} if as_pipeline else {}
+            base = denoiser_cls.from_pretrained(name, use_safetensors=True, **where)
         except (OSError, ValueError) as err:
             raise ConfigError(
                 f"θ^g of a LoRA run needs the base model {name!r} (base_model_name_or_path in {str(config_file)!r}) "
@@ -243,9 +248,8 @@ def load_pipeline(
             ``output_dir/adapter`` (:func:`load_capman_unet` + ``merge_general_and_unload``).
         scheduler: ``"ddim"``, ``"dpm"`` (DPM-Solver++ multistep) or ``"pipeline"`` (keep the saved one).
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    from .pipelines import ClassConditionalPipeline
     from .tuner import merge_general_and_unload
 
     folder = path if isinstance(path, PipelineFolder) else read_pipeline_folder(path)
@@ -253,10 +257,9 @@ def load_pipeline(
         raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    loader = ClassConditionalPipeline if folder.kind == "class-conditional" else DiffusionPipeline
-    pipe = loader.from_pretrained(str(folder.path), use_safetensors=True)
+    pipe = folder.family.loader.from_pretrained(str(folder.path), use_safetensors=True)
     if expert == "off":
-        pipe.unet = merge_general_and_unload(load_capman_unet(folder)).eval()
+        setattr(pipe, folder.family.denoiser, merge_general_and_unload(load_capman_unet(folder)).eval())
         if getattr(pipe.config, "class_groups", None) is not None:  # group experts: theta^g serves every class
             pipe.register_modules(unet_medium=None, unet_few=None)
             pipe.register_to_config(class_groups=None)
@@ -266,10 +269,3 @@ def load_pipeline(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def pipeline_resolution(pipe: Any) -> int:
-    """Side length of the images a pipeline generates by default (UNet sample size, times the VAE factor for SD)."""
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return int(size * getattr(pipe, "vae_scale_factor", 1)) if hasattr(pipe, "vae") else int(size)

@@ -262,7 +262,7 @@ def test_capman_eval_uses_the_runs_class_prompts():
     from capman_peft.evaluation.evaluate import _model_classes
 
     folder = SimpleNamespace(
-        kind="text-to-image",
+        family=StableDiffusionFamily,
         summary={"class_names": ["sketch", "oil"], "prompts": ["a pencil sketch", "an oil painting"]},
         args={"prompt_template": "a {} painting"},
     )

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "capman_peft"
 LAYERS = [
     ["errors", "randomness", "settings"],
     ["hub", "data", "tuner", "objective", "checkpointing"],
-    ["families", "denoiser", "class_conditional_pipeline", "pipelines", "run_folder", "expert_use"],
+    ["families", "denoiser", "pipelines", "run_folder", "expert_use"],
     ["training", "evaluation"],
     ["analysis"],
     ["flags", "recipes", "evaluation.cli", "evaluation.__main__", "analysis.cli", "analysis.__main__", ""],

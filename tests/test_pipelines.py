@@ -12,7 +12,7 @@ from conftest import run_python_without_capman
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
 
-from capman_peft.pipelines import ClassConditionalPipeline, save_class_conditional_pipeline
+from capman_peft import ClassConditionalPipeline, save_class_conditional_pipeline
 from capman_peft.testing import make_tiny_unet2d
 
 CLASS_NAMES = ["cat", "dog", "bird"]

@@ -33,7 +33,8 @@ import capman_peft  # noqa: F401  (registers the CapMan tuner for PeftModel.from
 import capman_peft.training.loop as training_loop
 from capman_peft.errors import run_cli
 from capman_peft.expert_use import EXPERT_USE_IMAGES
-from capman_peft.families import stable_diffusion
+from capman_peft.families import pretrained, pretrained_output
+from capman_peft.flags.fine_tuning import fine_tuning_parser
 from capman_peft.testing import build_tiny_sd, make_tiny_sd_unet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,14 +222,14 @@ def test_license_comes_from_the_flag_else_the_base_model_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# base\n")
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     settings = train_text_to_image_cm.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
-    assert stable_diffusion.base_model_license(settings) == "mit"
+    assert pretrained_output.base_model_license(settings) == "mit"
 
     def with_model(**changes):
         return dataclasses.replace(settings, model=dataclasses.replace(settings.model, **changes))
 
-    assert stable_diffusion.base_model_license(with_model(license="openrail")) == "openrail"
+    assert pretrained_output.base_model_license(with_model(license="openrail")) == "openrail"
     elsewhere = with_model(pretrained_model_name_or_path=str(tmp_path / "elsewhere"))
-    assert stable_diffusion.base_model_license(elsewhere) == "creativeml-openrail-m"
+    assert pretrained_output.base_model_license(elsewhere) == "creativeml-openrail-m"
 
 
 def test_push_to_hub_uploads_the_lora_file_with_its_card(trained):
@@ -478,7 +479,8 @@ def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
 
 def test_defaults_are_the_paper_recipe(assets):
     base = ["--pretrained_model_name_or_path", str(assets.base)]  # the default, miniSD, is on the Hub
-    assert train_text_to_image_cm.BASE_MODEL == "lambdalabs/miniSD-diffusers"
+    parser = fine_tuning_parser(None)
+    assert parser.get_default("pretrained_model_name_or_path") == "lambdalabs/miniSD-diffusers"
     settings = train_text_to_image_cm.parse_args(base)
     sd, optimization, objective = settings.model, settings.optimization, settings.objective
     assert sd.family == "stable-diffusion" and settings.data.resolution == 256
@@ -490,7 +492,7 @@ def test_defaults_are_the_paper_recipe(assets):
     # the template is the dataset's own ("a {} painting" for ArtBench), resolved with the settings
     assert settings.data.dataset == "imb-artbench10" and sd.prompt_template == "a {} painting"
     assert (objective.cm_general_fraction, objective.cm_form, objective.cm_forward) == (0.25, "relative", "fused")
-    config = stable_diffusion.adapter_config(settings)
+    config = pretrained.adapter_config(settings)
     assert (config.r, config.lora_alpha, config.expert_r) == (128, 128, 8)
     assert config.target_modules == {"to_q", "to_k", "to_v", "to_out.0"}
     assert train_text_to_image_cm.parse_args([*base, "--caption_dropout", "0.2"]).objective.label_dropout == 0.2

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import run_cli
-from ..evaluation.evaluate import check_writable_output
+from ..evaluation.batch import check_writable_output
 from ..flags import ArgumentParser, device_value, positive_int, seed_value
 from ..objective import LOWER_MARGIN_FORMS
 from .capacity import expert_capacity

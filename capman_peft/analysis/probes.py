@@ -20,8 +20,8 @@ from ..data import (
 )
 from ..errors import ConfigError
 from ..expert_use import LossSetup
-from ..families import family_of_pipeline
-from ..run_folder import PipelineFolder, load_pipeline, pipeline_resolution, read_pipeline_folder
+from ..families import family_of_pipeline, pipeline_resolution
+from ..run_folder import PipelineFolder, load_pipeline, read_pipeline_folder
 
 
 def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], dataset: str) -> LossSetup:
@@ -31,7 +31,7 @@ def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], d
     device = pipe.unet.device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = None
-    if folder.kind != "class-conditional":
+    if folder.family.prompted:
         template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
         prompts = class_prompts(class_names, template)
     return LossSetup(pipe.unet, noise_scheduler, family_of_pipeline(pipe, prompts), device)
@@ -86,7 +86,7 @@ def prepare_analysis(
             "UNet; allowed: capman-eval for this output, or capman-analyze on a CM or baseline run"
         )
     resolution = resolution or args.get("resolution") or pipeline_resolution(pipe)
-    names = pipe.class_names if folder.kind == "class-conditional" else folder.summary.get("class_names")
+    names = folder.family.class_names(pipe, folder.summary)
     data_kwargs = dict(
         name=dataset,
         imbalance_ratio=imbalance_ratio,
@@ -103,7 +103,7 @@ def prepare_analysis(
         if names is None:
             raise
         data = load_imbalanced_dataset(**data_kwargs)  # names differ from the dataset's: match by class id
-    num_classes = pipe.num_classes if folder.kind == "class-conditional" else len(names or data.class_names)
+    num_classes = folder.family.num_classes(pipe, folder.summary) or len(names or data.class_names)
     if num_classes != data.num_classes:
         raise ConfigError(
             f"the pipeline has {num_classes} classes but {dataset!r} has {data.num_classes}; "

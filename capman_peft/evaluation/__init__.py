@@ -53,20 +53,22 @@ generated set's), never by extracting again. A cache file that cannot be read is
 Only the requested metrics appear; a split with no classes (fewer than 3 classes in all) is left out; KID is ``null``
 where a subset of 2 images cannot be drawn and precision/recall where a set has fewer than 4 images.
 
-Modules: :mod:`.evaluate` (:func:`evaluate_pipeline`, :func:`evaluate_pipelines`, :class:`EvalSettings`),
-:mod:`.sampling` (balanced seeded generation), :mod:`.fidelity` (torch-fidelity inputs, Inception weights, the
-feature cache, metrics), :mod:`.digits` (the digits classifier and its extractor), :mod:`.report` (files, chart, model
-card, summary line), :mod:`.cli` (``capman-eval``); the run folder is read by :mod:`capman_peft.run_folder`.
+Modules: :mod:`.evaluate` (:func:`evaluate_pipeline`, :class:`EvalSettings`), :mod:`.batch`
+(:func:`evaluate_pipelines`), :mod:`.sampling` (balanced seeded generation), :mod:`.fidelity` (torch-fidelity inputs,
+Inception weights, the feature cache, metrics), :mod:`.digits` (the digits classifier and its extractor),
+:mod:`.report` (files, chart, model card, summary line), :mod:`.cli` (``capman-eval``); the run folder is read by
+:mod:`capman_peft.run_folder`.
 """
 
+from ..families import pipeline_resolution
 from ..run_folder import (
     PipelineFolder,
     load_capman_unet,
     load_pipeline,
-    pipeline_resolution,
     read_pipeline_folder,
     require_adapter,
 )
+from .batch import evaluate_pipelines
 from .digits import (
     DIGITS_CLASSIFIER,
     DigitsClassifier,
@@ -76,7 +78,7 @@ from .digits import (
     load_digits_classifier,
     train_digits_classifier,
 )
-from .evaluate import EvalSettings, evaluate_pipeline, evaluate_pipelines
+from .evaluate import EvalSettings, evaluate_pipeline
 from .fidelity import INCEPTION, METRIC_NAMES, default_cache_dir, measure_fidelity, to_uint8
 from .report import write_json
 from .sampling import generate_balanced

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from ..data import get_dataset_spec
 from ..errors import ConfigError, run_cli
 from ..run_folder import SCHEDULERS, read_pipeline_folder, require_adapter
+from .batch import evaluate_pipelines
 from .digits import resolve_feature_extractor
-from .evaluate import EXPERT_SETTINGS, EvalSettings, _known_datasets, evaluate_pipelines
+from .evaluate import EXPERT_SETTINGS, EvalSettings, _known_datasets
 from .fidelity import INCEPTION, _check_metrics
 from .sampling import _check_settings
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..families import pipeline_resolution
 from ..randomness import derived_seed
-from ..run_folder import pipeline_resolution
 
 
 def _check_settings(num_images_per_class: int, steps: int, guidance_scale: float, batch_size: int, seed: int) -> None:

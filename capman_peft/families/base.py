@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from torch import nn
 
@@ -46,13 +47,46 @@ def concat(conds: Sequence[Condition]) -> Condition:
 
 
 class ModelFamily:
-    """One model family (class-conditional UNet, Stable Diffusion, ...): the parts of a training step, the expert-use
-    report and sampling that differ between families.
+    """One model family (class-conditional UNet, Stable Diffusion, ...): everything that differs between families.
 
-    Subclasses set ``name`` and implement :meth:`encode`, :meth:`condition` and :meth:`unet_kwargs`.
+    A family is one plugin, registered by the pipeline class its outputs are saved as
+    (:func:`capman_peft.families.register_family`): the rest of the product looks it up from a ``model_index.json``
+    or a loaded pipeline and never asks which family it holds. An instance is the per-run part (a training step's x0
+    and condition, and how the denoiser is called); the class methods are what a saved output needs (loading it,
+    its class names and prompts).
+
+    Subclasses set ``name``, ``pipeline_class`` and ``denoiser_class`` and implement :meth:`encode`,
+    :meth:`condition`, :meth:`unet_kwargs` and :meth:`from_pipeline`.
     """
 
     name: str = ""
+    pipeline_class: str = ""
+    """``_class_name`` in the ``model_index.json`` of the family's pipelines: the registry's key."""
+    denoiser: str = "unet"
+    """The pipeline component that is trained."""
+    denoiser_class: type[nn.Module] | None = None
+    """The diffusers class of that component (the base a saved adapter is loaded onto)."""
+    prompted: bool = False
+    """Whether classes are given to the model as text prompts (else as class ids)."""
+    loader: Any = DiffusionPipeline
+    """The class whose ``from_pretrained`` loads a saved output of this family."""
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> ModelFamily:
+        """The family of a loaded pipeline, ready to encode images and class ids (`prompts`: one per class, for a
+        prompted family)."""
+        raise NotImplementedError
+
+    @classmethod
+    def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
+        """The class names of a saved output in its class-id order (`summary`: its ``training_summary.json``)."""
+        return summary.get("class_names")
+
+    @classmethod
+    def num_classes(cls, pipe: Any, summary: Mapping[str, Any]) -> int | None:
+        """C, the number of real classes of a saved output, where the output says (else None)."""
+        names = cls.class_names(pipe, summary)
+        return None if names is None else len(names)
 
     def encode(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
         """The batch in the denoiser's input space (pixels, or VAE latents): x0. `draws` carries the step's flips and

@@ -11,23 +11,27 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DModel
 from torch import nn
 
 from ..data import grid_classes
 from ..data.augment import AUGMENT_CONDITION_DIM, augment_condition, augment_images
 from ..errors import ConfigError
 from ..hub import hub_source
-from ..pipelines import class_conditional_pipeline, image_grid
+from ..pipelines import image_grid
 from ..randomness import StepDraws
 from ..settings import TrainingSettings, identity
 from ..tuner import group_experts
 from .base import AFTER_SPLIT, Condition, ModelFamily
+from .class_conditional_pipeline import ClassConditionalPipeline
+from .registry import register_family
 
 
+@register_family
 class ClassConditionalFamily(ModelFamily):
     """x0 is the pixels; the condition is the class id itself (``class_labels``), the null class ``num_classes``.
 
@@ -36,6 +40,21 @@ class ClassConditionalFamily(ModelFamily):
     """
 
     name = "class-conditional"
+    pipeline_class = "ClassConditionalPipeline"
+    denoiser_class = UNet2DModel
+    loader = ClassConditionalPipeline
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> ModelFamily:
+        return cls()
+
+    @classmethod
+    def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
+        return pipe.class_names
+
+    @classmethod
+    def num_classes(cls, pipe: Any, summary: Mapping[str, Any]) -> int | None:
+        return pipe.num_classes
 
     def encode(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
         if draws is None or draws.augment is None:
@@ -238,3 +257,42 @@ def class_grid(
         ).images
     pipeline.unet.train(was_training)
     return image_grid(images, rows=len(shown), cols=output.num_validation_images)
+
+
+def class_conditional_pipeline(
+    unets: UNet2DModel | Sequence[UNet2DModel],
+    scheduler: SchedulerMixin,
+    class_names: list[str] | None,
+    class_groups: Sequence[int] | None = None,
+) -> ClassConditionalPipeline:
+    """The pipeline of one UNet, or of one UNet per class group (Many, Medium, Few; the Group-Expert LoRA baseline)
+    with `class_groups[c]` the group of class c."""
+    unets = [unets] if isinstance(unets, torch.nn.Module) else list(unets)
+    id2label = None if class_names is None else dict(enumerate(class_names))
+    groups = {}
+    if class_groups is not None:
+        groups = dict(unet_medium=unets[1], unet_few=unets[2], class_groups=dict(enumerate(class_groups)))
+    return ClassConditionalPipeline(unet=unets[0], scheduler=scheduler, id2label=id2label, **groups)
+
+
+def save_class_conditional_pipeline(
+    unets: UNet2DModel | Sequence[UNet2DModel],
+    scheduler: SchedulerMixin,
+    class_names: list[str] | None,
+    output_dir: str | Path,
+    class_groups: Sequence[int] | None = None,
+) -> Path:
+    """Write a loadable pipeline folder: model_index.json, unet/ (and unet_medium/, unet_few/ with class groups),
+    scheduler/ and pipeline.py.
+
+    Weights are written as safetensors only. The folder loads with
+    `ClassConditionalPipeline.from_pretrained(output_dir)` and, without capman_peft, with
+    `DiffusionPipeline.from_pretrained(output_dir, custom_pipeline="pipeline", trust_remote_code=True)`.
+
+    Args:
+        class_names: names of the classes 0..C-1 in id order (the null class C is not named).
+    """
+    pipeline = class_conditional_pipeline(unets, scheduler, class_names, class_groups)
+    output_dir = Path(output_dir)
+    pipeline.save_pretrained(str(output_dir), safe_serialization=True)
+    return output_dir

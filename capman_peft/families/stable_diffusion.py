@@ -1,24 +1,21 @@
-"""Stable Diffusion 1.x/2.x (ε or v prediction): VAE latents in, class prompts' text embeddings as the condition.
+"""Stable Diffusion 1.x/2.x (ε or v prediction) and SDXL: VAE latents in, class prompts' text embeddings as the
+condition (SDXL adds the pooled embedding and the time ids).
 
-The family's parts: its settings (:class:`StableDiffusionSettings`), loading the base pipeline's components and
-encoding the class prompts once (:func:`load_base`), the adapter (:func:`add_adapter`), the step's x0 and condition
-(:class:`StableDiffusionFamily`), the latent cache, the per-class grid, the export of the merged pipeline and the LoRA
-files (:func:`export_pipeline`) and the model card's parts (:func:`card`).
+The families' parts: the step's x0 and condition (:class:`StableDiffusionFamily`, :class:`StableDiffusionXLFamily`),
+loading the base pipeline's components and encoding the class prompts once (:meth:`StableDiffusionFamily.load_base`),
+the grid pipeline, the LoRA writer and the latent cache. What every fine-tuned family shares is in ``pretrained.py``
+and ``pretrained_output.py``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
@@ -27,22 +24,19 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import free_memory
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..checkpointing import trainable_state
-from ..data import LabelledImageDataset, class_prompts, encode_prompts, grid_classes
+from ..data import LabelledImageDataset, class_prompts, encode_prompts
 from ..errors import ConfigError
-from ..hub import card_license, hub_source
-from ..objective import cm_card_settings
-from ..pipelines import image_grid, save_adapter_and_merge, save_lora_weights, save_plain_lora_and_merge
 from ..randomness import StepDraws
-from ..settings import TrainingSettings, identity
-from ..tuner import CapManConfig
-from .base import Condition, ModelFamily, cast_frozen_weights
+from ..settings import TrainingSettings
+from .base import Condition, cast_frozen_weights
+from .pretrained import Base, PretrainedFamily, load_component, load_denoiser, load_vae, prompts_per_class
+from .pretrained_output import inference_scheduler
+from .registry import pipeline_resolution, register_family
 
 
 def sample_latents(moments: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
@@ -68,7 +62,8 @@ class PromptEncoder:
         return encode_prompts(self.tokenizers[0], self.text_encoders[0], prompts).float(), None
 
 
-class StableDiffusionFamily(ModelFamily):
+@register_family
+class StableDiffusionFamily(PretrainedFamily):
     """x0 is the VAE latent of the image; the condition of class c is row c of `cond_table` (the text embedding of
     the class prompt; row C, the empty prompt's, is the null condition).
 
@@ -84,6 +79,12 @@ class StableDiffusionFamily(ModelFamily):
     """
 
     name = "stable-diffusion"
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_type = StableDiffusionPipeline
+    denoiser_class = UNet2DConditionModel
+    default_resolution = 256
+    text_components: tuple[tuple[str, str, Any], ...] = (("tokenizer", "text_encoder", CLIPTextModel),)
+    """(tokenizer folder, text encoder folder, text encoder class) of each text encoder of the pipeline."""
 
     def __init__(
         self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
@@ -144,13 +145,109 @@ class StableDiffusionFamily(ModelFamily):
             "negative_prompt_embeds": self.cond_table[null].expand(n, -1, -1).to(device),
         }
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusionFamily:
+        return cls(pipe.vae, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
 
+    @classmethod
+    def make(
+        cls,
+        vae: AutoencoderKL,
+        tables: tuple[torch.Tensor, torch.Tensor | None],
+        resolution: int,
+        captions: PromptEncoder | None,
+    ) -> StableDiffusionFamily:
+        """The run's family from its VAE and the encoded prompt tables (embeddings, pooled embeddings)."""
+        return cls(vae, tables[0], captions)
+
+    @classmethod
+    def load_base(
+        cls, settings: TrainingSettings, dataset: LabelledImageDataset, dtype: torch.dtype, device: torch.device
+    ) -> Base:
+        """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
+        text-encoder call, after which the text encoders leave (they are not needed again, not even for
+        validation) unless the data has per-image captions."""
+        sd = settings.model
+        noise_scheduler = load_component(DDPMScheduler, settings, "scheduler")
+        tokenizers = [load_component(CLIPTokenizer, settings, folder) for folder, _, _ in cls.text_components]
+        text_encoders = [
+            load_component(encoder, settings, folder, variant=sd.variant, use_safetensors=True)
+            for _, folder, encoder in cls.text_components
+        ]
+        vae = load_vae(settings)
+        unet = load_denoiser(cls, settings)
+        # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
+        resolution = settings.data.resolution
+        if resolution % factor:
+            raise ConfigError(
+                f"--resolution {resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
+                f"of {factor}"
+            )
+        if sd.validation_prompts_per_class:
+            prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
+        else:
+            prompts = class_prompts(dataset.class_names, sd.prompt_template)
+        for frozen in (*text_encoders, vae):
+            cast_frozen_weights(frozen.requires_grad_(False), dtype)
+            frozen.to(device)
+        encoder = PromptEncoder(tokenizers, text_encoders)
+        captions = encoder if dataset.captions is not None else None  # else the text encoders leave after this call
+        family = cls.make(vae, encoder([*prompts, ""]), resolution, captions)
+        del text_encoders, tokenizers, encoder
+        free_memory()
+        latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
+        return Base(noise_scheduler, unet, prompts, family, latent_shape)
+
+    def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=None, tokenizer=None, unet=denoiser,
+            scheduler=inference_scheduler(noise_scheduler), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    @torch.no_grad()
+    def cache_latents(
+        self, dataset: LabelledImageDataset, flip: bool, settings: TrainingSettings, disable_bar: bool
+    ) -> LatentCache:
+        """Encode each image once per flip state (both states under --random_flip); the VAE encoder never runs
+        again."""
+        loader = DataLoader(
+            dataset,
+            batch_size=settings.optimization.train_batch_size,
+            num_workers=settings.data.dataloader_num_workers,
+        )
+        chunks, sizes = [], []
+        for batch in tqdm(loader, desc="Caching latents", disable=disable_bar):
+            sizes.append(batch["original_size"])
+            pixels = batch["pixel_values"].to(self.vae.device, self.vae.dtype)
+            views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
+            moments = self.vae.encode(views).latent_dist.parameters.cpu()
+            chunks.append(moments.unflatten(0, (2 if flip else 1, len(pixels))).transpose(0, 1))
+        return LatentCache(torch.cat(chunks), dataset.labels, torch.cat(sizes), dataset.captions)
+
+    @classmethod
+    def write_lora(cls, layers: dict[str, torch.Tensor], output_dir: Path, weight_name: str) -> None:
+        cls.pipeline_type.save_lora_weights(str(output_dir), unet_lora_layers=layers, weight_name=weight_name)
+
+
+@register_family
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: the condition adds the pooled embedding of the second text encoder (``pooled_table``, row C the empty
     prompt's) and six time ids per image — original size, crop top-left, target size — as diffusers' SDXL training
     script computes them for a center crop (the resize takes the shorter side to the resolution)."""
 
     name = "stable-diffusion-xl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    pipeline_type = StableDiffusionXLPipeline
+    default_resolution = 1024
+    text_components = (
+        *StableDiffusionFamily.text_components,
+        ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
+    )
 
     def __init__(
         self,
@@ -196,168 +293,38 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             "negative_pooled_prompt_embeds": self.pooled_table[null].expand(n, -1).to(device),
         }
 
+    @classmethod
+    def check_settings(cls, settings: TrainingSettings) -> None:
+        if not (settings.data.center_crop or settings.model.cache_latents):
+            raise ConfigError(
+                "--center_crop: needed for SDXL, whose time ids give the crop's position (a center crop's follows "
+                "from the image size); allowed: --center_crop or --cache_latents"
+            )
 
-BASE_LICENSE = "creativeml-openrail-m"  # miniSD's, inherited from Stable Diffusion v1
-COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
-LORA_CARD_NOTE = """ The LoRA mode's CM default has no quality measurement yet: no testbed of capman-peft's study
-fine-tunes (docs/study.md).
-
-The trained adapter is also a plain diffusers LoRA (general and expert part stacked, rank r_g + r_e, scale 1):
-`pytorch_lora_weights.safetensors`, and the general part alone (theta^g) in `pytorch_lora_weights_general.safetensors`.
-
-```python
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference overhead
-```"""
-
-
-@dataclass(frozen=True)
-class StableDiffusionSettings:
-    """The model, adapter, prompt and export flags of this script.
-
-    Not identity: adapter dropout, attention kernels, the optimizer's precision, the noise offset, latent caching, the
-    VAE (the fp16-safe one encodes the same latents), validation prompts and what is exported or uploaded; the family
-    follows from the base model, which is.
-    """
-
-    pretrained_model_name_or_path: str = identity()
-    revision: str | None = identity()
-    variant: str | None = identity()
-    rank: int = identity()
-    expert_rank: int = identity()
-    lora_alpha: float | None = identity()
-    expert_alpha: float | None = identity()
-    lora_dropout: float
-    target_modules: str = identity()
-    expert_target_modules: str | None = identity()
-    enable_xformers_memory_efficient_attention: bool
-    use_8bit_adam: bool
-    prompt_template: str = identity()
-    """The class prompt: --prompt_template, else the named dataset's."""
-    noise_offset: float
-    cache_latents: bool
-    push_merged_pipeline: bool
-    license: str | None
-    pretrained_vae_model_name_or_path: str | None
-    validation_prompts_per_class: str | None
-    """A JSON file {class name: prompt} for the class prompts (validation, the expert-use report, evaluation)."""
-    family: str
-    """The base pipeline's family, read from its model_index.json: "stable-diffusion" or "stable-diffusion-xl"."""
-
-    @property
-    def xl(self) -> bool:
-        return self.family == "stable-diffusion-xl"
-
-
-# model_index.json's pipeline class -> the family, and the family's default image side when --resolution is not given
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionXLPipeline": "stable-diffusion-xl"}
-DEFAULT_RESOLUTION = {"stable-diffusion": 256, "stable-diffusion-xl": 1024}
-
-
-def base_family(name_or_path: str, *, cache_dir: str | None, revision: str | None) -> str:
-    """The family of the base pipeline, from its ``model_index.json`` (no weights are read)."""
-    from diffusers import DiffusionPipeline
-
-    flag = "--pretrained_model_name_or_path"
-    source = hub_source(name_or_path, flag, "model", cache_dir, revision)
-    try:
-        config = DiffusionPipeline.load_config(source, cache_dir=cache_dir, revision=revision)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"{flag} {name_or_path}: no readable model_index.json ({reason}); allowed: a Stable Diffusion 1.x/2.x or "
-            "SDXL pipeline folder or Hub id"
-        ) from None
-    kind = config.get("_class_name")
-    if kind not in PIPELINE_FAMILIES:
-        raise ConfigError(
-            f"{flag} {name_or_path}: is a {kind}; allowed: {', '.join(PIPELINE_FAMILIES)} (Stable Diffusion 1.x/2.x, "
-            "SDXL)"
+    @classmethod
+    def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusionXLFamily:
+        cond_table, pooled_table = encode_prompts_xl(
+            [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts
         )
-    return PIPELINE_FAMILIES[kind]
+        return cls(pipe.vae, cond_table, pooled_table, pipeline_resolution(pipe))
 
+    @classmethod
+    def make(
+        cls,
+        vae: AutoencoderKL,
+        tables: tuple[torch.Tensor, torch.Tensor | None],
+        resolution: int,
+        captions: PromptEncoder | None,
+    ) -> StableDiffusionXLFamily:
+        return cls(vae, tables[0], tables[1], resolution, captions)
 
-def module_spec(value: str) -> list[str] | str:
-    """``"to_q,to_k"`` -> a list (PEFT matches names and suffixes); a single regex stays a string."""
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if len(names) == 1 and re.search(r"[\\*+?()\[\]|^$]", names[0]):
-        return names[0]
-    return names
-
-
-def adapter_config(settings: TrainingSettings) -> PeftConfig:
-    """The CapMan dual adapter (lora mode), or a plain LoRA of the same general rank for the baseline."""
-    sd = settings.model
-    common = dict(
-        lora_alpha=sd.lora_alpha or sd.rank,
-        lora_dropout=sd.lora_dropout,
-        target_modules=module_spec(sd.target_modules),
-        revision=sd.revision,
-    )
-    if not settings.objective.capacity_manipulation:
-        return LoraConfig(r=sd.rank, **common)
-    experts = module_spec(sd.expert_target_modules) if sd.expert_target_modules else None
-    return CapManConfig(
-        mode="lora",
-        r=sd.rank,
-        expert_r=sd.expert_rank,
-        expert_alpha=sd.expert_alpha,
-        expert_target_modules=experts,
-        **common,
-    )
-
-
-def add_adapter(unet: UNet2DConditionModel, settings: TrainingSettings) -> PeftModel:
-    try:
-        model = get_peft_model(unet, adapter_config(settings))
-    except ValueError as err:
-        raise ConfigError(f"--target_modules / --expert_target_modules: {err}") from None
-    # get_peft_model takes the base's name from the model, and diffusers models carry none; capman-eval and
-    # PeftModel users find the base UNet through it.
-    model.peft_config["default"].base_model_name_or_path = settings.model.pretrained_model_name_or_path
-    return model
-
-
-def base_source(settings: TrainingSettings) -> str:
-    """Where the base pipeline loads from: the folder or Hub id given, or its local snapshot when offline."""
-    return hub_source(
-        settings.model.pretrained_model_name_or_path,
-        "--pretrained_model_name_or_path",
-        "model",
-        settings.data.cache_dir,
-        settings.model.revision,
-    )
-
-
-def load_component(cls: Any, settings: TrainingSettings, subfolder: str, **kwargs: Any) -> Any:
-    """One component of the base pipeline; a missing or broken one is a one-line error naming it."""
-    sd = settings.model
-    name = base_source(settings)
-    path = Path(name)
-    if path.exists() and not (path / subfolder).is_dir():
-        raise ConfigError(
-            f"--pretrained_model_name_or_path {sd.pretrained_model_name_or_path}: no {subfolder}/ folder; "
-            f"allowed: a Stable Diffusion pipeline folder with {', '.join(COMPONENTS)}"
-        )
-    try:
-        return cls.from_pretrained(
-            name, subfolder=subfolder, revision=sd.revision, cache_dir=settings.data.cache_dir, **kwargs
-        )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"--pretrained_model_name_or_path {sd.pretrained_model_name_or_path}: cannot load {subfolder} "
-            f"({first_line}); allowed: a Stable Diffusion pipeline folder or Hub id"
-        ) from err
-
-
-def load_unet(settings: TrainingSettings) -> UNet2DConditionModel:
-    unet = load_component(UNet2DConditionModel, settings, "unet", variant=settings.model.variant, use_safetensors=True)
-    for param in unet.parameters():  # a variant's files may be fp16; the base is cast per run (cast_frozen_weights)
-        param.data = param.data.float()
-    return unet
+    def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
+        pipeline = StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=denoiser,
+            scheduler=inference_scheduler(noise_scheduler),
+        )  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
 
 class LatentCache(Dataset):
@@ -387,172 +354,6 @@ class LatentCache(Dataset):
 
 
 @torch.no_grad()
-def cache_latents(
-    vae: AutoencoderKL, dataset: LabelledImageDataset, flip: bool, settings: TrainingSettings, disable_bar: bool
-) -> LatentCache:
-    """Encode each image once per flip state (both states under --random_flip); the VAE encoder never runs again."""
-    loader = DataLoader(
-        dataset, batch_size=settings.optimization.train_batch_size, num_workers=settings.data.dataloader_num_workers
-    )
-    chunks, sizes = [], []
-    for batch in tqdm(loader, desc="Caching latents", disable=disable_bar):
-        sizes.append(batch["original_size"])
-        pixels = batch["pixel_values"].to(vae.device, vae.dtype)
-        views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
-        moments = vae.encode(views).latent_dist.parameters.cpu()
-        chunks.append(moments.unflatten(0, (2 if flip else 1, len(pixels))).transpose(0, 1))
-    return LatentCache(torch.cat(chunks), dataset.labels, torch.cat(sizes), dataset.captions)
-
-
-def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
-    """DDIM, the paper's sampler; SD latents must not be clipped to [-1, 1]."""
-    return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
-
-
-def grid_pipeline(unet: torch.nn.Module, vae: AutoencoderKL, noise_scheduler: SchedulerMixin, *, xl: bool) -> Any:
-    """A sampling pipeline around the model being trained, without text encoders (the prompts are embedded)."""
-    if xl:
-        pipeline = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-            scheduler=inference_scheduler(noise_scheduler),
-        )  # fmt: skip
-    else:
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=inference_scheduler(noise_scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@torch.no_grad()
-def sample_class_grid(
-    pipeline: Any,
-    family: StableDiffusionFamily,
-    settings: TrainingSettings,
-    dtype: torch.dtype,
-    class_counts: Sequence[int],
-) -> Image.Image:
-    """``--num_validation_images`` per class (rows = classes; ``grid_classes`` of them for a set with many) from the
-    precomputed prompt embeddings: the text encoders are not needed. Class c always starts from the same seeded
-    noise, so grids compare across epochs."""
-    device = pipeline.unet.device
-    n = settings.output.num_validation_images
-    shown = grid_classes(class_counts)
-    images = []
-    for c in shown:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            images += pipeline(
-                **family.grid_prompts(c, n, device),
-                height=settings.data.resolution,
-                width=settings.data.resolution,
-                num_inference_steps=settings.output.num_inference_steps,
-                guidance_scale=settings.output.guidance_scale,
-                generator=torch.Generator(device).manual_seed(settings.optimization.seed + c),
-            ).images
-    return image_grid(images, rows=len(shown), cols=n)
-
-
-def export_unet(settings: TrainingSettings, trained: torch.nn.Module) -> PeftModel:
-    """The trained adapter on a fresh float32 copy of the base UNet (on the CPU): what the export merges and what the
-    end-of-training expert-use report measures. Training kept the base weights in the mixed-precision dtype; merging
-    into rounded weights would bake the rounding into the export, and θ and θ^g computed in bf16 differ by a
-    rounding floor (~1e-5 in (ε_θ − ε_θg)², docs/method.md) that would compress the report's Few/Many ratio."""
-    weights = {name: value.float().cpu() for name, value in trainable_state(trained).items()}
-    model = add_adapter(load_unet(settings), settings)
-    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-    if unexpected or set(weights) != set(trainable_state(model)):
-        raise RuntimeError(f"trained adapter does not fit the export model: {sorted(unexpected)[:3]}")
-    return model
-
-
-def export_pipeline(
-    settings: TrainingSettings,
-    model: PeftModel,
-    noise_scheduler: SchedulerMixin,
-    output_dir: Path,
-    run_id: str,
-) -> Any:
-    """Write `output_dir` (the export stage) from the float32 model of :func:`export_unet`: the adapter (PEFT format
-    in adapter/ and as diffusers LoRA files; the baseline's LoRA file only) and the merged float32
-    StableDiffusionPipeline.
-
-    SDXL exports a StableDiffusionXLPipeline (with the ``--pretrained_vae_model_name_or_path`` VAE where given).
-    """
-    sd = settings.model
-    if settings.objective.capacity_manipulation:
-        save_lora_weights(model, output_dir)  # before merging: the adapter as a diffusers LoRA
-        merged = save_adapter_and_merge(model, output_dir, run_id)
-    else:
-        merged = save_plain_lora_and_merge(model, output_dir)
-    vae = {"vae": load_vae(settings)} if sd.pretrained_vae_model_name_or_path else {}
-    pipeline_class = StableDiffusionXLPipeline if sd.xl else StableDiffusionPipeline
-    pipeline = pipeline_class.from_pretrained(
-        base_source(settings),
-        use_safetensors=True,
-        unet=merged,
-        **vae,
-        scheduler=inference_scheduler(noise_scheduler),
-        revision=sd.revision,
-        variant=sd.variant,
-        cache_dir=settings.data.cache_dir,
-        **({"torch_dtype": torch.float32} if sd.variant else {}),  # variant files may be fp16
-    )
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
-    return pipeline
-
-
-def base_model_license(settings: TrainingSettings) -> str:
-    """``--license``, else the license in the base model's card when it is on disk, else miniSD's."""
-    sd = settings.model
-    if sd.license:
-        return sd.license
-    card = Path(sd.pretrained_model_name_or_path) / "README.md"
-    if not card.parent.exists():  # a Hub id: its card counts only if it is already in the local cache
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(
-                sd.pretrained_model_name_or_path,
-                "README.md",
-                cache_dir=settings.data.cache_dir,
-                revision=sd.revision,
-            )
-        except ValueError:  # not a Hub id either
-            cached = None
-        card = Path(cached) if isinstance(cached, str) else card
-    return (card_license(card) if card.is_file() else None) or BASE_LICENSE
-
-
-@dataclass
-class Base:
-    """The frozen parts of the base pipeline after the work done once per run."""
-
-    noise_scheduler: SchedulerMixin
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    prompts: list[str]
-    family: StableDiffusionFamily
-    """The step's x0 and condition: the VAE, and the text embeddings of the C class prompts and, in row C, of the
-    empty prompt (the null condition)."""
-    latent_shape: tuple[int, int, int]
-
-
-def load_vae(settings: TrainingSettings) -> AutoencoderKL:
-    """The base pipeline's VAE, or ``--pretrained_vae_model_name_or_path`` (e.g. SDXL's fp16-safe VAE)."""
-    sd = settings.model
-    if not sd.pretrained_vae_model_name_or_path:
-        return load_component(AutoencoderKL, settings, "vae", variant=sd.variant, use_safetensors=True)
-    flag = "--pretrained_vae_model_name_or_path"
-    source = hub_source(sd.pretrained_vae_model_name_or_path, flag, "model", settings.data.cache_dir)
-    try:
-        return AutoencoderKL.from_pretrained(source, cache_dir=settings.data.cache_dir, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{flag} {sd.pretrained_vae_model_name_or_path}: cannot load a VAE ({reason})") from err
-
-
-@torch.no_grad()
 def encode_prompts_xl(
     tokenizers: Sequence[Any], text_encoders: Sequence[Any], prompts: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,103 +368,3 @@ def encode_prompts_xl(
         pooled = output[0]
         hidden.append(output.hidden_states[-2])
     return torch.cat(hidden, dim=-1), pooled
-
-
-def prompts_per_class(path: str, class_names: Sequence[str] | None) -> list[str]:
-    """The class prompts of ``--validation_prompts_per_class``, in class order; with `class_names` None only the
-    file's format is checked (before any work)."""
-    flag = f"--validation_prompts_per_class {path}"
-    allowed = 'allowed: a JSON object with one prompt per class name, e.g. {"baroque": "a baroque painting"}'
-    try:
-        table = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{flag}: cannot be read as JSON ({err}); {allowed}") from None
-    if not isinstance(table, dict) or not all(isinstance(v, str) and v.strip() for v in table.values()):
-        raise ConfigError(f"{flag}: not an object of non-empty text prompts; {allowed}")
-    if class_names is None:
-        return list(table.values())
-    missing = [name for name in class_names if name not in table]
-    unknown = sorted(set(table) - set(class_names))
-    if missing or unknown:
-        raise ConfigError(
-            f"{flag}: no prompt for classes {missing} and prompts for unknown classes {unknown}; {allowed} "
-            f"(the classes: {', '.join(class_names)})"
-        )
-    return [table[name] for name in class_names]
-
-
-def load_base(settings: TrainingSettings, dataset: LabelledImageDataset, dtype: torch.dtype, device) -> Base:
-    """Load the base pipeline's parts. Work done once: the class prompts and the empty prompt are encoded in one
-    text-encoder call, after which the text encoder leaves (it is not needed again, not even for validation)."""
-    sd = settings.model
-    noise_scheduler = load_component(DDPMScheduler, settings, "scheduler")
-    tokenizers = [load_component(CLIPTokenizer, settings, "tokenizer")]
-    # Weights are read from safetensors only: a base model with nothing but pickled .bin files is refused.
-    text_encoders = [load_component(CLIPTextModel, settings, "text_encoder", variant=sd.variant, use_safetensors=True)]
-    if sd.xl:
-        tokenizers.append(load_component(CLIPTokenizer, settings, "tokenizer_2"))
-        text_encoders.append(
-            load_component(
-                CLIPTextModelWithProjection, settings, "text_encoder_2", variant=sd.variant, use_safetensors=True
-            )
-        )
-    vae = load_vae(settings)
-    unet = load_unet(settings)
-    # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
-    resolution = settings.data.resolution
-    if resolution % factor:
-        raise ConfigError(
-            f"--resolution {resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
-            f"of {factor}"
-        )
-    if sd.validation_prompts_per_class:
-        prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
-    else:
-        prompts = class_prompts(dataset.class_names, sd.prompt_template)
-    for frozen in (*text_encoders, vae):
-        cast_frozen_weights(frozen.requires_grad_(False), dtype)
-        frozen.to(device)
-    encoder = PromptEncoder(tokenizers, text_encoders)
-    captions = encoder if dataset.captions is not None else None  # else the text encoders leave after this call
-    cond_table, pooled_table = encoder([*prompts, ""])
-    if sd.xl:
-        family = StableDiffusionXLFamily(vae, cond_table, pooled_table, resolution, captions)
-    else:
-        family = StableDiffusionFamily(vae, cond_table, captions)
-    del text_encoders, tokenizers, encoder
-    free_memory()
-    latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
-    return Base(noise_scheduler, vae, unet, prompts, family, latent_shape)
-
-
-def card(settings: TrainingSettings, prompts: list[str], class_counts: Sequence[int]) -> dict[str, Any]:
-    """The model card's run-specific parts: base model, license, CM settings, how to load, widget prompts."""
-    sd = settings.model
-    base_is_local = Path(sd.pretrained_model_name_or_path).exists()
-    note = (
-        "A plain `StableDiffusionPipeline`: `DiffusionPipeline.from_pretrained(path)` loads it without "
-        "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
-        + ", ".join(f'"{prompt}"' for prompt in prompts)
-        + "."
-    )
-    if settings.objective.capacity_manipulation:
-        note += LORA_CARD_NOTE.format(
-            base=sd.pretrained_model_name_or_path, repo=settings.hub.hub_model_id or "<this repo or folder>"
-        )
-    if base_is_local:
-        note += f" Fine-tuned from a local base model folder `{Path(sd.pretrained_model_name_or_path).name}`."
-    adapter = dict(
-        mode="lora",
-        rank=sd.rank,
-        expert_rank=sd.expert_rank,
-        lora_dropout=sd.lora_dropout,
-    )
-    return dict(
-        base_model=None if base_is_local else sd.pretrained_model_name_or_path,  # the Hub rejects local paths
-        cm_settings=cm_card_settings(settings.objective, **adapter, target_modules=sd.target_modules),
-        license=base_model_license(settings),
-        pipeline_note=note,
-        widget_prompts=[prompts[c] for c in grid_classes(class_counts)],  # the Hub widget: the grid's classes
-    )

@@ -1,0 +1,164 @@
+"""The fine-tuning script's own flags (``train_text_to_image_cm.py``): the base pipeline, the adapter, text and
+latents, the export, and the paper's ArtBench recipe as defaults; the flags both scripts share are in
+``definitions.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from diffusers.utils.import_utils import is_xformers_available
+
+from ..errors import ConfigError
+from ..families.pretrained_output import BASE_LICENSE
+from ..settings import ObjectiveSettings
+from .definitions import script_parser
+from .values import module_patterns, nonnegative_float, positive_float, positive_int, probability, prompt_template_value
+
+# The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (docs/study.md).
+LORA_CM_HELP = (
+    "Train with the CM loss: a general LoRA and a reserved expert LoRA. On by default; the LoRA mode has no quality "
+    "testbed yet, so neither this default nor --cm_form's is measured for it (the from-scratch script has CM off "
+    "by default after its testbeds, docs/study.md). --no_capacity_manipulation: one plain LoRA."
+)
+
+BASE_MODEL = "lambdalabs/miniSD-diffusers"
+ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
+
+
+def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
+    """The fine-tuning script's parser: the shared flags with its defaults, and its own groups."""
+    parser = script_parser(
+        description, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10,
+        guidance_scale=7.5, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
+    )  # fmt: skip
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        default=BASE_MODEL,
+        help="Stable Diffusion 1.x/2.x or SDXL pipeline to fine-tune (Hub id or local folder; the family is read from "
+        "its model_index.json); the paper uses miniSD (256 px).",
+    )
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE to use instead of the base pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix for fp16 SDXL training).",
+    )
+    group.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
+    group.add_argument("--variant", default=None, help='Weight variant of the base model files, e.g. "fp16".')
+    group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
+    group.add_argument("--rank", type=positive_int, default=128, help="Rank of the general LoRA adapter (paper: 128).")
+    group.add_argument("--expert_rank", type=positive_int, default=8, help="Rank of the reserved expert (paper: 8).")
+    group.add_argument(
+        "--lora_alpha", type=positive_float, default=None, help="General adapter alpha (default: --rank)."
+    )
+    group.add_argument(
+        "--expert_alpha", type=positive_float, default=None, help="Expert alpha (default: --expert_rank)."
+    )
+    group.add_argument(
+        "--lora_dropout", type=probability, default=0.1, help="Dropout on the adapter input (paper: 0.1)."
+    )
+    group.add_argument(
+        "--target_modules",
+        type=module_patterns,
+        default=ATTENTION_PROJECTIONS,
+        help="UNet layers that get the adapter: comma-separated names or name suffixes, or one regex.",
+    )
+    group.add_argument(
+        "--expert_target_modules",
+        type=module_patterns,
+        default=None,
+        help="Layers that also get the expert (default: all targets).",
+    )
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    )
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (saves memory).")
+    group = parser.add_argument_group("text and latents")
+    group.add_argument(
+        "--prompt_template",
+        type=prompt_template_value,
+        default=None,
+        help='Class prompt; "{}" is the class name ("a" before it becomes "an" before a vowel). Default: the named '
+        'dataset\'s ("a {} painting" for imb-artbench10, "a photo of a {}" for CIFAR), else "a {} painting".',
+    )
+    group.add_argument(
+        "--caption_column",
+        default=None,
+        help="Per-image captions: the caption column of a --dataset_name or of a --train_data_dir metadata.jsonl. Each "
+        "image trains on its own caption; its class (--class_column) still decides the CM weights, the splits and the "
+        "evaluation. Default: none (the class prompt for every image).",
+    )
+    group.add_argument(
+        "--validation_prompts_per_class",
+        default=None,
+        help='A JSON file {"class name": "prompt", ...}: the class prompts of the validation grids, the expert-use '
+        "report and capman-eval, instead of --prompt_template (useful with --caption_column).",
+    )
+    group.add_argument(
+        "--caption_dropout",
+        "--proportion_empty_prompts",
+        dest="label_dropout",
+        type=probability,
+        default=argparse.SUPPRESS,
+        help="Probability of training on the empty prompt instead (classifier-free guidance); same as "
+        "--label_dropout. Default 0.1, as in Stable Diffusion's own training.",
+    )
+    group.add_argument(
+        "--noise_offset", type=nonnegative_float, default=0.0, help="Noise offset (diffusers' flag; 0: off)."
+    )
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="VAE-encode every training image once per flip state before training (implies a center crop).",
+    )
+    group = parser.add_argument_group("export")
+    group.add_argument(
+        "--push_merged_pipeline",
+        action="store_true",
+        help="With --push_to_hub, upload the whole merged pipeline folder instead of only the LoRA file and card.",
+    )
+    group.add_argument(
+        "--license",
+        default=None,
+        help=f"License in the model card; default: the base model card's, else {BASE_LICENSE}.",
+    )
+    # theta^g on a quarter of each batch: the CM step costs ~1.25x plain LoRA instead of ~2x (docs/benchmarks.md),
+    # with the same CM loss in expectation (importance-weighted rows).
+    parser.set_defaults(
+        learning_rate=3e-4,
+        adam_weight_decay=1e-6,
+        num_train_epochs=100,
+        lr_warmup_steps=0,
+        label_dropout=0.1,
+        cm_general_fraction=0.25,
+    )
+    return parser
+
+
+def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:
+    """The adapter and optional-package flags, checked before the base model is read."""
+    cm = objective.capacity_manipulation
+    if args.resolution is not None and args.resolution % 8:
+        raise ConfigError(
+            f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"
+        )
+    if cm and not args.expert_rank < args.rank:
+        raise ConfigError(
+            f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
+        )
+    if cm and objective.cm_forward == "shared_prefix" and not args.expert_target_modules:
+        raise ConfigError(
+            "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts sit on "
+            "every target layer, the down path's too; allowed: --cm_forward fused, or --expert_target_modules with "
+            "up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
+        )
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "--use_8bit_adam: needs bitsandbytes, which is not installed; allowed: pip install bitsandbytes"
+        )
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise ConfigError(
+            "--enable_xformers_memory_efficient_attention: needs xformers, which is not installed; allowed: pip "
+            "install xformers"
+        )
