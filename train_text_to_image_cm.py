@@ -67,10 +67,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     parser = fine_tuning_parser(__doc__)
     args, settings = parse_settings(parser, argv)
     check_adapter_flags(args, settings.objective)
-    # Last, as it reads the base model's model_index.json: the family decides the default resolution.
+    # Last, as it reads the base model's model_index.json: the family decides the default resolution and targets.
     template = args.prompt_template or get_dataset_spec(settings.data.dataset).prompt_template
     family = base_family(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision)
-    model = section(PretrainedModelSettings, args, prompt_template=template, family=family.name)
+    model = section(
+        PretrainedModelSettings, args, prompt_template=template, family=family.name,
+        target_modules=args.target_modules or family.default_target_modules,
+    )  # fmt: skip
     data = settings.data
     if data.resolution is None:
         data = dataclasses.replace(data, resolution=family.default_resolution)

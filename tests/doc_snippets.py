@@ -27,3 +27,14 @@ def demo_output_cwd(scratch_cwd: Path) -> Path:
     fast = ["--max_train_steps", "2", "--num_inference_steps", "2", "--num_validation_images", "1"]
     train_unet_cm.main(["--config", "configs/demo_digits.yaml", *fast])
     return scratch_cwd
+
+
+@pytest.fixture
+def registry_restored():
+    """The family table as it was before the snippet registered a family of its own."""
+    from capman_peft.families import FAMILIES
+
+    before = dict(FAMILIES)
+    yield
+    FAMILIES.clear()
+    FAMILIES.update(before)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import artbench_assets, run_python_without_capman, text_to_image_args
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from torchvision import transforms
 
 import train_text_to_image_cm  # noqa: E402
+from capman_peft.data import ImageTransform
 from capman_peft.errors import run_cli
 from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
 from capman_peft.testing import build_tiny_sdxl
@@ -117,9 +119,10 @@ def test_capman_eval_and_capman_analyze_run_on_an_sdxl_output(trained, assets, t
     assert (tmp_path / "held" / "heldout.json").is_file()
 
 
-def test_time_ids_are_the_original_size_the_center_crop_and_the_target(assets):
-    """Written out with torchvision: resize the shorter side to 16, center-crop 16; the crop's top-left is where
-    the crop's first pixel sits in the resized image."""
+def test_time_ids_of_cached_latents_are_the_original_size_the_center_crop_and_the_target(assets):
+    """A batch without crop positions (the latent cache: center crops). Written out with torchvision: resize the
+    shorter side to 16, center-crop 16; the crop's top-left is where the crop's first pixel sits in the resized
+    image."""
     family = StableDiffusionXLFamily(vae=None, cond_table=torch.zeros(3, 77, 32), pooled_table=None, resolution=16)
     sizes = [(16, 18), (40, 21), (16, 16), (33, 50)]
     expected = []
@@ -163,10 +166,31 @@ def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
-def test_sdxl_needs_a_center_crop_and_other_pipelines_are_refused(assets, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        run_cli(train_text_to_image_cm.main, sdxl_args(assets, tmp_path / "o", center_crop=False))
-    assert "--center_crop: needed for SDXL" in capsys.readouterr().err
+def test_a_random_crop_is_where_the_pixels_come_from_and_what_the_time_ids_say(assets, tmp_path):
+    """Without --center_crop each image is cropped at a random position (RandomCrop's draw), and its time ids carry
+    that position, as diffusers' SDXL script records it. Written out with torchvision: the pixels are the resized
+    image's 16 x 16 window at (top, left)."""
+    rng = np.random.default_rng(0)
+    family = StableDiffusionXLFamily(vae=None, cond_table=torch.zeros(3, 77, 32), pooled_table=None, resolution=16)
+    transform = ImageTransform(16)
+    for height, width in [(40, 21), (16, 33)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        resized = transforms.functional.to_tensor(transforms.Resize(16)(image)) * 2 - 1
+        corners = set()
+        for seed in range(8):
+            torch.manual_seed(seed)
+            pixels, (top, left) = transform(image)
+            torch.testing.assert_close(pixels, resized[:, top : top + 16, left : left + 16], atol=1e-6, rtol=0)
+            batch = {"original_size": torch.tensor([[height, width]]), "crop_top_left": torch.tensor([[top, left]])}
+            expected = [[height, width, top, left, 16, 16]]
+            assert family.time_ids(batch, 1, torch.device("cpu")).tolist() == expected
+            corners.add((top, left))
+        assert len(corners) > 1  # the position is drawn, not fixed
+    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "random-crop", center_crop=False, max_train_steps=1))
+    assert (tmp_path / "random-crop" / "model_index.json").is_file()
+
+
+def test_other_pipelines_are_refused(assets, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))

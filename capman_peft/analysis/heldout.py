@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,79 @@ def _flat(grads: tuple[torch.Tensor | None, ...], params: list[nn.Parameter]) ->
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)])
 
 
+def _push_routes(
+    capman: nn.Module,
+    params: Sequence[torch.Tensor],
+    loss_setup: LossSetup,
+    setup: AnalysisSetup,
+    form: str,
+    margins: tuple[float, float],
+    push: torch.Tensor,
+    pushed: list[int],
+    grid: torch.Tensor,
+    images_per_class: int,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The push term's gradient on every parameter through ε_θ and through ε_θg (the chain rule through each side,
+    summed over the pushed classes), and how many rows sit inside the margin (`margins`: the fixed and the relative
+    one)."""
+    margin, relative_margin = margins
+    labels = np.asarray(setup.data.labels)
+    through: dict[str, torch.Tensor] = {}
+    active = 0
+    for c in pushed:
+        rows = np.flatnonzero(labels == c)[:images_per_class]
+        noisy, t, condition, target = _class_inputs(
+            loss_setup, setup.data, rows=rows, class_id=c, grid=grid, seed=seed + 1
+        )
+        full = loss_setup.predict(capman, noisy, t, condition).float()
+        with expert_disabled(capman):
+            general = loss_setup.predict(capman, noisy, t, condition).float()
+        gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
+        if form in RELATIVE_FORMS:
+            m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
+        else:
+            m = torch.full_like(gap, margin)
+        active += int((gap < m).sum())
+        scale = float(push[c]) / (len(pushed) * len(t))
+        # d(push)/d(gap) = -scale where the hinge is active; the two routes are the chain rule through each side.
+        slope = -scale * (gap < m).float() / gap
+        upstream = slope.reshape(-1, *[1] * (full.ndim - 1)) * (full - general).detach() / full[0].numel()
+        for key, pred, sign in (("theta", full, 1.0), ("theta_g", general, -1.0)):
+            grads = torch.autograd.grad(
+                pred, params, grad_outputs=sign * upstream, retain_graph=key == "theta", allow_unused=True
+            )
+            flat = _flat(grads, list(params))
+            through[key] = through[key] + flat if key in through else flat
+    return through, active
+
+
+def _heldout_rates(
+    capman: nn.Module,
+    params: Sequence[torch.Tensor],
+    loss_setup: LossSetup,
+    setup: AnalysisSetup,
+    directions: dict[str, torch.Tensor],
+    grid: torch.Tensor,
+    images_per_class: int,
+    seed: int,
+) -> dict[str, list[float]]:
+    """Per class with held-out images: the first-order change of θ's held-out loss per unit step along each negative
+    direction (NaN for a class without held-out images)."""
+    heldout, per_class_rows = _heldout_rows(setup, images_per_class)
+    rates: dict[str, list[float]] = {key: [math.nan] * len(setup.class_names) for key in directions}
+    for c, rows in enumerate(per_class_rows):
+        if len(rows) == 0:
+            continue
+        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows=rows, class_id=c, grid=grid, seed=seed)
+        loss = (loss_setup.predict(capman, noisy, t, condition).float() - target.float()).pow(2).mean()
+        grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), list(params))
+        for key, direction in directions.items():
+            norm = float(direction.norm())
+            rates[key][c] = float(grad @ -direction / norm) if norm > 0 else 0.0
+    return rates
+
+
 def push_gradient(
     pipeline: str | os.PathLike,
     dataset: str | None = None,
@@ -175,37 +249,12 @@ def push_gradient(
         diversity_weight=0.0 if args.get("no_diversity") else args.get("cm_diversity_weight", 1.0),
         splits=setup.data.splits,
     )
-    margin = args.get("cm_margin", DEFAULT_MARGIN)
-    relative_margin = args.get("cm_relative_margin", DEFAULT_RELATIVE_MARGIN)
     grid = timestep_grid(loss_setup.noise_scheduler.config.num_train_timesteps, timesteps)
-    labels = np.asarray(setup.data.labels)
     pushed = [c for c in range(len(setup.class_names)) if weights.push[c] > 0]
-    through = {"theta": None, "theta_g": None}
-    active = 0
-    for c in pushed:
-        rows = np.flatnonzero(labels == c)[:images_per_class]
-        noisy, t, condition, target = _class_inputs(
-            loss_setup, setup.data, rows=rows, class_id=c, grid=grid, seed=seed + 1
-        )
-        full = loss_setup.predict(capman, noisy, t, condition).float()
-        with expert_disabled(capman):
-            general = loss_setup.predict(capman, noisy, t, condition).float()
-        gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
-        if form in RELATIVE_FORMS:
-            m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
-        else:
-            m = torch.full_like(gap, margin)
-        active += int((gap < m).sum())
-        scale = float(weights.push[c]) / (len(pushed) * len(t))
-        # d(push)/d(gap) = -scale where the hinge is active; the two routes are the chain rule through each side.
-        slope = -scale * (gap < m).float() / gap
-        upstream = slope.reshape(-1, *[1] * (full.ndim - 1)) * (full - general).detach() / full[0].numel()
-        for key, pred, sign in (("theta", full, 1.0), ("theta_g", general, -1.0)):
-            grads = torch.autograd.grad(
-                pred, params, grad_outputs=sign * upstream, retain_graph=key == "theta", allow_unused=True
-            )
-            flat = _flat(grads, list(params))
-            through[key] = flat if through[key] is None else through[key] + flat
+    margins = (args.get("cm_margin", DEFAULT_MARGIN), args.get("cm_relative_margin", DEFAULT_RELATIVE_MARGIN))
+    through, active = _push_routes(
+        capman, params, loss_setup, setup, form, margins, weights.push, pushed, grid, images_per_class, seed
+    )
     record: dict[str, Any] = {"form": form, "pushed_classes": pushed, "active_rows": active}
     for key, flat in through.items():
         record[f"norm_through_{key}_general_weights"] = float(flat[~is_expert].norm())
@@ -215,17 +264,7 @@ def push_gradient(
     directions = {"push": applied, "push_theta_g_part": through["theta_g"]}
     record["norm_push_general_weights"] = float(applied[~is_expert].norm())
 
-    heldout, per_class_rows = _heldout_rows(setup, images_per_class)
-    rates: dict[str, list[float]] = {key: [math.nan] * len(setup.class_names) for key in directions}
-    for c, rows in enumerate(per_class_rows):
-        if len(rows) == 0:
-            continue
-        noisy, t, condition, target = _class_inputs(loss_setup, heldout, rows=rows, class_id=c, grid=grid, seed=seed)
-        loss = (loss_setup.predict(capman, noisy, t, condition).float() - target.float()).pow(2).mean()
-        grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), list(params))
-        for key, direction in directions.items():
-            norm = float(direction.norm())
-            rates[key][c] = float(grad @ -direction / norm) if norm > 0 else 0.0
+    rates = _heldout_rates(capman, params, loss_setup, setup, directions, grid, images_per_class, seed)
     result = {
         "analysis": "push",
         "pipeline": str(folder.path),

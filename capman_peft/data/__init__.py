@@ -10,10 +10,10 @@
 
 from .images import (
     IMAGE_EXTENSIONS,
+    ImageTransform,
     LabelledImageDataset,
     class_prompts,
     encode_prompts,
-    image_transform,
     readable_class_name,
     to_rgb,
 )
@@ -54,7 +54,7 @@ __all__ = [
     "get_dataset_spec",
     "grid_classes",
     "listed_classes",
-    "image_transform",
+    "ImageTransform",
     "load_heldout_dataset",
     "load_imbalanced_dataset",
     "load_reference_dataset",

@@ -76,20 +76,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_transform(
-    resolution: int, center_crop: bool = False, random_flip: bool = False
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The diffusers training-script transform: resize shorter side (bilinear), crop, flip, to [-1, 1]."""
-    from torchvision import transforms
+class ImageTransform:
+    """The diffusers training-script transform: resize the shorter side (bilinear), crop a square (centered, or at a
+    random position as ``RandomCrop`` draws it), flip, to [-1, 1]. It returns the crop's top-left in the resized image
+    too: SDXL conditions on it (its time ids), as diffusers' SDXL script records it."""
 
-    _check_resolution(resolution)
-    steps = [
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-    ]
-    if random_flip:  # no identity Lambda otherwise: lambdas do not pickle into spawned DataLoader workers
-        steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False) -> None:
+        _check_resolution(resolution)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(pixels in [-1, 1], (crop top, crop left))."""
+        from torchvision import transforms
+        from torchvision.transforms import functional
+
+        res = self.resolution
+        image = functional.resize(image, res, interpolation=transforms.InterpolationMode.BILINEAR)
+        if self.center_crop:  # torchvision's center_crop offsets
+            top, left = int(round((image.height - res) / 2.0)), int(round((image.width - res) / 2.0))
+        else:
+            top, left, _, _ = transforms.RandomCrop.get_params(image, (res, res))
+        pixels = functional.to_tensor(functional.crop(image, top, left, res, res))
+        if self.random_flip and torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+            pixels = pixels.flip(-1)
+        return functional.normalize(pixels, [0.5], [0.5]), (top, left)
 
 
 def _check_resolution(resolution: int) -> None:
@@ -129,13 +141,15 @@ class LabelledImageDataset(torch.utils.data.Dataset):
     and the held-out images alike; items are decoded and transformed lazily.
 
         Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "label": int, "class_name": str,
-        "original_size": LongTensor[2]}``, and ``"caption": str`` when the data has per-image captions.
+        "original_size": LongTensor[2], "crop_top_left": LongTensor[2]}`` (height and width before the resize; the
+        crop's top and left after it: SDXL's size conditioning), and ``"caption": str`` when the data has per-image
+        captions.
 
         Args:
             images: per item a PIL image, a file path, or any indexable returning those (read in ``__getitem__``).
             labels: class id per item, ``0`` the largest class.
             class_names: name per class id.
-            transform: PIL image -> tensor; see :func:`image_transform`.
+            transform: PIL image -> (pixels, crop top-left); see :class:`ImageTransform`.
             prompt_template: the dataset's class prompt template (``class_prompts``).
             captions: a caption per item, or None (the class prompt stands for every image of a class).
             split_thresholds: (many_above, few_below) image counts of the Many/Medium/Few splits; None: thirds of
@@ -147,7 +161,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         images: Sequence[Any],
         labels: Sequence[int],
         class_names: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], tuple[torch.Tensor, tuple[int, int]]],
         prompt_template: str = "a {} painting",
         captions: Sequence[str] | None = None,
         split_thresholds: Sequence[int] | None = None,
@@ -175,11 +189,13 @@ class LabelledImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         label = self.labels[i]
         image = self.load_image(i)
+        pixels, crop_top_left = self.transform(image)
         item = {
-            "pixel_values": self.transform(image),
+            "pixel_values": pixels,
             "label": label,
             "class_name": self.class_names[label],
-            "original_size": torch.tensor([image.height, image.width]),  # SDXL's size conditioning
+            "original_size": torch.tensor([image.height, image.width]),
+            "crop_top_left": torch.tensor(crop_top_left),
         }
         if self.captions is not None:
             item["caption"] = self.captions[i]

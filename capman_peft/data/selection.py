@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .images import LabelledImageDataset, _check_resolution, _HubImages, image_transform
+from .images import ImageTransform, LabelledImageDataset, _check_resolution, _HubImages
 from .longtail import _check_imbalance_ratio, long_tail_indices
 from .readers import Source, load_source
 from .registry import _GENERIC, DatasetSpec, get_dataset_spec
@@ -82,7 +82,7 @@ def load_imbalanced_dataset(
         _subset(source.images, keep),
         source.labels[keep],
         source.class_names,
-        image_transform(resolution, center_crop=center_crop, random_flip=random_flip),
+        ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip),
         spec.prompt_template,
         captions=None if source.captions is None else source.captions[keep].tolist(),
         split_thresholds=split_thresholds or spec.split_thresholds,
@@ -181,7 +181,7 @@ def load_reference_dataset(
         _subset(images, keep),
         labels[keep],
         class_names,
-        image_transform(resolution, center_crop=True, random_flip=False),
+        ImageTransform(resolution, center_crop=True, random_flip=False),
         spec.prompt_template,
     )
 
@@ -224,7 +224,7 @@ def load_heldout_dataset(
         _subset(source.images, heldout),
         source.labels[heldout],
         source.class_names,
-        image_transform(resolution, center_crop=True, random_flip=False),
+        ImageTransform(resolution, center_crop=True, random_flip=False),
         spec.prompt_template,
     )
 

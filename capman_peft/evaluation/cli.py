@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from ..data import get_dataset_spec
 from ..errors import ConfigError, run_cli
+from ..flags import ArgumentParser, device_value, nonnegative_float, positive_int, prompt_template_value, seed_value
 from ..run_folder import SCHEDULERS, read_pipeline_folder, require_adapter
 from .batch import evaluate_pipelines
 from .digits import resolve_feature_extractor
@@ -17,56 +18,58 @@ from .sampling import _check_settings
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from ..flags import (
-        ArgumentParser,
-        device_value,
-        nonnegative_float,
-        positive_int,
-        prompt_template_value,
-        seed_value,
-    )
-
     parser = ArgumentParser(
         prog="capman-eval",
         description="Generate a class-balanced sample set from trained pipelines and compute FID/KID/IS/precision/"
         "recall overall and per Many/Medium/Few split (torch-fidelity).",
     )
-    parser.add_argument(
+    for add_group in (_add_data_args, _add_sampling_args, _add_metrics_args, _add_output_args):
+        add_group(parser)
+    return parser.parse_args(argv)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models and data")
+    group.add_argument(
         "--pipeline",
         action="append",
         required=True,
         help="A training run's output_dir (a diffusers pipeline folder). Repeat to compare models in one chart.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dataset", default=None, help="Named dataset (imb-cifar10, ...); default: the one in training_summary.json."
     )
-    parser.add_argument("--dataset_name", default=None, help="Hub id or local copy overriding the dataset's source.")
-    parser.add_argument("--train_data_dir", default=None, help="Local folder with one sub-folder of images per class.")
-    parser.add_argument(
+    group.add_argument("--dataset_name", default=None, help="Hub id or local copy overriding the dataset's source.")
+    group.add_argument("--train_data_dir", default=None, help="Local folder with one sub-folder of images per class.")
+    group.add_argument(
         "--resolution",
         type=positive_int,
         default=None,
         help="Image side for the reference (and SD sampling); default: model's.",
     )
-    parser.add_argument("--num_images_per_class", type=positive_int, default=500, help="Generated images per class.")
-    parser.add_argument(
+    group.add_argument(
+        "--reference_images_per_class",
+        type=positive_int,
+        default=None,
+        help="Real reference images per class; default: all the balanced reference split has.",
+    )
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num_images_per_class", type=positive_int, default=500, help="Generated images per class.")
+    group.add_argument(
         "--num_images",
         type=positive_int,
         default=None,
         help="A total budget of generated images spread evenly over the classes, replacing --num_images_per_class "
         "(e.g. 50000 for ImageNet-LT's 1,000 or iNaturalist's 8,142 classes).",
     )
-    parser.add_argument(
-        "--reference_images_per_class",
-        type=positive_int,
-        default=None,
-        help="Real reference images per class; default: all the balanced reference split has.",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--scheduler", default="ddim", help="Sampler: ddim, dpm (DPM-Solver++ multistep) or pipeline (keep saved one)."
     )
-    parser.add_argument("--steps", type=positive_int, default=50, help="Number of sampling steps.")
-    parser.add_argument(
+    group.add_argument("--steps", type=positive_int, default=50, help="Number of sampling steps.")
+    group.add_argument(
         "--guidance_scale",
         type=nonnegative_float,
         nargs="+",
@@ -75,46 +78,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "each model at each (e.g. 1.5 2.5). The OC and CBDM codes write eps_c + w' (eps_c - eps_u): their w' is w - 1 "
         "(OC's README: w' = 1.5, i.e. 2.5 here; CBDM's: 1.6, i.e. 2.6).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--expert",
         default="on",
         help="on: the merged model θ; off: θ^g alone, built from output_dir/adapter (paper Tab. 7); both: each.",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--batch_size", type=positive_int, default=64, help="Batch size for sampling and feature extraction."
+    )
+    group.add_argument("--seed", type=seed_value, default=0, help="Seed of the generated set (per image).")
+    group.add_argument(
+        "--prompt_template", type=prompt_template_value, default=None, help="SD prompt template, e.g. 'a {} painting'."
+    )
+
+
+def _add_metrics_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics and features")
+    group.add_argument(
         "--metrics",
         default="fid,kid,isc,prc",
         help="Comma-separated subset of fid,kid,isc,prc (prc: precision, recall).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--feature_extractor",
         default=None,
         help="torch-fidelity feature extractor; default inception-v3-compat, or digits-classifier for imb-digits.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--feature_extractor_weights_path",
         default=None,
         help="Local weights file for the feature extractor (offline machines: no download).",
     )
-    parser.add_argument(
-        "--batch_size", type=positive_int, default=64, help="Batch size for sampling and feature extraction."
-    )
-    parser.add_argument("--seed", type=seed_value, default=0, help="Seed of the generated set (per image).")
-    parser.add_argument("--per_class_fid", action="store_true", help="Also compute the FID of every class.")
-    parser.add_argument(
-        "--prompt_template", type=prompt_template_value, default=None, help="SD prompt template, e.g. 'a {} painting'."
-    )
-    parser.add_argument(
-        "--output_dir", default=None, help="Where results go; default <pipeline>/eval (one pipeline) or ./capman_eval."
-    )
-    parser.add_argument(
+    group.add_argument("--per_class_fid", action="store_true", help="Also compute the FID of every class.")
+    group.add_argument(
         "--cache_dir", default=None, help="Digits-classifier and reference-feature cache (~/.cache/capman_peft)."
     )
-    parser.add_argument("--no_cache", action="store_true", help="Do not cache reference features.")
-    parser.add_argument(
+    group.add_argument("--no_cache", action="store_true", help="Do not cache reference features.")
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--output_dir", default=None, help="Where results go; default <pipeline>/eval (one pipeline) or ./capman_eval."
+    )
+    group.add_argument(
         "--no_model_card", action="store_true", help="Do not write the metrics section into <pipeline>/README.md."
     )
-    parser.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
-    return parser.parse_args(argv)
+    group.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -81,13 +81,15 @@ class PretrainedFamily(ModelFamily):
     """A family the fine-tuning script trains: besides a step's x0 and condition, it loads its base pipeline's
     components, samples the validation grid and writes its pipeline and LoRA files.
 
-    Subclasses set ``default_resolution`` and ``pipeline_type`` (the diffusers pipeline class their outputs are) and
-    implement :meth:`load_base`, :meth:`grid_pipeline`, :meth:`grid_prompts`, :meth:`cache_latents` and
-    :meth:`write_lora`.
+    Subclasses set ``default_resolution``, ``default_target_modules`` and ``pipeline_type`` (the diffusers pipeline
+    class their outputs are) and implement :meth:`load_base`, :meth:`grid_pipeline`, :meth:`grid_prompts`,
+    :meth:`cache_latents` and :meth:`write_lora`.
     """
 
     prompted = True
     default_resolution: int = 0
+    default_target_modules: str = ""
+    """``--target_modules`` when the flag is not given: where the adapter goes."""
     pipeline_type: Any = None
     vae: Any = None
 

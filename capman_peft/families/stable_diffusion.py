@@ -83,6 +83,7 @@ class StableDiffusionFamily(PretrainedFamily):
     pipeline_type = StableDiffusionPipeline
     denoiser_class = UNet2DConditionModel
     default_resolution = 256
+    default_target_modules = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA scripts
     text_components: tuple[tuple[str, str, Any], ...] = (("tokenizer", "text_encoder", CLIPTextModel),)
     """(tokenizer folder, text encoder folder, text encoder class) of each text encoder of the pipeline."""
 
@@ -238,7 +239,8 @@ class StableDiffusionFamily(PretrainedFamily):
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: the condition adds the pooled embedding of the second text encoder (``pooled_table``, row C the empty
     prompt's) and six time ids per image — original size, crop top-left, target size — as diffusers' SDXL training
-    script computes them for a center crop (the resize takes the shorter side to the resolution)."""
+    script records them: the crop where the transform took it (a random crop by default), the center crop for cached
+    latents."""
 
     name = "stable-diffusion-xl"
     pipeline_class = "StableDiffusionXLPipeline"
@@ -266,8 +268,11 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if batch is None or "original_size" not in batch:  # no image: the image is taken as res x res, uncropped
             return torch.tensor([[res, res, 0, 0, res, res]] * n, dtype=torch.float32, device=device)
         sizes = torch.as_tensor(batch["original_size"], device=device).float()  # (B, 2): height, width
-        scaled = torch.div(sizes * res, sizes.min(dim=1, keepdim=True).values, rounding_mode="floor")  # short side: res
-        crop = torch.round((scaled - res) / 2).clamp(min=0)
+        if "crop_top_left" in batch:  # where the transform cropped
+            crop = torch.as_tensor(batch["crop_top_left"], device=device).float()
+        else:  # cached latents: the center crop, which follows from the size (the resize takes the short side to res)
+            scaled = torch.div(sizes * res, sizes.min(dim=1, keepdim=True).values, rounding_mode="floor")
+            crop = torch.round((scaled - res) / 2).clamp(min=0)
         target = torch.full_like(sizes, res)
         return torch.cat([sizes, crop, target], dim=1)
 
@@ -292,14 +297,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             "pooled_prompt_embeds": self.pooled_table[class_id].expand(n, -1).to(device),
             "negative_pooled_prompt_embeds": self.pooled_table[null].expand(n, -1).to(device),
         }
-
-    @classmethod
-    def check_settings(cls, settings: TrainingSettings) -> None:
-        if not (settings.data.center_crop or settings.model.cache_latents):
-            raise ConfigError(
-                "--center_crop: needed for SDXL, whose time ids give the crop's position (a center crop's follows "
-                "from the image size); allowed: --center_crop or --cache_latents"
-            )
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusionXLFamily:

@@ -87,13 +87,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str, default
     )
 
 
-def add_objective_args(
-    parser: argparse.ArgumentParser,
-    default_objective: str,
-    capacity_manipulation: bool,
-    capacity_manipulation_help: str,
-) -> None:
-    group = parser.add_argument_group("objective and capacity manipulation")
+def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) -> None:
+    group = parser.add_argument_group("objective")
     group.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
@@ -119,6 +114,16 @@ def add_objective_args(
         help="The paper's +Focal baseline: weight each sample's loss L by (1 - exp(-L))^gamma (focal loss, Lin et al. "
         "2017, with -log p = L); 2 is Lin et al.'s value. Off by default; combines with every --objective and CM.",
     )
+    group.add_argument(
+        "--label_dropout",
+        type=probability,
+        default=0.1,
+        help="Probability of replacing the condition by the null one (classifier-free guidance).",
+    )
+
+
+def add_cm_args(parser: argparse.ArgumentParser, capacity_manipulation: bool, capacity_manipulation_help: str) -> None:
+    group = parser.add_argument_group("capacity manipulation")
     group.add_argument(
         "--capacity_manipulation",
         action=argparse.BooleanOptionalAction,
@@ -203,12 +208,6 @@ def add_objective_args(
         "--allow_unbounded_cm",
         action="store_true",
         help="Train the 'paper' form even where it is unbounded below (to reproduce the paper's literal Eq. 2).",
-    )
-    group.add_argument(
-        "--label_dropout",
-        type=probability,
-        default=0.1,
-        help="Probability of replacing the condition by the null one (classifier-free guidance).",
     )
 
 
@@ -320,7 +319,8 @@ def script_parser(
     what that default rests on); the script adds its model's flags."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, dataset, resolution)
-    add_objective_args(parser, objective, capacity_manipulation, capacity_manipulation_help)
+    add_objective_args(parser, objective)
+    add_cm_args(parser, capacity_manipulation, capacity_manipulation_help)
     add_training_args(parser)
     add_validation_args(parser, validation_epochs, guidance_scale)
     return parser

@@ -23,7 +23,6 @@ LORA_CM_HELP = (
 )
 
 BASE_MODEL = "lambdalabs/miniSD-diffusers"
-ATTENTION_PROJECTIONS = "to_q,to_k,to_v,to_out.0"
 
 
 def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
@@ -32,6 +31,33 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
         description, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10,
         guidance_scale=7.5, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
     )  # fmt: skip
+    add_model_args(parser)
+    add_text_args(parser)
+    group = parser.add_argument_group("export")
+    group.add_argument(
+        "--push_merged_pipeline",
+        action="store_true",
+        help="With --push_to_hub, upload the whole merged pipeline folder instead of only the LoRA file and card.",
+    )
+    group.add_argument(
+        "--license",
+        default=None,
+        help=f"License in the model card; default: the base model card's, else {BASE_LICENSE}.",
+    )
+    # theta^g on a quarter of each batch: the CM step costs ~1.25x plain LoRA instead of ~2x (docs/benchmarks.md),
+    # with the same CM loss in expectation (importance-weighted rows).
+    parser.set_defaults(
+        learning_rate=3e-4,
+        adam_weight_decay=1e-6,
+        num_train_epochs=100,
+        lr_warmup_steps=0,
+        label_dropout=0.1,
+        cm_general_fraction=0.25,
+    )
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -61,8 +87,9 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
     group.add_argument(
         "--target_modules",
         type=module_patterns,
-        default=ATTENTION_PROJECTIONS,
-        help="UNet layers that get the adapter: comma-separated names or name suffixes, or one regex.",
+        default=None,
+        help="Denoiser layers that get the adapter: comma-separated names or name suffixes, or one regex. Default: "
+        "the family's (SD 1.x/2.x, SDXL: the attention projections to_q,to_k,to_v,to_out.0).",
     )
     group.add_argument(
         "--expert_target_modules",
@@ -74,6 +101,9 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (saves memory).")
+
+
+def add_text_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("text and latents")
     group.add_argument(
         "--prompt_template",
@@ -110,30 +140,9 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
     group.add_argument(
         "--cache_latents",
         action="store_true",
-        help="VAE-encode every training image once per flip state before training (implies a center crop).",
+        help="VAE-encode every training image once per flip state before training (implies a center crop: SDXL's "
+        "time ids then carry the center's position).",
     )
-    group = parser.add_argument_group("export")
-    group.add_argument(
-        "--push_merged_pipeline",
-        action="store_true",
-        help="With --push_to_hub, upload the whole merged pipeline folder instead of only the LoRA file and card.",
-    )
-    group.add_argument(
-        "--license",
-        default=None,
-        help=f"License in the model card; default: the base model card's, else {BASE_LICENSE}.",
-    )
-    # theta^g on a quarter of each batch: the CM step costs ~1.25x plain LoRA instead of ~2x (docs/benchmarks.md),
-    # with the same CM loss in expectation (importance-weighted rows).
-    parser.set_defaults(
-        learning_rate=3e-4,
-        adam_weight_decay=1e-6,
-        num_train_epochs=100,
-        lr_warmup_steps=0,
-        label_dropout=0.1,
-        cm_general_fraction=0.25,
-    )
-    return parser
 
 
 def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:

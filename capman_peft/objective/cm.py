@@ -122,6 +122,32 @@ def _rms(difference: Tensor) -> Tensor:
     return (difference.pow(2).flatten(1).mean(dim=1) + 1e-12).sqrt()
 
 
+def _push_term(
+    form: str,
+    full: Tensor,
+    general: Tensor,
+    distance: Tensor,
+    margin: float,
+    relative_margin: float,
+    band_upper: float,
+    target: Tensor | None,
+) -> Tensor:
+    """R_i of each row (:func:`cm_loss` gives each form's)."""
+    if form == "paper":
+        return -distance
+    if form == "hinge":
+        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
+        return (margin - (distance + 1e-12).sqrt()).clamp(min=0)
+    gap = _rms(full.detach() - general)
+    if form not in RELATIVE_FORMS:  # hinge_general
+        return (margin - gap).clamp(min=0)
+    error = _rms(full - target.float()).detach()
+    push = (relative_margin * error - gap).clamp(min=0)
+    if form == "band":
+        push = push + (gap - band_upper * error).clamp(min=0)
+    return push
+
+
 def cm_loss(
     eps_full: Tensor,
     eps_general: Tensor,
@@ -174,26 +200,13 @@ def cm_loss(
         raise ValueError(f"band_upper ({band_upper}) must be above relative_margin ({relative_margin})")
     if form in RELATIVE_FORMS and (target is None or target.shape != eps_full.shape):
         raise ValueError(f"form={form!r} needs the diffusion target, shaped like eps_full")
-    num_classes = len(weights.pull)
-    ids = _check_labels(labels, num_classes)
+    ids = _check_labels(labels, len(weights.pull))
     if len(ids) != len(eps_full):
         raise ValueError(f"{len(ids)} labels for a batch of {len(eps_full)} predictions")
 
     full, general = eps_full.float(), eps_general.float()
     distance = (full - general).pow(2).reshape(len(ids), -1).mean(dim=1)
-    if form == "paper":
-        push_term = -distance
-    elif form == "hinge":
-        # 1e-12 keeps the square root differentiable at d = 0 (where θ and θ^g start out equal).
-        push_term = (margin - (distance + 1e-12).sqrt()).clamp(min=0)
-    else:
-        gap = _rms(full.detach() - general)
-        if form in RELATIVE_FORMS:
-            error = _rms(full - target.float()).detach()
-            margin = relative_margin * error
-        push_term = (margin - gap).clamp(min=0)
-        if form == "band":
-            push_term = push_term + (gap - band_upper * error).clamp(min=0)
+    push_term = _push_term(form, full, general, distance, margin, relative_margin, band_upper, target)
     rows = torch.ones_like(distance) if sample_weight is None else sample_weight.to(distance)
     consistency = rows * weights.pull.to(distance.device)[labels] * distance
     diversity = push_scale * rows * weights.push.to(distance.device)[labels] * push_term

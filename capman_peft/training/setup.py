@@ -256,6 +256,34 @@ def total_steps(optimization: OptimizationSettings, batches_per_epoch: int) -> i
     return optimization.num_train_epochs * steps_per_epoch(batches_per_epoch, optimization.gradient_accumulation_steps)
 
 
+def make_optimizer(
+    optimization: OptimizationSettings,
+    optimizer_cls: type,
+    params: list[nn.Parameter],
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+) -> tuple[Any, Any, int]:
+    """The optimizer, the LR schedule and the number of optimizer steps, after checking that an epoch has enough
+    micro-batches per process for one accumulated step."""
+    optimizer = optimizer_cls(
+        params,
+        lr=optimization.learning_rate,
+        betas=(optimization.adam_beta1, optimization.adam_beta2),
+        weight_decay=optimization.adam_weight_decay,
+        eps=optimization.adam_epsilon,
+    )
+    accumulation = optimization.gradient_accumulation_steps
+    micro_batches = len(dataloader) // accelerator.num_processes
+    if accumulation > micro_batches:
+        raise ConfigError(
+            f"--gradient_accumulation_steps {accumulation}: an epoch has only {micro_batches} "
+            f"micro-batches per process (each optimizer step would use {micro_batches}); allowed: at most "
+            f"{micro_batches}, or a smaller --train_batch_size"
+        )
+    max_steps = total_steps(optimization, micro_batches)
+    return optimizer, make_lr_scheduler(optimization, optimizer, max_steps, accelerator.num_processes), max_steps
+
+
 def prepare_training(
     accelerator: Accelerator,
     settings: TrainingSettings,
@@ -289,23 +317,8 @@ def prepare_training(
         sampler=settings.data.sampler,
         num_workers=settings.data.dataloader_num_workers,
     )
-    optimizer = optimizer_cls(
-        params,
-        lr=optimization.learning_rate,
-        betas=(optimization.adam_beta1, optimization.adam_beta2),
-        weight_decay=optimization.adam_weight_decay,
-        eps=optimization.adam_epsilon,
-    )
+    optimizer, lr_scheduler, max_steps = make_optimizer(optimization, optimizer_cls, params, dataloader, accelerator)
     accumulation = optimization.gradient_accumulation_steps
-    micro_batches = len(dataloader) // accelerator.num_processes
-    if accumulation > micro_batches:
-        raise ConfigError(
-            f"--gradient_accumulation_steps {accumulation}: an epoch has only {micro_batches} "
-            f"micro-batches per process (each optimizer step would use {micro_batches}); allowed: at most "
-            f"{micro_batches}, or a smaller --train_batch_size"
-        )
-    max_steps = total_steps(optimization, micro_batches)
-    lr_scheduler = make_lr_scheduler(optimization, optimizer, max_steps, accelerator.num_processes)
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
