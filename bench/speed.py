@@ -127,9 +127,7 @@ def training_step(
     ).rows(0, batch, x0.device)
 
     def loss() -> torch.Tensor:
-        return diffusion_loss(
-            denoiser, objective, scheduler, x0, labels, num_classes=num_classes, cm=weights, draws=draws
-        )[0]
+        return diffusion_loss(denoiser, objective, x0, labels, num_classes=num_classes, cm=weights, draws=draws)[0]
 
     def step() -> None:
         loss().backward()

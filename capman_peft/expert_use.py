@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .data import LabelledImageDataset
 from .errors import ConfigError
 from .families import Condition, ModelFamily, concat
+from .objective import DiffusionSchedule
 from .randomness import derived_seed
 from .tuner import expert_disabled
 
@@ -37,7 +38,7 @@ class LossSetup:
     """
 
     unet: nn.Module
-    noise_scheduler: Any
+    schedule: DiffusionSchedule
     family: ModelFamily
     device: torch.device
 
@@ -51,16 +52,6 @@ class LossSetup:
     def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """`model`'s prediction (θ, θ^g, a pruned copy: any UNet of this family)."""
         return self.family.predict(model, noisy, t, cond)
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, noise, t)
-        if prediction_type == "sample":
-            return x0
-        raise ConfigError(f"unsupported prediction_type {prediction_type!r}")
 
 
 @dataclass
@@ -84,7 +75,7 @@ def fixed_batches(
 ) -> Iterator[FixedBatch]:
     """``num_batches`` noised batches of ``batch_size`` training images per class, the same on every call."""
     labels = np.asarray(data.labels)
-    num_train_timesteps = loss_setup.noise_scheduler.config.num_train_timesteps
+    schedule = loss_setup.schedule
     needed = num_batches * batch_size
     for c in range(num_classes):
         indices = np.flatnonzero(labels == c)
@@ -96,14 +87,14 @@ def fixed_batches(
             x0 = loss_setup.encode(pixels[rows].to(loss_setup.device))
             generator = torch.Generator().manual_seed(derived_seed(seed, c, b))
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
+            t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
             y = torch.full((batch_size,), c, dtype=torch.long, device=loss_setup.device)
             yield FixedBatch(
                 c,
-                loss_setup.noise_scheduler.add_noise(x0, noise, t),
+                schedule.add_noise(x0, noise, t),
                 t,
                 loss_setup.condition(y),
-                loss_setup.target(x0, noise, t),
+                schedule.target(x0, noise, t),
             )
 
 
@@ -183,7 +174,7 @@ def summarize_expert_use(
     loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
     """
     device = next(capman.parameters()).device
-    loss_setup = LossSetup(capman, noise_scheduler, family, device)
+    loss_setup = LossSetup(capman, DiffusionSchedule(noise_scheduler), family, device)
     num_classes = data.num_classes
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class

@@ -165,9 +165,9 @@ def test_the_training_step_sees_augmented_images_and_trains_the_augment_embeddin
         seen.append(inputs["x0"])
         return objective(pred, **inputs)
 
-    spy.target = objective.target
+    spy.target, spy.schedule = objective.target, objective.schedule
     denoiser = CMDenoiser(unet, capacity_manipulation=False, family=ClassConditionalFamily())
-    step = family_step_loss(ClassConditionalFamily(), denoiser, spy, objective.scheduler, num_classes=3, cm=None)
+    step = family_step_loss(ClassConditionalFamily(), denoiser, spy, num_classes=3, cm=None)
     generator = torch.Generator().manual_seed(0)
     draws = draw_step(
         generator, 4, (3, 8, 8), num_train_timesteps=1000, label_dropout=0.0, objective=objective,

@@ -63,8 +63,8 @@ def _class_inputs(
     generator = torch.Generator().manual_seed(derived_seed(seed, class_id))
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     y = torch.full((len(t),), class_id, dtype=torch.long, device=device)
-    noisy = loss_setup.noise_scheduler.add_noise(x0, noise, t)
-    return noisy, t, loss_setup.condition(y), loss_setup.target(x0, noise, t)
+    schedule = loss_setup.schedule
+    return schedule.add_noise(x0, noise, t), t, loss_setup.condition(y), schedule.target(x0, noise, t)
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def heldout_loss(
         models["loss_general"] = models["loss_full"]
     loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
     heldout, per_class_rows = _heldout_rows(setup, images_per_class)
-    grid = timestep_grid(loss_setup.noise_scheduler.config.num_train_timesteps, timesteps)
+    grid = timestep_grid(loss_setup.schedule.num_train_timesteps, timesteps)
     num_classes = len(setup.class_names)
     values = {key: [math.nan] * num_classes for key in models}
     for c, rows in enumerate(per_class_rows):
@@ -249,7 +249,7 @@ def push_gradient(
         diversity_weight=0.0 if args.get("no_diversity") else args.get("cm_diversity_weight", 1.0),
         splits=setup.data.splits,
     )
-    grid = timestep_grid(loss_setup.noise_scheduler.config.num_train_timesteps, timesteps)
+    grid = timestep_grid(loss_setup.schedule.num_train_timesteps, timesteps)
     pushed = [c for c in range(len(setup.class_names)) if weights.push[c] > 0]
     margins = (args.get("cm_margin", DEFAULT_MARGIN), args.get("cm_relative_margin", DEFAULT_RELATIVE_MARGIN))
     through, active = _push_routes(

@@ -21,6 +21,7 @@ from ..data import (
 from ..errors import ConfigError
 from ..expert_use import LossSetup
 from ..families import family_of_pipeline, pipeline_resolution
+from ..objective import DiffusionSchedule
 from ..run_folder import PipelineFolder, load_pipeline, read_pipeline_folder
 
 
@@ -34,7 +35,7 @@ def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], d
     if folder.family.prompted:
         template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
         prompts = class_prompts(class_names, template)
-    return LossSetup(pipe.unet, noise_scheduler, family_of_pipeline(pipe, prompts), device)
+    return LossSetup(pipe.unet, DiffusionSchedule(noise_scheduler), family_of_pipeline(pipe, prompts), device)
 
 
 # ----------------------------------------------------------------------------------------------------------

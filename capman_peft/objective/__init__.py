@@ -3,6 +3,7 @@
 * ``cm.py``: the capacity manipulation loss L_CM (Eq. 2-3): class weights, the bounded default form and the paper's
   literal one, the boundedness check;
 * ``base.py``: the base objectives L_base (DDPM, CBDM, OC) by name;
+* ``schedule.py``: the noise schedule (noising and the training target), which every loss takes from the model;
 * ``total.py``: Eq. 4 for one batch from one call of the CM forward module, and the non-finite-loss guard.
 """
 
@@ -24,6 +25,7 @@ from .cm import (
     format_cm_table,
     push_warmup_scale,
 )
+from .schedule import DiffusionSchedule
 from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "CMSettings",
     "CMWeights",
     "DDPMObjective",
+    "DiffusionSchedule",
     "OCObjective",
     "build_objective",
     "check_cm_bounded",

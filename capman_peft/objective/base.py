@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.training_utils import compute_snr
 from torch import Tensor
+
+from .schedule import DiffusionSchedule
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -84,18 +85,12 @@ class DDPMObjective:
         if focal_gamma is not None and focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0 or None, got {focal_gamma}")
         self.scheduler = scheduler
+        self.schedule = DiffusionSchedule(scheduler)
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.focal_gamma = focal_gamma
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         self.class_counts = None if class_counts is None else _counts64(class_counts).float()
-        self._alphas_cumprod = scheduler.alphas_cumprod.float()
-
-    def _alphas_at(self, timesteps: Tensor) -> Tensor:
-        """ᾱ_t per sample; the table follows the timesteps' device once instead of being copied every step."""
-        if self._alphas_cumprod.device != timesteps.device:
-            self._alphas_cumprod = self._alphas_cumprod.to(timesteps.device)
-        return self._alphas_cumprod[timesteps]
 
     def _counts_on(self, device: torch.device) -> Tensor:
         if self.class_counts.device != device:
@@ -107,9 +102,7 @@ class DDPMObjective:
         return None
 
     def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        return self.scheduler.get_velocity(x0, noise, timesteps)
+        return self.schedule.target(x0, noise, timesteps)
 
     def mse(self, pred: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
         """Batch mean of the per-sample mean squared error, focal-weighted when ``focal_gamma`` is set and min-SNR-γ
@@ -119,7 +112,7 @@ class DDPMObjective:
             per_sample = focal_weight(per_sample, self.focal_gamma) * per_sample
         if self.snr_gamma is None:
             return per_sample.mean()
-        snr = compute_snr(self.scheduler, timesteps)
+        snr = self.schedule.snr(timesteps)
         if self.prediction_type == "epsilon":
             # min(snr, γ)/snr as min(γ/snr, 1): the same for snr > 0, and 1 (not NaN) at zero terminal SNR.
             weight = (self.snr_gamma / snr).clamp(max=1.0)
@@ -196,7 +189,7 @@ class CBDMObjective(DDPMObjective):
         base = self.mse(pred, self.target(x0, noise, timesteps), timesteps)
         own, other = pred.float(), pred_extra.float()
         gap = (own - other.detach()).pow(2) + self.gamma * (own.detach() - other).pow(2)
-        weight = self.tau * timesteps.float() / self.num_train_timesteps
+        weight = self.tau * self.schedule.time_fraction(timesteps)
         per_sample = weight * gap.reshape(len(pred), -1).mean(dim=1)
         kept = torch.ones_like(per_sample, dtype=torch.bool) if label_dropped is None else ~label_dropped
         # where + clamp instead of boolean indexing: no host sync, and exactly 0 when every sample is dropped.
@@ -263,7 +256,7 @@ class OCObjective(DDPMObjective):
         ``transfer_label_dropped``)."""
         counts = self._counts_on(labels.device)
         _check_labels(labels, len(counts))
-        probs = oc_selection_probs(x_t, x0, self._alphas_at(timesteps))
+        probs = oc_selection_probs(x_t, x0, self.schedule.alphas_cumprod(timesteps))
         drawn = torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
         keep = counts[labels[drawn]] >= counts[labels]
         if label_dropped is not None and not self.transfer_label_dropped:
@@ -272,7 +265,7 @@ class OCObjective(DDPMObjective):
 
     def targets(self, x0: Tensor, noise: Tensor, x_t: Tensor, timesteps: Tensor, references: Tensor) -> Tensor:
         """ε̂ (or v̂) for the chosen references; exactly the ordinary target where i is its own reference."""
-        alphas = _per_sample(self._alphas_at(timesteps), x_t)
+        alphas = _per_sample(self.schedule.alphas_cumprod(timesteps), x_t)
         own = _per_sample(references == torch.arange(len(references), device=references.device), x_t)
         x0_ref = x0.float()[references]
         transferred = (x_t.float() - alphas.sqrt() * x0_ref) / (1 - alphas).sqrt()

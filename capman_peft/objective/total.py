@@ -57,7 +57,6 @@ def importance_rows(row_weights: Tensor, uniforms: Tensor) -> tuple[Tensor, Tens
 def diffusion_loss(
     denoiser: nn.Module,
     objective: Any,
-    noise_scheduler: Any,
     x0: Tensor,
     labels: Tensor,
     *,
@@ -80,7 +79,7 @@ def diffusion_loss(
     if draws.noise.shape != x0.shape:
         raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
     noise, timesteps, dropped = draws.noise.to(x0.dtype), draws.timesteps, draws.label_dropped
-    x_t = noise_scheduler.add_noise(x0, noise, timesteps)
+    x_t = objective.schedule.add_noise(x0, noise, timesteps)
     cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
     extra_labels = draws.extra_labels
 

@@ -160,7 +160,6 @@ def family_step_loss(
     family: ModelFamily,
     denoiser: nn.Module,
     objective: Any,
-    noise_scheduler: Any,
     *,
     num_classes: int,
     cm: CMSettings | None,
@@ -170,7 +169,7 @@ def family_step_loss(
 
     def step_loss(batch: Any, draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return diffusion_loss(
-            denoiser, objective, noise_scheduler, family.encode(batch, draws), batch["label"], num_classes=num_classes,
+            denoiser, objective, family.encode(batch, draws), batch["label"], num_classes=num_classes,
             cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws), step=step,
         )  # fmt: skip
 
