@@ -1,5 +1,5 @@
-"""The project's own errors: bad user input (a flag, a recipe value, an input file, an unreachable source) and a
-non-finite loss.
+"""The project's own errors: bad user input (a flag, a recipe value, an input file, an unreachable source), a
+non-finite loss and a training step out of memory.
 
 Entry points print either as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and exit non-zero;
 any other exception is a bug and keeps its traceback.
@@ -15,6 +15,10 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf: training stops instead of silently corrupting the weights."""
+
+
+class TrainingStepOutOfMemory(RuntimeError):
+    """A training step ran out of accelerator memory: training stops with what to try, the checkpoints untouched."""
 
 
 # Called when an entry point returns or fails (e.g. releasing the output folder's lock), so that a refused run leaves
@@ -39,11 +43,11 @@ def _own_message(err: Exception) -> str:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss) become one ``error:`` line
-    on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
+    """Run an entry point's `main`; the project's own errors (bad input, a non-finite loss, a step out of memory)
+    become one ``error:`` line on stderr and exit status 1. Anything else is a bug and keeps its traceback."""
     try:
         main(argv)
-    except (ConfigError, NonFiniteLossError) as err:
+    except (ConfigError, NonFiniteLossError, TrainingStepOutOfMemory) as err:
         print(f"error: {_own_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:

@@ -135,9 +135,7 @@ def parse_settings(
         ignored = [
             f"--{action.dest}"
             for action in parser._actions
-            if action.dest.startswith(("cm_", "no_consistency", "no_diversity", "allow_unbounded"))
-            and action.dest != "cm_lambda"
-            and getattr(args, action.dest, action.default) != action.default
+            if action.dest in parser.cm_only and getattr(args, action.dest, action.default) != action.default
         ]
         if ignored:
             logger.warning("--no_capacity_manipulation: %s have no effect without CM", ", ".join(sorted(set(ignored))))

@@ -420,7 +420,7 @@ def test_empty_class_folder_is_named(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "empty").mkdir()
     Image.new("RGB", IMAGE_SIZE).save(tmp_path / "full" / "x.png")
-    with pytest.raises(ValueError, match=r"class 'empty' has no images"):
+    with pytest.raises(ValueError, match=r"class 'empty' has no images directly in its folder"):
         load_imbalanced_dataset(None, train_data_dir=tmp_path)
 
 

@@ -605,11 +605,11 @@ def test_settings_that_do_nothing_are_named_in_a_warning(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="capman_peft")
     train_unet_cm.main(
         digits_run_args(
-            tmp_path, no_capacity_manipulation=True, cm_margin=0.3, logging_dir="../elsewhere",
+            tmp_path, no_capacity_manipulation=True, cm_margin=0.3, cm_lambda=0.5, logging_dir="../elsewhere",
             class_order="9, 8, 7, 6, 5, 4, 3, 2, 1, 0",
         )
     )  # fmt: skip
-    assert "--no_capacity_manipulation: --cm_margin have no effect without CM" in caplog.text
+    assert "--no_capacity_manipulation: --cm_lambda, --cm_margin have no effect without CM" in caplog.text
     assert "--logging_dir ../elsewhere: the tracker logs go to" in caplog.text and "outside --output_dir" in caplog.text
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["class_names"][0] == "9"  # --class_order with spaces after the commas
@@ -851,3 +851,76 @@ def test_two_classes_report_expert_use_for_the_larger_and_the_smaller_class(tmp_
     train_unet_cm.main(digits_run_args(tmp_path, **overrides))
     report = json.loads((tmp_path / "out" / "training_summary.json").read_text())["expert_use"]
     assert set(report["splits"]) == {"many", "few"} and len(report["per_class_distance"]) == 2
+
+
+def test_a_prefix_of_a_flag_is_refused_not_guessed(tmp_path, capsys):
+    """`--cm_diversity paper` once meant --cm_diversity_weight (argparse's abbreviations): every parser refuses it."""
+    argv = digits_run_args(tmp_path) + ["--cm_diversity", "paper"]
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "unrecognized arguments: --cm_diversity paper")
+    argv = sd_args(tmp_path, tmp_path / "no-base-needed") + ["--pretrained_model", "x"]
+    assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "unrecognized arguments: --pretrained_model")
+    argv = ["--pipeline", str(tmp_path), "--metr", "fid"]
+    assert_refused(capsys, eval_main, argv, tmp_path, "unrecognized arguments: --metr fid")
+    from capman_peft.analysis.cli import main as analyze_main
+
+    argv = ["prune", "--pipe", str(tmp_path)]  # not taken for --pipeline, which is then missing
+    assert_refused(capsys, analyze_main, argv, tmp_path, "the following arguments are required: --pipeline")
+
+
+def test_the_lora_script_names_its_expert_flags_as_doing_nothing_without_cm(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="capman_peft")
+    base = build_tiny_sd(tmp_path / "sd")
+    train_text_to_image_cm.parse_args(sd_args(tmp_path, base) + ["--no_capacity_manipulation", "--expert_rank", "2"])
+    assert "--no_capacity_manipulation: --expert_rank have no effect without CM" in caplog.text
+
+
+def test_images_in_sub_folders_follow_one_rule(tmp_path, caplog):
+    """A class is the images directly in its folder, whether some or all of its images are nested."""
+    from PIL import Image
+
+    from capman_peft.data import load_imbalanced_dataset
+
+    for name, direct in (("some", 2), ("none", 0)):
+        for i in range(direct):
+            Image.new("RGB", (8, 8)).save(make_dir(tmp_path / "data" / name) / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(make_dir(tmp_path / "data" / name / "deeper") / "x.png")
+    with pytest.raises(ConfigError, match=r"class 'none' has no images directly in its folder \(1 in sub-folders "):
+        load_imbalanced_dataset(None, imbalance_ratio=None, train_data_dir=tmp_path / "data", resolution=8)
+    shutil.rmtree(tmp_path / "data" / "none")
+    Image.new("RGB", (8, 8)).save(make_dir(tmp_path / "data" / "other") / "y.png")
+    caplog.set_level(logging.WARNING, logger="capman_peft")
+    data = load_imbalanced_dataset(None, imbalance_ratio=None, train_data_dir=tmp_path / "data", resolution=8)
+    assert data.class_counts == [1, 2] and "class 'some': 1 images in sub-folders" in caplog.text
+
+
+def make_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_step_out_of_memory_stops_with_what_to_try_and_the_checkpoint_intact(tmp_path, capsys, monkeypatch):
+    """Simulated: the step after the checkpoint raises torch's out-of-memory error inside the backward pass."""
+    import capman_peft.training.loop as training_loop
+
+    real, calls = training_loop.backward_and_step, []
+
+    def out_of_memory_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training_loop, "backward_and_step", out_of_memory_at_step_3)
+    argv = digits_run_args(tmp_path, max_train_steps=4, checkpointing_steps=2)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(train_unet_cm.main, argv)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert lines[0].startswith("error: step 3: out of accelerator memory with --train_batch_size 8; try ")
+    assert "--gradient_checkpointing" in lines[0] and f"the last checkpoint, {checkpoint}, is intact" in lines[0]
+    monkeypatch.setattr(training_loop, "backward_and_step", real)
+    train_unet_cm.main(argv + ["--resume_from_checkpoint", "latest"])  # the checkpoint loads and the run finishes
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 4

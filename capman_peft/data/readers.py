@@ -251,7 +251,7 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
         files = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         nested = sum(1 for d in entries if d.is_dir() for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
         others = sum(1 for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
-        if nested or others:
+        if files and (nested or others):
             logger.warning(
                 "--train_data_dir: class %r: %d images in sub-folders and %d other files are not used (a class is "
                 "the images directly in its folder)",
@@ -260,9 +260,10 @@ def _load_class_folders(root: Path, verify_images: bool) -> tuple[list[Path], np
                 others,
             )
         if not files:
+            unused = f" ({nested} in sub-folders are not used: a class is the images directly in its folder)"
             raise ConfigError(
-                f"--train_data_dir {root / name}: class {name!r} has no images; allowed extensions: "
-                f"{', '.join(IMAGE_EXTENSIONS)}"
+                f"--train_data_dir {root / name}: class {name!r} has no images directly in its folder"
+                f"{unused if nested else ''}; allowed extensions: {', '.join(IMAGE_EXTENSIONS)}"
             )
         paths += files
         labels += [label] * len(files)

@@ -122,7 +122,8 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     )
 
 
-def add_cm_args(parser: argparse.ArgumentParser, capacity_manipulation: bool, capacity_manipulation_help: str) -> None:
+def add_cm_args(parser: ArgumentParser, capacity_manipulation: bool, capacity_manipulation_help: str) -> None:
+    """The CM switch and the flags that only act with CM (recorded in ``parser.cm_only``)."""
     group = parser.add_argument_group("capacity manipulation")
     group.add_argument(
         "--capacity_manipulation",
@@ -131,6 +132,7 @@ def add_cm_args(parser: argparse.ArgumentParser, capacity_manipulation: bool, ca
         help=capacity_manipulation_help,
     )
     add_underscore_negation(group, "capacity_manipulation")
+    switches = {action.dest for action in parser._actions}
     group.add_argument(
         "--cm_lambda", type=nonnegative_float, default=1.0, help="Weight lambda of L_CM (paper Eq. 4; 0: no CM)."
     )
@@ -209,6 +211,8 @@ def add_cm_args(parser: argparse.ArgumentParser, capacity_manipulation: bool, ca
         action="store_true",
         help="Train the 'paper' form even where it is unbounded below (to reproduce the paper's literal Eq. 2).",
     )
+    parser.cm_only.update(action.dest for action in parser._actions if action.dest not in switches)
+
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
         guidance_scale=7.5, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
     )  # fmt: skip
     add_model_args(parser)
+    parser.cm_only.update({"expert_rank", "expert_alpha", "expert_target_modules"})  # the baseline is a plain LoRA
     add_text_args(parser)
     group = parser.add_argument_group("export")
     group.add_argument(

@@ -20,6 +20,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     recipe_context: str | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A prefix of a flag is refused, not guessed: `--cm_diversity paper` must not mean --cm_diversity_weight.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.cm_only: set[str] = set()
+        """The flags (dests) that do nothing without CM: set where they are defined, warned about when given with
+        --no_capacity_manipulation."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         message = message.removeprefix("argument ")
         if self.recipe_context is not None:

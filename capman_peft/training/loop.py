@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpointing import save_training_checkpoint
+from ..checkpointing import list_checkpoints, save_training_checkpoint
+from ..errors import TrainingStepOutOfMemory
 from ..families import ModelFamily
 from ..objective import CMSettings, check_finite, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
@@ -197,6 +198,24 @@ class Trained(NamedTuple):
     seconds: float
 
 
+@contextmanager
+def stop_when_out_of_memory(settings: TrainingSettings, step: int) -> Iterator[None]:
+    """An out-of-memory error in a training step becomes one line naming the step, the batch and what to try; nothing
+    is written, so the last checkpoint stays as it was."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        optimization = settings.optimization
+        found = list_checkpoints(settings.output.output_dir)
+        last = f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written yet"
+        raise TrainingStepOutOfMemory(
+            f"step {step}: out of accelerator memory with --train_batch_size {optimization.train_batch_size}; try "
+            "--gradient_checkpointing, a smaller --train_batch_size with a larger --gradient_accumulation_steps (the "
+            f"same effective batch), or a smaller --cm_general_fraction (θ^g on fewer rows); {last} "
+            "(--resume_from_checkpoint latest continues from it)"
+        ) from None
+
+
 def train(
     accelerator: Accelerator,
     settings: TrainingSettings,
@@ -224,7 +243,7 @@ def train(
             if global_step >= run.max_steps:
                 break
             draws = run.randomness.micro_batch(global_step, micro)
-            with accelerator.accumulate(run.denoiser):
+            with accelerator.accumulate(run.denoiser), stop_when_out_of_memory(settings, global_step + 1):
                 loss, step_logs = step_loss(batch, draws, global_step)
                 guard_finite(accelerator, global_step + 1, step_logs)
                 backward_and_step(
