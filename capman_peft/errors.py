@@ -1,12 +1,14 @@
 """The project's own errors: bad user input (a flag, a recipe value, an input file, an unreachable source), a
-non-finite loss and a training step out of memory.
+non-finite loss, a training step out of memory, and a run stopped by a signal.
 
-Entry points print either as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and exit non-zero;
-any other exception is a bug and keeps its traceback.
+Entry points print the errors as one line, ``error: <flag or file>: <what is wrong>; <what is allowed>``, and a stop as
+``stopped: <signal> after step <n>: ...``, and exit non-zero; any other exception is a bug and keeps its traceback.
 """
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -19,6 +21,16 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingStepOutOfMemory(RuntimeError):
     """A training step ran out of accelerator memory: training stops with what to try, the checkpoints untouched."""
+
+
+class TrainingStopped(Exception):
+    """Training was stopped by a signal (SIGTERM, SIGINT) after saving a checkpoint; entry points print one line and
+    exit with the shell's status for that signal (128 + its number)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} after step {step}: saved {checkpoint}; continue with --resume_from_checkpoint latest")
+        self.signum = signum
 
 
 # Called when an entry point returns or fails (e.g. releasing the output folder's lock), so that a refused run leaves
@@ -50,6 +62,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except (ConfigError, NonFiniteLossError, TrainingStepOutOfMemory) as err:
         print(f"error: {_own_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum) from None
     finally:
         while _on_exit:
             _on_exit.pop()()

@@ -286,17 +286,32 @@ def test_non_finite_loss_stops_with_the_term_and_keeps_the_checkpoint(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_both_at_the_same_step(tmp_path):
     """Process 1 gets a NaN at step 2: both processes stop there with the same error line instead of process 0
     waiting forever in the gradient all-reduce (the timeout would catch that)."""
     args = tiny_args(tmp_path, max_train_steps=4, checkpointing_steps=100)
-    result = run_two_processes(ROOT / "tests" / "distributed_nan_step.py", args, ROOT, timeout=240)
+    result = run_two_processes(ROOT / "tests" / "distributed_fault_step.py", ["nan", *args], ROOT, timeout=240)
     assert result.returncode != 0
     printed = [(tmp_path / f"out.stderr-{rank}").read_text() for rank in (0, 1)]
     errors = [line[line.index("error:") :] for text in printed for line in text.splitlines() if "error:" in line]
     assert len(errors) == 2 and errors[0] == errors[1], printed
     assert "Non-finite loss at step 2: base_loss = nan" in errors[0] and "on process 1" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_saves_and_stops_both_at_the_same_step(tmp_path):
+    """Process 1 alone gets SIGTERM after step 3: both processes agree, save checkpoint-3 once and print the same
+    line; resumed, the run finishes."""
+    args = tiny_args(tmp_path, max_train_steps=5, checkpointing_steps=100)
+    result = run_two_processes(ROOT / "tests" / "distributed_fault_step.py", ["sigterm", *args], ROOT, timeout=240)
+    assert result.returncode != 0
+    printed = [(tmp_path / f"out.stderr-{rank}").read_text() for rank in (0, 1)]
+    stops = [line for text in printed for line in text.splitlines() if line.startswith("stopped:")]
+    expected = f"stopped: SIGTERM after step 3: saved {tmp_path / 'out' / 'checkpoint-3'}; continue with "
+    assert len(stops) == 2 and all(line.startswith(expected) for line in stops), printed
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-3"]
+    train_unet_cm.main(tiny_args(tmp_path, max_train_steps=5, resume_from_checkpoint="latest"))
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 5
 
 
 def test_two_process_launch_writes_one_output(tmp_path):

@@ -214,7 +214,6 @@ def add_cm_args(parser: ArgumentParser, capacity_manipulation: bool, capacity_ma
     parser.cm_only.update(action.dest for action in parser._actions if action.dest not in switches)
 
 
-
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument(

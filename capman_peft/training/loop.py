@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpointing import list_checkpoints, save_training_checkpoint
-from ..errors import TrainingStepOutOfMemory
+from ..errors import TrainingStepOutOfMemory, TrainingStopped
 from ..families import ModelFamily
 from ..objective import CMSettings, check_finite, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 from ..settings import TrainingSettings
+from .preemption import SignalRequests
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
@@ -237,7 +238,8 @@ def train(
     logs: dict[str, float] = {}
     params, ema, global_step = run.params, run.ema, run.global_step
     start = time.time()
-    with tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process) as bar:
+    bar = tqdm(total=run.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    with bar, SignalRequests() as signals:
         seed = settings.optimization.seed
         for epoch, micro, batch in train_batches(accelerator, run.dataloader, run.order, seed, global_step):
             if global_step >= run.max_steps:
@@ -268,17 +270,21 @@ def train(
             )
             if callbacks.on_step_end is not None:
                 callbacks.on_step_end(global_step, logs)
-            if not accelerator.is_main_process:
-                continue
-            model = accelerator.unwrap_model(run.denoiser).unet
-            if global_step % output.checkpointing_steps == 0:
-                saved = save_training_checkpoint(
-                    settings, global_step, model, run_id=run.run_id, optimizer=run.optimizer,
-                    lr_scheduler=run.lr_scheduler, ema=ema,
-                )  # fmt: skip
-                if callbacks.on_checkpoint is not None:
-                    callbacks.on_checkpoint(global_step, saved)
-            if validate is not None and validation_due(output.validation_epochs, global_step, run.per_epoch):
-                with ema_weights(ema, params):
-                    validate(model, epoch + 1, global_step)
+            stop, save_now = signals.poll(accelerator)
+            if accelerator.is_main_process:
+                model = accelerator.unwrap_model(run.denoiser).unet
+                if global_step % output.checkpointing_steps == 0 or stop or save_now:
+                    saved = save_training_checkpoint(
+                        settings, global_step, model, run_id=run.run_id, optimizer=run.optimizer,
+                        lr_scheduler=run.lr_scheduler, ema=ema,
+                    )  # fmt: skip
+                    if callbacks.on_checkpoint is not None:
+                        callbacks.on_checkpoint(global_step, saved)
+                due = validate is not None and validation_due(output.validation_epochs, global_step, run.per_epoch)
+                if due and not stop:
+                    with ema_weights(ema, params):
+                        validate(model, epoch + 1, global_step)
+            if stop:
+                accelerator.wait_for_everyone()
+                raise TrainingStopped(stop, global_step, Path(output.output_dir) / f"checkpoint-{global_step}")
     return Trained(logs, global_step, time.time() - start)
