@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,6 +40,21 @@ class CheckpointError(ConfigError):
 
 class ForeignCheckpointError(CheckpointError):
     """A readable checkpoint written by a run with other settings: never resumed, not even by ``latest``."""
+
+
+# What a failed write raises: the OS's error, or safetensors' own for the same cause (a full disk while serialising).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failure(err: Exception) -> str:
+    """Why a write failed, in the OS's words (``No space left on device``)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
+
+
+# What a write in progress is called until it is complete (checkpoints, the export's stage): a crash leaves it behind.
+INCOMPLETE = ".incomplete"
 
 
 def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -127,14 +143,23 @@ def save_checkpoint(
         raise ValueError(f"total_limit must be >= 1 or None, got {total_limit}")
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.incomplete"
+    tmp = output_dir / f".checkpoint-{step}{INCOMPLETE}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, tmp / "model.safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    meta = _split({**training_state, "step": step}, tensors, "state")
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, tmp / "model.safetensors")
+        tensors: dict[str, torch.Tensor] = {}
+        meta = _split({**training_state, "step": step}, tensors, "state")
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    except WRITE_ERRORS as err:  # a full disk: the earlier checkpoints stay, the partial one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = list_checkpoints(output_dir)
+        kept = f"{earlier[-1]} is kept" if earlier else "no earlier checkpoint exists"
+        raise ConfigError(
+            f"--output_dir {output_dir}: writing checkpoint-{step} failed ({write_failure(err)}); {kept}; allowed: "
+            "free space on that disk and run again with --resume_from_checkpoint latest"
+        ) from None
     for name in ("model.safetensors", "state.safetensors", "state.json"):
         _fsync(tmp / name)
     _fsync(tmp)
@@ -202,6 +227,17 @@ def _check_counters(path: Path, state: Any) -> None:
         part = state.get(group)
         if isinstance(part, dict) and key in part and not valid(part[key]):
             raise bad(f"{group}.{key}", part[key])
+
+
+def remove_incomplete_writes(output_dir: str | Path) -> list[str]:
+    """Remove what an interrupted checkpoint save or export left in `output_dir` (never a complete checkpoint)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    leftovers = [p for p in output_dir.iterdir() if p.name.startswith(".") and p.name.endswith(INCOMPLETE)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in leftovers)
 
 
 def remove_earlier_checkpoints(output_dir: str | Path) -> list[str]:

@@ -216,7 +216,7 @@ def test_a_full_disk_during_export_keeps_the_earlier_export_whole_and_says_so(tm
     assert len(lines) == 1 and "writing the exported pipeline failed (No space left on device)" in lines[0]
     assert "Traceback" not in err
     assert {p: snapshot(out)[p] for p in earlier} == earlier  # the earlier pipeline is still whole
-    assert not (out / ".export-incomplete").exists() and not (out / ".capman-training.lock").exists()
+    assert not (out / ".export.incomplete").exists() and not (out / ".capman-training.lock").exists()
     assert (out / "checkpoint-4").is_dir()  # this run's checkpoints are kept
 
 
@@ -966,3 +966,65 @@ def test_a_run_stopped_by_signals_and_resumed_each_time_ends_where_an_uninterrup
     for name in ("unet/diffusion_pytorch_model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB tmpfs (more than the 16 MiB the start check asks for), unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): needs root with CAP_SYS_ADMIN")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int = 16 * 2**10) -> None:
+    """Fill `disk` so that only about `leave` bytes stay free."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as handle:
+        handle.write(b"\0" * max(0, free - leave))
+
+
+def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_keeps_what_was_whole(small_disk, tmp_path, capsys):
+    """On a real small filesystem: the checkpoint that no longer fits stops the run with one line, the earlier
+    checkpoint and export stay whole and loadable, and nothing half-written is left on the next start."""
+    import functools
+
+    from capman_peft.training.loop import TrainingCallbacks
+
+    out = small_disk / "out"
+    argv = digits_run_args(tmp_path, max_train_steps=4, checkpointing_steps=2, output_dir=out)
+    train_unet_cm.main(argv)  # a complete run: checkpoints 2 and 4 and an export
+    earlier = {p: snapshot(out)[p] for p in ("model_index.json", "unet/diffusion_pytorch_model.safetensors")}
+    filled = TrainingCallbacks(on_step_end=lambda step, values: fill(small_disk) if step == 5 else None)
+    more = argv + ["--resume_from_checkpoint", "latest", "--max_train_steps", "8"]
+    with pytest.raises(SystemExit):
+        run_cli(functools.partial(train_unet_cm.main, callbacks=filled), more)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: --output_dir {out}: writing checkpoint-6 failed (No space left on device)")
+    assert f"{out / 'checkpoint-4'} is kept" in lines[0]
+    assert {p: snapshot(out)[p] for p in earlier} == earlier
+    assert not list(out.glob(".*incomplete")) and not (out / "checkpoint-6").exists()
+    # the disk fills again just before the export: the earlier export stays whole
+    (small_disk / "filler").unlink()
+    filled = TrainingCallbacks(on_step_end=lambda step, values: fill(small_disk) if step == 8 else None)
+    argv_8 = more[:-2] + ["--max_train_steps", "8", "--checkpointing_steps", "100"]
+    with pytest.raises(SystemExit):
+        run_cli(functools.partial(train_unet_cm.main, callbacks=filled), argv_8)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "writing the exported pipeline failed (No space left on device)" in lines[0], lines
+    assert {p: snapshot(out)[p] for p in earlier} == earlier and not list(out.glob(".*incomplete"))
+    (small_disk / "filler").unlink()
+    (out / ".checkpoint-9.incomplete").mkdir()  # what a killed save would leave
+    train_unet_cm.main(argv_8[:-4] + ["--max_train_steps", "8"])  # resumes from checkpoint-4 and finishes
+    assert not list(out.glob(".*incomplete"))
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 8
+    from capman_peft import ClassConditionalPipeline
+
+    assert ClassConditionalPipeline.from_pretrained(out).unet is not None

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
+from ..checkpointing import INCOMPLETE, WRITE_ERRORS, write_failure
 from ..data import listed_classes
 from ..objective import class_weights
 from ..settings import TrainingSettings
@@ -79,7 +80,7 @@ def staged_export(output_dir: str | Path) -> Iterator[Path]:
     from ..errors import ConfigError
 
     final = Path(output_dir)
-    stage = final / ".export-incomplete"
+    stage = final / f".export{INCOMPLETE}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir(parents=True)
@@ -93,10 +94,10 @@ def staged_export(output_dir: str | Path) -> Iterator[Path]:
                 target.unlink()
             entry.rename(target)
         stage.rmdir()
-    except OSError as err:
+    except WRITE_ERRORS as err:
         shutil.rmtree(stage, ignore_errors=True)
         raise ConfigError(
-            f"--output_dir {final}: writing the exported pipeline failed ({err.strerror or err}); the checkpoints "
+            f"--output_dir {final}: writing the exported pipeline failed ({write_failure(err)}); the checkpoints "
             "are kept; allowed: free space (or fix the folder) and run again with --resume_from_checkpoint latest"
         ) from None
 

@@ -18,7 +18,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..checkpointing import remove_earlier_checkpoints, resume_training
+from ..checkpointing import remove_earlier_checkpoints, remove_incomplete_writes, resume_training
 from ..data import (
     LISTED_CLASSES,
     LISTED_ENDS,
@@ -323,6 +323,10 @@ def prepare_training(
     if ema is not None:
         ema.to(accelerator.device)
     per_epoch = steps_per_epoch(len(dataloader), accumulation)
+    if accelerator.is_main_process:
+        leftovers = remove_incomplete_writes(output.output_dir)
+        if leftovers:
+            logger.info("Removed what an interrupted write left in --output_dir: %s", ", ".join(leftovers))
     if output.overwrite_output_dir and not output.resume_from_checkpoint and accelerator.is_main_process:
         removed = remove_earlier_checkpoints(output.output_dir)
         if removed:
