@@ -990,7 +990,7 @@ def fill(disk: Path, leave: int = 16 * 2**10) -> None:
 
 
 def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_keeps_what_was_whole(small_disk, tmp_path, capsys):
-    """On a real small filesystem: the checkpoint that no longer fits stops the run with one line, the earlier
+    """On a real small filesystem: the checkpoint that does not fit stops the run with one line, the earlier
     checkpoint and export stay whole and loadable, and nothing half-written is left on the next start."""
     import functools
 
