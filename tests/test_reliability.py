@@ -856,7 +856,9 @@ def test_two_classes_report_expert_use_for_the_larger_and_the_smaller_class(tmp_
 def test_a_prefix_of_a_flag_is_refused_not_guessed(tmp_path, capsys):
     """`--cm_diversity paper` once meant --cm_diversity_weight (argparse's abbreviations): every parser refuses it."""
     argv = digits_run_args(tmp_path) + ["--cm_diversity", "paper"]
-    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "unrecognized arguments: --cm_diversity paper")
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "--cm_diversity: replaced by --cm_form")
+    argv = digits_run_args(tmp_path) + ["--cm_diversity_w", "0.5"]
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "unrecognized arguments: --cm_diversity_w 0.5")
     argv = sd_args(tmp_path, tmp_path / "no-base-needed") + ["--pretrained_model", "x"]
     assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, "unrecognized arguments: --pretrained_model")
     argv = ["--pipeline", str(tmp_path), "--metr", "fid"]
@@ -1028,3 +1030,13 @@ def test_a_disk_that_fills_mid_run_stops_it_with_one_line_and_keeps_what_was_who
     from capman_peft import ClassConditionalPipeline
 
     assert ClassConditionalPipeline.from_pretrained(out).unet is not None
+
+
+@pytest.mark.parametrize(
+    ("flag", "replacement"),
+    [("--cm_diversity", "--cm_form"), ("--allow_unstable_cm", "--allow_unbounded_cm"),
+     ("--validation_images_per_class", "--num_validation_images")],
+)  # fmt: skip
+def test_a_replaced_flag_names_its_replacement(tmp_path, capsys, flag, replacement):
+    argv = digits_run_args(tmp_path) + [flag, "1"]
+    assert_refused(capsys, train_unet_cm.main, argv, tmp_path, f"{flag}: replaced by {replacement}")

@@ -11,6 +11,15 @@ from typing import Any
 
 from ..errors import ConfigError
 
+# Flags that were given other names or replaced, and what a command line that still has them should use.
+REPLACED_FLAGS = {
+    "--cm_diversity": "--cm_form",
+    "--allow_unstable_cm": "--allow_unbounded_cm",
+    "--cm_max_distance": "--cm_form (a bounded form: hinge, hinge_general, relative, band)",
+    "--validation_images_per_class": "--num_validation_images",
+    "--validation_steps": "--validation_epochs (a grid every N epochs)",
+}
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``error: --flag: ...`` (no usage block), exit status 2.
@@ -30,6 +39,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = message.removeprefix("argument ")
+        if message.startswith("unrecognized arguments: "):
+            replaced = [flag for flag in message.split()[2:] if flag.split("=")[0] in REPLACED_FLAGS]
+            if replaced:
+                flag = replaced[0].split("=")[0]
+                message = f"{flag}: replaced by {REPLACED_FLAGS[flag]}; allowed: {REPLACED_FLAGS[flag]}"
         if self.recipe_context is not None:
             raise ConfigError(f"{self.recipe_context}: {message}")
         self.exit(2, f"error: {message}\n")
