@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,6 +315,51 @@ def test_a_signal_to_one_process_saves_and_stops_both_at_the_same_step(tmp_path)
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-3"]
     train_unet_cm.main(tiny_args(tmp_path, max_train_steps=5, resume_from_checkpoint="latest"))
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 5
+
+
+@pytest.mark.slow
+def test_two_machines_of_two_processes_train_what_one_process_with_4x_accumulation_trains(tmp_path):
+    """The multi-node recipe (docs/recipes.md), with both "machines" on this one: accelerate launch --num_machines 2,
+    two processes each (gloo on CPU); the weights equal one process's with 4 micro-batches per step."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    common = digits_run_args(tmp_path, train_batch_size=2, checkpointing_steps=100, output_dir=None)
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes",
+        "4", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+    ]  # fmt: skip
+    machines = [
+        subprocess.Popen(
+            [
+                *launch,
+                "--machine_rank",
+                str(rank),
+                str(ROOT / "train_unet_cm.py"),
+                *common,
+                "--output_dir",
+                str(tmp_path / "nodes"),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=400)[0] for machine in machines]
+    assert all(machine.returncode == 0 for machine in machines), logs[0][-3000:] + logs[1][-3000:]
+    assert "batch 2 x 4 processes x 1 accumulation" in logs[0]
+    train_unet_cm.main([*common, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "4"])
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    nodes, one = load_file(tmp_path / "nodes" / weights), load_file(tmp_path / "one" / weights)
+    assert nodes.keys() == one.keys()
+    for key in nodes:
+        torch.testing.assert_close(nodes[key], one[key], atol=1e-5, rtol=1e-5)
 
 
 def test_two_process_launch_writes_one_output(tmp_path):
