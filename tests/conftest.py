@@ -163,3 +163,18 @@ def run_two_processes(script: Path, args: list, cwd: Path, timeout: float = 600)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     return subprocess.run([*cmd, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_capman_eval(pipeline: Path, data: Path, out: Path, expert: str, cache: Path, images: int = 1) -> dict:
+    """capman-eval on a tiny text-to-image output with the tiny feature extractor: FID per split, `images` per class
+    on both sides, 2 DDIM steps; the metrics.json it writes."""
+    from test_evaluation import TINY  # registers the tiny feature extractor
+
+    from capman_peft.evaluation.cli import main as evaluate
+
+    evaluate([
+        "--pipeline", str(pipeline), "--dataset_name", str(data), "--num_images_per_class", str(images),
+        "--reference_images_per_class", str(images), "--steps", "2", "--batch_size", "10", "--cache_dir", str(cache),
+        "--feature_extractor", TINY, "--metrics", "fid", "--expert", expert, "--output_dir", str(out),
+    ])  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())

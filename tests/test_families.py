@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import artbench_assets, text_to_image_args
+from conftest import artbench_assets, text_to_image_args, tiny_capman_eval
 from diffusers import StableDiffusionPipeline, UNet2DModel
 
 import train_text_to_image_cm
@@ -157,10 +157,6 @@ def toy_base(tmp_path_factory):
 
 
 def test_a_family_registered_outside_the_package_trains_exports_and_evaluates(toy_base, tmp_path):
-    from test_evaluation import TINY  # registers the tiny feature extractor
-
-    from capman_peft.evaluation.cli import main as evaluate
-
     out = tmp_path / "out"
     train_text_to_image_cm.main(text_to_image_args(toy_base.base, out, **toy_base.args))
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ToyPipeline"
@@ -168,10 +164,5 @@ def test_a_family_registered_outside_the_package_trains_exports_and_evaluates(to
     assert summary["args"]["family"] == "toy" and summary["expert_use"]  # the expert-use report ran on it
     assert (out / "pytorch_lora_weights.safetensors").is_file() and "ToyPipeline" in (out / "README.md").read_text()
     for expert in ("on", "off"):
-        evaluate([
-            "--pipeline", str(out), "--dataset_name", str(toy_base.data), "--num_images_per_class", "1",
-            "--reference_images_per_class", "1", "--steps", "2", "--batch_size", "10", "--cache_dir", str(tmp_path),
-            "--feature_extractor", TINY, "--metrics", "fid", "--expert", expert, "--output_dir", str(tmp_path / expert),
-        ])  # fmt: skip
-        metrics = json.loads((tmp_path / expert / "metrics.json").read_text())
+        metrics = tiny_capman_eval(out, toy_base.data, tmp_path / expert, expert, tmp_path)
         assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import artbench_assets, run_python_without_capman, text_to_image_args
+from conftest import artbench_assets, run_python_without_capman, text_to_image_args, tiny_capman_eval
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
@@ -97,18 +97,10 @@ print("ok")
 def test_capman_eval_and_capman_analyze_run_on_an_sdxl_output(trained, assets, tmp_path):
     """θ and θ^g (from the adapter) generate per-class prompts and are measured per split; the analyses encode the
     class prompts with both text encoders."""
-    from test_evaluation import TINY  # registers the tiny feature extractor
-
     from capman_peft.analysis.cli import main as analyze
-    from capman_peft.evaluation.cli import main as evaluate
 
     for expert in ("on", "off"):
-        evaluate([
-            "--pipeline", str(trained), "--dataset_name", str(assets.data), "--num_images_per_class", "2",
-            "--reference_images_per_class", "2", "--steps", "2", "--batch_size", "10", "--cache_dir", str(tmp_path),
-            "--feature_extractor", TINY, "--metrics", "fid", "--expert", expert, "--output_dir", str(tmp_path / expert),
-        ])  # fmt: skip
-        metrics = json.loads((tmp_path / expert / "metrics.json").read_text())
+        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
         assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
         assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
     data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
