@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import capman_peft.checkpointing as checkpointing
 import capman_peft.training.loop as training_loop
 from capman_peft import ClassConditionalPipeline
-from capman_peft.errors import run_cli
+from capman_peft.errors import ConfigError, run_cli
 from capman_peft.training.loop import TrainingCallbacks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
         real_save(tensors, path)
 
     monkeypatch.setattr(checkpointing, "save_file", crash_on_state)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConfigError, match=r"writing checkpoint-4 failed \(disk full\); .*checkpoint-2 is kept"):
         train_unet_cm.main(
             tiny_args(tmp_path, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")
         )
