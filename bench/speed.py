@@ -120,7 +120,6 @@ def training_step(
         torch.Generator().manual_seed(0),
         batch,
         x0.shape[1:],
-        num_train_timesteps=1000,
         label_dropout=0.1,
         objective=objective,
         general_draw=cm and general_fraction < 1,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .data import LabelledImageDataset
 from .errors import ConfigError
 from .families import Condition, ModelFamily, concat
-from .objective import DiffusionSchedule
+from .objective import NoiseSchedule, noise_schedule
 from .randomness import derived_seed
 from .tuner import expert_disabled
 
@@ -38,7 +38,7 @@ class LossSetup:
     """
 
     unet: nn.Module
-    schedule: DiffusionSchedule
+    schedule: NoiseSchedule
     family: ModelFamily
     device: torch.device
 
@@ -50,8 +50,8 @@ class LossSetup:
         return self.family.condition(class_ids)
 
     def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """`model`'s prediction (θ, θ^g, a pruned copy: any UNet of this family)."""
-        return self.family.predict(model, noisy, t, cond)
+        """`model`'s prediction (θ, θ^g, a pruned copy: any denoiser of this family) at the schedule's timesteps `t`."""
+        return self.family.predict(model, noisy, self.schedule.denoiser_timesteps(t), cond)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def fixed_batches(
             x0 = loss_setup.encode(pixels[rows].to(loss_setup.device))
             generator = torch.Generator().manual_seed(derived_seed(seed, c, b))
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator).to(loss_setup.device)
+            t = schedule.draw_timesteps(batch_size, generator, "cpu").to(loss_setup.device)
             y = torch.full((batch_size,), c, dtype=torch.long, device=loss_setup.device)
             yield FixedBatch(
                 c,
@@ -174,7 +174,7 @@ def summarize_expert_use(
     loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
     """
     device = next(capman.parameters()).device
-    loss_setup = LossSetup(capman, DiffusionSchedule(noise_scheduler), family, device)
+    loss_setup = LossSetup(capman, noise_schedule(noise_scheduler), family, device)
     num_classes = data.num_classes
     values = measure_expert_use(
         capman, loss_setup, data, num_classes=num_classes, num_batches=1, batch_size=images_per_class

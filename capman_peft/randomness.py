@@ -75,7 +75,6 @@ def draw_step(
     num_samples: int,
     sample_shape: Sequence[int],
     *,
-    num_train_timesteps: int,
     label_dropout: float,
     objective: Any,
     noise_offset: float = 0.0,
@@ -99,7 +98,7 @@ def draw_step(
     noise = torch.randn(shape, **rng)
     if noise_offset:
         noise += noise_offset * torch.randn((num_samples, shape[1], *[1] * (len(shape) - 2)), **rng)
-    timesteps = torch.randint(0, num_train_timesteps, (num_samples,), **rng)
+    timesteps = objective.schedule.draw_timesteps(num_samples, **rng)
     dropped = torch.rand(num_samples, **rng) < label_dropout
     # CBDM's y' ~ Categorical(N_c) does not depend on y, so placeholder labels of the right length suffice.
     extra = objective.extra_labels(

@@ -170,7 +170,7 @@ def test_the_training_step_sees_augmented_images_and_trains_the_augment_embeddin
     step = family_step_loss(ClassConditionalFamily(), denoiser, spy, num_classes=3, cm=None)
     generator = torch.Generator().manual_seed(0)
     draws = draw_step(
-        generator, 4, (3, 8, 8), num_train_timesteps=1000, label_dropout=0.0, objective=objective,
+        generator, 4, (3, 8, 8), label_dropout=0.0, objective=objective,
         augment_probability=1.0,
     )  # fmt: skip
     pixels = torch.rand(4, 3, 8, 8) * 2 - 1

@@ -607,7 +607,7 @@ def test_oc_selection_probs_match_softmax_formula():
     torch.manual_seed(3)
     x0, x_t = torch.randn(5, 2, 2, 2), torch.randn(5, 2, 2, 2)
     alphas = [make_scheduler().alphas_cumprod[t].item() for t in (50, 200, 500, 800, 999)]
-    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas), 1 - torch.tensor(alphas))
     for i in range(5):
         xt_i = values(x_t[i])
         logits = []
@@ -656,7 +656,7 @@ def oc_case(prediction_type: str = "epsilon"):
 
 def test_oc_reference_must_be_at_least_as_frequent():
     objective, x0, noise, x_t, timesteps, alphas, labels = oc_case()
-    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas), 1 - torch.tensor(alphas))
     assert probs[0, 1] > 0.999 and probs[2, 3] > 0.999
     for seed in range(5):
         references = objective.select_references(
@@ -688,7 +688,7 @@ def test_oc_loss_by_hand_on_a_pinned_batch():
     objective, x0, noise, x_t, timesteps, alphas, labels = oc_case()
     x_t[1] = math.sqrt(alphas[1]) * x0[1] + 0.01 * noise[1]  # samples 1 and 3 sit on their own x0
     x_t[3] = math.sqrt(alphas[3]) * x0[3] + 0.01 * noise[3]
-    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas))
+    probs = oc_selection_probs(x_t, x0, torch.tensor(alphas), 1 - torch.tensor(alphas))
     assert min(probs[0, 1], probs[1, 1], probs[2, 3], probs[3, 3]) > 0.99  # the draw is all but certain
     pred = torch.randn_like(x0)
     loss, stats = objective(pred, x0=x0, noise=noise, x_t=x_t, timesteps=timesteps, labels=labels)

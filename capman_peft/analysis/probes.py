@@ -21,21 +21,20 @@ from ..data import (
 from ..errors import ConfigError
 from ..expert_use import LossSetup
 from ..families import family_of_pipeline, pipeline_resolution
-from ..objective import DiffusionSchedule
+from ..objective import noise_schedule
 from ..run_folder import PipelineFolder, load_pipeline, read_pipeline_folder
 
 
 def make_loss_setup(pipe: Any, folder: PipelineFolder, class_names: list[str], dataset: str) -> LossSetup:
     """A :class:`LossSetup` for a loaded pipeline (class-conditional, or Stable Diffusion with class prompts)."""
-    from diffusers import DDPMScheduler
-
-    device = pipe.unet.device
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    denoiser = getattr(pipe, folder.family.denoiser)
+    noise_scheduler = folder.family.scheduler_class.from_config(pipe.scheduler.config)
     prompts = None
     if folder.family.prompted:
         template = folder.args.get("prompt_template") or get_dataset_spec(dataset).prompt_template
         prompts = class_prompts(class_names, template)
-    return LossSetup(pipe.unet, DiffusionSchedule(noise_scheduler), family_of_pipeline(pipe, prompts), device)
+    family = family_of_pipeline(pipe, prompts)
+    return LossSetup(denoiser, noise_schedule(noise_scheduler), family, denoiser.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,6 +51,11 @@ class AnalysisSetup:
     dataset: str
     imbalance_ratio: float | None
     resolution: int
+
+    @property
+    def denoiser(self) -> Any:
+        """The pipeline's trained component (UNet or transformer)."""
+        return getattr(self.pipe, self.folder.family.denoiser)
 
 
 def prepare_analysis(

@@ -25,7 +25,7 @@ from .cm import (
     format_cm_table,
     push_warmup_scale,
 )
-from .schedule import DiffusionSchedule
+from .schedule import DiffusionSchedule, FlowMatchingSchedule, FlowWeighting, NoiseSchedule, noise_schedule
 from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
 __all__ = [
@@ -41,6 +41,9 @@ __all__ = [
     "CMWeights",
     "DDPMObjective",
     "DiffusionSchedule",
+    "FlowMatchingSchedule",
+    "FlowWeighting",
+    "NoiseSchedule",
     "OCObjective",
     "build_objective",
     "check_cm_bounded",
@@ -53,6 +56,7 @@ __all__ = [
     "diffusion_loss",
     "format_cm_table",
     "importance_rows",
+    "noise_schedule",
     "oc_selection_probs",
     "push_warmup_scale",
 ]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .schedule import DiffusionSchedule
+from .schedule import FlowWeighting, noise_schedule
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -61,7 +61,8 @@ def focal_weight(per_sample_loss: Tensor, gamma: float) -> Tensor:
 
 
 class DDPMObjective:
-    """L_base = mean‖pred − target‖² (Ho et al. 2020) with the scheduler's target: ε, or v for v-prediction.
+    """L_base = mean‖pred − target‖² (Ho et al. 2020) with the schedule's target: ε, v for v-prediction, or the flow
+    velocity ε − x0 for a flow-matching scheduler (then weighted per sample as ``weighting`` says).
 
     ``snr_gamma`` turns on min-SNR-γ weighting as in diffusers' ``train_text_to_image.py``; ``focal_gamma`` turns
     on the focal weighting of ``focal_weight`` (the paper's +Focal baseline). The CBDM and OC objectives inherit both
@@ -76,16 +77,19 @@ class DDPMObjective:
         class_counts: ClassCounts | None = None,
         snr_gamma: float | None = None,
         focal_gamma: float | None = None,
+        weighting: FlowWeighting | None = None,
     ) -> None:
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in ("epsilon", "v_prediction"):
+        self.schedule = noise_schedule(scheduler, weighting)
+        prediction_type = self.schedule.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
+        if snr_gamma is not None and prediction_type == "flow":
+            raise ValueError("snr_gamma (min-SNR weighting) is for DDPM schedules; flow matching has weighting_scheme")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma}")
         if focal_gamma is not None and focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0 or None, got {focal_gamma}")
         self.scheduler = scheduler
-        self.schedule = DiffusionSchedule(scheduler)
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.focal_gamma = focal_gamma
@@ -108,6 +112,9 @@ class DDPMObjective:
         """Batch mean of the per-sample mean squared error, focal-weighted when ``focal_gamma`` is set and min-SNR-γ
         weighted when ``snr_gamma`` is set."""
         per_sample = (pred.float() - target.float()).pow(2).reshape(len(pred), -1).mean(dim=1)
+        schedule_weight = self.schedule.loss_weight(timesteps)
+        if schedule_weight is not None:
+            per_sample = schedule_weight * per_sample
         if self.focal_gamma is not None:
             per_sample = focal_weight(per_sample, self.focal_gamma) * per_sample
         if self.snr_gamma is None:
@@ -156,10 +163,11 @@ class CBDMObjective(DDPMObjective):
         focal_gamma: float | None = None,
         tau: float = 1.0,
         gamma: float = 0.25,
+        weighting: FlowWeighting | None = None,
     ) -> None:
         if class_counts is None:
             raise ValueError("the cbdm objective needs class_counts (y' is drawn from the class frequencies)")
-        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma)
+        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma, weighting)
         self.tau = tau
         self.gamma = gamma
 
@@ -198,20 +206,20 @@ class CBDMObjective(DDPMObjective):
         return loss, {"base_loss": loss.detach(), "base_mse": base.detach(), "cbdm_reg": reg.detach()}
 
 
-def oc_selection_probs(x_t: Tensor, x0: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
-    """P[i, j] = softmax_j(−‖x_t,i − √ᾱ_i x0_j‖² / (2(1 − ᾱ_i))): the posterior that x_t,i was noised from
-    x0_j among the batch (paper Eq. D.4), with ᾱ at sample i's timestep.
+def oc_selection_probs(x_t: Tensor, x0: Tensor, signal_squared: Tensor, noise_squared: Tensor) -> Tensor:
+    """P[i, j] = softmax_j(−‖x_t,i − a_i x0_j‖² / (2 b_i²)): the posterior that x_t,i was noised from x0_j among
+    the batch (paper Eq. D.4), where x_t = a·x0 + b·ε at sample i's timestep (given as a² and b²; DDPM: ᾱ and
+    1 − ᾱ, flow matching: (1 − σ)² and σ²).
 
-    The squared distances come from one (B, B) matmul, ‖x_t,i‖² − 2√ᾱ_i⟨x_t,i, x0_j⟩ + ᾱ_i‖x0_j‖², never a
-    (B, B, D) tensor. They are taken in float64: at small t the logits are scaled by 1/(1 − ᾱ) ≈ 10⁴, where
-    float32 cancellation in the expansion would be visible.
+    The squared distances come from one (B, B) matmul, ‖x_t,i‖² − 2a_i⟨x_t,i, x0_j⟩ + a_i²‖x0_j‖², never a
+    (B, B, D) tensor. They are taken in float64: at small t the logits are scaled by 1/b² ≈ 10⁴, where float32
+    cancellation in the expansion would be visible.
     """
     xt = x_t.reshape(len(x_t), -1).double()
     ref = x0.reshape(len(x0), -1).double()
-    alphas = alphas_cumprod_t.double()
-    scale = alphas.sqrt()[:, None]
+    scale = signal_squared.double().sqrt()[:, None]
     sq_dist = xt.pow(2).sum(1)[:, None] - 2 * scale * (xt @ ref.T) + scale.pow(2) * ref.pow(2).sum(1)[None, :]
-    logits = -sq_dist.clamp(min=0) / (2 * (1 - alphas))[:, None]
+    logits = -sq_dist.clamp(min=0) / (2 * noise_squared.double())[:, None]
     return logits.softmax(dim=1)
 
 
@@ -220,7 +228,8 @@ class OCObjective(DDPMObjective):
 
     Each sample i draws a reference j from its batch by ``oc_selection_probs``; the reference is kept only
     when its class is at least as frequent (N_{y_j} ≥ N_{y_i}), so knowledge flows from majorities to
-    minorities, and the target becomes ε̂ = (x_t − √ᾱ x0_j)/√(1 − ᾱ) (or v̂ = √ᾱ ε̂ − √(1 − ᾱ) x0_j). A sample
+    minorities, and the target becomes ε̂ = (x_t − √ᾱ x0_j)/√(1 − ᾱ) (or v̂ = √ᾱ ε̂ − √(1 − ᾱ) x0_j; under flow
+    matching ε̂ = (x_t − (1 − σ) x0_j)/σ and the velocity ε̂ − x0_j: the schedule's target for x0_j and ε̂). A sample
     that keeps itself gets the ordinary target from ``noise``. Label-dropped samples keep themselves by default:
     their condition is the null class, whose target is the unconditional one. With ``transfer_label_dropped`` they
     draw a reference by their true class like every other sample, as the OC authors' trainer does (it transfers
@@ -236,10 +245,11 @@ class OCObjective(DDPMObjective):
         snr_gamma: float | None = None,
         focal_gamma: float | None = None,
         transfer_label_dropped: bool = False,
+        weighting: FlowWeighting | None = None,
     ) -> None:
         if class_counts is None:
             raise ValueError("the oc objective needs class_counts (a reference must be as frequent as its sample)")
-        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma)
+        super().__init__(scheduler, class_counts, snr_gamma, focal_gamma, weighting)
         self.transfer_label_dropped = transfer_label_dropped
 
     @torch.no_grad()
@@ -256,7 +266,7 @@ class OCObjective(DDPMObjective):
         ``transfer_label_dropped``)."""
         counts = self._counts_on(labels.device)
         _check_labels(labels, len(counts))
-        probs = oc_selection_probs(x_t, x0, self.schedule.alphas_cumprod(timesteps))
+        probs = oc_selection_probs(x_t, x0, *self.schedule.squared_mixing(timesteps))
         drawn = torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
         keep = counts[labels[drawn]] >= counts[labels]
         if label_dropped is not None and not self.transfer_label_dropped:
@@ -264,15 +274,15 @@ class OCObjective(DDPMObjective):
         return torch.where(keep, drawn, torch.arange(len(labels), device=labels.device))
 
     def targets(self, x0: Tensor, noise: Tensor, x_t: Tensor, timesteps: Tensor, references: Tensor) -> Tensor:
-        """ε̂ (or v̂) for the chosen references; exactly the ordinary target where i is its own reference."""
-        alphas = _per_sample(self.schedule.alphas_cumprod(timesteps), x_t)
+        """The schedule's target for the chosen references (ε̂, v̂ or the flow velocity); exactly the ordinary target
+        where i is its own reference."""
+        # a and b from float32 squares, as the prediction's precision needs (the same bits as √ᾱ_t in float32).
+        signal, noise_scale = (_per_sample(c.float().sqrt(), x_t) for c in self.schedule.squared_mixing(timesteps))
         own = _per_sample(references == torch.arange(len(references), device=references.device), x_t)
         x0_ref = x0.float()[references]
-        transferred = (x_t.float() - alphas.sqrt() * x0_ref) / (1 - alphas).sqrt()
+        transferred = (x_t.float() - signal * x0_ref) / noise_scale
         eps_hat = torch.where(own, noise.float(), transferred)
-        if self.prediction_type == "epsilon":
-            return eps_hat
-        return alphas.sqrt() * eps_hat - (1 - alphas).sqrt() * x0_ref
+        return self.schedule.target(x0_ref, eps_hat, timesteps)
 
     def __call__(
         self,
@@ -301,7 +311,8 @@ def build_objective(
 ) -> DDPMObjective:
     """The base objective L_base of Eq. 4 by name; CM is added on top of any of them (paper Fig. 4a).
 
-    Options: ``snr_gamma`` and ``focal_gamma`` (all), ``tau`` and ``gamma`` (cbdm), ``transfer_label_dropped`` (oc).
+    Options: ``snr_gamma``, ``focal_gamma`` and ``weighting`` (all; ``weighting`` for flow-matching schedulers only),
+    ``tau`` and ``gamma`` (cbdm), ``transfer_label_dropped`` (oc).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

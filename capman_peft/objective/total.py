@@ -96,7 +96,8 @@ def diffusion_loss(
         else:
             sample_weight = kept
 
-    outputs = denoiser(x_t, timesteps, condition_of(cond_labels), condition_of(extra_labels), general_rows)
+    time_input = objective.schedule.denoiser_timesteps(timesteps)
+    outputs = denoiser(x_t, time_input, condition_of(cond_labels), condition_of(extra_labels), general_rows)
     loss, logs = objective(
         outputs.full,
         x0=x0,

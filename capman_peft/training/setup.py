@@ -30,7 +30,7 @@ from ..data import (
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..families import ModelFamily
-from ..objective import CMSettings, build_objective, check_cm_bounded, cm_weights, format_cm_table
+from ..objective import CMSettings, FlowWeighting, build_objective, check_cm_bounded, cm_weights, format_cm_table
 from ..randomness import StepRandomness
 from ..run_folder import lock_output_dir
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
@@ -217,8 +217,16 @@ def log_training_data(data: DataSettings, dataset: LabelledImageDataset) -> None
     )
 
 
-def make_objective(objective: ObjectiveSettings, noise_scheduler: Any, class_counts: Sequence[int]) -> Any:
+def make_objective(
+    objective: ObjectiveSettings,
+    noise_scheduler: Any,
+    class_counts: Sequence[int],
+    weighting: FlowWeighting | None = None,
+) -> Any:
+    """The base objective of the flags, on the family's noise schedule (`weighting`: a flow-matching family's)."""
     options: dict[str, Any] = {"snr_gamma": objective.snr_gamma, "focal_gamma": objective.focal_gamma}
+    if weighting is not None:
+        options["weighting"] = weighting
     if objective.objective == "cbdm":
         options.update(tau=objective.cbdm_tau, gamma=objective.cbdm_gamma)
     if objective.objective == "oc":
@@ -349,7 +357,6 @@ def prepare_training(
         optimization.seed,
         optimization.train_batch_size,
         sample_shape,
-        num_train_timesteps=objective.num_train_timesteps,
         label_dropout=settings.objective.label_dropout,
         objective=objective,
         general_draw=cm is not None and cm.general_fraction < 1,
