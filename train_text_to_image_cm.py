@@ -141,7 +141,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     torch.manual_seed(settings.optimization.seed)  # adapter initialisation independent of the data work above
     model = add_adapter(denoiser, settings)
     cast_frozen_weights(model, weight_dtype)
-    objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
+    objective = make_objective(
+        settings.objective, noise_scheduler, dataset.class_counts, weighting=family_type.weighting(settings)
+    )
     optimizer_cls = torch.optim.AdamW
     if model_settings.use_8bit_adam:
         import bitsandbytes as bnb

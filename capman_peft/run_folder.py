@@ -238,7 +238,7 @@ def load_capman_unet(folder: PipelineFolder) -> nn.Module:
 def load_pipeline(
     path: str | os.PathLike | PipelineFolder,
     expert: str = "on",
-    scheduler: str = "pipeline",
+    scheduler: str | None = "pipeline",
     device: str | torch.device = "cpu",
 ) -> Any:
     """Load a training run's pipeline for sampling, with the expert merged in (θ) or dropped (θ^g).
@@ -246,18 +246,27 @@ def load_pipeline(
     Args:
         expert: ``"on"``: the merged pipeline as saved; ``"off"``: its UNet replaced by θ^g built from
             ``output_dir/adapter`` (:func:`load_capman_unet` + ``merge_general_and_unload``).
-        scheduler: ``"ddim"``, ``"dpm"`` (DPM-Solver++ multistep) or ``"pipeline"`` (keep the saved one).
+        scheduler: ``"ddim"``, ``"dpm"`` (DPM-Solver++ multistep) or ``"pipeline"`` (keep the saved one); None:
+            DDIM, or the saved one for a flow-matching model (SD3), which the DDPM samplers cannot sample.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     from .tuner import merge_general_and_unload
 
     folder = path if isinstance(path, PipelineFolder) else read_pipeline_folder(path)
     if expert not in ("on", "off"):
         raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     pipe = folder.family.loader.from_pretrained(str(folder.path), use_safetensors=True)
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    if scheduler is None:
+        scheduler = "pipeline" if flow else "ddim"
+    elif flow and scheduler != "pipeline":
+        raise ConfigError(
+            f"--scheduler {scheduler}: {folder.path} is a flow-matching model, which DDPM samplers cannot sample; "
+            "allowed: pipeline (its FlowMatchEulerDiscreteScheduler)"
+        )
     if expert == "off":
         setattr(pipe, folder.family.denoiser, merge_general_and_unload(load_capman_unet(folder)).eval())
         if getattr(pipe.config, "class_groups", None) is not None:  # group experts: theta^g serves every class

@@ -21,14 +21,26 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 # The mirror's label order (baroque is 8 there, 1 in the paper's alphabetical order).
 ARTBENCH_MIRROR_NAMES = [
@@ -89,7 +101,19 @@ def _tiny_tokenizer(files: Path) -> CLIPTokenizer:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer with one token per character, built with `tokenizers` (no sentencepiece file, no download)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(char, -1.0) for char in string.ascii_lowercase + string.digits + "-\u2581"]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def _tiny_vae(**extra: Any) -> AutoencoderKL:
     """Two blocks: downsampling factor 2, so 16 px images give 8 x 8 latents."""
     return AutoencoderKL(
         block_out_channels=(8, 8),
@@ -99,6 +123,7 @@ def _tiny_vae() -> AutoencoderKL:
         norm_num_groups=4,
         layers_per_block=1,
         sample_size=16,
+        **extra,
     )
 
 
@@ -185,3 +210,38 @@ def write_artbench_mirror(root: Path) -> Path:
         str(root / "data" / "train-00000-of-00001.parquet")
     )
     return root
+
+
+def build_tiny_sd3(root: Path) -> Path:
+    """A StableDiffusion3Pipeline folder at toy size: an SD3 transformer (joint attention, patch size 1), two CLIP
+    text encoders with projections, a T5 encoder, a VAE with SD3's shift factor and the flow-matching scheduler with
+    SD3's shift 3."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,  # the two CLIP projections side by side
+        pos_embed_max_size=16,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16)),
+        tokenizer=_tiny_tokenizer(root / "tokenizer-files"),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16)),
+        tokenizer_2=_tiny_tokenizer(root / "tokenizer-2-files"),
+        text_encoder_3=T5EncoderModel(
+            T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64, decoder_start_token_id=0)
+        ),
+        tokenizer_3=_tiny_t5_tokenizer(),
+    )
+    pipeline.save_pretrained(root / "base", safe_serialization=True)
+    return root / "base"

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
 
 from capman_peft.testing import make_tiny_sd_unet, make_tiny_unet2d
 
@@ -163,6 +165,39 @@ def run_two_processes(script: Path, args: list, cwd: Path, timeout: float = 600)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     return subprocess.run([*cmd, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_resume_is_exact(args_of: Callable[..., list[str]], tmp_path: Path) -> None:
+    """4 straight steps of train_text_to_image_cm.py give the adapter that 2 steps, a checkpoint and a resume for 2
+    more give, bit for bit (`args_of(out, **flags)`: a family's tiny run)."""
+    import train_text_to_image_cm
+
+    train_text_to_image_cm.main(args_of(tmp_path / "straight", max_train_steps=4))
+    train_text_to_image_cm.main(args_of(tmp_path / "resumed", max_train_steps=2, checkpointing_steps=2))
+    train_text_to_image_cm.main(
+        args_of(tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")
+    )
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_accumulation_equals_one_batch(args_of: Callable[..., list[str]], tmp_path: Path) -> None:
+    """2 accumulated half batches train what one full batch trains (dropout off, θ^g on every row, the paper form)."""
+    import train_text_to_image_cm
+
+    same = dict(
+        max_train_steps=2, lora_dropout=0, caption_dropout=0, cm_general_fraction=1, cm_form="paper",
+        allow_unbounded_cm=True,
+    )  # fmt: skip
+    train_text_to_image_cm.main(args_of(tmp_path / "full", train_batch_size=4, **same))
+    train_text_to_image_cm.main(
+        args_of(tmp_path / "accumulated", train_batch_size=2, gradient_accumulation_steps=2, **same)
+    )
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "accumulated" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
 def tiny_capman_eval(pipeline: Path, data: Path, out: Path, expert: str, cache: Path, images: int = 1) -> dict:

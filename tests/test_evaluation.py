@@ -389,7 +389,7 @@ def test_capman_eval_takes_several_guidance_scales_and_records_each(tmp_path, cm
         ({"--guidance_scale": "nan"}, "--guidance_scale: got 'nan'; allowed: a finite number >= 0"),
         ({"--guidance_scale": "-1"}, "--guidance_scale: got '-1'; allowed: a finite number >= 0"),
         ({"--steps": "0"}, "--steps: got '0'; allowed: an integer >= 1"),
-        ({"--scheduler": "euler"}, "unknown scheduler 'euler'; allowed: ddim, dpm, pipeline"),
+        ({"--scheduler": "euler"}, "--scheduler: invalid choice: 'euler'"),
         ({"--feature_extractor": "nope"}, "unknown feature extractor 'nope'; registered:"),
         ({"--pipeline": "NO_ADAPTER", "--expert": "off"}, "has no adapter/adapter_config.json: the expert-off"),
         ({"--expert": "maybe"}, "--expert must be one of on, off, both, got 'maybe'"),

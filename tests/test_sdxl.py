@@ -12,9 +12,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import artbench_assets, run_python_without_capman, text_to_image_args, tiny_capman_eval
+from conftest import (
+    artbench_assets,
+    assert_accumulation_equals_one_batch,
+    assert_resume_is_exact,
+    run_python_without_capman,
+    text_to_image_args,
+    tiny_capman_eval,
+)
 from PIL import Image
-from safetensors.torch import load_file
 from torchvision import transforms
 
 import train_text_to_image_cm  # noqa: E402
@@ -130,32 +136,11 @@ def test_time_ids_of_cached_latents_are_the_original_size_the_center_crop_and_th
 
 
 def test_resume_is_exact(assets, tmp_path):
-    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "straight", max_train_steps=4))
-    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "resumed", max_train_steps=2, checkpointing_steps=2))
-    train_text_to_image_cm.main(
-        sdxl_args(
-            assets, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"
-        )
-    )
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(lambda out, **flags: sdxl_args(assets, out, **flags), tmp_path)
 
 
 def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
-    """As for SD (test_train_text_to_image.py): dropout off, theta^g on every row, the paper form."""
-    same = dict(
-        max_train_steps=2, lora_dropout=0, caption_dropout=0, cm_general_fraction=1, cm_form="paper",
-        allow_unbounded_cm=True,
-    )  # fmt: skip
-    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "full", train_batch_size=4, **same))
-    train_text_to_image_cm.main(
-        sdxl_args(assets, tmp_path / "accumulated", train_batch_size=2, gradient_accumulation_steps=2, **same)
-    )
-    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "accumulated" / "adapter" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert_accumulation_equals_one_batch(lambda out, **flags: sdxl_args(assets, out, **flags), tmp_path)
 
 
 def test_a_random_crop_is_where_the_pixels_come_from_and_what_the_time_ids_say(assets, tmp_path):

@@ -38,7 +38,7 @@ def expert_capacity(
     _check_sampling(num_batches, batch_size, seed)
     require_adapter(read_pipeline_folder(pipeline))  # fail before loading anything
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
-    capman = load_capman_unet(setup.folder).to(setup.pipe.unet.device)
+    capman = load_capman_unet(setup.folder).to(setup.denoiser.device)
     loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
     values = measure_expert_use(
         capman,

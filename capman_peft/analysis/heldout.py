@@ -86,9 +86,9 @@ def heldout_loss(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"--{name}: must be an integer >= 1, got {value!r}")
     setup = prepare_analysis(pipeline, dataset, **data_kwargs)
-    models = {"loss_full": setup.pipe.unet}
+    models = {"loss_full": setup.denoiser}
     if (setup.folder.adapter_dir / "adapter_config.json").is_file():
-        models = {"loss_full": load_capman_unet(setup.folder).to(setup.pipe.unet.device)}
+        models = {"loss_full": load_capman_unet(setup.folder).to(setup.denoiser.device)}
         models["loss_general"] = models["loss_full"]
     loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, setup.dataset)
     heldout, per_class_rows = _heldout_rows(setup, images_per_class)
@@ -235,7 +235,7 @@ def push_gradient(
     form = form or args.get("cm_form", "hinge")
     if form not in LOWER_MARGIN_FORMS:
         raise ConfigError(f"--form {form}: the push gradient is measured for {', '.join(LOWER_MARGIN_FORMS)}")
-    capman = load_capman_unet(folder).to(setup.pipe.unet.device)
+    capman = load_capman_unet(folder).to(setup.denoiser.device)
     capman.eval()
     names, params = zip(*[(n, p) for n, p in capman.named_parameters() if p.is_floating_point()], strict=True)
     for p in params:

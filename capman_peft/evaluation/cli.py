@@ -66,7 +66,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
         "(e.g. 50000 for ImageNet-LT's 1,000 or iNaturalist's 8,142 classes).",
     )
     group.add_argument(
-        "--scheduler", default="ddim", help="Sampler: ddim, dpm (DPM-Solver++ multistep) or pipeline (keep saved one)."
+        "--scheduler",
+        choices=SCHEDULERS,
+        default=None,
+        help="Sampler: ddim, dpm (DPM-Solver++ multistep) or pipeline (keep the saved one); default ddim, or the saved "
+        "one for a flow-matching model (SD3).",
     )
     group.add_argument("--steps", type=positive_int, default=50, help="Number of sampling steps.")
     group.add_argument(
@@ -177,8 +181,6 @@ def _check_cli(args: argparse.Namespace) -> None:
     """Every cheap check before any model is loaded, so a typo fails in a second rather than after sampling."""
     for scale in args.guidance_scale:
         _check_settings(args.num_images_per_class, args.steps, scale, args.batch_size, args.seed)
-    if args.scheduler not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {args.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     if args.expert not in EXPERT_SETTINGS:
         raise ConfigError(f"--expert must be one of {', '.join(EXPERT_SETTINGS)}, got {args.expert!r}")
     for path in args.pipeline:

@@ -52,7 +52,8 @@ class EvalSettings:
 
     Attributes:
         metrics: any of ``fid``, ``kid``, ``isc``, ``prc`` (a list or a comma-separated string).
-        scheduler: ``ddim``, ``dpm`` (DPM-Solver++ multistep) or ``pipeline`` (keep the saved one).
+        scheduler: ``ddim``, ``dpm`` (DPM-Solver++ multistep) or ``pipeline`` (keep the saved one); None: ddim, or
+            the saved one for a flow-matching model.
         expert: ``"on"`` (θ, the merged model) or ``"off"`` (θ^g, from ``output_dir/adapter``).
         feature_extractor: a torch-fidelity extractor name; default ``inception-v3-compat``, or
             ``digits-classifier`` for ``imb-digits``.
@@ -72,7 +73,7 @@ class EvalSettings:
     num_images_per_class: int = 500
     num_images: int | None = None
     metrics: Sequence[str] | str = METRIC_NAMES
-    scheduler: str = "ddim"
+    scheduler: str | None = None
     steps: int = 50
     guidance_scale: float = 1.5
     expert: str = "on"

@@ -6,7 +6,8 @@
 * ``pretrained.py``, ``pretrained_output.py``: what every family fine-tuned from a pretrained pipeline adds to the
   interface (:class:`PretrainedFamily`) and shares (settings, loading, adapter, export, card);
 * ``stable_diffusion.py``: Stable Diffusion 1.x/2.x and SDXL (VAE latents, class prompts' text embeddings; SDXL adds
-  the pooled embedding and the time ids).
+  the pooled embedding and the time ids);
+* ``stable_diffusion_3.py``: Stable Diffusion 3/3.5 (MMDiT transformer, rectified flow, CLIP + T5 prompts).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .registry import (
     register_family,
 )
 from .stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+from .stable_diffusion_3 import StableDiffusion3Family
 
 __all__ = [
     "AFTER_SPLIT",
@@ -32,6 +34,7 @@ __all__ = [
     "Condition",
     "ModelFamily",
     "PretrainedFamily",
+    "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "cast_frozen_weights",

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from torch import nn
 
@@ -70,6 +70,8 @@ class ModelFamily:
     """Whether classes are given to the model as text prompts (else as class ids)."""
     loader: Any = DiffusionPipeline
     """The class whose ``from_pretrained`` loads a saved output of this family."""
+    scheduler_class: Any = DDPMScheduler
+    """The training scheduler (from the saved sampler's config): the noise schedule follows from it."""
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> ModelFamily:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SchedulerMixin
+from diffusers import DDIMScheduler, SchedulerMixin
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
 from torch import nn
@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from ..data import LabelledImageDataset, grid_classes
 from ..errors import ConfigError
 from ..hub import hub_source
+from ..objective import FlowWeighting
 from ..pipelines import image_grid
 from ..settings import TrainingSettings, identity
 from ..tuner import CapManConfig
@@ -54,6 +55,12 @@ class PretrainedModelSettings:
     prompt_template: str = identity()
     """The class prompt: --prompt_template, else the named dataset's."""
     noise_offset: float
+    weighting_scheme: str | None = identity()
+    """Flow-matching families: how σ is drawn and the loss weighted (None: logit_normal there)."""
+    logit_mean: float = identity()
+    logit_std: float = identity()
+    mode_scale: float = identity()
+    max_sequence_length: int = identity()
     cache_latents: bool
     push_merged_pipeline: bool
     license: str | None
@@ -92,10 +99,27 @@ class PretrainedFamily(ModelFamily):
     """``--target_modules`` when the flag is not given: where the adapter goes."""
     pipeline_type: Any = None
     vae: Any = None
+    sampler = "DDIM (the paper samples with 50 steps)"
+    """The saved pipeline's scheduler, for the model card."""
 
     @classmethod
     def check_settings(cls, settings: TrainingSettings) -> None:
         """What the family requires of the flags, checked before any work."""
+        if settings.model.weighting_scheme is not None:
+            raise ConfigError(
+                f"--weighting_scheme {settings.model.weighting_scheme}: draws the timesteps of flow-matching families; "
+                f"the base is a {cls.pipeline_class}; allowed: leave it unset"
+            )
+
+    @classmethod
+    def weighting(cls, settings: TrainingSettings) -> FlowWeighting | None:
+        """How a flow-matching family draws σ and weights the loss (None: a DDPM family)."""
+        return None
+
+    @classmethod
+    def inference_scheduler(cls, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
+        """The scheduler of the grid and of the saved pipeline: DDIM, the paper's sampler (latents not clipped)."""
+        return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
 
     @classmethod
     def load_base(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 from peft import PeftModel
 
 from ..checkpointing import trainable_state
@@ -33,11 +33,6 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{repo}")  # or pipe.fuse_lora() after it: no inference overhead
 ```"""
-
-
-def inference_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
-    """DDIM, the paper's sampler; latents must not be clipped to [-1, 1]."""
-    return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False)
 
 
 def export_model(family: type[PretrainedFamily], settings: TrainingSettings, trained: torch.nn.Module) -> PeftModel:
@@ -76,7 +71,7 @@ def export_pipeline(
         use_safetensors=True,
         **{family.denoiser: merged},
         **vae,
-        scheduler=inference_scheduler(noise_scheduler),
+        scheduler=family.inference_scheduler(noise_scheduler),
         revision=sd.revision,
         variant=sd.variant,
         cache_dir=settings.data.cache_dir,
@@ -116,7 +111,7 @@ def card(
     base_is_local = Path(sd.pretrained_model_name_or_path).exists()
     note = (
         f"A plain `{family.pipeline_class}`: `DiffusionPipeline.from_pretrained(path)` loads it without "
-        "capman_peft; the saved scheduler is DDIM (the paper samples with 50 steps). Class prompts: "
+        f"capman_peft; the saved scheduler is {family.sampler}. Class prompts: "
         + ", ".join(f'"{prompt}"' for prompt in prompts)
         + "."
     )

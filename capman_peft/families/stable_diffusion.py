@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDPMScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -35,14 +34,19 @@ from ..randomness import StepDraws
 from ..settings import TrainingSettings
 from .base import Condition, cast_frozen_weights
 from .pretrained import Base, PretrainedFamily, load_component, load_denoiser, load_vae, prompts_per_class
-from .pretrained_output import inference_scheduler
 from .registry import pipeline_resolution, register_family
 
 
-def sample_latents(moments: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """z = (mean + std * noise) * scaling_factor: diffusers' ``latent_dist.sample()``, with the step's seeded noise."""
+def latent_scale(vae: Any) -> tuple[float, float]:
+    """(shift, scale) of the VAE's latents: z = (sample − shift) · scale (SD3 and Flux shift; SD does not)."""
+    return vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
+
+
+def sample_latents(moments: torch.Tensor, noise: torch.Tensor, vae: Any) -> torch.Tensor:
+    """z = (mean + std * noise − shift) * scale: diffusers' ``latent_dist.sample()``, with the step's seeded noise."""
     posterior = DiagonalGaussianDistribution(moments.float())
-    return (posterior.mean + posterior.std * noise) * scaling_factor
+    shift, scale = latent_scale(vae)
+    return (posterior.mean + posterior.std * noise - shift) * scale
 
 
 class PromptEncoder:
@@ -84,8 +88,10 @@ class StableDiffusionFamily(PretrainedFamily):
     denoiser_class = UNet2DConditionModel
     default_resolution = 256
     default_target_modules = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA scripts
-    text_components: tuple[tuple[str, str, Any], ...] = (("tokenizer", "text_encoder", CLIPTextModel),)
-    """(tokenizer folder, text encoder folder, text encoder class) of each text encoder of the pipeline."""
+    text_components: tuple[tuple[str, Any, str, Any], ...] = (
+        ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
+    )
+    """(tokenizer folder and class, text encoder folder and class) of each text encoder of the pipeline."""
 
     def __init__(
         self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
@@ -127,8 +133,9 @@ class StableDiffusionFamily(PretrainedFamily):
         if draws is None:  # deterministic: the posterior mean
             with torch.no_grad():
                 pixels = batch["pixel_values"].to(self.vae.dtype)
-                return self.vae.encode(pixels).latent_dist.mean.float() * self.vae.config.scaling_factor
-        return sample_latents(self.moments(batch, draws), draws.latent_noise, self.vae.config.scaling_factor)
+                shift, scale = latent_scale(self.vae)
+                return (self.vae.encode(pixels).latent_dist.mean.float() - shift) * scale
+        return sample_latents(self.moments(batch, draws), draws.latent_noise, self.vae)
 
     def condition(
         self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
@@ -139,12 +146,17 @@ class StableDiffusionFamily(PretrainedFamily):
         return {"encoder_hidden_states": cond}
 
     def grid_prompts(self, class_id: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """The pipeline's prompt arguments for `n` images of class `class_id`, the null condition as the negative."""
+        """The pipeline's prompt arguments for `n` images of class `class_id`, the null condition as the negative
+        (with the pooled embeddings where the family has them)."""
         null = self.cond_table.shape[0] - 1
-        return {
+        prompts = {
             "prompt_embeds": self.cond_table[class_id].expand(n, -1, -1).to(device),
             "negative_prompt_embeds": self.cond_table[null].expand(n, -1, -1).to(device),
         }
+        if self.pooled_table is not None:
+            prompts["pooled_prompt_embeds"] = self.pooled_table[class_id].expand(n, -1).to(device)
+            prompts["negative_pooled_prompt_embeds"] = self.pooled_table[null].expand(n, -1).to(device)
+        return prompts
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusionFamily:
@@ -169,22 +181,22 @@ class StableDiffusionFamily(PretrainedFamily):
         text-encoder call, after which the text encoders leave (they are not needed again, not even for
         validation) unless the data has per-image captions."""
         sd = settings.model
-        noise_scheduler = load_component(DDPMScheduler, settings, "scheduler")
-        tokenizers = [load_component(CLIPTokenizer, settings, folder) for folder, _, _ in cls.text_components]
+        noise_scheduler = load_component(cls.scheduler_class, settings, "scheduler")
+        tokenizers = [load_component(kind, settings, folder) for folder, kind, _, _ in cls.text_components]
         text_encoders = [
             load_component(encoder, settings, folder, variant=sd.variant, use_safetensors=True)
-            for _, folder, encoder in cls.text_components
+            for _, _, folder, encoder in cls.text_components
         ]
         vae = load_vae(settings)
         unet = load_denoiser(cls, settings)
-        # The VAE downsamples by vae_scale and the UNet's levels by unet_scale: the image side must divide by both.
+        # The VAE downsamples by vae_scale and the denoiser further: the image side must divide by both.
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
+        factor = vae_scale * cls.denoiser_downsampling(unet)
         resolution = settings.data.resolution
         if resolution % factor:
             raise ConfigError(
-                f"--resolution {resolution}: the VAE and UNet downsample by {factor} in all; allowed: a multiple "
-                f"of {factor}"
+                f"--resolution {resolution}: the VAE and {cls.denoiser} downsample by {factor} in all; allowed: a "
+                f"multiple of {factor}"
             )
         if sd.validation_prompts_per_class:
             prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
@@ -193,7 +205,7 @@ class StableDiffusionFamily(PretrainedFamily):
         for frozen in (*text_encoders, vae):
             cast_frozen_weights(frozen.requires_grad_(False), dtype)
             frozen.to(device)
-        encoder = PromptEncoder(tokenizers, text_encoders)
+        encoder = cls.prompt_encoder(tokenizers, text_encoders, settings)
         captions = encoder if dataset.captions is not None else None  # else the text encoders leave after this call
         family = cls.make(vae, encoder([*prompts, ""]), resolution, captions)
         del text_encoders, tokenizers, encoder
@@ -201,10 +213,20 @@ class StableDiffusionFamily(PretrainedFamily):
         latent_shape = (vae.config.latent_channels, resolution // vae_scale, resolution // vae_scale)
         return Base(noise_scheduler, unet, prompts, family, latent_shape)
 
+    @classmethod
+    def denoiser_downsampling(cls, denoiser: nn.Module) -> int:
+        """How much the denoiser downsamples its input (the UNet's levels)."""
+        return 2 ** (len(denoiser.config.block_out_channels) - 1)
+
+    @classmethod
+    def prompt_encoder(cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings) -> Any:
+        """Prompts -> (embeddings, pooled embeddings or None), as the family's pipeline encodes them."""
+        return PromptEncoder(tokenizers, text_encoders)
+
     def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
         pipeline = StableDiffusionPipeline(
             vae=self.vae, text_encoder=None, tokenizer=None, unet=denoiser,
-            scheduler=inference_scheduler(noise_scheduler), safety_checker=None, feature_extractor=None,
+            scheduler=self.inference_scheduler(noise_scheduler), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
@@ -248,7 +270,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     default_resolution = 1024
     text_components = (
         *StableDiffusionFamily.text_components,
-        ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
+        ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),
     )
 
     def __init__(
@@ -290,14 +312,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
 
-    def grid_prompts(self, class_id: int, n: int, device: torch.device) -> dict[str, torch.Tensor]:
-        null = self.pooled_table.shape[0] - 1
-        return {
-            **super().grid_prompts(class_id, n, device),
-            "pooled_prompt_embeds": self.pooled_table[class_id].expand(n, -1).to(device),
-            "negative_pooled_prompt_embeds": self.pooled_table[null].expand(n, -1).to(device),
-        }
-
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusionXLFamily:
         cond_table, pooled_table = encode_prompts_xl(
@@ -318,7 +332,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
         pipeline = StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=denoiser,
-            scheduler=inference_scheduler(noise_scheduler),
+            scheduler=self.inference_scheduler(noise_scheduler),
         )  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

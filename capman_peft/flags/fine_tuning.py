@@ -11,6 +11,7 @@ from diffusers.utils.import_utils import is_xformers_available
 
 from ..errors import ConfigError
 from ..families.pretrained_output import BASE_LICENSE
+from ..objective.schedule import WEIGHTING_SCHEMES
 from ..settings import ObjectiveSettings
 from .definitions import script_parser
 from .values import module_patterns, nonnegative_float, positive_float, positive_int, probability, prompt_template_value
@@ -63,8 +64,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pretrained_model_name_or_path",
         default=BASE_MODEL,
-        help="Stable Diffusion 1.x/2.x or SDXL pipeline to fine-tune (Hub id or local folder; the family is read from "
-        "its model_index.json); the paper uses miniSD (256 px).",
+        help="Stable Diffusion 1.x/2.x, SDXL or SD3/3.5 pipeline to fine-tune (Hub id or local folder; the family is "
+        "read from its model_index.json); the paper uses miniSD (256 px).",
     )
     group.add_argument(
         "--pretrained_vae_model_name_or_path",
@@ -144,6 +145,27 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
         help="VAE-encode every training image once per flip state before training (implies a center crop: SDXL's "
         "time ids then carry the center's position).",
     )
+    group.add_argument(
+        "--max_sequence_length",
+        type=positive_int,
+        default=77,
+        help="T5 tokens of a prompt (SD3; diffusers' SD3 LoRA script's flag and default).",
+    )
+    add_flow_args(parser)
+
+
+def add_flow_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("flow matching (SD3): diffusers' SD3 LoRA script's flags")
+    group.add_argument(
+        "--weighting_scheme",
+        choices=WEIGHTING_SCHEMES,
+        default=None,
+        help="How sigma is drawn and the loss weighted (compute_density_for_timestep_sampling, "
+        "compute_loss_weighting_for_sd3); default logit_normal. Flow-matching bases only.",
+    )
+    group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal's normal.")
+    group.add_argument("--logit_std", type=float, default=1.0, help="Std of logit_normal's normal.")
+    group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
 
 
 def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:

@@ -1,0 +1,161 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer trained with rectified flow on VAE latents (shifted and scaled),
+conditioned on the joint text embedding of two CLIP encoders and T5 and on their pooled embedding.
+
+Everything but the condition, the transformer call, the scheduler and the LoRA writer is Stable Diffusion's
+(:class:`StableDiffusionFamily`): the latent cache, the per-image captions, the class prompt table with the empty
+prompt as the null condition. The noise schedule follows from the flow-matching scheduler
+(``capman_peft.objective.schedule.FlowMatchingSchedule``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from torch import nn
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from ..errors import ConfigError
+from ..objective import FlowWeighting
+from ..randomness import StepDraws
+from ..settings import TrainingSettings
+from .base import Condition
+from .registry import register_family
+from .stable_diffusion import StableDiffusionFamily
+
+# The joint-attention projections of every block, image and text stream: diffusers' SD3 LoRA script's targets.
+SD3_TARGETS = (
+    "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+)
+
+
+class SD3PromptEncoder:
+    """The three text encoders, encoding as ``StableDiffusion3Pipeline.encode_prompt`` does (it is called: CLIP
+    hidden states padded to T5's width and followed by T5's, pooled = both CLIP projections side by side)."""
+
+    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int) -> None:
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=self.pipeline.text_encoder.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return hidden.float(), pooled.float()
+
+
+@register_family
+class StableDiffusion3Family(StableDiffusionFamily):
+    """x0 is the VAE latent, (z − shift)·scale; the condition of class c is row c of the prompt tables (joint text
+    embedding and pooled embedding; row C, the empty prompt's, is the null condition)."""
+
+    name = "stable-diffusion-3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    pipeline_type = StableDiffusion3Pipeline
+    denoiser = "transformer"
+    denoiser_class = SD3Transformer2DModel
+    default_resolution = 512  # diffusers' SD3 LoRA script's
+    default_target_modules = SD3_TARGETS
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    sampler = "the base's flow-matching Euler scheduler"
+    text_components = (
+        ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModelWithProjection),
+        ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),
+        ("tokenizer_3", T5TokenizerFast, "text_encoder_3", T5EncoderModel),
+    )
+
+    def __init__(
+        self,
+        vae: Any = None,
+        cond_table: torch.Tensor | None = None,
+        pooled_table: torch.Tensor | None = None,
+        captions: SD3PromptEncoder | None = None,
+    ) -> None:
+        super().__init__(vae, cond_table, captions)
+        self.pooled_table = pooled_table
+
+    @classmethod
+    def check_settings(cls, settings: TrainingSettings) -> None:
+        if settings.objective.snr_gamma is not None:
+            raise ConfigError(
+                f"--snr_gamma {settings.objective.snr_gamma}: min-SNR weighting is for DDPM schedules; allowed for "
+                "SD3: --weighting_scheme (sigma_sqrt, cosmap, ...)"
+            )
+        if settings.objective.cm_forward == "shared_prefix":
+            raise ConfigError(
+                "--cm_forward shared_prefix: needs a UNet's up path; allowed for SD3: --cm_forward fused or separate"
+            )
+
+    @classmethod
+    def weighting(cls, settings: TrainingSettings) -> FlowWeighting:
+        sd = settings.model
+        return FlowWeighting(sd.weighting_scheme or "logit_normal", sd.logit_mean, sd.logit_std, sd.mode_scale)
+
+    @classmethod
+    def inference_scheduler(cls, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
+        """The base's flow-matching Euler scheduler (SD3's own sampler)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+    @classmethod
+    def denoiser_downsampling(cls, denoiser: nn.Module) -> int:
+        return denoiser.config.patch_size
+
+    @classmethod
+    def prompt_encoder(cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings) -> Any:
+        pipeline = StableDiffusion3Pipeline(
+            transformer=None, scheduler=None, vae=None,
+            text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1],
+            text_encoder_3=text_encoders[2], tokenizer_3=tokenizers[2],
+        )  # fmt: skip
+        return SD3PromptEncoder(pipeline, settings.model.max_sequence_length)
+
+    def condition(
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
+    ) -> Condition:
+        hidden, pooled = self.text(class_ids, batch)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+    def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
+        return dict(cond)
+
+    def predict(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return unet(hidden_states=sample, timestep=timestep, **self.unet_kwargs(cond), return_dict=False)[0]
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusion3Family:
+        cond_table, pooled_table = SD3PromptEncoder(pipe, 77)(prompts)
+        return cls(pipe.vae, cond_table, pooled_table)
+
+    @classmethod
+    def make(
+        cls, vae: Any, tables: tuple[torch.Tensor, torch.Tensor | None], resolution: int, captions: Any
+    ) -> StableDiffusion3Family:
+        return cls(vae, tables[0], tables[1], captions)
+
+    def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
+        pipeline = StableDiffusion3Pipeline(
+            transformer=denoiser, scheduler=self.inference_scheduler(noise_scheduler), vae=self.vae,
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+            tokenizer_3=None,
+        )  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    @classmethod
+    def write_lora(cls, layers: dict[str, torch.Tensor], output_dir: Path, weight_name: str) -> None:
+        cls.pipeline_type.save_lora_weights(str(output_dir), transformer_lora_layers=layers, weight_name=weight_name)

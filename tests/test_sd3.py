@@ -1,0 +1,167 @@
+"""Stable Diffusion 3 through train_text_to_image_cm.py, on a tiny SD3 built from configs (an MMDiT transformer, two
+CLIP encoders with projections and T5, the flow-matching scheduler) and the ArtBench-format data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import (
+    artbench_assets,
+    assert_accumulation_equals_one_batch,
+    assert_resume_is_exact,
+    run_python_without_capman,
+    text_to_image_args,
+    tiny_capman_eval,
+)
+from diffusers import StableDiffusion3Pipeline
+
+import train_text_to_image_cm  # noqa: E402
+from capman_peft.errors import run_cli
+from capman_peft.families import StableDiffusion3Family, family_of_pipeline
+from capman_peft.objective import build_objective, diffusion_loss
+from capman_peft.randomness import draw_step
+from capman_peft.testing import build_tiny_sd3
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("sd3-assets")
+    assets = artbench_assets(root, build_tiny_sd3(root))
+    data = assets.data / "data"  # the reference split capman-eval compares with: the same images
+    shutil.copy(data / "train-00000-of-00001.parquet", data / "test-00000-of-00001.parquet")
+    return assets
+
+
+def sd3_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
+    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sd3-run") / "out"
+    train_text_to_image_cm.main(sd3_args(assets, out, max_train_steps=3))
+    return out
+
+
+def test_a_training_batch_is_the_rectified_flow_loss(assets):
+    """One batch's loss without CM, written out: σ from SD3's shifted table at the drawn index, x_t = (1 − σ)·x0 +
+    σ·ε, the transformer given σ·1000 and the prompt's joint and pooled embeddings, the target ε − x0."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(assets.base)
+    family = family_of_pipeline(pipe, ["a baroque painting", "a realism painting", ""])
+    objective = build_objective("ddpm", pipe.scheduler)
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0])
+    draws = draw_step(torch.Generator().manual_seed(1), 3, (4, 8, 8), label_dropout=0.0, objective=objective)
+    from capman_peft.denoiser import CMDenoiser
+
+    denoiser = CMDenoiser(pipe.transformer, capacity_manipulation=False, family=family)
+    with torch.no_grad():
+        loss, _ = diffusion_loss(
+            denoiser, objective, x0, labels, num_classes=2, cm=None, draws=draws, condition=family.condition
+        )
+    u = torch.arange(1000, 0, -1, dtype=torch.float64) / 1000
+    sigma = (3 * u / (1 + 2 * u))[draws.timesteps].float().reshape(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * draws.noise
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        ["a baroque painting", "a realism painting", "a baroque painting"], None, None,
+        do_classifier_free_guidance=False, max_sequence_length=77,
+    )  # fmt: skip
+    with torch.no_grad():
+        pred = pipe.transformer(
+            hidden_states=x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=hidden, pooled_projections=pooled
+        ).sample
+    torch.testing.assert_close(loss, (pred - (draws.noise - x0)).pow(2).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_output_is_an_sd3_pipeline_that_loads_and_samples_without_capman_peft(trained, tmp_path):
+    assert json.loads((trained / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert summary["args"]["family"] == "stable-diffusion-3" and summary["steps"] == 3
+    assert summary["args"]["target_modules"].startswith("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj")
+    scheduler = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 3.0
+    code = """
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+assert type(pipe).__name__ == "StableDiffusion3Pipeline", type(pipe)
+image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
+assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+print("ok")
+"""
+    result = run_python_without_capman(code, [trained], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_the_lora_files_load_into_the_base_sd3_pipeline_with_diffusers_alone(trained, assets, tmp_path):
+    """base + StableDiffusion3Pipeline.load_lora_weights(out), with and without fuse_lora, computes what the merged
+    transformer computes; the general file gives another model (θ^g)."""
+    code = """
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+out, base = sys.argv[1], sys.argv[2]
+merged = SD3Transformer2DModel.from_pretrained(out + "/transformer").eval()
+torch.manual_seed(1)
+x, t, text, pooled = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 90, 32), torch.randn(2, 32)
+def run(model):
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled).sample
+expected = run(merged)
+pipe = StableDiffusion3Pipeline.from_pretrained(base)
+plain = run(pipe.transformer)
+pipe.load_lora_weights(out)
+assert (run(pipe.transformer) - expected).abs().max() < 1e-4
+pipe.fuse_lora()
+assert (run(pipe.transformer) - expected).abs().max() < 1e-4
+assert (plain - expected).abs().max() > 1e-6
+general = StableDiffusion3Pipeline.from_pretrained(base)
+general.load_lora_weights(out, weight_name="pytorch_lora_weights_general.safetensors")
+assert (run(general.transformer) - expected).abs().max() > 1e-7
+print("ok")
+"""
+    result = run_python_without_capman(code, [trained, assets.base], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_capman_eval_and_capman_analyze_run_on_an_sd3_output(trained, assets, tmp_path):
+    """θ and θ^g sample the class prompts with the saved flow-matching scheduler and are measured per split."""
+    from capman_peft.analysis.cli import main as analyze
+
+    for expert in ("on", "off"):
+        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
+        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
+        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
+    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
+    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
+    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
+    assert len(usage) == 10 and all(value >= 0 for value in usage)
+    analyze(["heldout", *data, "--images_per_class", "2", "--timesteps", "2", "--output_dir", str(tmp_path / "held")])
+    assert (tmp_path / "held" / "heldout.json").is_file()
+
+
+def test_resume_is_exact(assets, tmp_path):
+    assert_resume_is_exact(lambda out, **flags: sd3_args(assets, out, **flags), tmp_path)
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
+    assert_accumulation_equals_one_batch(lambda out, **flags: sd3_args(assets, out, **flags), tmp_path)
+
+
+def test_flags_that_do_not_apply_are_refused_before_any_work(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_text_to_image_cm.main, sd3_args(assets, tmp_path / "o", snr_gamma=5.0))
+    assert "--snr_gamma 5.0: min-SNR weighting is for DDPM schedules" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    settings = train_text_to_image_cm.parse_args(sd3_args(assets, tmp_path / "o", weighting_scheme="cosmap"))
+    assert settings.model.family == "stable-diffusion-3"
+    assert StableDiffusion3Family.weighting(settings).weighting_scheme == "cosmap"
