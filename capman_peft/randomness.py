@@ -142,11 +142,13 @@ def draw_augmentation(
 class StepRandomness:
     """Per-step random choices that make resume exact and gradient accumulation equal to one larger batch.
 
-    The choices of a whole optimizer step (accumulation x batch rows) are drawn at once from a generator seeded by
-    (seed, step, process); micro-batch m takes rows ``m*B:(m+1)*B``. Sample j of a step therefore gets the same
-    noise, timestep and label-dropout decision whether the step is 1 x 2B or 2 x B, and since every objective term is a
-    per-sample mean, 2 x B accumulated equals 1 x 2B (OC, whose references come from the batch, is the exception).
-    Model dropout uses the global RNG, reseeded per micro-batch from an independent stream.
+    The choices of a whole optimizer step (processes x accumulation x batch rows) are drawn at once from a generator
+    seeded by (seed, step); the micro-batch that is block k of the step takes rows ``k*B:(k+1)*B``, where k counts the
+    step's batches in the order the data loader deals them (micro-batch m of process p is block m*P + p). Sample j
+    of a step therefore gets the same noise, timestep and label-dropout decision whether the step is 1 x 2B, 2 x B
+    accumulated or 2 processes x B, and since every objective term is a per-sample mean, these train the same model
+    (OC, whose references come from the batch, is the exception). Model dropout uses the global RNG, reseeded per
+    block from an independent stream. Every process draws the whole step (P times the noise of its own rows).
     """
 
     def __init__(
@@ -163,12 +165,13 @@ class StepRandomness:
     def micro_batch(self, global_step: int, micro: int) -> StepDraws:
         """The draws of micro-batch `micro` (its index in the epoch) of optimizer step `global_step` (0-based)."""
         accumulation = self.accelerator.gradient_accumulation_steps
-        process = self.accelerator.process_index
-        index = micro % accumulation
+        processes = self.accelerator.num_processes
+        blocks = accumulation * processes
+        block = (micro % accumulation) * processes + self.accelerator.process_index
         if self._step != global_step:
-            generator = torch.Generator().manual_seed(step_seed(self.seed, global_step, process))
-            self._draws = draw_step(generator, accumulation * self.batch_size, self.sample_shape, **self.draw_options)
+            generator = torch.Generator().manual_seed(step_seed(self.seed, global_step, 0))
+            self._draws = draw_step(generator, blocks * self.batch_size, self.sample_shape, **self.draw_options)
             self._step = global_step
-        torch.manual_seed(step_seed(self.seed, global_step * accumulation + index, process, DROPOUT_STREAM))
-        start = index * self.batch_size
+        torch.manual_seed(step_seed(self.seed, global_step * blocks + block, 0, DROPOUT_STREAM))
+        start = block * self.batch_size
         return self._draws.rows(start, start + self.batch_size, self.accelerator.device)

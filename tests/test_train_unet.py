@@ -320,9 +320,9 @@ def test_a_signal_to_one_process_saves_and_stops_both_at_the_same_step(tmp_path)
 @pytest.mark.slow
 def test_two_machines_of_two_processes_train_what_one_machine_of_four_trains(tmp_path):
     """The multi-node recipe (docs/recipes.md), with both "machines" on this one: two launchers with --num_machines 2
-    and two processes each (gloo on CPU) train bit-identically what one launcher of four processes trains. (Four
-    processes do not equal one process with 4 micro-batches bitwise: each process draws its noise and timesteps from
-    its own (seed, step, process) generator, docs/architecture.md.)"""
+    and two processes each (gloo on CPU) train bit-identically what one launcher of four processes trains, and one
+    process with 4 accumulated micro-batches trains the same model (the step's draws are sliced per process; the
+    gradients are summed in another order, so to float precision)."""
     import socket
 
     def free_port() -> int:
@@ -354,9 +354,13 @@ def test_two_machines_of_two_processes_train_what_one_machine_of_four_trains(tmp
     logs.append(one.communicate(timeout=400)[0])
     assert all(run.returncode == 0 for run in (*machines, one)), "\n".join(log[-2000:] for log in logs)
     assert "batch 2 x 4 processes x 1 accumulation" in logs[0]
+    train_unet_cm.main([*common, "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path / "accumulated")])
     for name in ("unet/diffusion_pytorch_model.safetensors", "adapter/adapter_model.safetensors"):
         nodes, single = load_file(tmp_path / "nodes" / name), load_file(tmp_path / "one" / name)
         assert nodes.keys() == single.keys() and all(torch.equal(nodes[k], single[k]) for k in nodes), name
+        accumulated = load_file(tmp_path / "accumulated" / name)
+        moved = max((single[k] - accumulated[k]).abs().max().item() for k in single)
+        assert moved < 1e-5, (name, moved)
 
 
 def test_two_process_launch_writes_one_output(tmp_path):

@@ -41,11 +41,12 @@ def test_validation_is_due_at_the_end_of_every_nth_epoch():
     assert not any(validation_due(0, s, per_epoch=5) for s in range(1, 50))
 
 
-def fake_accelerator(accumulation: int = 1) -> SimpleNamespace:
+def fake_accelerator(accumulation: int = 1, process: int = 0, processes: int = 1) -> SimpleNamespace:
     return SimpleNamespace(
         gradient_accumulation_steps=accumulation,
         skip_first_batches=lambda loader, n: itertools.islice(loader, n, None),
-        process_index=0,
+        process_index=process,
+        num_processes=processes,
         device=torch.device("cpu"),
     )
 
@@ -126,7 +127,9 @@ def test_a_checkpoint_round_trip_restores_weights_and_nested_state(tmp_path):
 
 def test_a_step_draws_the_same_choices_whether_it_is_one_batch_or_accumulated_micro_batches():
     """Sample j of optimizer step s gets the same noise, timestep, label dropout, CBDM label and general-pass draw
-    for 1 x 4 and 2 x 2: the draws are made per step, micro-batch m takes rows m*B:(m+1)*B."""
+    for 1 x 4, 2 x 2 accumulated and 2 processes x 2, and 2 processes x 2 x 2 accumulated: the draws are made per
+    step, and the step's k-th batch as the data loader deals them (micro-batch m of process p: k = m*P + p) takes
+    rows k*B:(k+1)*B."""
     objective = build_objective("cbdm", DDPMScheduler(), class_counts=[5, 3, 1])
     options = dict(label_dropout=0.3, objective=objective, general_draw=True)
     whole = StepRandomness(fake_accelerator(1), 7, 4, (3, 2, 2), **options)
@@ -138,3 +141,11 @@ def test_a_step_draws_the_same_choices_whether_it_is_one_batch_or_accumulated_mi
             joined = torch.cat([getattr(h, field) for h in halves])
             assert torch.equal(getattr(one, field), joined), field
     assert not torch.equal(whole.micro_batch(0, 0).noise, whole.micro_batch(1, 0).noise)
+    processes = [StepRandomness(fake_accelerator(1, p, 2), 7, 2, (3, 2, 2), **options) for p in (0, 1)]
+    both = [StepRandomness(fake_accelerator(2, p, 2), 7, 1, (3, 2, 2), **options) for p in (0, 1)]
+    for step in (0, 5):
+        one = whole.micro_batch(step, micro=0)
+        by_process = torch.cat([r.micro_batch(step, micro=0).noise for r in processes])
+        assert torch.equal(one.noise, by_process)
+        dealt = [both[p].micro_batch(step, micro=m).timesteps for m in (0, 1) for p in (0, 1)]  # k = m*2 + p
+        assert torch.equal(one.timesteps, torch.cat(dealt))
