@@ -360,7 +360,7 @@ def test_two_machines_of_two_processes_train_what_one_machine_of_four_trains(tmp
         assert nodes.keys() == single.keys() and all(torch.equal(nodes[k], single[k]) for k in nodes), name
         accumulated = load_file(tmp_path / "accumulated" / name)
         moved = max((single[k] - accumulated[k]).abs().max().item() for k in single)
-        assert moved < 1e-5, (name, moved)
+        assert moved < 2e-4, (name, moved)  # float summation order (threads); 2.8e-3 with per-process draws
 
 
 def test_two_process_launch_writes_one_output(tmp_path):
