@@ -85,6 +85,16 @@ def artbench_assets(root: Path, base: Path) -> SimpleNamespace:
     return SimpleNamespace(base=base, data=data, cache=cache, args=args)
 
 
+def evaluable_artbench_assets(root: Path, base: Path) -> SimpleNamespace:
+    """`artbench_assets` with a test split (the same images) for capman-eval to compare with."""
+    import shutil
+
+    assets = artbench_assets(root, base)
+    data = assets.data / "data"
+    shutil.copy(data / "train-00000-of-00001.parquet", data / "test-00000-of-00001.parquet")
+    return assets
+
+
 def digits_run_args(tmp_path: Path, **overrides) -> list[str]:
     """train_unet_cm.py on the bundled digits (IR 10, 8x8, the tiny UNet written to `tmp_path`), 2 steps, into
     `tmp_path/out`, checkpoint at step 2; `overrides` change or add flags."""

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import (
-    artbench_assets,
     assert_accumulation_equals_one_batch,
     assert_resume_is_exact,
+    evaluable_artbench_assets,
     run_python_without_capman,
     text_to_image_args,
     tiny_capman_eval,
@@ -32,10 +31,7 @@ from capman_peft.testing import build_tiny_sd3
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sd3-assets")
-    assets = artbench_assets(root, build_tiny_sd3(root))
-    data = assets.data / "data"  # the reference split capman-eval compares with: the same images
-    shutil.copy(data / "train-00000-of-00001.parquet", data / "test-00000-of-00001.parquet")
-    return assets
+    return evaluable_artbench_assets(root, build_tiny_sd3(root))
 
 
 def sd3_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    artbench_assets,
     assert_accumulation_equals_one_batch,
     assert_resume_is_exact,
+    evaluable_artbench_assets,
     run_python_without_capman,
     text_to_image_args,
     tiny_capman_eval,
@@ -33,11 +32,7 @@ from capman_peft.testing import build_tiny_sdxl
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sdxl-assets")
-    assets = artbench_assets(root, build_tiny_sdxl(root))
-    # the reference split capman-eval compares with: the same images
-    data = assets.data / "data"
-    shutil.copy(data / "train-00000-of-00001.parquet", data / "test-00000-of-00001.parquet")
-    return assets
+    return evaluable_artbench_assets(root, build_tiny_sdxl(root))
 
 
 def sdxl_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
