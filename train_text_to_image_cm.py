@@ -70,14 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     # Last, as it reads the base model's model_index.json: the family decides the default resolution and targets.
     template = args.prompt_template or get_dataset_spec(settings.data.dataset).prompt_template
     family = base_family(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision)
+    unset = {flag: value for flag, value in family.flag_defaults.items() if getattr(args, flag) is None}
+    vars(args).update(unset)
+    guidance = args.guidance_scale if family.guidance_embedded else None
     model = section(
-        PretrainedModelSettings, args, prompt_template=template, family=family.name,
-        target_modules=args.target_modules or family.default_target_modules,
-    )  # fmt: skip
-    data = settings.data
-    if data.resolution is None:
-        data = dataclasses.replace(data, resolution=family.default_resolution)
-    settings = dataclasses.replace(settings, data=data, model=model)
+        PretrainedModelSettings, args, prompt_template=template, family=family.name, guidance_embedding=guidance
+    )
+    settings = dataclasses.replace(settings.with_flags(unset), model=model)
     check_text_settings(settings)
     family.check_settings(settings)
     check_every_flag_placed(args, settings)

@@ -8,7 +8,7 @@ gives every value by its flag (``training_summary.json``, the trackers, a checkp
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -179,6 +179,15 @@ class TrainingSettings:
         """The run's identity (the fields marked with :func:`identity`), by flag name: what a resumed run must match."""
         values = {k: v for part in self._sections() for k, v in identity_values(part).items()}
         return {**values, **(identity_values(self.model) if self.model is not None else {})}
+
+    def with_flags(self, values: dict[str, Any]) -> TrainingSettings:
+        """A copy with the fields of these flag names set (in whichever shared section has them)."""
+        sections = {}
+        for name in ("data", "objective", "optimization", "output", "hub"):
+            part = getattr(self, name)
+            mine = {k: v for k, v in values.items() if k in {f.name for f in fields(part)}}
+            sections[name] = replace(part, **mine) if mine else part
+        return replace(self, **sections)
 
     def flags(self) -> dict[str, Any]:
         """Every value by its flag name, the Hub token left out."""

@@ -22,6 +22,8 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -111,6 +113,12 @@ def _tiny_t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(
         tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
     )
+
+
+def _tiny_t5() -> T5EncoderModel:
+    """A two-layer T5 encoder of width 32."""
+    config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64, decoder_start_token_id=0)
+    return T5EncoderModel(config)
 
 
 def _tiny_vae(**extra: Any) -> AutoencoderKL:
@@ -238,10 +246,42 @@ def build_tiny_sd3(root: Path) -> Path:
         tokenizer=_tiny_tokenizer(root / "tokenizer-files"),
         text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16)),
         tokenizer_2=_tiny_tokenizer(root / "tokenizer-2-files"),
-        text_encoder_3=T5EncoderModel(
-            T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=64, decoder_start_token_id=0)
-        ),
+        text_encoder_3=_tiny_t5(),
         tokenizer_3=_tiny_t5_tokenizer(),
+    )
+    pipeline.save_pretrained(root / "base", safe_serialization=True)
+    return root / "base"
+
+
+def build_tiny_flux(root: Path, guidance_embeds: bool = True) -> Path:
+    """A FluxPipeline folder at toy size: a Flux transformer (one double- and one single-stream block, the guidance
+    input of FLUX.1-dev unless `guidance_embeds` is False, as schnell), CLIP and T5 text encoders, a VAE with Flux's
+    shift factor and the flow-matching scheduler with FLUX.1-dev's dynamic shifting."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2 x 2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=16,  # CLIP's width
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipeline = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        tokenizer=_tiny_tokenizer(root / "tokenizer-files"),
+        text_encoder_2=_tiny_t5(),
+        tokenizer_2=_tiny_t5_tokenizer(),
     )
     pipeline.save_pretrained(root / "base", safe_serialization=True)
     return root / "base"

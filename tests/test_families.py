@@ -93,7 +93,7 @@ def test_the_fine_tuning_script_names_only_the_families_it_can_fine_tune(tmp_pat
     with pytest.raises(ConfigError) as refused:
         train_text_to_image_cm.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
     allowed = str(refused.value).split("allowed: ")[1]
-    assert allowed == "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline"
+    assert allowed == "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline"
 
 
 def test_a_registered_family_is_found_by_its_pipeline_class_and_its_denoiser(monkeypatch):

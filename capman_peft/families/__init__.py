@@ -7,13 +7,15 @@
   interface (:class:`PretrainedFamily`) and shares (settings, loading, adapter, export, card);
 * ``stable_diffusion.py``: Stable Diffusion 1.x/2.x and SDXL (VAE latents, class prompts' text embeddings; SDXL adds
   the pooled embedding and the time ids);
-* ``stable_diffusion_3.py``: Stable Diffusion 3/3.5 (MMDiT transformer, rectified flow, CLIP + T5 prompts).
+* ``stable_diffusion_3.py``: Stable Diffusion 3/3.5 (MMDiT transformer, rectified flow, CLIP + T5 prompts);
+* ``flux.py``: Flux (packed latents, T5 + CLIP pooled prompts, the guidance input of guidance-distilled checkpoints).
 """
 
 from __future__ import annotations
 
 from .base import AFTER_SPLIT, Condition, ModelFamily, cast_frozen_weights, concat, take_rows
 from .class_conditional import ClassConditionalFamily
+from .flux import FluxFamily
 from .pretrained import PretrainedFamily
 from .registry import (
     FAMILIES,
@@ -32,6 +34,7 @@ __all__ = [
     "FAMILIES",
     "ClassConditionalFamily",
     "Condition",
+    "FluxFamily",
     "ModelFamily",
     "PretrainedFamily",
     "StableDiffusion3Family",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,14 @@ class PretrainedModelSettings:
     """The class prompt: --prompt_template, else the named dataset's."""
     noise_offset: float
     weighting_scheme: str | None = identity()
-    """Flow-matching families: how σ is drawn and the loss weighted (None: logit_normal there)."""
+    """Flow-matching families: how σ is drawn and the loss weighted (None for the others)."""
     logit_mean: float = identity()
     logit_std: float = identity()
     mode_scale: float = identity()
-    max_sequence_length: int = identity()
+    max_sequence_length: int | None = identity()
+    guidance_embedding: float | None = identity()
+    """The guidance input a guidance-distilled denoiser (FLUX.1-dev) is trained with: ``--guidance_scale``, as
+    diffusers' Flux script passes it (None for families without one)."""
     cache_latents: bool
     push_merged_pipeline: bool
     license: str | None
@@ -88,15 +91,18 @@ class PretrainedFamily(ModelFamily):
     """A family the fine-tuning script trains: besides a step's x0 and condition, it loads its base pipeline's
     components, samples the validation grid and writes its pipeline and LoRA files.
 
-    Subclasses set ``default_resolution``, ``default_target_modules`` and ``pipeline_type`` (the diffusers pipeline
-    class their outputs are) and implement :meth:`load_base`, :meth:`grid_pipeline`, :meth:`grid_prompts`,
+    Subclasses set ``flag_defaults`` and ``pipeline_type`` (the diffusers pipeline class their outputs are) and
+    implement :meth:`load_base`, :meth:`grid_pipeline`, :meth:`grid_prompts`,
     :meth:`cache_latents` and :meth:`write_lora`.
     """
 
     prompted = True
-    default_resolution: int = 0
-    default_target_modules: str = ""
-    """``--target_modules`` when the flag is not given: where the adapter goes."""
+    flag_defaults: Mapping[str, Any] = {}
+    """The family's values of the flags a user leaves unset: ``resolution``, ``target_modules`` (where the adapter
+    goes), ``guidance_scale`` and, for families with T5 or a flow schedule, ``max_sequence_length`` and
+    ``weighting_scheme``."""
+    guidance_embedded = False
+    """Whether the denoiser takes the guidance scale as an input (guidance-distilled Flux)."""
     pipeline_type: Any = None
     vae: Any = None
     sampler = "DDIM (the paper samples with 50 steps)"

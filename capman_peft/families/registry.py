@@ -56,6 +56,8 @@ def family_of_denoiser(model: nn.Module) -> ModelFamily:
 def pipeline_resolution(pipe: Any) -> int:
     """Side length of the images a pipeline generates by default (the denoiser's sample size, times the VAE's factor
     where the family has a VAE)."""
-    size = getattr(pipe, family_class(type(pipe).__name__, "pipeline").denoiser).config.sample_size
+    size = getattr(pipe, "default_sample_size", None)  # the pipeline's own default where it has one (SDXL, SD3, Flux)
+    if size is None:
+        size = getattr(pipe, family_class(type(pipe).__name__, "pipeline").denoiser).config.sample_size
     size = size if isinstance(size, int) else size[0]
     return int(size * getattr(pipe, "vae_scale_factor", 1)) if hasattr(pipe, "vae") else int(size)

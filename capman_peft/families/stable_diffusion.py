@@ -86,8 +86,10 @@ class StableDiffusionFamily(PretrainedFamily):
     pipeline_class = "StableDiffusionPipeline"
     pipeline_type = StableDiffusionPipeline
     denoiser_class = UNet2DConditionModel
-    default_resolution = 256
-    default_target_modules = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA scripts
+    # The attention projections, as diffusers' LoRA scripts; the paper's miniSD resolution.
+    flag_defaults: Mapping[str, Any] = {
+        "resolution": 256, "target_modules": "to_q,to_k,to_v,to_out.0", "guidance_scale": 7.5
+    }  # fmt: skip
     text_components: tuple[tuple[str, Any, str, Any], ...] = (
         ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
     )
@@ -267,7 +269,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "stable-diffusion-xl"
     pipeline_class = "StableDiffusionXLPipeline"
     pipeline_type = StableDiffusionXLPipeline
-    default_resolution = 1024
+    flag_defaults = {**StableDiffusionFamily.flag_defaults, "resolution": 1024}
     text_components = (
         *StableDiffusionFamily.text_components,
         ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),

@@ -37,24 +37,18 @@ SD3_TARGETS = (
 )
 
 
-class SD3PromptEncoder:
-    """The three text encoders, encoding as ``StableDiffusion3Pipeline.encode_prompt`` does (it is called: CLIP
-    hidden states padded to T5's width and followed by T5's, pooled = both CLIP projections side by side)."""
+class PipelinePromptEncoder:
+    """The text encoders of a transformer family, encoding as the family's pipeline does (its ``encode_prompt`` is
+    called, through the family's :meth:`StableDiffusion3Family.encode_prompts`)."""
 
-    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int) -> None:
+    def __init__(self, family: type[StableDiffusion3Family], pipeline: Any, max_sequence_length: int) -> None:
+        self.family = family
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, _, pooled, _ = self.pipeline.encode_prompt(
-            prompts,
-            None,
-            None,
-            device=self.pipeline.text_encoder.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
+        hidden, pooled = self.family.encode_prompts(self.pipeline, prompts, self.max_sequence_length)
         return hidden.float(), pooled.float()
 
 
@@ -68,8 +62,10 @@ class StableDiffusion3Family(StableDiffusionFamily):
     pipeline_type = StableDiffusion3Pipeline
     denoiser = "transformer"
     denoiser_class = SD3Transformer2DModel
-    default_resolution = 512  # diffusers' SD3 LoRA script's
-    default_target_modules = SD3_TARGETS
+    flag_defaults = {  # diffusers' SD3 LoRA script's
+        "resolution": 512, "target_modules": SD3_TARGETS, "guidance_scale": 7.5, "max_sequence_length": 77,
+        "weighting_scheme": "logit_normal",
+    }  # fmt: skip
     scheduler_class = FlowMatchEulerDiscreteScheduler
     sampler = "the base's flow-matching Euler scheduler"
     text_components = (
@@ -83,7 +79,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
         vae: Any = None,
         cond_table: torch.Tensor | None = None,
         pooled_table: torch.Tensor | None = None,
-        captions: SD3PromptEncoder | None = None,
+        captions: PipelinePromptEncoder | None = None,
     ) -> None:
         super().__init__(vae, cond_table, captions)
         self.pooled_table = pooled_table
@@ -93,17 +89,18 @@ class StableDiffusion3Family(StableDiffusionFamily):
         if settings.objective.snr_gamma is not None:
             raise ConfigError(
                 f"--snr_gamma {settings.objective.snr_gamma}: min-SNR weighting is for DDPM schedules; allowed for "
-                "SD3: --weighting_scheme (sigma_sqrt, cosmap, ...)"
+                f"{cls.name}: --weighting_scheme (sigma_sqrt, cosmap, ...)"
             )
         if settings.objective.cm_forward == "shared_prefix":
             raise ConfigError(
-                "--cm_forward shared_prefix: needs a UNet's up path; allowed for SD3: --cm_forward fused or separate"
+                f"--cm_forward shared_prefix: needs a UNet's up path; allowed for {cls.name}: --cm_forward fused or "
+                "separate"
             )
 
     @classmethod
     def weighting(cls, settings: TrainingSettings) -> FlowWeighting:
         sd = settings.model
-        return FlowWeighting(sd.weighting_scheme or "logit_normal", sd.logit_mean, sd.logit_std, sd.mode_scale)
+        return FlowWeighting(sd.weighting_scheme, sd.logit_mean, sd.logit_std, sd.mode_scale)
 
     @classmethod
     def inference_scheduler(cls, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -116,13 +113,21 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     @classmethod
     def prompt_encoder(cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings) -> Any:
-        pipeline = StableDiffusion3Pipeline(
-            transformer=None, scheduler=None, vae=None,
-            text_encoder=text_encoders[0], tokenizer=tokenizers[0],
-            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1],
-            text_encoder_3=text_encoders[2], tokenizer_3=tokenizers[2],
+        parts = {}
+        for (tokenizer, _, encoder, _), *loaded in zip(cls.text_components, tokenizers, text_encoders, strict=True):
+            parts.update(zip((tokenizer, encoder), loaded, strict=True))
+        pipeline = cls.pipeline_type(transformer=None, scheduler=None, vae=None, **parts)
+        return PipelinePromptEncoder(cls, pipeline, settings.model.max_sequence_length)
+
+    @classmethod
+    def encode_prompts(cls, pipeline: Any, prompts: list[str], max_sequence_length: int) -> tuple[Any, Any]:
+        """(joint text embedding, pooled embedding) of `prompts`, from the pipeline's own ``encode_prompt``: CLIP
+        hidden states padded to T5's width and followed by T5's, pooled = both CLIP projections side by side."""
+        hidden, _, pooled, _ = pipeline.encode_prompt(
+            prompts, None, None, device=pipeline.text_encoder.device, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
         )  # fmt: skip
-        return SD3PromptEncoder(pipeline, settings.model.max_sequence_length)
+        return hidden, pooled
 
     def condition(
         self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
@@ -138,7 +143,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> StableDiffusion3Family:
-        cond_table, pooled_table = SD3PromptEncoder(pipe, 77)(prompts)
+        cond_table, pooled_table = PipelinePromptEncoder(cls, pipe, cls.flag_defaults["max_sequence_length"])(prompts)
         return cls(pipe.vae, cond_table, pooled_table)
 
     @classmethod
@@ -148,11 +153,10 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return cls(vae, tables[0], tables[1], captions)
 
     def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:
-        pipeline = StableDiffusion3Pipeline(
-            transformer=denoiser, scheduler=self.inference_scheduler(noise_scheduler), vae=self.vae,
-            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-            tokenizer_3=None,
-        )  # fmt: skip
+        no_text = {name: None for tokenizer, _, encoder, _ in self.text_components for name in (tokenizer, encoder)}
+        pipeline = self.pipeline_type(
+            transformer=denoiser, scheduler=self.inference_scheduler(noise_scheduler), vae=self.vae, **no_text
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

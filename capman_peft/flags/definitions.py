@@ -288,7 +288,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_token", default=None, help="Hub token (else the cached login is used).")
 
 
-def add_validation_args(parser: argparse.ArgumentParser, validation_epochs: int, guidance_scale: float) -> None:
+def add_validation_args(parser: argparse.ArgumentParser, validation_epochs: int, guidance_scale: float | None) -> None:
     group = parser.add_argument_group("validation")
     group.add_argument(
         "--validation_epochs",
@@ -302,8 +302,16 @@ def add_validation_args(parser: argparse.ArgumentParser, validation_epochs: int,
     group.add_argument(
         "--num_inference_steps", type=positive_int, default=50, help="DDIM steps for the grids (paper: 50)."
     )
+    family_default = (
+        "Default: the family's (SD 7.5; Flux 3.5, its guidance input, which a guidance-distilled Flux is also trained "
+        "with, as in diffusers' Flux script)."
+    )
     group.add_argument(
-        "--guidance_scale", type=nonnegative_float, default=guidance_scale, help="Classifier-free guidance scale."
+        "--guidance_scale",
+        type=nonnegative_float,
+        default=guidance_scale,
+        help="Classifier-free guidance scale of the grids. "
+        + (f"Default {guidance_scale}." if guidance_scale is not None else family_default),
     )
 
 
@@ -314,7 +322,7 @@ def script_parser(
     resolution: int,
     objective: str,
     validation_epochs: int,
-    guidance_scale: float,
+    guidance_scale: float | None,
     capacity_manipulation: bool,
     capacity_manipulation_help: str,
 ) -> ArgumentParser:

@@ -30,7 +30,7 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
     """The fine-tuning script's parser: the shared flags with its defaults, and its own groups."""
     parser = script_parser(
         description, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10,
-        guidance_scale=7.5, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
+        guidance_scale=None, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
     )  # fmt: skip
     add_model_args(parser)
     parser.cm_only.update({"expert_rank", "expert_alpha", "expert_target_modules"})  # the baseline is a plain LoRA
@@ -64,8 +64,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pretrained_model_name_or_path",
         default=BASE_MODEL,
-        help="Stable Diffusion 1.x/2.x, SDXL or SD3/3.5 pipeline to fine-tune (Hub id or local folder; the family is "
-        "read from its model_index.json); the paper uses miniSD (256 px).",
+        help="Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux pipeline to fine-tune (Hub id or local folder; the "
+        "family is read from its model_index.json); the paper uses miniSD (256 px).",
     )
     group.add_argument(
         "--pretrained_vae_model_name_or_path",
@@ -91,7 +91,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         type=module_patterns,
         default=None,
         help="Denoiser layers that get the adapter: comma-separated names or name suffixes, or one regex. Default: "
-        "the family's (SD 1.x/2.x, SDXL: the attention projections to_q,to_k,to_v,to_out.0).",
+        "the family's (SD 1.x/2.x, SDXL: the attention projections to_q,to_k,to_v,to_out.0; SD3, Flux: those of "
+        "diffusers' SD3 / Flux LoRA scripts).",
     )
     group.add_argument(
         "--expert_target_modules",
@@ -148,20 +149,22 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max_sequence_length",
         type=positive_int,
-        default=77,
-        help="T5 tokens of a prompt (SD3; diffusers' SD3 LoRA script's flag and default).",
+        default=None,
+        help="T5 tokens of a prompt (SD3, Flux; diffusers' LoRA scripts' flag). Default: the family's (SD3 77, Flux "
+        "512, as those scripts).",
     )
     add_flow_args(parser)
 
 
 def add_flow_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("flow matching (SD3): diffusers' SD3 LoRA script's flags")
+    group = parser.add_argument_group("flow matching (SD3, Flux): the flags of diffusers' SD3 and Flux LoRA scripts")
     group.add_argument(
         "--weighting_scheme",
         choices=WEIGHTING_SCHEMES,
         default=None,
         help="How sigma is drawn and the loss weighted (compute_density_for_timestep_sampling, "
-        "compute_loss_weighting_for_sd3); default logit_normal. Flow-matching bases only.",
+        "compute_loss_weighting_for_sd3). Default: the family's, as diffusers' scripts (SD3 logit_normal, Flux none). "
+        "Flow-matching bases only.",
     )
     group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal's normal.")
     group.add_argument("--logit_std", type=float, default=1.0, help="Std of logit_normal's normal.")
