@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     model = section(
         PretrainedModelSettings, args, prompt_template=template, family=family.name, guidance_embedding=guidance
     )
-    settings = dataclasses.replace(settings.with_flags(unset), model=model)
+    settings = family.resolve(dataclasses.replace(settings.with_flags(unset), model=model))
     check_text_settings(settings)
     family.check_settings(settings)
     check_every_flag_placed(args, settings)

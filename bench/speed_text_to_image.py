@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""What CM costs a Stable Diffusion user: train_text_to_image_cm.py step time with CM ÷ without, in one run.
+"""What CM costs a diffusers user: train_text_to_image_cm.py step time with CM ÷ without, in one run.
 
     python bench/speed_text_to_image.py                      # SD: 3 rounds x 3 variants, about 5 min on 2 CPU cores
     git -C <diffusers clone> show HEAD:examples/text_to_image/train_text_to_image_lora_sdxl.py > /tmp/peer_sdxl.py
     python bench/speed_text_to_image.py --family sdxl --peer_script /tmp/peer_sdxl.py    # SDXL, with diffusers' own
+    git -C <diffusers clone> show HEAD:examples/dreambooth/train_dreambooth_lora_flux.py > /tmp/peer_flux.py
+    python bench/speed_text_to_image.py --family flux --peer_script /tmp/peer_flux.py    # Flux (sd3 likewise)
 
-The tiny Stable Diffusion (or SDXL) of `capman_peft.testing` (its VAE halves the image side: 64 px images give
-32 x 32 latents, the latent size of SD at 256 px), 256 random 64 px images of 10 classes, batch 8, LoRA rank 16 +
-expert rank 4 on the attention projections, fp32. SD reads class folders and trains on the class prompts; SDXL reads
-the same images as a ``metadata.jsonl`` folder with a caption per image (the format diffusers' SDXL LoRA script
-reads), and both scripts encode the captions and the images every step. ``--peer_script`` adds diffusers' own LoRA
-script for that family, run unmodified (keep it outside this repository) on the same model and data.
+The tiny pipelines of `capman_peft.testing`, 256 random images of 10 classes, batch 8, LoRA rank 16 + expert rank 4
+on the family's default targets, fp32. The UNet families train on 64 px images (32 x 32 latents, the latent size of
+SD at 256 px); the transformers on 256 image tokens (SD3: 32 px, 16 x 16 latents, one token per latent pixel; Flux:
+64 px, 32 x 32 latents packed into 2 x 2 patches). SD reads class folders and trains on the class prompts; the other
+families read the same images as a ``metadata.jsonl`` folder with a caption per image (the format diffusers' LoRA
+scripts read), and every script encodes the captions and the images every step. ``--peer_script`` adds diffusers'
+own LoRA script for that family (train_text_to_image_lora_sdxl.py; train_dreambooth_lora_sd3.py and
+train_dreambooth_lora_flux.py, given the folder as ``--dataset_name`` with its caption column), run unmodified (keep
+it outside this repository) on the same model and data.
 
 Each variant is its own process (one model in memory, as in a real run), the variants alternate over `--rounds`
 rounds, and each process reports the median time between optimizer steps 6-30 (the first steps warm up caches),
@@ -34,33 +39,44 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BASELINE = "CM off (plain LoRA, rank 16)"
+# Transformer families only: experts on the later half of the blocks, the earlier half run once for theta and theta^g.
+SHARED_PREFIX = "CM on, 25%, shared prefix (experts in the later half of the blocks)"
 VARIANTS = {
     BASELINE: ["--no_capacity_manipulation"],
     "CM on, general pass on 25% of the batch (default)": [],
     "CM on, general pass on the whole batch": ["--cm_general_fraction", "1"],
+    SHARED_PREFIX: ["--cm_forward", "shared_prefix"],
 }
 PEER = "diffusers' {script} (LoRA rank 16), unmodified"
 COUNTS = [64, 48, 36, 28, 22, 18, 14, 11, 8, 7]  # 256 images, imbalance ratio ~9
 STEPS, TIMED_FROM = 30, 6
 SHARED = [
-    "--resolution", "64", "--center_crop", "--train_batch_size", "8", "--max_train_steps", str(STEPS), "--rank", "16",
+    "--center_crop", "--train_batch_size", "8", "--max_train_steps", str(STEPS), "--rank", "16",
     "--checkpointing_steps", "1000",
 ]  # fmt: skip
+RESOLUTION = {"sd": 64, "sdxl": 64, "sd3": 32, "flux": 64}
+MODEL = {
+    "sd": "SD, class folders and class prompts, 64 px images (32 x 32 latents)",
+    "sdxl": "SDXL, a caption per image, 64 px images (32 x 32 latents)",
+    "sd3": "SD3, a caption per image, 32 px images (256 image tokens)",
+    "flux": "Flux, a caption per image, 64 px images (256 image tokens)",
+}
 
 
 def make_assets(root: Path, family: str) -> tuple[Path, Path]:
-    """The tiny pipeline and 256 random 64 px images: class folders (SD) or a captioned metadata.jsonl folder (SDXL)."""
+    """The tiny pipeline and 256 random images: class folders (SD) or a captioned metadata.jsonl folder (the others)."""
     import numpy as np
     from PIL import Image
 
-    from capman_peft.testing import build_tiny_sd, build_tiny_sdxl
+    from capman_peft import testing
 
     rng = np.random.default_rng(0)
     data = root / "data"
     lines = []
     for c, n in enumerate(COUNTS):
         for i in range(n):
-            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            side = RESOLUTION[family]
+            image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
             if family == "sd":
                 (data / f"class{c}").mkdir(parents=True, exist_ok=True)
                 image.save(data / f"class{c}" / f"{i}.png")
@@ -71,7 +87,7 @@ def make_assets(root: Path, family: str) -> tuple[Path, Path]:
                 lines.append(json.dumps(row))
     if lines:
         (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return (build_tiny_sd if family == "sd" else build_tiny_sdxl)(root), data
+    return getattr(testing, f"build_tiny_{family}")(root), data
 
 
 def step_times() -> list[float]:
@@ -86,19 +102,24 @@ def step_times() -> list[float]:
 def measure(base: Path, data: Path, family: str, variant: str, peer_script: str | None, out: Path) -> float:
     """Median seconds between optimizer steps TIMED_FROM..STEPS of one training run in this process."""
     stamps = step_times()
-    common = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), *SHARED]
+    common = ["--pretrained_model_name_or_path", str(base), "--resolution", str(RESOLUTION[family]), *SHARED]
     common += ["--cache_dir", str(out.parent / "hf"), "--output_dir", str(out)]
     if variant.startswith("diffusers"):
-        sys.argv = [peer_script, *common, "--caption_column", "text", "--report_to", "tensorboard"]
+        if family in ("sd3", "flux"):  # the DreamBooth scripts read a captioned dataset through --dataset_name
+            data_flags = ["--dataset_name", str(data), "--image_column", "image", "--instance_prompt", "a painting"]
+        else:
+            data_flags = ["--train_data_dir", str(data)]
+        sys.argv = [peer_script, *common, *data_flags, "--caption_column", "text", "--report_to", "tensorboard"]
         runpy.run_path(peer_script, run_name="__main__")
     else:
         import train_text_to_image_cm
 
-        captions = ["--caption_column", "text", "--class_column", "class"] if family == "sdxl" else []
+        captions = ["--caption_column", "text", "--class_column", "class"] if family != "sd" else []
         train_text_to_image_cm.main(
             [
-                *common, *captions, "--expert_rank", "4", "--validation_epochs", "0", "--num_inference_steps", "2",
-                "--num_validation_images", "1", "--report_to", "none", *VARIANTS[variant],
+                *common, "--train_data_dir", str(data), *captions, "--expert_rank", "4", "--validation_epochs", "0",
+                "--num_inference_steps", "2", "--num_validation_images", "1", "--report_to", "none",
+                *VARIANTS[variant],
             ]
         )  # fmt: skip
     timed = stamps[TIMED_FROM - 1 : STEPS]
@@ -107,13 +128,14 @@ def measure(base: Path, data: Path, family: str, variant: str, peer_script: str 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd", help="The tiny pipeline's family.")
+    parser.add_argument("--family", choices=list(RESOLUTION), default="sd", help="The tiny pipeline's family.")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds; every variant runs once per round.")
     parser.add_argument(
         "--peer_script",
         default=None,
-        help="diffusers' LoRA training script for the family (train_text_to_image_lora_sdxl.py for sdxl), run "
-        "unmodified beside ours; get it from a diffusers clone, outside this repository.",
+        help="diffusers' LoRA training script for the family (train_text_to_image_lora_sdxl.py for sdxl, "
+        "train_dreambooth_lora_sd3.py / _flux.py for sd3 / flux), run unmodified beside ours; get it from a diffusers "
+        "clone, outside this repository.",
     )
     parser.add_argument("--child", nargs=4, metavar=("BASE", "DATA", "VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,7 +145,7 @@ def main() -> None:
         return
     import torch
 
-    variants = list(VARIANTS)
+    variants = [name for name in VARIANTS if name != SHARED_PREFIX or args.family in ("sd3", "flux")]
     if args.peer_script:
         if not Path(args.peer_script).is_file():
             parser.error(f"--peer_script {args.peer_script}: no such file")
@@ -142,9 +164,8 @@ def main() -> None:
             seconds[name].append(float(result.stdout.strip().splitlines()[-1]))
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     baseline = medians[BASELINE]
-    model = "SD, class folders and class prompts" if args.family == "sd" else "SDXL, a caption per image"
     print(
-        f"\n### train_text_to_image_cm.py, tiny {model}, 64 px images (32 x 32 latents), batch 8, fp32; torch "
+        f"\n### train_text_to_image_cm.py, tiny {MODEL[args.family]}, batch 8, fp32; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
         f"{args.rounds} rounds\n"
     )

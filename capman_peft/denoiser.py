@@ -7,8 +7,9 @@ value (tests check outputs and gradients):
 * ``fused``: one UNet call on the batch stacked twice, the expert gated on for the first copy and off for the second.
 * ``sequential``: separate UNet calls inside this one forward (the expert switched off for the theta^g call). It
   does not save memory: autograd keeps both calls' activations until backward (docs/benchmarks.md).
-* ``shared_prefix``: when experts live only in ``up_blocks``, the time embedding, down path and mid block are the
-  same for theta and theta^g: run them once and duplicate the activations at the entry of every up block.
+* ``shared_prefix``: when experts live only after the family's split (a UNet's ``up_blocks``; a transformer's later
+  half of blocks), everything before it (a UNet's time embedding, down path and mid block) is the same for theta and
+  theta^g: run it once and duplicate the activations at the entry of every module after the split.
 
 In every mode the theta and theta^g rows of a sample see the same dropout masks, so that their distance measures
 the expert alone: ``fused`` and ``shared_prefix`` share the masks through the gate (``PairedDropout``),
@@ -22,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from .families import AFTER_SPLIT, Condition, ModelFamily, concat, family_of_denoiser, take_rows
+from .families import Condition, ModelFamily, concat, family_of_denoiser, take_rows
 from .tuner import CapManLayer, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
@@ -110,16 +111,18 @@ class CMDenoiser(nn.Module):
         if not expert_layers:
             raise ValueError("capacity manipulation needs a model with CapMan experts; got none")
         if forward_mode == "shared_prefix":
-            outside = [name for name in expert_layers if not name.startswith(AFTER_SPLIT)]
+            split = self.family.after_split(base)
+            outside = [name for name in expert_layers if not name.startswith(split)]
             if outside:
                 raise ValueError(
-                    "forward_mode='shared_prefix' needs experts only in up_blocks (the down path must be the same "
-                    f"for theta and theta^g), but these layers have experts: {outside[:3]}; use 'fused'"
+                    f"forward_mode='shared_prefix' needs experts only after the split ({', '.join(split[:3])}, ...: "
+                    f"the layers before it must be the same for theta and theta^g), but these layers have experts: "
+                    f"{outside[:3]}; use 'fused'"
                 )
             self._expand_index: torch.Tensor | None = None
             self._prefix_batch = 0
-            for block in base.up_blocks:
-                block.register_forward_pre_hook(self._duplicate_into_up_path, with_kwargs=True)
+            for module in self.family.split_modules(base):
+                module.register_forward_pre_hook(self._duplicate_after_split, with_kwargs=True)
 
     def _call(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
         return self.family.predict(self.unet, sample, timestep, cond)
@@ -201,8 +204,8 @@ class CMDenoiser(nn.Module):
         extra_cond: Condition | None,
         blocks: _RowBlocks,
     ) -> tuple[torch.Tensor, ...]:
-        """The prefix (time embedding, down path, mid block) runs on cond (and extra_cond) once; the hook on each up
-        block expands its inputs into the row blocks."""
+        """The prefix (a UNet's time embedding, down path and mid block) runs on cond (and extra_cond) once; the hook
+        on each module after the split expands its inputs into the row blocks."""
         conds = [cond] if extra_cond is None else [cond, extra_cond]
         n = len(conds)
         own = torch.arange(blocks.batch, device=sample.device)
@@ -226,10 +229,11 @@ class CMDenoiser(nn.Module):
         full, extra = both.chunk(2)
         return full, extra
 
-    def _duplicate_into_up_path(
+    def _duplicate_after_split(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """Forward pre-hook on each up block: index prefix-sized batch tensors into the expanded up-path batch."""
+        """Forward pre-hook on each module after the split: index prefix-sized batch tensors into the expanded batch
+        (a transformer's rotary embedding is per token, not per sample, and stays as it is)."""
         index = self._expand_index
         if index is None:
             return None
@@ -242,4 +246,5 @@ class CMDenoiser(nn.Module):
                 return tuple(expand(v) for v in value)
             return value
 
-        return expand(args), {key: expand(value) for key, value in kwargs.items()}
+        kwargs = {key: value if key == "image_rotary_emb" else expand(value) for key, value in kwargs.items()}
+        return expand(args), kwargs

@@ -206,7 +206,7 @@ def test_general_rows_give_theta_g_of_those_rows(mode):
 
 def test_shared_prefix_refuses_experts_outside_up_blocks():
     model = get_peft_model(make_tiny_unet2d(), CapManConfig(mode="full", expert_r=1, target_modules=["conv1"]))
-    with pytest.raises(ValueError, match="shared_prefix.*only in up_blocks.*down_blocks"):
+    with pytest.raises(ValueError, match="shared_prefix.*only after the split.*up_blocks.*down_blocks"):
         CMDenoiser(model, forward_mode="shared_prefix")
     with pytest.raises(ValueError, match="forward_mode must be one of"):
         CMDenoiser(model, forward_mode="parallel")

@@ -208,3 +208,45 @@ def test_theta_g_is_the_base_while_the_adapter_is_fresh_and_theta_while_the_expe
         trained = CMDenoiser(model, family=family)(x, t, cond)
     assert torch.equal(trained.full, trained.general)
     assert (trained.full - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("builder", [build_tiny_sd3, build_tiny_flux])
+def test_shared_prefix_puts_experts_in_the_later_half_and_computes_what_fused_computes(builder, tmp_path):
+    """--cm_forward shared_prefix without --expert_target_modules: experts on the target layers of the later half
+    of the blocks only; the earlier half runs once, and θ, θ^g (on a subset of rows) and the gradients are those of
+    the fused call."""
+    base = builder(tmp_path)
+    data = evaluable_artbench_assets(tmp_path / "data", base).args
+    settings = train_text_to_image_cm.parse_args(
+        text_to_image_args(base, tmp_path / "o", cm_forward="shared_prefix", **data)
+    )
+    pipe = (FluxPipeline if builder is build_tiny_flux else StableDiffusion3Pipeline).from_pretrained(base)
+    family = family_of_pipeline(pipe, PROMPTS)
+    later = type(family).later_blocks(pipe.transformer.config)
+    config = CapManConfig(
+        r=4, expert_r=2, target_modules=settings.model.target_modules.split(","),
+        expert_target_modules=settings.model.expert_target_modules,
+    )  # fmt: skip
+    model = get_peft_model(pipe.transformer, config).eval()
+    experts = [name for name, param in model.named_parameters() if "capman_expert_B" in name]
+    assert experts and all(any(f".{block}." in name for block in later) for name in experts)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "capman_" in name and "_B" in name:
+                param.normal_(0, 0.5)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, cond, rows = torch.tensor([10.0, 500.0, 900.0]), family.condition(torch.tensor([0, 1, 0])), torch.tensor([2])
+    results = []
+    for mode in ("fused", "shared_prefix"):
+        model.zero_grad()
+        out = CMDenoiser(model, forward_mode=mode, family=family)(x, t, cond, general_rows=rows)
+        (out.full.pow(2).sum() + out.general.pow(2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.full.detach(), out.general.detach(), grads))
+    (full_a, general_a, grads_a), (full_b, general_b, grads_b) = results
+    torch.testing.assert_close(full_b, full_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(general_b, general_a, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+    assert (full_a[2] - general_a[0]).abs().max() > 1e-4  # the expert is in use

@@ -784,8 +784,12 @@ def test_sd_base_weights_load_only_from_safetensors(tmp_path, capsys):
     ids=["two placeholders", "shared_prefix", "expert regex", "target regex"],
 )
 def test_text_to_image_refusals_come_before_the_base_model_loads(tmp_path, capsys, monkeypatch, overrides, expected):
+    """Refused with nothing of the base read but its model_index.json (which names the family)."""
     monkeypatch.setattr(stable_diffusion, "load_component", lambda *a, **k: pytest.fail("the base model began to load"))
-    argv = sd_args(tmp_path, tmp_path / "no-base-needed") + as_argv(overrides)
+    index_only = tmp_path / "index-only"
+    index_only.mkdir()
+    (index_only / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    argv = sd_args(tmp_path, index_only) + as_argv(overrides)
     assert_refused(capsys, train_text_to_image_cm.main, argv, tmp_path, expected)
 
 

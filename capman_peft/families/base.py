@@ -110,3 +110,14 @@ class ModelFamily:
     def predict(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
         """The UNet's prediction for `sample` at `timestep` under `cond`."""
         return unet(sample, timestep, **self.unet_kwargs(cond), return_dict=False)[0]
+
+    @classmethod
+    def split_modules(cls, denoiser: nn.Module) -> list[nn.Module]:
+        """Where ``--cm_forward shared_prefix`` duplicates the batch into θ and θ^g rows: every module after the split
+        that takes batch-sized inputs computed before it (a UNet's up blocks); what runs before them runs once."""
+        return list(denoiser.up_blocks)
+
+    @classmethod
+    def after_split(cls, denoiser: nn.Module) -> tuple[str, ...]:
+        """Prefixes of the module names after the split: the only places experts may sit under shared_prefix."""
+        return AFTER_SPLIT

@@ -58,6 +58,11 @@ class FluxFamily(StableDiffusion3Family):
     """The guidance input of a guidance-distilled transformer (None: it has none, e.g. schnell)."""
 
     @classmethod
+    def block_counts(cls, config: Mapping[str, Any]) -> list[tuple[str, int]]:
+        double, single = config["num_layers"], config["num_single_layers"]
+        return [("transformer_blocks", double), ("single_transformer_blocks", single)]
+
+    @classmethod
     def denoiser_downsampling(cls, denoiser: nn.Module) -> int:
         return 2  # 2 x 2 latent patches are packed into one token
 

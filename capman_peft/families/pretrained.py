@@ -109,8 +109,21 @@ class PretrainedFamily(ModelFamily):
     """The saved pipeline's scheduler, for the model card."""
 
     @classmethod
+    def resolve(cls, settings: TrainingSettings) -> TrainingSettings:
+        """Settings that follow from the base model, resolved once when the flags are read (none here)."""
+        return settings
+
+    @classmethod
     def check_settings(cls, settings: TrainingSettings) -> None:
         """What the family requires of the flags, checked before any work."""
+        objective = settings.objective
+        if objective.capacity_manipulation and objective.cm_forward == "shared_prefix":
+            if not settings.model.expert_target_modules:
+                raise ConfigError(
+                    "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts "
+                    "sit on every target layer, the down path's too; allowed: --cm_forward fused, or "
+                    "--expert_target_modules with up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
+                )
         if settings.model.weighting_scheme is not None:
             raise ConfigError(
                 f"--weighting_scheme {settings.model.weighting_scheme}: draws the timesteps of flow-matching families; "

@@ -9,7 +9,9 @@ prompt as the null condition. The noise schedule follows from the flow-matching 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ..objective import FlowWeighting
 from ..randomness import StepDraws
 from ..settings import TrainingSettings
 from .base import Condition
+from .pretrained import base_source, module_spec
 from .registry import register_family
 from .stable_diffusion import StableDiffusionFamily
 
@@ -91,11 +94,46 @@ class StableDiffusion3Family(StableDiffusionFamily):
                 f"--snr_gamma {settings.objective.snr_gamma}: min-SNR weighting is for DDPM schedules; allowed for "
                 f"{cls.name}: --weighting_scheme (sigma_sqrt, cosmap, ...)"
             )
-        if settings.objective.cm_forward == "shared_prefix":
+
+    @classmethod
+    def block_counts(cls, config: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """The transformer's block lists in the order they run, with their lengths (from its config)."""
+        return [("transformer_blocks", config["num_layers"])]
+
+    @classmethod
+    def later_blocks(cls, config: Mapping[str, Any]) -> list[str]:
+        """The names of the later half of the blocks: where ``--cm_forward shared_prefix`` puts the experts."""
+        names = [f"{blocks}.{i}" for blocks, count in cls.block_counts(config) for i in range(count)]
+        return names[len(names) // 2 :]
+
+    @classmethod
+    def split_modules(cls, denoiser: nn.Module) -> list[nn.Module]:
+        return [denoiser.get_submodule(name) for name in cls.later_blocks(denoiser.config)] + [denoiser.norm_out]
+
+    @classmethod
+    def after_split(cls, denoiser: nn.Module) -> tuple[str, ...]:
+        return (*(f"{name}." for name in cls.later_blocks(denoiser.config)), "norm_out", "proj_out")
+
+    @classmethod
+    def resolve(cls, settings: TrainingSettings) -> TrainingSettings:
+        """Under ``--cm_forward shared_prefix`` without ``--expert_target_modules``, the experts go on the target
+        layers of the later half of the blocks (the earlier half then runs once for θ and θ^g)."""
+        model, objective = settings.model, settings.objective
+        shared = objective.capacity_manipulation and objective.cm_forward == "shared_prefix"
+        if not shared or model.expert_target_modules:
+            return settings
+        if isinstance(module_spec(model.target_modules), str):
             raise ConfigError(
-                f"--cm_forward shared_prefix: needs a UNet's up path; allowed for {cls.name}: --cm_forward fused or "
-                "separate"
+                f"--cm_forward shared_prefix: the later half of the blocks cannot be combined with the regex "
+                f"--target_modules {model.target_modules}; allowed: --expert_target_modules naming the layers"
             )
+        config = cls.denoiser_class.load_config(
+            base_source(settings), subfolder=cls.denoiser, revision=model.revision, cache_dir=settings.data.cache_dir
+        )
+        blocks = "|".join(re.escape(name) for name in cls.later_blocks(config))
+        layers = "|".join(re.escape(name) for name in module_spec(model.target_modules))
+        experts = rf"(?:{blocks})\.(?:.*\.)?(?:{layers})"
+        return replace(settings, model=replace(model, expert_target_modules=experts))
 
     @classmethod
     def weighting(cls, settings: TrainingSettings) -> FlowWeighting:

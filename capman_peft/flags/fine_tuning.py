@@ -182,12 +182,6 @@ def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) 
         raise ConfigError(
             f"--expert_rank {args.expert_rank}: not below --rank {args.rank}; allowed: 1 .. rank - 1 (paper: r_e < r_g)"
         )
-    if cm and objective.cm_forward == "shared_prefix" and not args.expert_target_modules:
-        raise ConfigError(
-            "--cm_forward shared_prefix: computes the down path once for theta and theta^g, but the experts sit on "
-            "every target layer, the down path's too; allowed: --cm_forward fused, or --expert_target_modules with "
-            "up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
-        )
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
             "--use_8bit_adam: needs bitsandbytes, which is not installed; allowed: pip install bitsandbytes"
