@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,9 @@ def safe_weights_file(extractor: str, weights_path: str | os.PathLike | None, ca
             ) from None
         return safe_weights_file(extractor, None, cache_dir)
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a file's pickle protocol would come before our one line
+            warnings.simplefilter("ignore")
+            state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(
             f"--feature_extractor_weights_path {source}: torch's restricted loader refused it ({type(err).__name__}); "
