@@ -258,7 +258,9 @@ def load_pipeline(
         raise ConfigError(f"expert must be 'on' or 'off', got {expert!r}")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    pipe = folder.family.loader.from_pretrained(str(folder.path), use_safetensors=True)
+    pipe = folder.family.loader.from_pretrained(
+        str(folder.path), use_safetensors=True, **folder.family.load_kwargs(folder.summary)
+    )
     flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     if scheduler is None:
         scheduler = "pipeline" if flow else "ddim"

@@ -25,7 +25,7 @@ from capman_peft.errors import run_cli
 from capman_peft.families import StableDiffusion3Family, family_of_pipeline
 from capman_peft.objective import build_objective, diffusion_loss
 from capman_peft.randomness import draw_step
-from capman_peft.testing import build_tiny_sd3
+from capman_peft.testing import build_tiny_flux, build_tiny_sd3
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +161,29 @@ def test_flags_that_do_not_apply_are_refused_before_any_work(assets, tmp_path, c
     settings = train_text_to_image_cm.parse_args(sd3_args(assets, tmp_path / "o", weighting_scheme="cosmap"))
     assert settings.model.family == "stable-diffusion-3"
     assert StableDiffusion3Family.weighting(settings).weighting_scheme == "cosmap"
+
+
+def test_drop_t5_trains_on_the_clip_encoders_alone_and_capman_eval_samples_it_so(assets, tmp_path, capsys):
+    """--drop_t5, as diffusers' text_encoder_3=None: the prompts' T5 part is zeros (encode_prompt's stand-in), the
+    output keeps the base's T5 (it loads natively), the card says how to sample as trained, and capman-eval's loader
+    leaves T5 out. A family without an optional encoder refuses the flag."""
+    from capman_peft.run_folder import load_pipeline
+
+    out = tmp_path / "out"
+    train_text_to_image_cm.main(sd3_args(assets, out, drop_t5=True))
+    assert json.loads((out / "training_summary.json").read_text())["args"]["drop_t5"] is True
+    assert "text_encoder_3=None, tokenizer_3=None" in (out / "README.md").read_text()
+    assert StableDiffusion3Pipeline.from_pretrained(out).text_encoder_3 is not None
+    pipe = load_pipeline(out)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    family = family_of_pipeline(pipe, ["a baroque painting", ""])
+    clip_tokens = pipe.tokenizer.model_max_length
+    assert family.cond_table.shape[1] == clip_tokens + 77
+    assert family.cond_table[:, clip_tokens:].abs().max() == 0 and family.cond_table[:, :clip_tokens].abs().max() > 0
+    with pytest.raises(SystemExit):
+        flux = build_tiny_flux(tmp_path / "flux")
+        run_cli(
+            train_text_to_image_cm.main,
+            sd3_args(assets, tmp_path / "f", pretrained_model_name_or_path=flux, drop_t5=True),
+        )
+    assert "--drop_t5: the base is a FluxPipeline" in capsys.readouterr().err

@@ -80,6 +80,12 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
+    def load_kwargs(cls, summary: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of ``loader.from_pretrained`` that load a saved output as it was trained (`summary`: its
+        ``training_summary.json``)."""
+        return {}
+
+    @classmethod
     def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
         """The class names of a saved output in its class-id order (`summary`: its ``training_summary.json``)."""
         return summary.get("class_names")

@@ -50,6 +50,7 @@ class FluxFamily(StableDiffusion3Family):
         "weighting_scheme": "none",
     }  # fmt: skip
     guidance_embedded = True
+    optional_text_encoders = ()  # FluxPipeline needs T5
     text_components = (
         ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
         ("tokenizer_2", T5TokenizerFast, "text_encoder_2", T5EncoderModel),

@@ -61,6 +61,8 @@ class PretrainedModelSettings:
     logit_std: float = identity()
     mode_scale: float = identity()
     max_sequence_length: int | None = identity()
+    drop_t5: bool = identity()
+    """Train without the T5 text encoder (SD3; its part of the prompt embedding is zeros, as diffusers gives it)."""
     guidance_embedding: float | None = identity()
     """The guidance input a guidance-distilled denoiser (FLUX.1-dev) is trained with: ``--guidance_scale``, as
     diffusers' Flux script passes it (None for families without one)."""
@@ -124,11 +126,26 @@ class PretrainedFamily(ModelFamily):
                     "sit on every target layer, the down path's too; allowed: --cm_forward fused, or "
                     "--expert_target_modules with up_blocks layers only (e.g. 'up_blocks.*(to_q|to_k|to_v|to_out.0)')"
                 )
+        cls.check_text_encoders(settings)
         if settings.model.weighting_scheme is not None:
             raise ConfigError(
                 f"--weighting_scheme {settings.model.weighting_scheme}: draws the timesteps of flow-matching families; "
                 f"the base is a {cls.pipeline_class}; allowed: leave it unset"
             )
+
+    @classmethod
+    def check_text_encoders(cls, settings: TrainingSettings) -> None:
+        """``--drop_t5`` only where the family's pipeline can do without T5."""
+        if settings.model.drop_t5 and not getattr(cls, "optional_text_encoders", ()):
+            raise ConfigError(
+                f"--drop_t5: the base is a {cls.pipeline_class}, which cannot do without a text encoder; allowed: "
+                "--drop_t5 with an SD3 base only"
+            )
+
+    @classmethod
+    def card_note(cls, settings: TrainingSettings) -> str:
+        """What the model card says of this family's run beyond the common part (none here)."""
+        return ""
 
     @classmethod
     def weighting(cls, settings: TrainingSettings) -> FlowWeighting | None:

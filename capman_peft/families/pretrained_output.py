@@ -114,6 +114,7 @@ def card(
         f"capman_peft; the saved scheduler is {family.sampler}. Class prompts: "
         + ", ".join(f'"{prompt}"' for prompt in prompts)
         + "."
+        + family.card_note(settings)
     )
     if settings.objective.capacity_manipulation:
         note += LORA_CARD_NOTE.format(

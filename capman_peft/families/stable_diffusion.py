@@ -94,6 +94,9 @@ class StableDiffusionFamily(PretrainedFamily):
         ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
     )
     """(tokenizer folder and class, text encoder folder and class) of each text encoder of the pipeline."""
+    optional_text_encoders: tuple[str, ...] = ()
+    """Text encoders the pipeline can do without (its ``encode_prompt`` fills their part with zeros): left out under
+    ``--drop_t5``."""
 
     def __init__(
         self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
@@ -184,10 +187,16 @@ class StableDiffusionFamily(PretrainedFamily):
         validation) unless the data has per-image captions."""
         sd = settings.model
         noise_scheduler = load_component(cls.scheduler_class, settings, "scheduler")
-        tokenizers = [load_component(kind, settings, folder) for folder, kind, _, _ in cls.text_components]
+        dropped = set(cls.optional_text_encoders) if sd.drop_t5 else set()  # None, as diffusers' text_encoder_3=None
+        tokenizers = [
+            None if encoder in dropped else load_component(kind, settings, folder)
+            for folder, kind, encoder, _ in cls.text_components
+        ]
         text_encoders = [
-            load_component(encoder, settings, folder, variant=sd.variant, use_safetensors=True)
-            for _, _, folder, encoder in cls.text_components
+            None
+            if folder in dropped
+            else load_component(kind, settings, folder, variant=sd.variant, use_safetensors=True)
+            for _, _, folder, kind in cls.text_components
         ]
         vae = load_vae(settings)
         unet = load_denoiser(cls, settings)
@@ -204,10 +213,10 @@ class StableDiffusionFamily(PretrainedFamily):
             prompts = prompts_per_class(sd.validation_prompts_per_class, dataset.class_names)
         else:
             prompts = class_prompts(dataset.class_names, sd.prompt_template)
-        for frozen in (*text_encoders, vae):
+        for frozen in (*(encoder for encoder in text_encoders if encoder is not None), vae):
             cast_frozen_weights(frozen.requires_grad_(False), dtype)
             frozen.to(device)
-        encoder = cls.prompt_encoder(tokenizers, text_encoders, settings)
+        encoder = cls.prompt_encoder(tokenizers, text_encoders, settings, unet)
         captions = encoder if dataset.captions is not None else None  # else the text encoders leave after this call
         family = cls.make(vae, encoder([*prompts, ""]), resolution, captions)
         del text_encoders, tokenizers, encoder
@@ -221,8 +230,11 @@ class StableDiffusionFamily(PretrainedFamily):
         return 2 ** (len(denoiser.config.block_out_channels) - 1)
 
     @classmethod
-    def prompt_encoder(cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings) -> Any:
-        """Prompts -> (embeddings, pooled embeddings or None), as the family's pipeline encodes them."""
+    def prompt_encoder(
+        cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings, denoiser: nn.Module
+    ) -> Any:
+        """Prompts -> (embeddings, pooled embeddings or None), as the family's pipeline encodes them (`denoiser`: for
+        a pipeline that sizes a missing encoder's embedding by it)."""
         return PromptEncoder(tokenizers, text_encoders)
 
     def grid_pipeline(self, denoiser: nn.Module, noise_scheduler: SchedulerMixin) -> Any:

@@ -76,6 +76,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
         ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),
         ("tokenizer_3", T5TokenizerFast, "text_encoder_3", T5EncoderModel),
     )
+    optional_text_encoders = ("text_encoder_3",)  # T5: --drop_t5 trains on the CLIP encoders alone
 
     def __init__(
         self,
@@ -89,11 +90,26 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     @classmethod
     def check_settings(cls, settings: TrainingSettings) -> None:
+        cls.check_text_encoders(settings)
         if settings.objective.snr_gamma is not None:
             raise ConfigError(
                 f"--snr_gamma {settings.objective.snr_gamma}: min-SNR weighting is for DDPM schedules; allowed for "
                 f"{cls.name}: --weighting_scheme (sigma_sqrt, cosmap, ...)"
             )
+
+    @classmethod
+    def card_note(cls, settings: TrainingSettings) -> str:
+        if not settings.model.drop_t5:
+            return ""
+        return (
+            " Trained without T5 (`--drop_t5`); the folder keeps the base's T5, and `from_pretrained(path, "
+            "text_encoder_3=None, tokenizer_3=None)` samples as the model was trained."
+        )
+
+    @classmethod
+    def load_kwargs(cls, summary: Mapping[str, Any]) -> dict[str, Any]:
+        """A run trained with ``--drop_t5`` is loaded without T5, as it was trained."""
+        return {"text_encoder_3": None, "tokenizer_3": None} if summary.get("args", {}).get("drop_t5") else {}
 
     @classmethod
     def block_counts(cls, config: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -150,11 +166,14 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return denoiser.config.patch_size
 
     @classmethod
-    def prompt_encoder(cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings) -> Any:
+    def prompt_encoder(
+        cls, tokenizers: list[Any], text_encoders: list[Any], settings: TrainingSettings, denoiser: nn.Module
+    ) -> Any:
         parts = {}
         for (tokenizer, _, encoder, _), *loaded in zip(cls.text_components, tokenizers, text_encoders, strict=True):
             parts.update(zip((tokenizer, encoder), loaded, strict=True))
-        pipeline = cls.pipeline_type(transformer=None, scheduler=None, vae=None, **parts)
+        # The transformer only sizes the zeros that stand in for a dropped T5.
+        pipeline = cls.pipeline_type(transformer=denoiser, scheduler=None, vae=None, **parts)
         return PipelinePromptEncoder(cls, pipeline, settings.model.max_sequence_length)
 
     @classmethod

@@ -153,6 +153,12 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
         help="T5 tokens of a prompt (SD3, Flux; diffusers' LoRA scripts' flag). Default: the family's (SD3 77, Flux "
         "512, as those scripts).",
     )
+    group.add_argument(
+        "--drop_t5",
+        action="store_true",
+        help="SD3: train without the T5 text encoder (diffusers' text_encoder_3=None: its part of the prompt embedding "
+        "is zeros), saving its memory; the output keeps the base's T5 folder, and capman-eval loads it without T5.",
+    )
     add_flow_args(parser)
 
 
