@@ -25,7 +25,15 @@ from ..errors import ConfigError
 from ..evaluation.report import write_json
 from ..expert_use import LossSetup
 from ..families import Condition, take_rows
-from ..objective import DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, LOWER_MARGIN_FORMS, RELATIVE_FORMS, cm_weights
+from ..objective import (
+    DEFAULT_MARGIN,
+    DEFAULT_RELATIVE_MARGIN,
+    LOWER_MARGIN_FORMS,
+    RELATIVE_FORMS,
+    CMWeights,
+    cm_loss,
+    cm_weights,
+)
 from ..randomness import derived_seed
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from ..tuner import expert_disabled
@@ -147,11 +155,13 @@ def _push_routes(
     images_per_class: int,
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """The push term's gradient on every parameter through ε_θ and through ε_θg (the chain rule through each side,
-    summed over the pushed classes), and how many rows sit inside the margin (`margins`: the fixed and the relative
-    one)."""
+    """The push term's gradient on every parameter through ε_θ and through ε_θg (``cm_loss``'s push alone, each side
+    in turn held constant, summed over the pushed classes), and how many rows sit inside the margin (`margins`: the
+    fixed and the relative one). The θ^g route is what `form` applies; the θ route is the hinge's chain rule through
+    θ at the form's margin (only ``hinge`` applies it)."""
     margin, relative_margin = margins
     labels = np.asarray(setup.data.labels)
+    push_only = CMWeights(torch.zeros_like(push), push, torch.zeros(len(push), dtype=torch.long), ())
     through: dict[str, torch.Tensor] = {}
     active = 0
     for c in pushed:
@@ -162,20 +172,21 @@ def _push_routes(
         full = loss_setup.predict(capman, noisy, t, condition).float()
         with expert_disabled(capman):
             general = loss_setup.predict(capman, noisy, t, condition).float()
-        gap = ((full - general).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
+        class_ids = torch.full((len(t),), c, device=full.device)
         if form in RELATIVE_FORMS:
             m = relative_margin * (full.detach() - target.float()).pow(2).flatten(1).mean(1).sqrt()
         else:
-            m = torch.full_like(gap, margin)
-        active += int((gap < m).sum())
-        scale = float(push[c]) / (len(pushed) * len(t))
-        # d(push)/d(gap) = -scale where the hinge is active; the two routes are the chain rule through each side.
-        slope = -scale * (gap < m).float() / gap
-        upstream = slope.reshape(-1, *[1] * (full.ndim - 1)) * (full - general).detach() / full[0].numel()
-        for key, pred, sign in (("theta", full, 1.0), ("theta_g", general, -1.0)):
-            grads = torch.autograd.grad(
-                pred, params, grad_outputs=sign * upstream, retain_graph=key == "theta", allow_unused=True
-            )
+            m = torch.full((len(t),), margin, device=full.device)
+        active += int(((full - general).detach().pow(2).flatten(1).mean(1).sqrt() < m).sum())
+        routes = {
+            "theta": cm_loss(full, general.detach(), class_ids, push_only, form="hinge", margin=m)[0],
+            "theta_g": cm_loss(
+                full.detach(), general, class_ids, push_only, form=form, margin=margin,
+                relative_margin=relative_margin, target=target.float(),
+            )[0],
+        }  # fmt: skip
+        for key, loss in routes.items():
+            grads = torch.autograd.grad(loss / len(pushed), params, retain_graph=key == "theta", allow_unused=True)
             flat = _flat(grads, list(params))
             through[key] = through[key] + flat if key in through else flat
     return through, active

@@ -127,7 +127,7 @@ def _push_term(
     full: Tensor,
     general: Tensor,
     distance: Tensor,
-    margin: float,
+    margin: float | Tensor,
     relative_margin: float,
     band_upper: float,
     target: Tensor | None,
@@ -155,7 +155,7 @@ def cm_loss(
     weights: CMWeights,
     *,
     form: str = "hinge",
-    margin: float = DEFAULT_MARGIN,
+    margin: float | Tensor = DEFAULT_MARGIN,
     relative_margin: float = DEFAULT_RELATIVE_MARGIN,
     band_upper: float = DEFAULT_BAND_UPPER,
     target: Tensor | None = None,
@@ -180,6 +180,7 @@ def cm_loss(
     Args:
         labels: true class ids, one per row.
         weights: from ``cm_weights`` (the same form); C is their length.
+        margin: the hinge forms' margin, or one per row (the push analysis gives the relative form's there).
         target: the diffusion target (ε or v) of each row, for ``relative`` and ``band``.
         sample_weight: per-row factor of the mean (default 1): 0 leaves a row out (label-dropped samples), an
             importance weight makes a subset of rows an unbiased estimate of the batch mean.
@@ -194,7 +195,7 @@ def cm_loss(
     _check_form(form)
     if eps_full.shape != eps_general.shape:
         raise ValueError(f"eps_full {tuple(eps_full.shape)} != eps_general {tuple(eps_general.shape)}")
-    if not (margin > 0 and relative_margin > 0):
+    if not (bool(torch.as_tensor(margin).gt(0).all()) and relative_margin > 0):
         raise ValueError(f"margin and relative_margin must be positive, got {margin} and {relative_margin}")
     if form == "band" and not band_upper > relative_margin:
         raise ValueError(f"band_upper ({band_upper}) must be above relative_margin ({relative_margin})")
