@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -223,3 +225,95 @@ def tiny_capman_eval(pipeline: Path, data: Path, out: Path, expert: str, cache: 
         "--feature_extractor", TINY, "--metrics", "fid", "--expert", expert, "--output_dir", str(out),
     ])  # fmt: skip
     return json.loads((out / "metrics.json").read_text())
+
+
+def assert_prompted_output_samples_without_capman(out: Path, pipeline_class: str, tmp_path: Path) -> None:
+    """``DiffusionPipeline.from_pretrained(out)``, in an interpreter where capman_peft cannot be imported, is a
+    `pipeline_class` that samples a finite 16 px image."""
+    code = f"""
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+assert type(pipe).__name__ == "{pipeline_class}", type(pipe)
+image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
+assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+print("ok")
+"""
+    result = run_python_without_capman(code, [out], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def assert_lora_files_give_the_merged_transformer(
+    out: Path, base: Path, tmp_path: Path, pipeline_class: str, transformer_class: str, call: str
+) -> None:
+    """Without capman_peft: base + ``load_lora_weights(out)``, with and without ``fuse_lora``, computes what the merged
+    transformer computes (max abs < 1e-4), the base alone does not, and the general file gives another model (θ^g).
+    `call` is code defining ``run(model)``: the transformer's output on fixed inputs."""
+    code = f"""
+import torch
+from diffusers import {pipeline_class}, {transformer_class}
+out, base = sys.argv[1], sys.argv[2]
+merged = {transformer_class}.from_pretrained(out + "/transformer").eval()
+torch.manual_seed(1)
+{call}
+expected = run(merged)
+pipe = {pipeline_class}.from_pretrained(base)
+plain = run(pipe.transformer)
+pipe.load_lora_weights(out)
+assert (run(pipe.transformer) - expected).abs().max() < 1e-4
+pipe.fuse_lora()
+assert (run(pipe.transformer) - expected).abs().max() < 1e-4
+assert (plain - expected).abs().max() > 1e-6
+general = {pipeline_class}.from_pretrained(base)
+general.load_lora_weights(out, weight_name="pytorch_lora_weights_general.safetensors")
+assert (run(general.transformer) - expected).abs().max() > 1e-7
+print("ok")
+"""
+    result = run_python_without_capman(code, [out, base], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def family_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
+    """train_text_to_image_cm.py on a family's tiny base (`family_fixtures`) and the ArtBench mirror, centre crop,
+    into `out`; `overrides` change or add flags."""
+    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
+
+
+def family_fixtures(build: Callable[[Path], Path]) -> tuple[Any, Any]:
+    """A family test module's module-scoped fixtures: ``assets`` (the tiny base `build` writes, the ArtBench mirror
+    with a test split) and ``trained`` (its output after 3 CM steps). Use: ``assets, trained =
+    family_fixtures(build_tiny_flux)``."""
+
+    @pytest.fixture(scope="module")
+    def assets(tmp_path_factory) -> SimpleNamespace:
+        root = tmp_path_factory.mktemp("assets")
+        return evaluable_artbench_assets(root, build(root))
+
+    @pytest.fixture(scope="module")
+    def trained(assets, tmp_path_factory) -> Path:
+        import train_text_to_image_cm
+
+        out = tmp_path_factory.mktemp("run") / "out"
+        train_text_to_image_cm.main(family_args(assets, out, max_train_steps=3))
+        return out
+
+    return assets, trained
+
+
+def assert_capman_eval_and_analyze_run(trained: Path, assets: SimpleNamespace, tmp_path: Path) -> None:
+    """On a tiny text-to-image output: capman-eval measures θ and θ^g per split, and capman-analyze's capacity and
+    held-out analyses encode the class prompts and run."""
+    from capman_peft.analysis.cli import main as analyze
+
+    for expert in ("on", "off"):
+        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
+        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
+        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
+    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
+    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
+    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
+    assert len(usage) == 10 and all(value >= 0 for value in usage)
+    analyze(["heldout", *data, "--images_per_class", "2", "--timesteps", "2", "--output_dir", str(tmp_path / "held")])
+    assert (tmp_path / "held" / "heldout.json").is_file()

@@ -6,19 +6,19 @@ while the expert is zero."""
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import (
     assert_accumulation_equals_one_batch,
+    assert_capman_eval_and_analyze_run,
+    assert_lora_files_give_the_merged_transformer,
+    assert_prompted_output_samples_without_capman,
     assert_resume_is_exact,
     evaluable_artbench_assets,
-    run_python_without_capman,
+    family_args,
+    family_fixtures,
     text_to_image_args,
-    tiny_capman_eval,
 )
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from peft import get_peft_model
@@ -35,21 +35,7 @@ from capman_peft.tuner import CapManConfig
 PROMPTS = ["a baroque painting", "a realism painting", ""]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("flux-assets")
-    return evaluable_artbench_assets(root, build_tiny_flux(root))
-
-
-def flux_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
-    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
-
-
-@pytest.fixture(scope="module")
-def trained(assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("flux-run") / "out"
-    train_text_to_image_cm.main(flux_args(assets, out, max_train_steps=3))
-    return out
+assets, trained = family_fixtures(build_tiny_flux)
 
 
 def test_a_training_batch_is_the_flux_scripts_loss(assets):
@@ -92,30 +78,14 @@ def test_the_output_is_a_flux_pipeline_that_loads_and_samples_without_capman_pef
     assert args["weighting_scheme"] == "none"
     scheduler = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["use_dynamic_shifting"]
-    code = """
-import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-assert type(pipe).__name__ == "FluxPipeline", type(pipe)
-image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
-assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
-print("ok")
-"""
-    result = run_python_without_capman(code, [trained], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_prompted_output_samples_without_capman(trained, "FluxPipeline", tmp_path)
 
 
 @pytest.mark.slow
 def test_the_lora_files_load_into_the_base_flux_pipeline_with_diffusers_alone(trained, assets, tmp_path):
     """base + FluxPipeline.load_lora_weights(out), with and without fuse_lora, computes what the merged transformer
     computes; the general file gives another model (θ^g)."""
-    code = """
-import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
-out, base = sys.argv[1], sys.argv[2]
-merged = FluxTransformer2DModel.from_pretrained(out + "/transformer").eval()
-torch.manual_seed(1)
+    call = """
 x, t, text, pooled = torch.randn(2, 16, 16), torch.tensor([0.01, 0.9]), torch.randn(2, 12, 32), torch.randn(2, 16)
 ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
 def run(model):
@@ -124,66 +94,45 @@ def run(model):
             hidden_states=x, timestep=t, guidance=torch.full((2,), 3.5), encoder_hidden_states=text,
             pooled_projections=pooled, txt_ids=torch.zeros(12, 3), img_ids=ids,
         ).sample
-expected = run(merged)
-pipe = FluxPipeline.from_pretrained(base)
-plain = run(pipe.transformer)
-pipe.load_lora_weights(out)
-assert (run(pipe.transformer) - expected).abs().max() < 1e-4
-pipe.fuse_lora()
-assert (run(pipe.transformer) - expected).abs().max() < 1e-4
-assert (plain - expected).abs().max() > 1e-6
-general = FluxPipeline.from_pretrained(base)
-general.load_lora_weights(out, weight_name="pytorch_lora_weights_general.safetensors")
-assert (run(general.transformer) - expected).abs().max() > 1e-7
-print("ok")
 """
-    result = run_python_without_capman(code, [trained, assets.base], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_lora_files_give_the_merged_transformer(
+        trained, assets.base, tmp_path, "FluxPipeline", "FluxTransformer2DModel", call
+    )
 
 
 @pytest.mark.slow
 def test_capman_eval_and_capman_analyze_run_on_a_flux_output(trained, assets, tmp_path):
     """θ and θ^g sample the class prompts with the saved flow-matching scheduler and are measured per split."""
-    from capman_peft.analysis.cli import main as analyze
-
-    for expert in ("on", "off"):
-        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
-        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
-        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
-    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
-    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
-    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
-    assert len(usage) == 10 and all(value >= 0 for value in usage)
+    assert_capman_eval_and_analyze_run(trained, assets, tmp_path)
 
 
 def test_resume_is_exact(assets, tmp_path):
-    assert_resume_is_exact(lambda out, **flags: flux_args(assets, out, **flags), tmp_path)
+    assert_resume_is_exact(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
-    assert_accumulation_equals_one_batch(lambda out, **flags: flux_args(assets, out, **flags), tmp_path)
+    assert_accumulation_equals_one_batch(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_schnell_has_no_guidance_input_and_the_guidance_is_part_of_the_run(assets, tmp_path, capsys):
     """A transformer without the guidance input (schnell) is called without one; on dev, --guidance_scale is what
     training feeds it, so a resume with another value is refused."""
     schnell = build_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
-    train_text_to_image_cm.main(flux_args(assets, tmp_path / "s", pretrained_model_name_or_path=schnell))
+    train_text_to_image_cm.main(family_args(assets, tmp_path / "s", pretrained_model_name_or_path=schnell))
     assert (tmp_path / "s" / "transformer").is_dir()
-    train_text_to_image_cm.main(flux_args(assets, tmp_path / "d", max_train_steps=1, checkpointing_steps=1))
+    train_text_to_image_cm.main(family_args(assets, tmp_path / "d", max_train_steps=1, checkpointing_steps=1))
     resume = dict(max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint="latest", guidance_scale=5.0)
     with pytest.raises(SystemExit):
-        run_cli(train_text_to_image_cm.main, flux_args(assets, tmp_path / "d", **resume))
+        run_cli(train_text_to_image_cm.main, family_args(assets, tmp_path / "d", **resume))
     assert "guidance_embedding" in capsys.readouterr().err
 
 
 def test_flags_that_do_not_apply_are_refused_before_any_work(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_cli(train_text_to_image_cm.main, flux_args(assets, tmp_path / "o", snr_gamma=5.0))
+        run_cli(train_text_to_image_cm.main, family_args(assets, tmp_path / "o", snr_gamma=5.0))
     assert "--snr_gamma 5.0: min-SNR weighting is for DDPM schedules; allowed for flux:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    settings = train_text_to_image_cm.parse_args(flux_args(assets, tmp_path / "o", weighting_scheme="logit_normal"))
+    settings = train_text_to_image_cm.parse_args(family_args(assets, tmp_path / "o", weighting_scheme="logit_normal"))
     assert FluxFamily.weighting(settings).weighting_scheme == "logit_normal"
 
 

@@ -4,19 +4,17 @@ CLIP encoders with projections and T5, the flow-matching scheduler) and the ArtB
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import (
     assert_accumulation_equals_one_batch,
+    assert_capman_eval_and_analyze_run,
+    assert_lora_files_give_the_merged_transformer,
+    assert_prompted_output_samples_without_capman,
     assert_resume_is_exact,
-    evaluable_artbench_assets,
-    run_python_without_capman,
-    text_to_image_args,
-    tiny_capman_eval,
+    family_args,
+    family_fixtures,
 )
 from diffusers import StableDiffusion3Pipeline
 
@@ -27,22 +25,7 @@ from capman_peft.objective import build_objective, diffusion_loss
 from capman_peft.randomness import draw_step
 from capman_peft.testing import build_tiny_flux, build_tiny_sd3
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("sd3-assets")
-    return evaluable_artbench_assets(root, build_tiny_sd3(root))
-
-
-def sd3_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
-    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
-
-
-@pytest.fixture(scope="module")
-def trained(assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sd3-run") / "out"
-    train_text_to_image_cm.main(sd3_args(assets, out, max_train_steps=3))
-    return out
+assets, trained = family_fixtures(build_tiny_sd3)
 
 
 def test_a_training_batch_is_the_rectified_flow_loss(assets):
@@ -82,83 +65,44 @@ def test_the_output_is_an_sd3_pipeline_that_loads_and_samples_without_capman_pef
     assert summary["args"]["target_modules"].startswith("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj")
     scheduler = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 3.0
-    code = """
-import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-assert type(pipe).__name__ == "StableDiffusion3Pipeline", type(pipe)
-image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
-assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
-print("ok")
-"""
-    result = run_python_without_capman(code, [trained], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_prompted_output_samples_without_capman(trained, "StableDiffusion3Pipeline", tmp_path)
 
 
 @pytest.mark.slow
 def test_the_lora_files_load_into_the_base_sd3_pipeline_with_diffusers_alone(trained, assets, tmp_path):
     """base + StableDiffusion3Pipeline.load_lora_weights(out), with and without fuse_lora, computes what the merged
     transformer computes; the general file gives another model (θ^g)."""
-    code = """
-import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-out, base = sys.argv[1], sys.argv[2]
-merged = SD3Transformer2DModel.from_pretrained(out + "/transformer").eval()
-torch.manual_seed(1)
+    call = """
 x, t, text, pooled = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 90, 32), torch.randn(2, 32)
 def run(model):
     with torch.no_grad():
         return model(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled).sample
-expected = run(merged)
-pipe = StableDiffusion3Pipeline.from_pretrained(base)
-plain = run(pipe.transformer)
-pipe.load_lora_weights(out)
-assert (run(pipe.transformer) - expected).abs().max() < 1e-4
-pipe.fuse_lora()
-assert (run(pipe.transformer) - expected).abs().max() < 1e-4
-assert (plain - expected).abs().max() > 1e-6
-general = StableDiffusion3Pipeline.from_pretrained(base)
-general.load_lora_weights(out, weight_name="pytorch_lora_weights_general.safetensors")
-assert (run(general.transformer) - expected).abs().max() > 1e-7
-print("ok")
 """
-    result = run_python_without_capman(code, [trained, assets.base], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_lora_files_give_the_merged_transformer(
+        trained, assets.base, tmp_path, "StableDiffusion3Pipeline", "SD3Transformer2DModel", call
+    )
 
 
 @pytest.mark.slow
 def test_capman_eval_and_capman_analyze_run_on_an_sd3_output(trained, assets, tmp_path):
     """θ and θ^g sample the class prompts with the saved flow-matching scheduler and are measured per split."""
-    from capman_peft.analysis.cli import main as analyze
-
-    for expert in ("on", "off"):
-        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
-        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
-        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
-    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
-    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
-    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
-    assert len(usage) == 10 and all(value >= 0 for value in usage)
-    analyze(["heldout", *data, "--images_per_class", "2", "--timesteps", "2", "--output_dir", str(tmp_path / "held")])
-    assert (tmp_path / "held" / "heldout.json").is_file()
+    assert_capman_eval_and_analyze_run(trained, assets, tmp_path)
 
 
 def test_resume_is_exact(assets, tmp_path):
-    assert_resume_is_exact(lambda out, **flags: sd3_args(assets, out, **flags), tmp_path)
+    assert_resume_is_exact(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
-    assert_accumulation_equals_one_batch(lambda out, **flags: sd3_args(assets, out, **flags), tmp_path)
+    assert_accumulation_equals_one_batch(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_flags_that_do_not_apply_are_refused_before_any_work(assets, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_cli(train_text_to_image_cm.main, sd3_args(assets, tmp_path / "o", snr_gamma=5.0))
+        run_cli(train_text_to_image_cm.main, family_args(assets, tmp_path / "o", snr_gamma=5.0))
     assert "--snr_gamma 5.0: min-SNR weighting is for DDPM schedules" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    settings = train_text_to_image_cm.parse_args(sd3_args(assets, tmp_path / "o", weighting_scheme="cosmap"))
+    settings = train_text_to_image_cm.parse_args(family_args(assets, tmp_path / "o", weighting_scheme="cosmap"))
     assert settings.model.family == "stable-diffusion-3"
     assert StableDiffusion3Family.weighting(settings).weighting_scheme == "cosmap"
 
@@ -170,7 +114,7 @@ def test_drop_t5_trains_on_the_clip_encoders_alone_and_capman_eval_samples_it_so
     from capman_peft.run_folder import load_pipeline
 
     out = tmp_path / "out"
-    train_text_to_image_cm.main(sd3_args(assets, out, drop_t5=True))
+    train_text_to_image_cm.main(family_args(assets, out, drop_t5=True))
     assert json.loads((out / "training_summary.json").read_text())["args"]["drop_t5"] is True
     assert "text_encoder_3=None, tokenizer_3=None" in (out / "README.md").read_text()
     assert StableDiffusion3Pipeline.from_pretrained(out).text_encoder_3 is not None
@@ -184,6 +128,6 @@ def test_drop_t5_trains_on_the_clip_encoders_alone_and_capman_eval_samples_it_so
         flux = build_tiny_flux(tmp_path / "flux")
         run_cli(
             train_text_to_image_cm.main,
-            sd3_args(assets, tmp_path / "f", pretrained_model_name_or_path=flux, drop_t5=True),
+            family_args(assets, tmp_path / "f", pretrained_model_name_or_path=flux, drop_t5=True),
         )
     assert "--drop_t5: the base is a FluxPipeline" in capsys.readouterr().err

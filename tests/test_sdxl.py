@@ -4,20 +4,18 @@ the second with a projection; a UNet with SDXL's pooled-text and time-id conditi
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
     assert_accumulation_equals_one_batch,
+    assert_capman_eval_and_analyze_run,
+    assert_prompted_output_samples_without_capman,
     assert_resume_is_exact,
-    evaluable_artbench_assets,
+    family_args,
+    family_fixtures,
     run_python_without_capman,
-    text_to_image_args,
-    tiny_capman_eval,
 )
 from PIL import Image
 from torchvision import transforms
@@ -28,40 +26,14 @@ from capman_peft.errors import run_cli
 from capman_peft.families.stable_diffusion import StableDiffusionXLFamily
 from capman_peft.testing import build_tiny_sdxl
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("sdxl-assets")
-    return evaluable_artbench_assets(root, build_tiny_sdxl(root))
-
-
-def sdxl_args(assets: SimpleNamespace, out: Path, **overrides) -> list[str]:
-    return text_to_image_args(assets.base, out, **{**assets.args, "center_crop": True, **overrides})
-
-
-@pytest.fixture(scope="module")
-def trained(assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sdxl-run") / "out"
-    train_text_to_image_cm.main(sdxl_args(assets, out, max_train_steps=3))
-    return out
+assets, trained = family_fixtures(build_tiny_sdxl)
 
 
 def test_the_output_is_an_sdxl_pipeline_that_loads_and_samples_without_capman_peft(trained, tmp_path):
     assert json.loads((trained / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     summary = json.loads((trained / "training_summary.json").read_text())
     assert summary["args"]["family"] == "stable-diffusion-xl" and summary["steps"] == 3
-    code = """
-import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
-assert type(pipe).__name__ == "StableDiffusionXLPipeline", type(pipe)
-image = pipe("a baroque painting", num_inference_steps=2, height=16, width=16, output_type="pt").images
-assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
-print("ok")
-"""
-    result = run_python_without_capman(code, [trained], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_prompted_output_samples_without_capman(trained, "StableDiffusionXLPipeline", tmp_path)
 
 
 @pytest.mark.slow
@@ -98,18 +70,7 @@ print("ok")
 def test_capman_eval_and_capman_analyze_run_on_an_sdxl_output(trained, assets, tmp_path):
     """θ and θ^g (from the adapter) generate per-class prompts and are measured per split; the analyses encode the
     class prompts with both text encoders."""
-    from capman_peft.analysis.cli import main as analyze
-
-    for expert in ("on", "off"):
-        metrics = tiny_capman_eval(trained, assets.data, tmp_path / expert, expert, tmp_path, images=2)
-        assert metrics["expert"] == expert and metrics["num_classes"] == 10 and metrics["kind"] == "text-to-image"
-        assert all(math.isfinite(metrics["splits"][split]["fid"]) for split in ("many", "medium", "few"))
-    data = ["--pipeline", str(trained), "--dataset_name", str(assets.data)]
-    analyze(["capacity", *data, "--num_batches", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "cap")])
-    usage = json.loads((tmp_path / "cap" / "capacity.json").read_text())["expert_usage"]
-    assert len(usage) == 10 and all(value >= 0 for value in usage)
-    analyze(["heldout", *data, "--images_per_class", "2", "--timesteps", "2", "--output_dir", str(tmp_path / "held")])
-    assert (tmp_path / "held" / "heldout.json").is_file()
+    assert_capman_eval_and_analyze_run(trained, assets, tmp_path)
 
 
 def test_time_ids_of_cached_latents_are_the_original_size_the_center_crop_and_the_target(assets):
@@ -131,11 +92,11 @@ def test_time_ids_of_cached_latents_are_the_original_size_the_center_crop_and_th
 
 
 def test_resume_is_exact(assets, tmp_path):
-    assert_resume_is_exact(lambda out, **flags: sdxl_args(assets, out, **flags), tmp_path)
+    assert_resume_is_exact(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_two_accumulated_half_batches_equal_one_full_batch(assets, tmp_path):
-    assert_accumulation_equals_one_batch(lambda out, **flags: sdxl_args(assets, out, **flags), tmp_path)
+    assert_accumulation_equals_one_batch(lambda out, **flags: family_args(assets, out, **flags), tmp_path)
 
 
 def test_a_random_crop_is_where_the_pixels_come_from_and_what_the_time_ids_say(assets, tmp_path):
@@ -158,7 +119,7 @@ def test_a_random_crop_is_where_the_pixels_come_from_and_what_the_time_ids_say(a
             assert family.time_ids(batch, 1, torch.device("cpu")).tolist() == expected
             corners.add((top, left))
         assert len(corners) > 1  # the position is drawn, not fixed
-    train_text_to_image_cm.main(sdxl_args(assets, tmp_path / "random-crop", center_crop=False, max_train_steps=1))
+    train_text_to_image_cm.main(family_args(assets, tmp_path / "random-crop", center_crop=False, max_train_steps=1))
     assert (tmp_path / "random-crop" / "model_index.json").is_file()
 
 
@@ -167,7 +128,7 @@ def test_other_pipelines_are_refused(assets, tmp_path, capsys):
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(SystemExit):
-        run_cli(train_text_to_image_cm.main, sdxl_args(assets, tmp_path / "o", pretrained_model_name_or_path=other))
+        run_cli(train_text_to_image_cm.main, family_args(assets, tmp_path / "o", pretrained_model_name_or_path=other))
     err = capsys.readouterr().err
     assert "is a KandinskyPipeline; allowed: StableDiffusionPipeline, StableDiffusionXLPipeline" in err
 
