@@ -140,9 +140,7 @@ def add_cm_args(parser: ArgumentParser, capacity_manipulation: bool, capacity_ma
         "--cm_forward",
         choices=list(FORWARD_MODES),
         default="fused",
-        help="How theta and theta^g are computed in one module call (see CMDenoiser). shared_prefix runs the layers "
-        "before the experts once: a UNet's down path (experts in up_blocks only, --expert_target_modules), or the "
-        "earlier half of an SD3 / Flux transformer's blocks (its experts then go on the later half's targets).",
+        help="How theta and theta^g are computed in one call; shared_prefix runs the layers before the experts once.",
     )
     group.add_argument("--no_consistency", action="store_true", help="Ablation: drop L_con (w_con = 0).")
     group.add_argument("--no_diversity", action="store_true", help="Ablation: drop L_div (w_div = 0).")
