@@ -44,11 +44,11 @@ SHARED_PREFIX = "CM on, 25%, shared prefix (experts in the later half of the blo
 # With a peer: our plain LoRA with the peer's adapter (diffusers' LoRA scripts have no adapter dropout; ours is 0.1).
 PEER_ADAPTER = "CM off, LoRA dropout 0 (the peer's adapter)"
 VARIANTS = {
+    PEER_ADAPTER: ["--no_capacity_manipulation", "--lora_dropout", "0"],
     BASELINE: ["--no_capacity_manipulation"],
     "CM on, general pass on 25% of the batch (default)": [],
     "CM on, general pass on the whole batch": ["--cm_general_fraction", "1"],
     SHARED_PREFIX: ["--cm_forward", "shared_prefix"],
-    PEER_ADAPTER: ["--no_capacity_manipulation", "--lora_dropout", "0"],
 }
 PEER = "diffusers' {script} (LoRA rank 16), unmodified"
 COUNTS = [64, 48, 36, 28, 22, 18, 14, 11, 8, 7]  # 256 images, imbalance ratio ~9
@@ -148,12 +148,12 @@ def main() -> None:
         return
     import torch
 
-    variants = [name for name in VARIANTS if name != SHARED_PREFIX or args.family in ("sd3", "flux")]
-    variants.remove(PEER_ADAPTER)
+    wanted = {SHARED_PREFIX: args.family in ("sd3", "flux"), PEER_ADAPTER: bool(args.peer_script)}
+    variants = [name for name in VARIANTS if wanted.get(name, True)]
     if args.peer_script:
         if not Path(args.peer_script).is_file():
             parser.error(f"--peer_script {args.peer_script}: no such file")
-        variants[:0] = [PEER.format(script=Path(args.peer_script).name), PEER_ADAPTER]
+        variants.insert(0, PEER.format(script=Path(args.peer_script).name))
     work = Path(tempfile.mkdtemp(prefix="capman-speed-"))
     base, data = make_assets(work / "assets", args.family)
     seconds: dict[str, list[float]] = {name: [] for name in variants}

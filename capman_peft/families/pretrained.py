@@ -105,6 +105,9 @@ class PretrainedFamily(ModelFamily):
     ``weighting_scheme``."""
     guidance_embedded = False
     """Whether the denoiser takes the guidance scale as an input (guidance-distilled Flux)."""
+    optional_text_encoders: tuple[str, ...] = ()
+    """Text encoders the pipeline can do without (its ``encode_prompt`` fills their part with zeros): left out under
+    ``--drop_t5``."""
     pipeline_type: Any = None
     vae: Any = None
     sampler = "DDIM (the paper samples with 50 steps)"
@@ -136,7 +139,7 @@ class PretrainedFamily(ModelFamily):
     @classmethod
     def check_text_encoders(cls, settings: TrainingSettings) -> None:
         """``--drop_t5`` only where the family's pipeline can do without T5."""
-        if settings.model.drop_t5 and not getattr(cls, "optional_text_encoders", ()):
+        if settings.model.drop_t5 and not cls.optional_text_encoders:
             raise ConfigError(
                 f"--drop_t5: the base is a {cls.pipeline_class}, which cannot do without a text encoder; allowed: "
                 "--drop_t5 with an SD3 base only"

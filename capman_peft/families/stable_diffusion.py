@@ -94,9 +94,6 @@ class StableDiffusionFamily(PretrainedFamily):
         ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
     )
     """(tokenizer folder and class, text encoder folder and class) of each text encoder of the pipeline."""
-    optional_text_encoders: tuple[str, ...] = ()
-    """Text encoders the pipeline can do without (its ``encode_prompt`` fills their part with zeros): left out under
-    ``--drop_t5``."""
 
     def __init__(
         self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
@@ -187,17 +184,16 @@ class StableDiffusionFamily(PretrainedFamily):
         validation) unless the data has per-image captions."""
         sd = settings.model
         noise_scheduler = load_component(cls.scheduler_class, settings, "scheduler")
-        dropped = set(cls.optional_text_encoders) if sd.drop_t5 else set()  # None, as diffusers' text_encoder_3=None
-        tokenizers = [
-            None if encoder in dropped else load_component(kind, settings, folder)
-            for folder, kind, encoder, _ in cls.text_components
-        ]
-        text_encoders = [
-            None
-            if folder in dropped
-            else load_component(kind, settings, folder, variant=sd.variant, use_safetensors=True)
-            for _, _, folder, kind in cls.text_components
-        ]
+        tokenizers, text_encoders = [], []
+        for tokenizer_folder, tokenizer_class, encoder_folder, encoder_class in cls.text_components:
+            if sd.drop_t5 and encoder_folder in cls.optional_text_encoders:  # as diffusers' text_encoder_3=None
+                tokenizers.append(None)
+                text_encoders.append(None)
+                continue
+            tokenizers.append(load_component(tokenizer_class, settings, tokenizer_folder))
+            text_encoders.append(
+                load_component(encoder_class, settings, encoder_folder, variant=sd.variant, use_safetensors=True)
+            )
         vae = load_vae(settings)
         unet = load_denoiser(cls, settings)
         # The VAE downsamples by vae_scale and the denoiser further: the image side must divide by both.
