@@ -15,7 +15,9 @@ families read the same images as a ``metadata.jsonl`` folder with a caption per 
 scripts read), and every script encodes the captions and the images every step. ``--peer_script`` adds diffusers'
 own LoRA script for that family (train_text_to_image_lora_sdxl.py; train_dreambooth_lora_sd3.py and
 train_dreambooth_lora_flux.py, given the folder as ``--dataset_name`` with its caption column), run unmodified (keep
-it outside this repository) on the same model and data.
+it outside this repository) on the same model and data; the DreamBooth scripts run twice, with their adapter (no
+dropout) and with ours (``--lora_dropout 0.1``), and we run once with theirs. The run-to-run spread of these tiny
+models is wide: ``--cm_off_only --rounds 7`` settles the ratio to the peer.
 
 Each variant is its own process (one model in memory, as in a real run), the variants alternate over `--rounds`
 rounds, and each process reports the median time between optimizer steps 6-30 (the first steps warm up caches),
@@ -51,6 +53,8 @@ VARIANTS = {
     SHARED_PREFIX: ["--cm_forward", "shared_prefix"],
 }
 PEER = "diffusers' {script} (LoRA rank 16), unmodified"
+# The DreamBooth scripts (SD3, Flux) take --lora_dropout: the peer with our default adapter, dropout 0.1.
+PEER_DROPOUT = "diffusers' {script} --lora_dropout 0.1 (our adapter), unmodified"
 COUNTS = [64, 48, 36, 28, 22, 18, 14, 11, 8, 7]  # 256 images, imbalance ratio ~9
 STEPS, TIMED_FROM = 30, 6
 SHARED = [
@@ -110,6 +114,7 @@ def measure(base: Path, data: Path, family: str, variant: str, peer_script: str 
     if variant.startswith("diffusers"):
         if family in ("sd3", "flux"):  # the DreamBooth scripts read a captioned dataset through --dataset_name
             data_flags = ["--dataset_name", str(data), "--image_column", "image", "--instance_prompt", "a painting"]
+            data_flags += ["--lora_dropout", "0.1"] if "--lora_dropout" in variant else []
         else:
             data_flags = ["--train_data_dir", str(data)]
         sys.argv = [peer_script, *common, *data_flags, "--caption_column", "text", "--report_to", "tensorboard"]
@@ -140,6 +145,11 @@ def main() -> None:
         "train_dreambooth_lora_sd3.py / _flux.py for sd3 / flux), run unmodified beside ours; get it from a diffusers "
         "clone, outside this repository.",
     )
+    parser.add_argument(
+        "--cm_off_only",
+        action="store_true",
+        help="Only the CM-off rows (and the peer): the ratio to the peer, which needs more rounds to settle.",
+    )
     parser.add_argument("--child", nargs=4, metavar=("BASE", "DATA", "VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -150,10 +160,14 @@ def main() -> None:
 
     wanted = {SHARED_PREFIX: args.family in ("sd3", "flux"), PEER_ADAPTER: bool(args.peer_script)}
     variants = [name for name in VARIANTS if wanted.get(name, True)]
+    if args.cm_off_only:
+        variants = [name for name in variants if name in (BASELINE, PEER_ADAPTER)]
     if args.peer_script:
         if not Path(args.peer_script).is_file():
             parser.error(f"--peer_script {args.peer_script}: no such file")
-        variants.insert(0, PEER.format(script=Path(args.peer_script).name))
+        script = Path(args.peer_script).name
+        peers = [PEER, PEER_DROPOUT] if args.family in ("sd3", "flux") else [PEER]
+        variants[:0] = [peer.format(script=script) for peer in peers]
     work = Path(tempfile.mkdtemp(prefix="capman-speed-"))
     base, data = make_assets(work / "assets", args.family)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -173,10 +187,11 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
         f"{args.rounds} rounds\n"
     )
-    print("| run | s/step (median of steps 6-30, median of rounds) | ÷ CM off |")
-    print("|---|---|---|")
+    print("| run | s/step (median of steps 6-30, median of rounds) | rounds' range | ÷ CM off |")
+    print("|---|---|---|---|")
     for name, value in medians.items():
-        print(f"| {name} | {value:.4f} | {value / baseline:.2f} |")
+        spread = f"{min(seconds[name]):.4f}-{max(seconds[name]):.4f}"
+        print(f"| {name} | {value:.4f} | {spread} | {value / baseline:.2f} |")
 
 
 if __name__ == "__main__":
