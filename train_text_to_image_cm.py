@@ -165,7 +165,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         latent_noise=True,
     )
     logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
-    step_loss = family_step_loss(family, run.denoiser, objective, num_classes=dataset.num_classes, cm=cm)
+    step_loss = family_step_loss(
+        family, run.denoiser, objective, num_classes=dataset.num_classes, cm=cm, coral=run.coral
+    )
 
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
         publish_validation_grid(

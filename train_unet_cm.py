@@ -191,7 +191,9 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         labels=dataset.labels, sample_shape=(unet.config.in_channels, data.resolution, data.resolution),
         project="capman-unet", family=family, augment_probability=model_settings.ada_probability,
     )  # fmt: skip
-    step_loss = family_step_loss(family, run.denoiser, objective, num_classes=dataset.num_classes, cm=cm)
+    step_loss = family_step_loss(
+        family, run.denoiser, objective, num_classes=dataset.num_classes, cm=cm, coral=run.coral
+    )
 
     def samplers(trained: torch.nn.Module) -> torch.nn.Module | list[torch.nn.Module]:
         """What samples: the (unmerged) UNet, or one merged UNet per class group."""

@@ -140,9 +140,12 @@ BASELINES = {
     "DDPM +RS": ["--sampler", "balanced"],
     "DDPM +ADA": ["--ada_probability", "0.12"],
     "DDPM +Focal": ["--focal_gamma", "2"],
+    "DDPM +CORAL": ["--coral"],  # newer than the paper (Rodriguez et al. 2025), at its authors' weights
 }
 for _name, _flags in BASELINES.items():
     METHODS[_name] = ["--no_capacity_manipulation", "--objective", "ddpm", *_flags]
+# CORAL with CM as it ships when turned on (the relative hinge, the testbed's general fraction).
+METHODS["CM (+DDPM), relative hinge +CORAL"] = [*METHODS["CM (+DDPM), relative hinge"], "--coral"]
 # Sec. E.4's Group-Expert LoRA on CM's base objective and rank budget: one expert block per Many/Medium/Few group.
 METHODS["Group-Expert LoRA (+OC)"] = ["--no_capacity_manipulation", "--group_experts", "--objective", "oc"]
 COLUMNS = [

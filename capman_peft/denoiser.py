@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .families import Condition, ModelFamily, concat, family_of_denoiser, take_rows
+from .objective.coral import CORAL_HEAD
 from .tuner import CapManLayer, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
@@ -43,6 +44,8 @@ class Predictions(NamedTuple):
     """theta^g(x_t, t, cond) on the rows ``general_rows`` (all rows when None)."""
     extra: torch.Tensor | None
     """theta(x_t, t, extra_cond): CBDM's y' pass."""
+    embedding: torch.Tensor | None = None
+    """CORAL's embedding of theta(x_t, t, cond)'s bottleneck, every row (with a CORAL head on the UNet)."""
 
 
 class _RandomState:
@@ -88,6 +91,9 @@ class CMDenoiser(nn.Module):
         capacity_manipulation: False computes only theta: no second prediction at all, one UNet call per step.
         family: how the UNet is called with a condition (:mod:`capman_peft.families`); default: the first
             registered family whose denoiser `unet` is (:func:`capman_peft.families.family_of_denoiser`).
+
+    With a CORAL head on the UNet (:func:`capman_peft.objective.attach_coral_head`), the family's bottleneck output of
+    the call's first rows (theta under `cond`, in every mode) goes through the head into ``Predictions.embedding``.
     """
 
     def __init__(
@@ -105,6 +111,9 @@ class CMDenoiser(nn.Module):
         self.capacity_manipulation = capacity_manipulation
         base = _base_model(unet)
         self.family = family or family_of_denoiser(unet)
+        self._bottleneck: torch.Tensor | None = None
+        if hasattr(base, CORAL_HEAD):
+            base.get_submodule(self.family.bottleneck_module).register_forward_hook(self._keep_bottleneck)
         if not capacity_manipulation:
             return
         expert_layers = [name for name, m in base.named_modules() if isinstance(m, CapManLayer) and m.expert_r]
@@ -144,17 +153,29 @@ class CMDenoiser(nn.Module):
         """
         batch = sample.shape[0]
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        self._bottleneck = None
         if not self.capacity_manipulation:
             full, extra = self._theta(sample, timestep, cond, extra_cond)
-            return Predictions(full, None, extra)
-        if self.forward_mode == "sequential":
-            return self._sequential(sample, timestep, cond, extra_cond, general_rows)
-        blocks = _RowBlocks(sample, general_rows, extra_cond is not None)
-        if self.forward_mode == "fused":
-            outputs = self._fused(sample, timestep, cond, extra_cond, general_rows, blocks)
+            predictions = Predictions(full, None, extra)
+        elif self.forward_mode == "sequential":
+            predictions = self._sequential(sample, timestep, cond, extra_cond, general_rows)
         else:
-            outputs = self._shared_prefix(sample, timestep, cond, extra_cond, blocks)
-        return Predictions(outputs[0], outputs[1], outputs[2] if extra_cond is not None else None)
+            blocks = _RowBlocks(sample, general_rows, extra_cond is not None)
+            if self.forward_mode == "fused":
+                outputs = self._fused(sample, timestep, cond, extra_cond, general_rows, blocks)
+            else:
+                outputs = self._shared_prefix(sample, timestep, cond, extra_cond, blocks)
+            predictions = Predictions(outputs[0], outputs[1], outputs[2] if extra_cond is not None else None)
+        if self._bottleneck is None:
+            return predictions
+        head = _base_model(self.unet).get_submodule(CORAL_HEAD)
+        embedding, self._bottleneck = head(self._bottleneck[:batch]), None
+        return predictions._replace(embedding=embedding)
+
+    def _keep_bottleneck(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        """Forward hook on the bottleneck: keep the output of a forward's first UNet call (theta under cond)."""
+        if self._bottleneck is None:
+            self._bottleneck = output[0] if isinstance(output, tuple) else output
 
     def _sequential(
         self,

@@ -64,9 +64,9 @@ class DataSettings:
 class ObjectiveSettings:
     """L_base, and CM: Eq. 4's λ, the form and weights of L_CM, how θ and θ^g are computed.
 
-    Not identity: CBDM's τ and γ, the min-SNR γ and the label dropout weigh or drop terms of the same objective and
-    may be tuned when a run is continued; the forward mode and the general fraction change how θ^g is computed, not
-    what it is; ``allow_unbounded_cm`` only permits a form.
+    Not identity: CBDM's τ and γ, CORAL's weights, the min-SNR γ and the label dropout weigh or drop terms of the
+    same objective and may be tuned when a run is continued; the forward mode and the general fraction change how
+    θ^g is computed, not what it is; ``allow_unbounded_cm`` only permits a form.
     """
 
     objective: str = identity()
@@ -75,6 +75,10 @@ class ObjectiveSettings:
     oc_transfer_label_dropped: bool = identity()
     snr_gamma: float | None
     focal_gamma: float | None = identity()
+    coral: bool = identity()
+    coral_weight: float
+    coral_time_temperature: float
+    coral_temperature: float
     label_dropout: float
     capacity_manipulation: bool = identity()
     cm_lambda: float = identity()

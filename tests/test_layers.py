@@ -19,7 +19,8 @@ LAYERS = [
     ["families", "denoiser", "pipelines", "run_folder", "expert_use"],
     ["training", "evaluation"],
     ["analysis"],
-    ["flags", "recipes", "evaluation.cli", "evaluation.__main__", "analysis.cli", "analysis.__main__", ""],
+    ["flags", "recipes", "evaluation.cli", "evaluation.downstream_cli", "evaluation.__main__", "analysis.cli"]
+    + ["analysis.__main__", ""],
 ]
 
 

@@ -72,6 +72,8 @@ class ModelFamily:
     """The class whose ``from_pretrained`` loads a saved output of this family."""
     scheduler_class: Any = DDPMScheduler
     """The training scheduler (from the saved sampler's config): the noise schedule follows from it."""
+    bottleneck_module: str | None = "mid_block"
+    """The denoiser's bottleneck, whose output ``--coral`` contrasts (None: the family has none, e.g. a transformer)."""
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> ModelFamily:
@@ -116,6 +118,11 @@ class ModelFamily:
     def predict(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
         """The UNet's prediction for `sample` at `timestep` under `cond`."""
         return unet(sample, timestep, **self.unet_kwargs(cond), return_dict=False)[0]
+
+    @classmethod
+    def bottleneck_channels(cls, denoiser: nn.Module) -> int:
+        """The channels of the bottleneck's output (a UNet's deepest level)."""
+        return denoiser.config.block_out_channels[-1]
 
     @classmethod
     def split_modules(cls, denoiser: nn.Module) -> list[nn.Module]:

@@ -70,6 +70,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
         "weighting_scheme": "logit_normal",
     }  # fmt: skip
     scheduler_class = FlowMatchEulerDiscreteScheduler
+    bottleneck_module = None  # a transformer keeps its token resolution throughout: no bottleneck for --coral
     sampler = "the base's flow-matching Euler scheduler"
     text_components = (
         ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModelWithProjection),
@@ -90,6 +91,11 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     @classmethod
     def check_settings(cls, settings: TrainingSettings) -> None:
+        if settings.objective.coral:
+            raise ConfigError(
+                f"--coral: contrasts a UNet's bottleneck (its mid block); the base is a {cls.pipeline_class}, whose "
+                "transformer has none; allowed: --coral with a UNet base (SD 1.x/2.x, SDXL) or in train_unet_cm.py"
+            )
         cls.check_text_encoders(settings)
         if settings.objective.snr_gamma is not None:
             raise ConfigError(

@@ -115,6 +115,28 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
         "2017, with -log p = L); 2 is Lin et al.'s value. Off by default; combines with every --objective and CM.",
     )
     group.add_argument(
+        "--coral",
+        action="store_true",
+        help="CORAL (Rodriguez et al. 2025): a supervised contrastive loss on the UNet's average-pooled mid-block "
+        "output through a 128-d projection head trained alongside (not exported); adds to every --objective and CM. "
+        "UNet bases only.",
+    )
+    group.add_argument(
+        "--coral_weight", type=nonnegative_float, default=0.5, help="CORAL's weight (the authors' --supcon_weight)."
+    )
+    group.add_argument(
+        "--coral_time_temperature",
+        type=positive_float,
+        default=0.3,
+        help="CORAL's timestep scale exp((1 - t/T) / this) (the authors' --temperature_scaling).",
+    )
+    group.add_argument(
+        "--coral_temperature",
+        type=positive_float,
+        default=0.1,
+        help="SupCon's temperature, also the factor CORAL's loss is added with (the authors' --supcon_temp).",
+    )
+    group.add_argument(
         "--label_dropout",
         type=probability,
         default=0.1,

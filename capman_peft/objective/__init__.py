@@ -3,6 +3,7 @@
 * ``cm.py``: the capacity manipulation loss L_CM (Eq. 2-3): class weights, the bounded default form and the paper's
   literal one, the boundedness check;
 * ``base.py``: the base objectives L_base (DDPM, CBDM, OC) by name;
+* ``coral.py``: CORAL's contrastive loss on the UNet's bottleneck (a baseline; adds to any of the above);
 * ``schedule.py``: the noise schedule (noising and the training target), which every loss takes from the model;
 * ``total.py``: Eq. 4 for one batch from one call of the CM forward module, and the non-finite-loss guard.
 """
@@ -25,6 +26,7 @@ from .cm import (
     format_cm_table,
     push_warmup_scale,
 )
+from .coral import CoralSettings, attach_coral_head, coral_loss, drop_coral_head
 from .schedule import DiffusionSchedule, FlowMatchingSchedule, FlowWeighting, NoiseSchedule, noise_schedule
 from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
@@ -39,12 +41,14 @@ __all__ = [
     "CBDMObjective",
     "CMSettings",
     "CMWeights",
+    "CoralSettings",
     "DDPMObjective",
     "DiffusionSchedule",
     "FlowMatchingSchedule",
     "FlowWeighting",
     "NoiseSchedule",
     "OCObjective",
+    "attach_coral_head",
     "build_objective",
     "check_cm_bounded",
     "check_finite",
@@ -53,7 +57,9 @@ __all__ = [
     "cm_loss",
     "cm_lower_bound",
     "cm_weights",
+    "coral_loss",
     "diffusion_loss",
+    "drop_coral_head",
     "format_cm_table",
     "importance_rows",
     "noise_schedule",

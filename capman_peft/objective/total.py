@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import NonFiniteLossError
 from .cm import DEFAULT_BAND_UPPER, DEFAULT_RELATIVE_MARGIN, RELATIVE_FORMS, CMWeights, cm_loss, push_warmup_scale
+from .coral import CoralSettings, coral_loss
 
 if TYPE_CHECKING:
     from ..randomness import StepDraws
@@ -65,8 +66,9 @@ def diffusion_loss(
     draws: StepDraws,
     condition: Callable[[Tensor], Any] | None = None,
     step: int = 0,
+    coral: CoralSettings | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_base + lambda * L_CM for one batch (paper Eq. 4), with one call of the denoiser module.
+    """L_base + lambda * L_CM (+ CORAL's loss) for one batch (paper Eq. 4), with one call of the denoiser module.
 
     The condition of sample i is ``condition(labels[i])`` — the model family's condition for that class (the class
     id itself when `condition` is None); a dropped label uses the null class ``num_classes``. The objectives see the
@@ -75,6 +77,7 @@ def diffusion_loss(
     runs on rows drawn by ``importance_rows`` only. `draws` holds the batch's noise, timesteps, label dropout and
     CBDM labels (the training scripts take them from `StepRandomness`; elsewhere use `draw_step(...).rows(0, batch,
     device)`). `step` is the optimizer step the batch belongs to (0 for the first): the push's warm-up ramp reads it.
+    `coral` adds CORAL's contrastive loss on the denoiser's ``Predictions.embedding`` (``objective/coral.py``).
     """
     if draws.noise.shape != x0.shape:
         raise ValueError(f"draws for shape {tuple(draws.noise.shape)} but x0 has shape {tuple(x0.shape)}")
@@ -109,6 +112,12 @@ def diffusion_loss(
         label_dropped=dropped,
     )
     logs = dict(logs)
+    if coral is not None:
+        if outputs.embedding is None:
+            raise ValueError("coral needs a denoiser with a CORAL head (capman_peft.objective.attach_coral_head)")
+        coral_value = coral_loss(outputs.embedding, labels, timesteps, ~dropped, coral)
+        loss = loss + coral_value
+        logs["coral_loss"] = coral_value.detach()
     if cm is not None:
         rows = slice(None) if general_rows is None else general_rows
         target = objective.target(x0[rows], noise[rows], timesteps[rows]) if cm.form in RELATIVE_FORMS else None

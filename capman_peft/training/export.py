@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpointing import INCOMPLETE, WRITE_ERRORS, write_failure
 from ..data import listed_classes
-from ..objective import class_weights
+from ..objective import class_weights, drop_coral_head
 from ..settings import TrainingSettings
 from .loop import Trained, Training
 
@@ -65,10 +65,11 @@ def write_training_summary(
 
 
 def final_model(accelerator: Accelerator, run: Training) -> nn.Module:
-    """The trained UNet (PEFT-wrapped with CM) with the weights to export: the EMA weights when EMA is on."""
+    """The trained UNet (PEFT-wrapped with CM) with the weights to export: the EMA weights when EMA is on, without
+    CORAL's projection head (it only shapes training)."""
     if run.ema is not None:
         run.ema.copy_to(run.params)
-    return accelerator.unwrap_model(run.denoiser).unet
+    return drop_coral_head(accelerator.unwrap_model(run.denoiser).unet)
 
 
 @contextmanager

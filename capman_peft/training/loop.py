@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import list_checkpoints, save_training_checkpoint
 from ..errors import TrainingStepOutOfMemory, TrainingStopped
 from ..families import ModelFamily
-from ..objective import CMSettings, check_finite, diffusion_loss
+from ..objective import CMSettings, CoralSettings, check_finite, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 from ..settings import TrainingSettings
 from .preemption import SignalRequests
@@ -156,6 +156,8 @@ class Training:
     per_epoch: int
     global_step: int
     run_id: str
+    coral: CoralSettings | None = None
+    """CORAL's loss settings when ``--coral`` is on (its head is on the model)."""
 
 
 def family_step_loss(
@@ -165,6 +167,7 @@ def family_step_loss(
     *,
     num_classes: int,
     cm: CMSettings | None,
+    coral: CoralSettings | None = None,
 ) -> Callable[[Any, StepDraws, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Eq. 4 for one micro-batch of any model family: the family encodes the batch to x0 and turns class ids into
     its condition; :func:`diffusion_loss` does the rest."""
@@ -172,7 +175,7 @@ def family_step_loss(
     def step_loss(batch: Any, draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return diffusion_loss(
             denoiser, objective, family.encode(batch, draws), batch["label"], num_classes=num_classes,
-            cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws), step=step,
+            cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws), step=step, coral=coral,
         )  # fmt: skip
 
     return step_loss

@@ -30,7 +30,16 @@ from ..data import (
 from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..families import ModelFamily
-from ..objective import CMSettings, FlowWeighting, build_objective, check_cm_bounded, cm_weights, format_cm_table
+from ..objective import (
+    CMSettings,
+    CoralSettings,
+    FlowWeighting,
+    attach_coral_head,
+    build_objective,
+    check_cm_bounded,
+    cm_weights,
+    format_cm_table,
+)
 from ..randomness import StepRandomness
 from ..run_folder import lock_output_dir
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
@@ -234,6 +243,25 @@ def make_objective(
     return build_objective(objective.objective, scheduler=noise_scheduler, class_counts=class_counts, **options)
 
 
+def attach_coral(
+    settings: ObjectiveSettings, model: nn.Module, family: ModelFamily, objective: Any
+) -> CoralSettings | None:
+    """With ``--coral``: CORAL's projection head on the model's UNet (trained, checkpointed and averaged with it,
+    dropped at export) and its loss settings; else None."""
+    if not settings.coral:
+        return None
+    unet = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if family.bottleneck_module is None or not isinstance(getattr(unet, family.bottleneck_module, None), nn.Module):
+        raise ConfigError(f"--coral: the {family.name} model has no bottleneck (a UNet's mid block) to contrast")
+    attach_coral_head(unet, family.bottleneck_channels(unet))
+    return CoralSettings(
+        weight=settings.coral_weight,
+        time_temperature=settings.coral_time_temperature,
+        temperature=settings.coral_temperature,
+        num_train_timesteps=objective.schedule.num_train_timesteps,
+    )
+
+
 def load_training_data(data: DataSettings, *, center_crop: bool, random_flip: bool) -> LabelledImageDataset:
     """The long-tailed training set the settings name (Cao et al. subsampling, class 0 largest), logged as a table."""
     dataset = load_imbalanced_dataset(
@@ -312,6 +340,7 @@ def prepare_training(
     per-step randomness (`sample_shape`: one x0; `draw_options`: latent-diffusion extras of ``draw_step``)."""
     optimization, output = settings.optimization, settings.output
     forward = settings.objective.cm_forward
+    coral = attach_coral(settings.objective, model, family, objective)
     try:
         denoiser = CMDenoiser(model, forward_mode=forward, capacity_manipulation=cm is not None, family=family)
     except ValueError as err:
@@ -375,4 +404,5 @@ def prepare_training(
         per_epoch=per_epoch,
         global_step=resumed.step,
         run_id=resumed.run_id,
+        coral=coral,
     )
