@@ -1,6 +1,6 @@
 """CORAL (Rodriguez et al. 2025): its loss against the formula written out here and against pytorch-metric-learning's
 SupConLoss, the head on the bottleneck in every forward mode, and train_unet_cm.py with --coral (checkpointed head,
-plain exported UNet, every base objective, CM)."""
+plain exported UNet, every base objective, CM) and train_text_to_image_cm.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import UP_TARGETS, digits_run_args
+from conftest import UP_TARGETS, artbench_assets, digits_run_args, text_to_image_args
 from diffusers import DDPMScheduler, UNet2DModel
 from peft import get_peft_model
 from pytorch_metric_learning.losses import SupConLoss
@@ -25,8 +25,8 @@ from capman_peft.families import ClassConditionalFamily
 from capman_peft.families.stable_diffusion_3 import StableDiffusion3Family
 from capman_peft.objective import CoralSettings, attach_coral_head, build_objective, coral_loss, drop_coral_head
 from capman_peft.randomness import draw_step
-from capman_peft.testing import make_tiny_unet2d
-from capman_peft.training.loop import family_step_loss
+from capman_peft.testing import build_tiny_sd, make_tiny_unet2d
+from capman_peft.training.loop import TrainingCallbacks, family_step_loss
 
 EMBEDDINGS = torch.tensor(
     [
@@ -172,3 +172,17 @@ def test_coral_on_a_transformer_base_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # and the UNet script refuses a negative weight before any work
         run_cli(train_unet_cm.main, digits_run_args(tmp_path, coral=True, coral_weight=-1))
     assert "--coral_weight" in capsys.readouterr().err
+
+
+def test_coral_fine_tunes_sd_and_exports_the_plain_unet(tmp_path):
+    """The LoRA script: the head sits on the PEFT model's base UNet, trains beside the adapters and is not exported."""
+    import train_text_to_image_cm
+
+    assets = artbench_assets(tmp_path, build_tiny_sd(tmp_path))
+    seen = []
+    callbacks = TrainingCallbacks(on_step_end=lambda step, values: seen.append(values["coral_loss"]))
+    args = text_to_image_args(assets.base, tmp_path / "out", coral=True, train_batch_size=8, **assets.args)
+    train_text_to_image_cm.main(args, callbacks)
+    assert max(seen) > 0  # (a batch without two images of one class has nothing to contrast: 0)
+    exported = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not any("coral" in key for key in exported)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_snippets import RUN_ON_CPU, command_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 # History phrases; a sentence broken over two lines is caught too (the text is searched with line breaks as spaces).
@@ -65,26 +66,40 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
     assert (tmp_path / "site" / "study" / "index.html").is_file()
 
 
-# The documented commands need the Hub, a GPU or hours, so the test checks their flags against the parsers (each
-# command's --help, run in this process) and the recipes, scripts and make targets they name, instead of running them.
+# Every documented command's flags are checked against its parser (its --help, run in this process), and the
+# recipes, scripts and make targets it names must exist; the ones that fit a CPU also run (tests/doc_snippets.py).
 HELP = {
     "train_unet_cm.py": ("path", "train_unet_cm.py"),
     "train_text_to_image_cm.py": ("path", "train_text_to_image_cm.py"),
     "capman-eval": ("module", "capman_peft.evaluation"),
     "capman-analyze": ("module", "capman_peft.analysis"),
+    "capman-downstream": ("module", "capman_peft.evaluation.downstream_cli"),
 }
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """(page, tokens) of every command line in a bash block of the README and docs, continuation lines joined."""
-    commands = []
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL):
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.split("  #")[0].strip()
-                if line and not line.startswith("#"):
-                    commands.append((page.name, line.split()))
-    return commands
+    """(page, tokens) of every command line in a bash block of the README and docs."""
+    return [
+        (page.name, line.split())
+        for page in PAGES
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL)
+        for line in command_lines(block)
+    ]
+
+
+def test_every_shell_block_runs_on_cpu_or_says_why_not():
+    """A bash block is preceded by ``<!-- run on CPU: FLAGS -->`` (the suite runs it with those flags) or by
+    ``<!-- not run: WHY -->``."""
+    for page in PAGES:
+        text = page.read_text()
+        for block in re.finditer(r"```bash\n", text):
+            before = text[: block.start()].rstrip()
+            assert before.endswith("-->"), f"{page.name}:{text[: block.start()].count(chr(10)) + 1}: not marked"
+            marker = before[before.rindex("<!--") :]
+            assert re.match(r"<!-- (run on CPU: |not run: \S)", marker), f"{page.name}: {marker[:60]}"
+    runs = [page for page in PAGES if RUN_ON_CPU.search(page.read_text())]
+    assert len(runs) >= 2
 
 
 def help_text(tokens: list[str], capsys, monkeypatch) -> str | None:

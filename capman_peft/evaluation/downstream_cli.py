@@ -223,3 +223,7 @@ def _downstream_from_command_line(argv: Sequence[str] | None) -> None:
         cells = " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in METRICS)
         print(f"| {row['source']} | {cells} |")
     logger.info("Wrote %s and %s", output_dir / "metrics.json", output_dir / "downstream.png")
+
+
+if __name__ == "__main__":
+    main()
