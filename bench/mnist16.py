@@ -5,7 +5,7 @@ source folder (training subsamples it to a long tail with ``--imbalance_ratio``,
 held-out images); the other 100 per class are kept apart and only test the judge. The judge is the digits
 classifier's network trained on the 4,000-digit pool. Grey ink is stored as RGB, box-filtered from 28 to 16 px.
 
-    python bench/mnist16.py --output_dir bench_output/mnist16     # writes source/ and classifier.safetensors
+    python bench/mnist16.py --output_dir bench_output/mnist16     # writes source/, held_out/, classifier.safetensors
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def small(image: np.ndarray) -> Image.Image:
 
 
 def build(output_dir: Path) -> tuple[Path, Path]:
-    """``output_dir/source/<digit>/<i>.png`` (the pool) and ``output_dir/classifier.safetensors``; reused if there.
+    """``output_dir/source/<digit>/<i>.png`` (the pool), ``output_dir/held_out/<digit>/<i>.png`` (the 100 per class
+    kept apart: ``capman-downstream --test_data_dir``) and ``output_dir/classifier.safetensors``; reused if there.
     Prints the judge's accuracy on the 100 digits per class it never saw."""
     import torch
     from safetensors.torch import save_file
@@ -63,10 +64,12 @@ def build(output_dir: Path) -> tuple[Path, Path]:
     source, weights = output_dir / "source", output_dir / "classifier.safetensors"
     images, labels = mnist_5k()
     pool, rest = split_pool()
-    if not (source / "9" / f"{POOL_PER_CLASS - 1}.png").is_file():
+    for root, index in ((source, pool), (output_dir / "held_out", rest)):
+        if (root / "9").is_dir():
+            continue
         counts = dict.fromkeys(range(10), 0)
-        for i in pool:
-            folder = source / str(labels[i])
+        for i in index:
+            folder = root / str(labels[i])
             folder.mkdir(parents=True, exist_ok=True)
             small(images[i]).save(folder / f"{counts[labels[i]]}.png")
             counts[labels[i]] += 1
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="bench_output/mnist16", help="Where source/ and the classifier go.")
     args = parser.parse_args()
     source, weights = build(Path(args.output_dir))
-    print(f"wrote {source} ({POOL_PER_CLASS} per digit) and {weights}")
+    print(f"wrote {source} ({POOL_PER_CLASS} per digit), its held_out/ beside it and {weights}")
 
 
 if __name__ == "__main__":
