@@ -349,28 +349,32 @@ def worse(form: dict[int, float], base: dict[int, float], lower_is_better: bool)
     return reasons
 
 
+def judge(records: list[dict], row: str, base: str) -> str | None:
+    """The verdict on `row` against `base`, "passes", "fails (...)" or "undecided (...)": θ's Few accuracy and Few FID
+    by ``worse``; a verdict needs the protocol's number of paired seeds. None: either row has no records."""
+    runs = {r["seed"]: r["theta"] for r in records if r["method"] == row and "theta" in r}
+    base_runs = {r["seed"]: r["theta"] for r in records if r["method"] == base and "theta" in r}
+    if not runs or not base_runs:
+        return None
+    paired = len(runs.keys() & base_runs.keys())
+    if paired < len(SEEDS):
+        return f"undecided ({paired} paired seeds; the rule needs {len(SEEDS)})"
+    checks = {
+        name: worse({s: r[key] for s, r in runs.items()}, {s: r[key] for s, r in base_runs.items()}, lower)
+        for name, key, lower in (("Few accuracy", "few accuracy", False), ("Few FID", "few", True))
+    }
+    failed = [f"{name}: {', '.join(reasons)}" for name, reasons in checks.items() if reasons]
+    return f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
+
+
 def verdicts(records: list[dict]) -> dict[tuple[str, str], str]:
-    """(base, form) -> "passes", "fails (...)" or "undecided (...)": θ's Few accuracy and Few FID against the base's
-    (``worse``), for every CM form with records; a verdict needs the protocol's number of paired seeds."""
+    """(base, form) -> the verdict of ``judge`` for every CM form with records against its base."""
     result = {}
     for base in BASES:
-        base_runs = {r["seed"]: r["theta"] for r in records if r["method"] == base and "theta" in r}
-        if not base_runs:
-            continue
         for form in FORMS:
-            runs = {r["seed"]: r["theta"] for r in records if r["method"] == f"CM (+{base}), {form}" and "theta" in r}
-            if not runs:
-                continue
-            paired = len(runs.keys() & base_runs.keys())
-            if paired < len(SEEDS):
-                result[base, form] = f"undecided ({paired} paired seeds; the rule needs {len(SEEDS)})"
-                continue
-            checks = {
-                name: worse({s: r[key] for s, r in runs.items()}, {s: r[key] for s, r in base_runs.items()}, lower)
-                for name, key, lower in (("Few accuracy", "few accuracy", False), ("Few FID", "few", True))
-            }
-            failed = [f"{name}: {', '.join(reasons)}" for name, reasons in checks.items() if reasons]
-            result[base, form] = f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
+            verdict = judge(records, f"CM (+{base}), {form}", base)
+            if verdict is not None:
+                result[base, form] = verdict
     return result
 
 
@@ -482,10 +486,24 @@ def main() -> None:
         help="Apply the rule to finished records only (folders of run JSONs, one per testbed, e.g. "
         "bench/results/*-ir100): each testbed's verdicts and the forms that pass on all of them. Runs nothing.",
     )
+    parser.add_argument(
+        "--judge",
+        nargs="+",
+        metavar="ROW",
+        help="Judge rows beyond the CM forms by the rule, each against the others listed after it, on the records in "
+        "--output_dir/runs: e.g. --judge 'DDPM +CORAL' DDPM (prints a verdict per pair).",
+    )
     parser.add_argument("--run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # one child run
     args = parser.parse_args()
     if args.rule:
         print("\n".join(rule_over_testbeds([Path(folder) for folder in args.rule])))
+        return
+    if args.judge:
+        folder = Path(args.output_dir or ".") / "runs"
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        for k, row in enumerate(args.judge):
+            for base in args.judge[k + 1 :]:
+                print(f"* {row} against {base}: {judge(records, row, base) or 'no records'}")
         return
     args.steps = args.steps or STEPS[args.testbed]
     default_dir = "bench_output/reproduce" + ("" if args.testbed == "digits" else f"-{args.testbed}")
