@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""The downstream-utility protocol on testbed 3 (docs/study.md): for each seed k, ``capman-downstream`` on the
+study's seed-k models of every row given, with the classifier's seed paired with the generator's; then each row's
+scores over the seeds (mean ± std) and the rule's tests (``bench/reproduce.py: worse``) against the first row.
+
+    python bench/reproduce.py --testbed mnist16 --methods DDPM "CM (+DDPM), relative hinge" --output_dir D
+    python bench/downstream.py --study_dir D --rows DDPM "CM (+DDPM), relative hinge"
+
+Each seed's ``metrics.json`` goes to ``D/downstream/seed<k>/``; a seed already there is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reproduce import EVAL, IMAGES_PER_CLASS, SEEDS, slug, worse  # noqa: E402
+
+from capman_peft.evaluation.downstream import REAL_ONLY  # noqa: E402
+from capman_peft.evaluation.downstream_cli import main as downstream  # noqa: E402
+
+METRICS = {"few_accuracy": "Few accuracy", "recall": "macro recall", "accuracy": "accuracy"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study_dir", required=True, help="The mnist16 study's --output_dir (its models/ folder).")
+    parser.add_argument("--rows", nargs="+", required=True, help="Study rows whose models add images.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="Generator and classifier seeds.")
+    parser.add_argument("--epochs", type=int, default=200, help="Classifier epochs (the protocol's 200).")
+    args = parser.parse_args()
+    study = Path(args.study_dir)
+    scores: dict[str, dict[int, dict]] = {}
+    for seed in args.seeds:
+        out = study / "downstream" / f"seed{seed}"
+        if not (out / "metrics.json").is_file():
+            argv = [f"--pipeline={study / 'models' / f'{slug(row)}-seed{seed}'}" for row in args.rows]
+            argv += ["--test_data_dir", str(study / "mnist16" / "held_out"), "--seeds", str(seed)]
+            argv += ["--num_images_per_class", str(IMAGES_PER_CLASS), "--steps", str(EVAL["steps"])]
+            argv += ["--guidance_scale", str(EVAL["guidance_scale"]), "--epochs", str(args.epochs)]
+            downstream([*argv, "--output_dir", str(out)])
+        rows = json.loads((out / "metrics.json").read_text())["rows"]
+        names = [REAL_ONLY, *args.rows]  # the record's rows are the real set, then the pipelines in order
+        for name, row in zip(names, rows, strict=True):
+            scores.setdefault(name, {})[seed] = row["per_seed"][0]
+    print("| training set | " + " | ".join(METRICS.values()) + " |\n|---|" + "---|" * len(METRICS))
+    for name, by_seed in scores.items():
+        cells = []
+        for key in METRICS:
+            values = [s[key] for s in by_seed.values()]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    base = args.rows[0]
+
+    def by_seed(row: str, key: str) -> dict[int, float]:
+        return {s: v[key] for s, v in scores[row].items()}
+
+    for name in [REAL_ONLY, *args.rows[1:]]:
+        reasons = {label: worse(by_seed(name, key), by_seed(base, key), False) for key, label in METRICS.items()}
+        failed = "; ".join(f"{label}: {', '.join(r)}" for label, r in reasons.items() if r)
+        verdict = "worse (" + failed + ")" if failed else "not worse"
+        print(f"* {name} against {base}: {verdict if len(args.seeds) > 1 else 'undecided (one seed)'}")
+
+
+if __name__ == "__main__":
+    main()
