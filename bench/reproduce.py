@@ -275,7 +275,7 @@ def floors(testbed: str, out: Path, seed: int = 0) -> dict[str, dict[str, float]
         digits_classifier_file,
         load_digits_classifier,
         measure_fidelity,
-        to_uint8,
+        uint8_images,
     )
 
     extra_flags, evaluation = testbed_setup(testbed, out)
@@ -295,7 +295,7 @@ def floors(testbed: str, out: Path, seed: int = 0) -> dict[str, dict[str, float]
         labels = np.asarray(data.labels)
         picks = [rng.choice(np.flatnonzero(labels == c), IMAGES_PER_CLASS, replace=replace) for c in range(10)]
         index = np.concatenate(picks)
-        images = torch.stack([to_uint8(data[int(i)]["pixel_values"]) for i in index])
+        images = uint8_images(data, index)
         generated_labels = torch.as_tensor(labels[index])
         result = measure_fidelity(
             images, generated_labels, reference, reference.labels, 10, metrics=("fid",),

@@ -25,14 +25,10 @@ from torch import nn
 
 from .families import Condition, ModelFamily, concat, family_of_denoiser, take_rows
 from .objective.coral import CORAL_HEAD
-from .tuner import CapManLayer, expert_disabled, expert_gate
+from .tuner import CapManLayer, base_model, expert_disabled, expert_gate
 
 ForwardMode = Literal["fused", "sequential", "shared_prefix"]
 FORWARD_MODES = ("fused", "sequential", "shared_prefix")
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class Predictions(NamedTuple):
@@ -109,7 +105,7 @@ class CMDenoiser(nn.Module):
         self.unet = unet
         self.forward_mode = forward_mode
         self.capacity_manipulation = capacity_manipulation
-        base = _base_model(unet)
+        base = base_model(unet)
         self.family = family or family_of_denoiser(unet)
         self._bottleneck: torch.Tensor | None = None
         if hasattr(base, CORAL_HEAD):
@@ -168,7 +164,7 @@ class CMDenoiser(nn.Module):
             predictions = Predictions(outputs[0], outputs[1], outputs[2] if extra_cond is not None else None)
         if self._bottleneck is None:
             return predictions
-        head = _base_model(self.unet).get_submodule(CORAL_HEAD)
+        head = base_model(self.unet).get_submodule(CORAL_HEAD)
         embedding, self._bottleneck = head(self._bottleneck[:batch]), None
         return predictions._replace(embedding=embedding)
 

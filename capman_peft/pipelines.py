@@ -29,9 +29,9 @@ RUN_FILE = "capman_run.json"
 def lora_state_dict(model: torch.nn.Module, include_expert: bool = True) -> dict[str, torch.Tensor]:
     """The CapMan adapter of a lora-mode model as one plain LoRA (PEFT key names, ``lora_A`` / ``lora_B``): theta
     with the expert, or theta^g without it. ``W^f + B A`` then equals the merged weight."""
-    from .tuner import CapManLayer
+    from .tuner import CapManLayer, base_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     state = {}
     for name, layer in base.named_modules():
         if isinstance(layer, CapManLayer) and layer.capman_A:

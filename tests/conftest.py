@@ -194,6 +194,19 @@ def assert_resume_is_exact(args_of: Callable[..., list[str]], tmp_path: Path) ->
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_unet_resume_is_exact(args_of: Callable[..., list[str]], tmp_path: Path) -> None:
+    """4 straight steps of train_unet_cm.py give the UNet that 2 steps, a checkpoint at step 2 and a resume for 2 more
+    give, bit for bit (`args_of(name, **flags)`: a digits run into `tmp_path/name` that checkpoints at step 2)."""
+    import train_unet_cm
+
+    train_unet_cm.main(args_of("straight", max_train_steps=4))
+    train_unet_cm.main(args_of("resumed", max_train_steps=2))
+    train_unet_cm.main(args_of("resumed", max_train_steps=4, resume_from_checkpoint="latest"))
+    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def assert_accumulation_equals_one_batch(args_of: Callable[..., list[str]], tmp_path: Path) -> None:
     """2 accumulated half batches train what one full batch trains (dropout off, θ^g on every row, the paper form)."""
     import train_text_to_image_cm

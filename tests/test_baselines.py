@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import digits_run_args
+from conftest import assert_unet_resume_is_exact, digits_run_args
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
@@ -181,12 +181,7 @@ def test_the_training_step_sees_augmented_images_and_trains_the_augment_embeddin
 
 
 def test_ada_resume_is_exact(tmp_path):
-    train_unet_cm.main(tiny(tmp_path, "straight", max_train_steps=4))
-    train_unet_cm.main(tiny(tmp_path, "resumed", max_train_steps=2))
-    train_unet_cm.main(tiny(tmp_path, "resumed", max_train_steps=4, resume_from_checkpoint="latest"))
-    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert_unet_resume_is_exact(lambda name, **flags: tiny(tmp_path, name, **flags), tmp_path)
 
 
 def test_ada_refuses_a_second_flip(tmp_path, capsys):

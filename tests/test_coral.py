@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import UP_TARGETS, artbench_assets, digits_run_args, text_to_image_args
+from conftest import UP_TARGETS, artbench_assets, assert_unet_resume_is_exact, digits_run_args, text_to_image_args
 from diffusers import DDPMScheduler, UNet2DModel
 from peft import get_peft_model
 from pytorch_metric_learning.losses import SupConLoss
@@ -136,15 +136,9 @@ def test_train_unet_with_coral_and_cm_checkpoints_the_head_and_exports_a_plain_u
 
 
 def test_coral_resume_is_exact(tmp_path):
-    def args(name, **flags):
-        return digits_run_args(tmp_path, coral=True, output_dir=tmp_path / name, **flags)
-
-    train_unet_cm.main(args("straight", max_train_steps=4))
-    train_unet_cm.main(args("resumed", max_train_steps=2))
-    train_unet_cm.main(args("resumed", max_train_steps=4, resume_from_checkpoint="latest"))
-    a = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_unet_resume_is_exact(
+        lambda name, **flags: digits_run_args(tmp_path, coral=True, output_dir=tmp_path / name, **flags), tmp_path
+    )
 
 
 def test_the_head_changes_training_only_through_the_loss():

@@ -79,7 +79,7 @@ from .digits import (
     train_digits_classifier,
 )
 from .evaluate import EvalSettings, evaluate_pipeline
-from .fidelity import INCEPTION, METRIC_NAMES, default_cache_dir, measure_fidelity, to_uint8
+from .fidelity import INCEPTION, METRIC_NAMES, default_cache_dir, measure_fidelity, to_uint8, uint8_images
 from .report import write_json
 from .sampling import generate_balanced
 
@@ -105,6 +105,7 @@ __all__ = [
     "read_pipeline_folder",
     "require_adapter",
     "to_uint8",
+    "uint8_images",
     "train_digits_classifier",
     "write_json",
 ]

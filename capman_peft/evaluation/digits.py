@@ -19,7 +19,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from ..data import class_splits, get_dataset_spec, load_reference_dataset
 from ..errors import ConfigError
-from .fidelity import DIGITS_CLASSIFIER, INCEPTION, check_safe_extractor, default_cache_dir, to_uint8
+from .fidelity import DIGITS_CLASSIFIER, INCEPTION, check_safe_extractor, default_cache_dir, uint8_images
 
 
 class DigitsClassifier(nn.Module):
@@ -60,8 +60,7 @@ class DigitsClassifier(nn.Module):
 def digits_training_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """All balanced scikit-learn digits (174 per class) as uint8 images at ``resolution``, with labels."""
     reference = load_reference_dataset("imb-digits", resolution)
-    images = torch.stack([to_uint8(reference[i]["pixel_values"]) for i in range(len(reference))])
-    return images, torch.tensor(reference.labels)
+    return uint8_images(reference), torch.tensor(reference.labels)
 
 
 def train_digits_classifier(

@@ -18,7 +18,7 @@ from ..flags import ArgumentParser, device_value, nonnegative_float, positive_fl
 from ..flags.values import ratio
 from ..run_folder import PipelineFolder, load_pipeline, read_pipeline_folder
 from .downstream import CLASSIFIERS, METRICS, ClassifierTraining, Images, downstream_utility
-from .fidelity import to_uint8
+from .fidelity import uint8_images
 from .report import write_json
 from .sampling import _check_settings, generate_balanced
 
@@ -101,11 +101,6 @@ def _data_settings(args: argparse.Namespace, folders: Sequence[PipelineFolder]) 
     return values
 
 
-def _as_images(dataset: LabelledImageDataset) -> Images:
-    images = torch.stack([to_uint8(dataset[i]["pixel_values"]) for i in range(len(dataset))])
-    return images, torch.tensor(dataset.labels)
-
-
 def _load_data(args: argparse.Namespace, data: dict[str, Any]) -> tuple[LabelledImageDataset, Images, Images]:
     """The real long-tailed training set (as a dataset and as images) and the balanced held-out images."""
     order = data["class_order"].split(",") if isinstance(data["class_order"], str) else data["class_order"]
@@ -124,13 +119,13 @@ def _load_data(args: argparse.Namespace, data: dict[str, Any]) -> tuple[Labelled
             f"--test_data_dir {args.test_data_dir}: classes {test.class_names[:5]} differ from the training set's "
             f"{real.class_names[:5]}"
         )
-    return real, _as_images(real), _as_images(test)
+    return real, (uint8_images(real), torch.tensor(real.labels)), (uint8_images(test), torch.tensor(test.labels))
 
 
 def _generated(
     args: argparse.Namespace, folders: Sequence[PipelineFolder], num_classes: int, resolution: int, device: str
 ) -> dict[str, Images]:
-    """Each pipeline's class-balanced images, named by its folder (``:θ^g`` with ``--expert off``)."""
+    """Each pipeline's class-balanced images, named by its folder (with `` (θ^g)`` under ``--expert off``)."""
     sets = {}
     for folder in folders:
         pipe = load_pipeline(folder, expert=args.expert, scheduler="ddim", device=device)
@@ -143,7 +138,15 @@ def _generated(
     return sets
 
 
-def _check(args: argparse.Namespace, folders: Sequence[PipelineFolder]) -> None:
+def _check(args: argparse.Namespace, folders: Sequence[PipelineFolder], data: dict[str, Any]) -> None:
+    """Everything refused before any work: the sampling settings, the pipelines, a missing held-out set."""
+    named = data["dataset"] is not None and not data["train_data_dir"]
+    if not (args.test_data_dir or (named and get_dataset_spec(data["dataset"]).reference_split is not None)):
+        source = data["train_data_dir"] or data["dataset"] or data["dataset_name"]
+        raise ConfigError(
+            f"--test_data_dir: required; {source} has no held-out split we know of (its "
+            "reference images are the training images, which would score memorisation)"
+        )
     _check_settings(args.num_images_per_class, args.steps, args.guidance_scale, args.sampling_batch_size, 0)
     for folder in folders:
         if folder.family.prompted:
@@ -184,15 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _downstream_from_command_line(argv: Sequence[str] | None) -> None:
     args = parse_args(argv)
     folders = [read_pipeline_folder(path) for path in args.pipeline]
-    _check(args, folders)
     data = _data_settings(args, folders)
-    named = data["dataset"] is not None and not data["train_data_dir"]
-    if not (args.test_data_dir or (named and get_dataset_spec(data["dataset"]).reference_split is not None)):
-        source = data["train_data_dir"] or data["dataset"] or data["dataset_name"]
-        raise ConfigError(
-            f"--test_data_dir: required; {source} has no held-out split we know of (its "
-            "reference images are the training images, which would score memorisation)"
-        )
+    _check(args, folders, data)
     output_dir = Path(args.output_dir)
     if (output_dir / "metrics.json").exists():
         raise ConfigError(f"--output_dir {output_dir}: already holds a metrics.json; allowed: a new or empty folder")

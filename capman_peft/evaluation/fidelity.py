@@ -66,6 +66,11 @@ def to_uint8(pixel_values: torch.Tensor) -> torch.Tensor:
     return ((pixel_values.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def uint8_images(dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """The items of a data-module dataset (``pixel_values`` in [-1, 1]), or those at `indices`, stacked as uint8."""
+    return torch.stack(list(UInt8Images(dataset, indices)))
+
+
 class UInt8Images(torch.utils.data.Dataset):
     """uint8 ``3 x H x W`` tensors, as torch-fidelity wants them: from a stacked tensor or a data-module dataset.
 

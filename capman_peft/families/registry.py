@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..tuner import base_model
 from .base import ModelFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
@@ -46,7 +47,7 @@ def family_of_pipeline(pipe: Any, prompts: list[str] | None = None) -> ModelFami
 def family_of_denoiser(model: nn.Module) -> ModelFamily:
     """The first registered family whose denoiser `model` (or the model a PEFT wrapper holds) is: it can call the
     denoiser, but holds no VAE or prompt table to encode images or class ids."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     for family in FAMILIES.values():
         if type(base) is family.denoiser_class:
             return family()

@@ -80,9 +80,9 @@ def coral_loss(embeddings: Tensor, labels: Tensor, timesteps: Tensor, kept: Tens
         timesteps: the rows' diffusion timesteps t in [0, T), (B,).
         kept: True where the label was not dropped, (B,).
     """
-    if int(kept.sum()) < 2:
-        return embeddings.sum() * 0.0  # nothing to contrast; keeps the head in the graph (DDP)
     rows = kept.nonzero().squeeze(1)
+    if len(rows) < 2:
+        return embeddings.sum() * 0.0  # nothing to contrast; keeps the head in the graph (DDP)
     scale = torch.exp((1 - timesteps[rows].float() / settings.num_train_timesteps) / settings.time_temperature)
     supcon = SupConLoss(temperature=settings.temperature)(F.normalize(embeddings[rows].float(), dim=1), labels[rows])
     return settings.temperature * settings.weight * scale.mean() * supcon

@@ -43,6 +43,7 @@ from ..objective import (
 from ..randomness import StepRandomness
 from ..run_folder import lock_output_dir
 from ..settings import DataSettings, ObjectiveSettings, OptimizationSettings, TrainingSettings
+from ..tuner import base_model
 from .loop import Training, steps_per_epoch
 
 logger = logging.getLogger("capman_peft")
@@ -250,7 +251,7 @@ def attach_coral(
     dropped at export) and its loss settings; else None."""
     if not settings.coral:
         return None
-    unet = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unet = base_model(model)
     if family.bottleneck_module is None or not isinstance(getattr(unet, family.bottleneck_module, None), nn.Module):
         raise ConfigError(f"--coral: the {family.name} model has no bottleneck (a UNet's mid block) to contrast")
     attach_coral_head(unet, family.bottleneck_channels(unet))

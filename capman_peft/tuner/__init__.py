@@ -4,6 +4,7 @@ from .config import PEFT_TYPE, CapManConfig
 from .layer import CapManLayer, PairedDropout
 from .model import (
     CapManModel,
+    base_model,
     capman_layers,
     expert_disabled,
     expert_gate,
@@ -34,6 +35,7 @@ __all__ = [
     "CapManConfig",
     "CapManLayer",
     "CapManModel",
+    "base_model",
     "capman_layers",
     "expert_disabled",
     "expert_gate",

@@ -109,6 +109,11 @@ class CapManModel(BaseTuner):
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper holds (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def capman_layers(model: nn.Module) -> list[CapManLayer]:
     """All CapMan layers of a model (a PeftModel, the injected base model or a DDP-wrapped one)."""
     return [m for m in model.modules() if isinstance(m, CapManLayer)]
