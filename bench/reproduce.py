@@ -110,6 +110,10 @@ FORMS = {
     "band": ["--cm_form", "band"],
     "relative hinge, push warm-up": ["--cm_form", "relative", "--cm_push_warmup_steps", "{half}"],
     "band, push warm-up": ["--cm_form", "band", "--cm_push_warmup_steps", "{half}"],
+    # The push sized to what the expert's rank can carry: a rank fraction p of each layer's directions holds about
+    # sqrt(p) of an error spread evenly over them, so the relative margin is sqrt(0.1) (train_unet_cm.py's
+    # --expert_rank_ratio) of theta's own error instead of 0.5. Defined before any run of it.
+    "relative hinge, margin sized to the expert's rank": ["--cm_form", "relative", "--cm_relative_margin", "0.316"],
 }
 BASES = {"DDPM": "ddpm", "OC": "oc"}
 # row -> training flags on top of the testbed recipe; the protocol's rows first, base block by base block
