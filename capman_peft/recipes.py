@@ -118,11 +118,8 @@ def recipe_defaults(parser: ArgumentParser, recipe: dict[str, tuple[Any, Path]])
     return defaults
 
 
-def parse_settings(
-    parser: ArgumentParser, argv: Sequence[str] | None = None
-) -> tuple[argparse.Namespace, TrainingSettings]:
-    """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the shared settings
-    are built and checked (``training_settings``). Returns the parsed flags too, for the script's own settings."""
+def parse_with_recipe(parser: ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Add ``--config recipe.yaml`` to `parser` and parse: the recipe supplies defaults, command-line flags win."""
     parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -130,7 +127,15 @@ def parse_settings(
             parser.set_defaults(**recipe_defaults(parser, load_recipe(known.config)))
         except ConfigError as err:
             parser.exit(2, f"error: {err}\n")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def parse_settings(
+    parser: ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, TrainingSettings]:
+    """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the shared settings
+    are built and checked (``training_settings``). Returns the parsed flags too, for the script's own settings."""
+    args = parse_with_recipe(parser, argv)
     if not args.capacity_manipulation:
         ignored = [
             f"--{action.dest}"

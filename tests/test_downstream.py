@@ -12,15 +12,9 @@ from conftest import digits_run_args
 from PIL import Image
 
 import train_unet_cm
+from capman_peft.classification import ClassifierTraining, _augment, build_classifier, score_classifier
 from capman_peft.data import load_reference_dataset
-from capman_peft.evaluation.downstream import (
-    REAL_ONLY,
-    ClassifierTraining,
-    _augment,
-    build_classifier,
-    downstream_utility,
-    score_classifier,
-)
+from capman_peft.evaluation.downstream import REAL_ONLY, downstream_utility
 from capman_peft.evaluation.downstream_cli import main as downstream_main
 from capman_peft.evaluation.fidelity import to_uint8
 

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from ..classification import CLASSIFIERS, METRICS, ClassifierTraining, Images
 from ..data import LabelledImageDataset, get_dataset_spec, load_imbalanced_dataset, load_reference_dataset
 from ..errors import ConfigError, run_cli
 from ..flags import ArgumentParser, device_value, nonnegative_float, positive_float, positive_int, seed_value
 from ..flags.values import ratio
 from ..run_folder import PipelineFolder, load_pipeline, read_pipeline_folder
-from .downstream import CLASSIFIERS, METRICS, ClassifierTraining, Images, downstream_utility
+from .downstream import downstream_utility
 from .fidelity import uint8_images
 from .report import write_json
 from .sampling import _check_settings, generate_balanced
@@ -101,8 +102,9 @@ def _data_settings(args: argparse.Namespace, folders: Sequence[PipelineFolder]) 
     return values
 
 
-def _load_data(args: argparse.Namespace, data: dict[str, Any]) -> tuple[LabelledImageDataset, Images, Images]:
-    """The real long-tailed training set (as a dataset and as images) and the balanced held-out images."""
+def load_real_and_test(data: dict[str, Any], test_data_dir: str | None) -> tuple[LabelledImageDataset, Images, Images]:
+    """The real long-tailed training set (as a dataset and as images) and the balanced held-out images (`data`: the
+    values of ``DATA_FLAGS``; the held-out set from `test_data_dir`, else the dataset's test split)."""
     order = data["class_order"].split(",") if isinstance(data["class_order"], str) else data["class_order"]
     real = load_imbalanced_dataset(
         data["dataset"], split="train", imbalance_ratio=data["imbalance_ratio"], resolution=data["resolution"],
@@ -110,13 +112,13 @@ def _load_data(args: argparse.Namespace, data: dict[str, Any]) -> tuple[Labelled
         seed=data["data_seed"], center_crop=True,
     )  # fmt: skip
     resolution = real[0]["pixel_values"].shape[-1]
-    if args.test_data_dir:
-        test = load_reference_dataset(None, resolution, train_data_dir=args.test_data_dir, class_order=real.class_names)
+    if test_data_dir:
+        test = load_reference_dataset(None, resolution, train_data_dir=test_data_dir, class_order=real.class_names)
     else:
         test = load_reference_dataset(data["dataset"], resolution, dataset_name=data["dataset_name"], class_order=order)
     if test.class_names != real.class_names:
         raise ConfigError(
-            f"--test_data_dir {args.test_data_dir}: classes {test.class_names[:5]} differ from the training set's "
+            f"--test_data_dir {test_data_dir}: classes {test.class_names[:5]} differ from the training set's "
             f"{real.class_names[:5]}"
         )
     return real, (uint8_images(real), torch.tensor(real.labels)), (uint8_images(test), torch.tensor(test.labels))
@@ -138,15 +140,20 @@ def _generated(
     return sets
 
 
-def _check(args: argparse.Namespace, folders: Sequence[PipelineFolder], data: dict[str, Any]) -> None:
-    """Everything refused before any work: the sampling settings, the pipelines, a missing held-out set."""
+def check_held_out(data: dict[str, Any], test_data_dir: str | None) -> None:
+    """Refuse a training set without a held-out set to judge the classifiers on."""
     named = data["dataset"] is not None and not data["train_data_dir"]
-    if not (args.test_data_dir or (named and get_dataset_spec(data["dataset"]).reference_split is not None)):
+    if not (test_data_dir or (named and get_dataset_spec(data["dataset"]).reference_split is not None)):
         source = data["train_data_dir"] or data["dataset"] or data["dataset_name"]
         raise ConfigError(
             f"--test_data_dir: required; {source} has no held-out split we know of (its "
             "reference images are the training images, which would score memorisation)"
         )
+
+
+def _check(args: argparse.Namespace, folders: Sequence[PipelineFolder], data: dict[str, Any]) -> None:
+    """Everything refused before any work: the sampling settings, the pipelines, a missing held-out set."""
+    check_held_out(data, args.test_data_dir)
     _check_settings(args.num_images_per_class, args.steps, args.guidance_scale, args.sampling_batch_size, 0)
     for folder in folders:
         if folder.family.prompted:
@@ -193,7 +200,7 @@ def _downstream_from_command_line(argv: Sequence[str] | None) -> None:
     if (output_dir / "metrics.json").exists():
         raise ConfigError(f"--output_dir {output_dir}: already holds a metrics.json; allowed: a new or empty folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    real_set, real, test = _load_data(args, data)
+    real_set, real, test = load_real_and_test(data, args.test_data_dir)
     resolution = real[0].shape[-1]
     settings = ClassifierTraining(
         classifier=args.classifier or ("resnet18" if resolution >= 32 else "small_cnn"), epochs=args.epochs,
