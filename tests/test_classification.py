@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ from capman_peft.classification import (
 from capman_peft.data import load_reference_dataset
 from capman_peft.evaluation.fidelity import to_uint8
 from capman_peft.tuner import CapManLayer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ldam_margins_fall_with_the_fourth_root_of_the_class_size():
@@ -200,3 +203,19 @@ def test_a_training_set_without_held_out_images_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_classifier_cm.main(["--dataset", "imb-digits", "--output_dir", str(tmp_path / "out")])
     assert "--test_data_dir: required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ir", [100, 200])
+def test_the_paper_recipes_parse_and_their_dataset_has_a_test_split(ir):
+    from capman_peft.data import get_dataset_spec
+
+    recipe = f"configs/classification/cifar100_ir{ir}_la_cm.yaml"
+    args = train_classifier_cm.parse_args(["--config", str(ROOT / recipe)])
+    assert (args.dataset, args.imbalance_ratio, args.classifier, args.loss) == (
+        "imb-cifar100",
+        ir,
+        "resnet18",
+        "logit_adjustment",
+    )
+    assert args.capacity_manipulation and args.random_crop and args.random_flip and args.epochs == 200
+    assert get_dataset_spec(args.dataset).reference_split is not None

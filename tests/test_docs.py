@@ -71,6 +71,7 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
 HELP = {
     "train_unet_cm.py": ("path", "train_unet_cm.py"),
     "train_text_to_image_cm.py": ("path", "train_text_to_image_cm.py"),
+    "train_classifier_cm.py": ("path", "train_classifier_cm.py"),
     "capman-eval": ("module", "capman_peft.evaluation"),
     "capman-analyze": ("module", "capman_peft.analysis"),
     "capman-downstream": ("module", "capman_peft.evaluation.downstream_cli"),

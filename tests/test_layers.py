@@ -17,7 +17,7 @@ LAYERS = [
     ["errors", "randomness", "settings"],
     ["hub", "data", "tuner", "objective", "checkpointing"],
     ["families", "denoiser", "pipelines", "run_folder", "expert_use"],
-    ["training", "evaluation"],
+    ["training", "evaluation", "classification"],
     ["analysis"],
     ["flags", "recipes", "evaluation.cli", "evaluation.downstream_cli", "evaluation.__main__", "analysis.cli"]
     + ["analysis.__main__", ""],
