@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from peft import get_peft_model
 
 from capman_peft import CapManConfig
@@ -30,16 +29,19 @@ from capman_peft.expert_use import summarize_expert_use
 from capman_peft.families import ClassConditionalFamily
 from capman_peft.families.class_conditional import (
     CM_QUALITY_NOTE,
+    CONSISTENCY_PIPELINE_NOTE,
     PIPELINE_NOTE,
     UP_PATH_TARGETS,
     GroupExpertFamily,
     UNetSettings,
     add_augment_embedding,
     build_unet,
+    check_consistency_flags,
     check_expert_placement,
     class_grid,
     drop_augment_embedding,
-    save_class_conditional_pipeline,
+    save_trained_pipeline,
+    training_scheduler,
     unet_config,
 )
 from capman_peft.flags import (
@@ -48,7 +50,7 @@ from capman_peft.flags import (
     module_patterns,
     script_parser,
 )
-from capman_peft.objective import cm_card_settings
+from capman_peft.objective import CONSISTENCY, cm_card_settings
 from capman_peft.pipelines import save_adapter, save_adapter_and_merge
 from capman_peft.recipes import parse_settings
 from capman_peft.settings import TrainingSettings
@@ -147,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
             f"--random_flip with --ada_probability {args.ada_probability}: ADA flips the images itself and tells the "
             "model which ones it flipped; allowed: one of the two"
         )
+    if settings.objective.objective == CONSISTENCY:
+        check_consistency_flags(settings)
     check_every_flag_placed(args, settings)
     return settings
 
@@ -169,18 +173,16 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     group_experts = model_settings.group_experts
     if cm is not None or group_experts:
         targets, groups = model_settings.expert_target_modules, len(SPLITS) if group_experts else 1
-        config = CapManConfig(
-            mode="full",
-            expert_rank_ratio=model_settings.expert_rank_ratio,
-            target_modules=targets,
-            expert_groups=groups,
-        )
+        ratio = model_settings.expert_rank_ratio
+        config = CapManConfig(mode="full", expert_rank_ratio=ratio, target_modules=targets, expert_groups=groups)
         try:
             model = get_peft_model(unet, config)
         except ValueError as err:
             raise ConfigError(f"--expert_target_modules {targets}: {err}") from None
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts)
+    consistency = settings.objective.objective == CONSISTENCY
+    noise_scheduler = training_scheduler(consistency)
+    steps = settings.optimization.max_train_steps
+    objective = make_objective(settings.objective, noise_scheduler, dataset.class_counts, total_steps=steps)
     class_groups = split_of_class(dataset.splits) if group_experts else None
     if group_experts:
         sizes = ", ".join(f"{name} {len(dataset.splits[name])} classes" for name in SPLITS)
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model, report = drop_augment_embedding(final_model(accelerator, run)), None
-        if cm is not None:
+        if cm is not None and not consistency:  # the report probes with DDPM noise
             report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(output.output_dir) as out:
             if group_experts:
@@ -225,13 +227,12 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
                 model = samplers(model)
             elif cm is not None:
                 model = save_adapter_and_merge(model, out, run.run_id)
-            scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-            save_class_conditional_pipeline(model, scheduler, dataset.class_names, out, class_groups)
+            save_trained_pipeline(model, noise_scheduler, dataset.class_names, out, class_groups)
             samples = grid_of(model)
             cm_settings = cm_card_settings(
                 settings.objective, mode="full", expert_rank_ratio=model_settings.expert_rank_ratio
             )
-            note = PIPELINE_NOTE + (CM_QUALITY_NOTE if cm is not None else "")
+            note = (CONSISTENCY_PIPELINE_NOTE if consistency else PIPELINE_NOTE) + (CM_QUALITY_NOTE if cm else "")
             card = dict(base_model=None, cm_settings=cm_settings, pipeline_note=note)
             finish_export(
                 accelerator, settings, out, run_id=run.run_id, dataset=dataset, trained=trained,

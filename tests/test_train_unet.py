@@ -207,7 +207,8 @@ def test_cm_is_opt_in_from_scratch_and_on_in_the_lora_script(tmp_path, capsys):
 
 def test_paper_recipes_follow_the_authors_code():
     """docs/method.md "Fidelity to the authors' code": the OC and CBDM codes sample with eps_c + w' (eps_c - eps_u)
-    (OC --w 1.5, CBDM --omega 1.6, CBDM's DDPM 0.8), i.e. w = 2.5 / 2.6 / 1.8 here; they flip CIFAR horizontally
+    (OC --w 1.5, CBDM --omega 1.6, CBDM's DDPM 0.8), i.e. w = 2.5 / 2.6 / 1.8 here (a consistency model samples
+    without guidance); they flip CIFAR horizontally
     (ADA flips by itself); OC transfers label-dropped samples by their true class; CORAL's recipes use its authors'
     weights."""
     scales = {"oc": 2.5, "cbdm": 2.6, "ddpm": 1.8}
@@ -216,7 +217,7 @@ def test_paper_recipes_follow_the_authors_code():
     for recipe in recipes:
         settings = train_unet_cm.parse_args(["--config", str(recipe), "--output_dir", "unused"])
         objective, flags = settings.objective.objective, settings.flags()
-        assert flags["guidance_scale"] == scales[objective], recipe.stem
+        assert objective == "consistency" or flags["guidance_scale"] == scales[objective], recipe.stem  # no guidance
         assert flags["random_flip"] == (not flags["ada_probability"]), recipe.stem
         assert flags["oc_transfer_label_dropped"] == (objective == "oc"), recipe.stem
         coral = (flags["coral_weight"], flags["coral_time_temperature"], flags["coral_temperature"])

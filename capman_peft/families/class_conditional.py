@@ -8,6 +8,7 @@ per-class grid (:func:`class_grid`).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    SchedulerMixin,
+    UNet2DModel,
+)
 from torch import nn
 
 from ..data import grid_classes
@@ -138,6 +146,10 @@ PIPELINE_NOTE = (
     "Load with `capman_peft.ClassConditionalPipeline.from_pretrained(path)` or "
     '`DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline", trust_remote_code=True)`.'
 )
+CONSISTENCY_PIPELINE_NOTE = (
+    "A diffusers `ConsistencyModelPipeline`: `DiffusionPipeline.from_pretrained(path)`, then "
+    "`pipe(batch_size=n, class_labels=[...], num_inference_steps=1)` (or 2); the class names are in class_names.json."
+)
 # What a CM run's card says about CM's measured effect (docs/study.md).
 CM_QUALITY_NOTE = (
     " What CM does to the rare classes is measured in capman-peft's study (docs/study.md): no CM form has "
@@ -239,22 +251,24 @@ def class_grid(
     class_groups: Sequence[int] | None = None,
 ):
     """A per-class sample grid (rows = classes; ``grid_classes`` of them for a set with many) with DDIM and
-    guidance, from fixed seeds; with `class_groups`, `unet` is one UNet per group."""
-    pipeline = class_conditional_pipeline(unet, DDIMScheduler.from_config(scheduler.config), class_names, class_groups)
-    pipeline.set_progress_bar_config(disable=True)
+    guidance, from fixed seeds; with `class_groups`, `unet` is one UNet per group. A consistency model's scheduler
+    (``CMStochasticIterativeScheduler``) samples in one step instead, without guidance."""
     output = settings.output
     shown = grid_classes(class_counts)
     labels = [c for c in shown for _ in range(output.num_validation_images)]
+    if isinstance(scheduler, CMStochasticIterativeScheduler):
+        pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+        options = {"batch_size": len(labels), "num_inference_steps": 1}
+    else:
+        ddim = DDIMScheduler.from_config(scheduler.config)
+        pipeline = class_conditional_pipeline(unet, ddim, class_names, class_groups)
+        options = {"num_inference_steps": output.num_inference_steps, "guidance_scale": output.guidance_scale}
+    pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device).manual_seed(settings.optimization.seed)
     was_training = pipeline.unet.training
     pipeline.unet.eval()
     with torch.no_grad():
-        images = pipeline(
-            class_labels=labels,
-            num_inference_steps=output.num_inference_steps,
-            guidance_scale=output.guidance_scale,
-            generator=generator,
-        ).images
+        images = pipeline(class_labels=labels, generator=generator, **options).images
     pipeline.unet.train(was_training)
     return image_grid(images, rows=len(shown), cols=output.num_validation_images)
 
@@ -295,4 +309,48 @@ def save_class_conditional_pipeline(
     pipeline = class_conditional_pipeline(unets, scheduler, class_names, class_groups)
     output_dir = Path(output_dir)
     pipeline.save_pretrained(str(output_dir), safe_serialization=True)
+    return output_dir
+
+
+def check_consistency_flags(settings: TrainingSettings) -> None:
+    """``--objective consistency``: refuse what does not carry over to consistency training (one line each)."""
+    objective, model = settings.objective, settings.model
+    refused = {
+        "--coral": objective.coral,
+        "--group_experts": model.group_experts,
+        f"--ada_probability {model.ada_probability}": model.ada_probability > 0,
+        f"--focal_gamma {objective.focal_gamma}": objective.focal_gamma is not None,
+        f"--snr_gamma {objective.snr_gamma}": objective.snr_gamma is not None,
+    }
+    for flag, given in refused.items():
+        if given:
+            raise ConfigError(
+                f"{flag}: has no meaning in consistency training (--objective consistency); allowed: the flag "
+                "with --objective ddpm, cbdm or oc"
+            )
+
+
+def training_scheduler(consistency: bool) -> SchedulerMixin:
+    """The schedule a UNet trains on: DDPM's linear betas (paper G.1), or the consistency model's (its sampler)."""
+    if consistency:
+        return CMStochasticIterativeScheduler()
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def save_trained_pipeline(
+    unets: UNet2DModel | Sequence[UNet2DModel],
+    scheduler: SchedulerMixin,
+    class_names: list[str],
+    output_dir: str | Path,
+    class_groups: Sequence[int] | None = None,
+) -> Path:
+    """The output folder of a run on `scheduler` (its training schedule): a diffusers ``ConsistencyModelPipeline``
+    with the class names in id order (class_names.json) for a consistency model, else the class-conditional
+    pipeline with DDIM (``save_class_conditional_pipeline``). Safetensors only; both load with plain diffusers."""
+    if not isinstance(scheduler, CMStochasticIterativeScheduler):
+        ddim = DDIMScheduler.from_config(scheduler.config)
+        return save_class_conditional_pipeline(unets, ddim, class_names, output_dir, class_groups)
+    output_dir = Path(output_dir)
+    ConsistencyModelPipeline(unet=unets, scheduler=scheduler).save_pretrained(str(output_dir), safe_serialization=True)
+    (output_dir / "class_names.json").write_text(json.dumps(class_names, indent=1))
     return output_dir

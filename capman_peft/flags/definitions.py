@@ -10,7 +10,7 @@ from diffusers.optimization import SchedulerType
 
 from ..data import DATASETS
 from ..denoiser import FORWARD_MODES
-from ..objective import CM_FORMS, DEFAULT_BAND_UPPER, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
+from ..objective import CM_FORMS, CONSISTENCY, DEFAULT_BAND_UPPER, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN, OBJECTIVES
 from .values import (
     ArgumentParser,
     add_underscore_negation,
@@ -91,9 +91,10 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     group = parser.add_argument_group("objective")
     group.add_argument(
         "--objective",
-        choices=list(OBJECTIVES),
+        choices=[*OBJECTIVES, CONSISTENCY],
         default=default_objective,
-        help="Base objective L_base (CM adds to any of them).",
+        help="Base objective L_base (CM adds to any of them): ddpm, cbdm, oc, or consistency (train_unet_cm.py only: "
+        "consistency training with iCT's choices; the output is a diffusers ConsistencyModelPipeline).",
     )
     group.add_argument("--cbdm_tau", type=nonnegative_float, default=1.0, help="CBDM regulariser weight tau.")
     group.add_argument("--cbdm_gamma", type=nonnegative_float, default=0.25, help="CBDM commitment weight gamma.")

@@ -11,6 +11,7 @@ from diffusers.utils.import_utils import is_xformers_available
 
 from ..errors import ConfigError
 from ..families.pretrained_output import BASE_LICENSE
+from ..objective import CONSISTENCY
 from ..objective.schedule import WEIGHTING_SCHEMES
 from ..settings import ObjectiveSettings
 from .definitions import script_parser
@@ -180,6 +181,11 @@ def add_flow_args(parser: argparse.ArgumentParser) -> None:
 def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:
     """The adapter and optional-package flags, checked before the base model is read."""
     cm = objective.capacity_manipulation
+    if objective.objective == CONSISTENCY:
+        raise ConfigError(
+            "--objective consistency: trains a UNet2DModel from scratch (train_unet_cm.py); "
+            "allowed here: ddpm, cbdm, oc"
+        )
     if args.resolution is not None and args.resolution % 8:
         raise ConfigError(
             f"--resolution {args.resolution}: the VAE downsamples by 8; allowed: a positive multiple of 8"

@@ -3,6 +3,7 @@
 * ``cm.py``: the capacity manipulation loss L_CM (Eq. 2-3): class weights, the bounded default form and the paper's
   literal one, the boundedness check;
 * ``base.py``: the base objectives L_base (DDPM, CBDM, OC) by name;
+* ``consistency.py``: consistency training (iCT) as a base objective for from-scratch UNets;
 * ``coral.py``: CORAL's contrastive loss on the UNet's bottleneck (a baseline; adds to any of the above);
 * ``schedule.py``: the noise schedule (noising and the training target), which every loss takes from the model;
 * ``total.py``: Eq. 4 for one batch from one call of the CM forward module, and the non-finite-loss guard.
@@ -26,11 +27,15 @@ from .cm import (
     format_cm_table,
     push_warmup_scale,
 )
+from .consistency import CONSISTENCY, ConsistencyObjective, consistency_loss
 from .coral import CoralSettings, attach_coral_head, coral_loss, drop_coral_head
 from .schedule import DiffusionSchedule, FlowMatchingSchedule, FlowWeighting, NoiseSchedule, noise_schedule
 from .total import CMSettings, check_finite, diffusion_loss, importance_rows
 
 __all__ = [
+    "CONSISTENCY",
+    "ConsistencyObjective",
+    "consistency_loss",
     "CM_FORMS",
     "DEFAULT_BAND_UPPER",
     "DEFAULT_MARGIN",

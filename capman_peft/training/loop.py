@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import list_checkpoints, save_training_checkpoint
 from ..errors import TrainingStepOutOfMemory, TrainingStopped
 from ..families import ModelFamily
-from ..objective import CMSettings, CoralSettings, check_finite, diffusion_loss
+from ..objective import CONSISTENCY, CMSettings, CoralSettings, check_finite, consistency_loss, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 from ..settings import TrainingSettings
 from .preemption import SignalRequests
@@ -170,10 +170,12 @@ def family_step_loss(
     coral: CoralSettings | None = None,
 ) -> Callable[[Any, StepDraws, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Eq. 4 for one micro-batch of any model family: the family encodes the batch to x0 and turns class ids into
-    its condition; :func:`diffusion_loss` does the rest."""
+    its condition; :func:`diffusion_loss` (or :func:`consistency_loss`) does the rest."""
+
+    batch_loss = consistency_loss if objective.name == CONSISTENCY else diffusion_loss
 
     def step_loss(batch: Any, draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return diffusion_loss(
+        return batch_loss(
             denoiser, objective, family.encode(batch, draws), batch["label"], num_classes=num_classes,
             cm=cm, draws=draws, condition=lambda ids: family.condition(ids, batch, draws), step=step, coral=coral,
         )  # fmt: skip

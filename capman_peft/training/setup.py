@@ -31,7 +31,9 @@ from ..denoiser import CMDenoiser
 from ..errors import ConfigError
 from ..families import ModelFamily
 from ..objective import (
+    CONSISTENCY,
     CMSettings,
+    ConsistencyObjective,
     CoralSettings,
     FlowWeighting,
     attach_coral_head,
@@ -232,8 +234,12 @@ def make_objective(
     noise_scheduler: Any,
     class_counts: Sequence[int],
     weighting: FlowWeighting | None = None,
+    total_steps: int | None = None,
 ) -> Any:
-    """The base objective of the flags, on the family's noise schedule (`weighting`: a flow-matching family's)."""
+    """The base objective of the flags, on the family's noise schedule (`weighting`: a flow-matching family's;
+    `total_steps`: the run's length, which consistency training's discretisation curriculum follows)."""
+    if objective.objective == CONSISTENCY:
+        return ConsistencyObjective(noise_scheduler, class_counts, total_steps=total_steps)
     options: dict[str, Any] = {"snr_gamma": objective.snr_gamma, "focal_gamma": objective.focal_gamma}
     if weighting is not None:
         options["weighting"] = weighting
