@@ -247,9 +247,15 @@ def load_pipeline(
         expert: ``"on"``: the merged pipeline as saved; ``"off"``: its UNet replaced by θ^g built from
             ``output_dir/adapter`` (:func:`load_capman_unet` + ``merge_general_and_unload``).
         scheduler: ``"ddim"``, ``"dpm"`` (DPM-Solver++ multistep) or ``"pipeline"`` (keep the saved one); None:
-            DDIM, or the saved one for a flow-matching model (SD3), which the DDPM samplers cannot sample.
+            DDIM, or the saved one for a flow-matching model (SD3) or a consistency model, which the DDPM samplers
+            cannot sample.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        CMStochasticIterativeScheduler,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     from .tuner import merge_general_and_unload
 
@@ -261,13 +267,19 @@ def load_pipeline(
     pipe = folder.family.loader.from_pretrained(
         str(folder.path), use_safetensors=True, **folder.family.load_kwargs(folder.summary)
     )
-    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    # A flow-matching model (SD3, Flux) or a consistency model samples only with its own scheduler.
+    own = (
+        pipe.scheduler
+        if isinstance(pipe.scheduler, (FlowMatchEulerDiscreteScheduler, CMStochasticIterativeScheduler))
+        else None
+    )
     if scheduler is None:
-        scheduler = "pipeline" if flow else "ddim"
-    elif flow and scheduler != "pipeline":
+        scheduler = "pipeline" if own is not None else "ddim"
+    elif own is not None and scheduler != "pipeline":
+        kind = type(own).__name__
         raise ConfigError(
-            f"--scheduler {scheduler}: {folder.path} is a flow-matching model, which DDPM samplers cannot sample; "
-            "allowed: pipeline (its FlowMatchEulerDiscreteScheduler)"
+            f"--scheduler {scheduler}: {folder.path} samples only with its own {kind}, which DDPM samplers cannot "
+            f"replace; allowed: pipeline"
         )
     if expert == "off":
         setattr(pipe, folder.family.denoiser, merge_general_and_unload(load_capman_unet(folder)).eval())

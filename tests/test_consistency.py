@@ -117,6 +117,20 @@ def test_consistency_training_exports_a_plain_consistency_model_pipeline(tmp_pat
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["args"]["objective"] == "consistency" and math.isfinite(summary["final_losses"]["loss"])
 
+    # capman-eval samples it (its own scheduler, one step) as θ and as θ^g (the adapter without the expert)
+    from test_evaluation import TINY  # registers the tiny feature extractor
+
+    from capman_peft.evaluation.cli import main as evaluate
+
+    evaluate([
+        "--pipeline", str(out), "--num_images_per_class", "1", "--reference_images_per_class", "1", "--steps", "1",
+        "--batch_size", "10", "--cache_dir", str(tmp_path / "cache"), "--feature_extractor", TINY, "--metrics", "fid",
+        "--expert", "both", "--output_dir", str(tmp_path / "eval"),
+    ])  # fmt: skip
+    records = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert sorted(r["expert"] for r in records) == ["off", "on"]
+    assert all(math.isfinite(r["overall"]["fid"]) and r["guidance_scale"] is None for r in records)
+
 
 def test_consistency_training_resumes_exactly(tmp_path):
     assert_unet_resume_is_exact(

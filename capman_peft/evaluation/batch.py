@@ -52,6 +52,12 @@ def evaluate_pipelines(
         raise ConfigError("no guidance scale given")
     for scale in scales:
         _check_settings(settings.num_images_per_class, settings.steps, scale, settings.batch_size, settings.seed)
+    unguided = [f.path for f in folders if not f.family.guided]
+    if unguided and len(scales) > 1:
+        raise ConfigError(
+            f"--guidance_scale {' '.join(f'{w:g}' for w in scales)}: {unguided[0]} samples without guidance (a "
+            "consistency model); allowed: one scale, or none"
+        )
     jobs = [(f, e, w) for f in folders for e in experts for w in scales]
     if output_dir is None:
         output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")

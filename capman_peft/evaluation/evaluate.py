@@ -358,7 +358,7 @@ def _record(
         "resolution": run.resolution,
         "scheduler": settings.scheduler,
         "steps": settings.steps,
-        "guidance_scale": settings.guidance_scale,
+        "guidance_scale": settings.guidance_scale if run.folder.family.guided else None,
         "seed": settings.seed,
         "feature_extractor": run.extractor,
         "feature_extractor_weights_path": run.weights,

@@ -111,9 +111,13 @@ def metrics_markdown(results: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"`capman-eval` on `{first['dataset']}`: {first['num_images_per_class']} generated images per class vs "
         f"{first['reference_images_per_class']} real images per class at {first['resolution']} px, "
-        f"{first['scheduler']} sampler, {first['steps']} steps, guidance scale "
-        f"{' and '.join(f'{w:g}' for w in scales)} (w in eps_u + w (eps_c - eps_u)), "
-        f"seed {first['seed']}; features from `{first['feature_extractor']}`"
+        f"{first['scheduler']} sampler, {first['steps']} steps, "
+        + (
+            "no guidance (a consistency model), "
+            if scales == [None]
+            else f"guidance scale {' and '.join(f'{w:g}' for w in scales)} (w in eps_u + w (eps_c - eps_u)), "
+        )
+        + f"seed {first['seed']}; features from `{first['feature_extractor']}`"
         + (" (not comparable to Inception FIDs)." if first["feature_extractor"] != INCEPTION else "."),
         "",
         "| model | FID | KID | IS | precision | recall | Many FID | Medium FID | Few FID |",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..families import pipeline_resolution
+from ..families import family_class, pipeline_resolution
 from ..randomness import derived_seed
 
 
@@ -54,13 +54,15 @@ def generate_balanced(
     """
     from tqdm.auto import tqdm
 
+    family = family_class(type(pipe).__name__, "pipeline")
     jobs = [(c, k) for c in range(num_classes) for k in range(num_images_per_class)]
     chunks = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="Generating", unit="batch", disable=not progress):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(derived_seed(seed, c, k)) for c, k in batch]
         labels = [c for c, _ in batch]
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, output_type="pt")
+        kwargs = family.sampling_kwargs(len(batch), steps, guidance_scale)
+        kwargs.update(generator=generators, output_type="pt")
         if prompts is None:
             images = pipe(class_labels=labels, **kwargs).images
         else:

@@ -74,6 +74,8 @@ class ModelFamily:
     """The training scheduler (from the saved sampler's config): the noise schedule follows from it."""
     bottleneck_module: str | None = "mid_block"
     """The denoiser's bottleneck, whose output ``--coral`` contrasts (None: the family has none, e.g. a transformer)."""
+    guided: bool = True
+    """Whether the pipeline takes a guidance scale (a consistency model samples without one)."""
 
     @classmethod
     def from_pipeline(cls, pipe: Any, prompts: list[str] | None = None) -> ModelFamily:
@@ -97,6 +99,11 @@ class ModelFamily:
         """C, the number of real classes of a saved output, where the output says (else None)."""
         names = cls.class_names(pipe, summary)
         return None if names is None else len(names)
+
+    @classmethod
+    def sampling_kwargs(cls, count: int, steps: int, guidance_scale: float) -> dict[str, Any]:
+        """How the saved pipeline is asked for `count` images in `steps` steps at `guidance_scale`."""
+        return {"num_inference_steps": steps, "guidance_scale": guidance_scale}
 
     def encode(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
         """The batch in the denoiser's input space (pixels, or VAE latents): x0. `draws` carries the step's flips and

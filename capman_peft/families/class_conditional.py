@@ -80,6 +80,32 @@ class ClassConditionalFamily(ModelFamily):
         return {"class_labels": cond}
 
 
+@register_family
+class ConsistencyFamily(ClassConditionalFamily):
+    """The class-conditional UNet trained as a consistency model (``--objective consistency``): the same denoiser
+    and condition, saved as diffusers' ``ConsistencyModelPipeline``, which samples in one or two steps without
+    guidance."""
+
+    name = "consistency"
+    pipeline_class = "ConsistencyModelPipeline"
+    loader = ConsistencyModelPipeline
+    scheduler_class = CMStochasticIterativeScheduler
+    guided = False
+
+    @classmethod
+    def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
+        return summary.get("class_names")
+
+    @classmethod
+    def num_classes(cls, pipe: Any, summary: Mapping[str, Any]) -> int | None:
+        names = cls.class_names(pipe, summary)
+        return None if names is None else len(names)
+
+    @classmethod
+    def sampling_kwargs(cls, count: int, steps: int, guidance_scale: float) -> dict[str, Any]:
+        return {"batch_size": count, "num_inference_steps": steps}
+
+
 class GroupExpertFamily(ClassConditionalFamily):
     """The Group-Expert LoRA baseline (paper sec. E.4): each sample runs through the expert block of its class's group
     (`capman_peft.tuner.group_experts`). Routing is by class, so a label-dropped sample keeps its true class's group
