@@ -150,6 +150,14 @@ for _name, _flags in BASELINES.items():
     METHODS[_name] = ["--no_capacity_manipulation", "--objective", "ddpm", *_flags]
 # CORAL with CM as it ships when turned on (the relative hinge, the testbed's general fraction).
 METHODS["CM (+DDPM), relative hinge +CORAL"] = [*METHODS["CM (+DDPM), relative hinge"], "--coral"]
+# Paper G.9: consistency training (iCT) alone and with CM as it ships when turned on; no label dropout (a consistency
+# model samples without guidance); evaluated with CONSISTENCY_STEPS steps, no held-out denoising loss (DDPM noise).
+CONSISTENCY_ROWS = ("CT", "CM (+CT), relative hinge")
+METHODS["CT"] = ["--no_capacity_manipulation", "--objective", "consistency", "--label_dropout", "0"]
+METHODS["CM (+CT), relative hinge"] = [
+    "--capacity_manipulation", "--objective", "consistency", "--label_dropout", "0", "--cm_form", "relative",
+]  # fmt: skip
+CONSISTENCY_STEPS = 2
 # Sec. E.4's Group-Expert LoRA on CM's base objective and rank budget: one expert block per Many/Medium/Few group.
 METHODS["Group-Expert LoRA (+OC)"] = ["--no_capacity_manipulation", "--group_experts", "--objective", "oc"]
 COLUMNS = [
@@ -248,17 +256,20 @@ def train_and_evaluate(
         return record
     summary = json.loads((run_dir / "training_summary.json").read_text())
     record["expert_use"] = summary.get("expert_use")
-    # capman-analyze measures one UNet; a group-expert output has one per group, so it has no held-out row here.
-    heldout = None if summary["args"].get("group_experts") else heldout_loss(run_dir)
+    # capman-analyze measures one UNet with DDPM noise: a group-expert output (one UNet per group) and a consistency
+    # model have no held-out row here.
+    consistency = method in CONSISTENCY_ROWS
+    heldout = None if summary["args"].get("group_experts") or consistency else heldout_loss(run_dir)
     record["heldout"] = heldout and {k: heldout[k] for k in ("loss_full", "loss_general") if k in heldout}
+    sampling = {**EVAL, "steps": CONSISTENCY_STEPS} if consistency else EVAL
     for expert in ("on", "off") if (run_dir / "adapter").exists() else ("on",):
         result = evaluate_pipeline(
             str(run_dir), num_images_per_class=IMAGES_PER_CLASS, metrics=("fid",), expert=expert, progress=False,
-            **EVAL, **evaluation,
+            **sampling, **evaluation,
         )  # fmt: skip
         key = "loss_full" if expert == "on" else "loss_general"
         record["theta" if expert == "on" else "theta_g"] = scores(result, heldout, key)
-    for scale in MORE_GUIDANCE_SCALES:
+    for scale in () if consistency else MORE_GUIDANCE_SCALES:
         result = evaluate_pipeline(
             str(run_dir), num_images_per_class=IMAGES_PER_CLASS, metrics=("fid",), expert="on", progress=False,
             **{**EVAL, "guidance_scale": scale}, **evaluation,
