@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 
 from capman_peft.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from capman_peft.classification import (
-    CLASSIFIERS,
     CM_DISTANCES,
     EXPERT_LAYERS,
     LOSSES,
@@ -43,9 +42,15 @@ from capman_peft.classification import (
     train_classifier,
 )
 from capman_peft.errors import ConfigError, run_cli
-from capman_peft.evaluation.downstream_cli import DATA_FLAGS, check_held_out, load_real_and_test
+from capman_peft.evaluation.downstream_cli import (
+    DATA_FLAGS,
+    add_classifier_args,
+    check_held_out,
+    classifier_training,
+    load_real_and_test,
+)
 from capman_peft.evaluation.report import write_json
-from capman_peft.flags import ArgumentParser, device_value, nonnegative_float, positive_float, positive_int, seed_value
+from capman_peft.flags import ArgumentParser, device_value, nonnegative_float, positive_int, seed_value
 from capman_peft.flags.values import add_underscore_negation, fraction, margin_value, ratio
 from capman_peft.objective.cm import CM_FORMS, DEFAULT_MARGIN, DEFAULT_RELATIVE_MARGIN
 from capman_peft.recipes import parse_with_recipe
@@ -69,13 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Balanced held-out images, one sub-folder per class; default: the dataset's test split.",
     )
-    model = parser.add_argument_group("classifier and loss")
-    model.add_argument(
-        "--classifier",
-        choices=CLASSIFIERS,
-        default=None,
-        help="resnet18 (torchvision's, CIFAR stem; the paper's) or small_cnn; default resnet18 from 32 px.",
-    )
+    model = add_classifier_args(parser)
     model.add_argument(
         "--loss",
         choices=LOSSES,
@@ -83,6 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ce; ldam_drw (LDAM with a cosine head and deferred re-weighting, Cao et al. 2019, the authors' "
         "settings); logit_adjustment (the logit-adjusted loss, tau 1, Menon et al. 2021).",
     )
+    model.add_argument("--seed", type=seed_value, default=0, help="Seed of the initialisation and batches.")
     cm = parser.add_argument_group("capacity manipulation")
     cm.add_argument(
         "--capacity_manipulation",
@@ -113,14 +113,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="all",
         help="all: every convolution (the paper's); last: the last stage's only.",
     )
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=positive_int, default=200, help="Training epochs (LDAM-DRW's 200).")
-    training.add_argument("--train_batch_size", type=positive_int, default=128, help="Images per step.")
-    training.add_argument("--learning_rate", type=positive_float, default=0.1, help="SGD's initial rate (cosine).")
-    training.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD's weight decay.")
-    training.add_argument("--random_crop", action="store_true", help="Random crops of the padded images (CIFAR).")
-    training.add_argument("--random_flip", action="store_true", help="Horizontal flips (CIFAR; not for digits).")
-    training.add_argument("--seed", type=seed_value, default=0, help="Seed of the initialisation and batches.")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="capman-classifier", help="The classifier and metrics.json go here.")
     output.add_argument(
@@ -143,12 +135,7 @@ def _settings(args: argparse.Namespace, resolution: int) -> ClassifierTraining:
             form=args.cm_form, weight=args.cm_lambda, relative_margin=args.cm_relative_margin, margin=args.cm_margin,
             expert_rank_ratio=args.expert_rank_ratio, expert_layers=args.expert_layers, distance=args.cm_distance,
         )  # fmt: skip
-    return ClassifierTraining(
-        classifier=args.classifier or ("resnet18" if resolution >= 32 else "small_cnn"), epochs=args.epochs,
-        batch_size=args.train_batch_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        random_crop=args.random_crop, random_flip=args.random_flip, loss=args.loss, cm=cm,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-    )  # fmt: skip
+    return classifier_training(args, resolution, loss=args.loss, cm=cm)
 
 
 def _check(args: argparse.Namespace, data: dict[str, Any]) -> None:

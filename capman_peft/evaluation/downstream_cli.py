@@ -70,24 +70,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     generation.add_argument("--expert", choices=["on", "off"], default="on", help="θ (on) or θ^g alone (off).")
     generation.add_argument("--sampling_batch_size", type=positive_int, default=64, help="Images per sampling call.")
     generation.add_argument("--sampling_seed", type=seed_value, default=0, help="Seed of the generated sets.")
+    classifier = add_classifier_args(parser)
+    classifier.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4], help="One run each.")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="capman_downstream", help="metrics.json and downstream.png go here.")
+    output.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
+    return parser.parse_args(argv)
+
+
+def add_classifier_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The classifier and its training (capman-downstream's and train_classifier_cm.py's); returns the group."""
     classifier = parser.add_argument_group("classifier")
     classifier.add_argument(
         "--classifier",
         choices=CLASSIFIERS,
         default=None,
-        help="resnet18 (CIFAR-style) or small_cnn; default resnet18 from 32 px, small_cnn below.",
+        help="resnet18 (torchvision's, CIFAR stem) or small_cnn; default resnet18 from 32 px, small_cnn below.",
     )
-    classifier.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2, 3, 4], help="One run each.")
     classifier.add_argument("--epochs", type=positive_int, default=200, help="Training epochs per classifier.")
     classifier.add_argument("--train_batch_size", type=positive_int, default=128, help="Classifier batch size.")
     classifier.add_argument("--learning_rate", type=positive_float, default=0.1, help="SGD's initial rate (cosine).")
     classifier.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD's weight decay.")
     classifier.add_argument("--random_crop", action="store_true", help="Random crops of the padded images.")
     classifier.add_argument("--random_flip", action="store_true", help="Horizontal flips (not for digits).")
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="capman_downstream", help="metrics.json and downstream.png go here.")
-    output.add_argument("--device", type=device_value, default=None, help="cuda or cpu; default: cuda when available.")
-    return parser.parse_args(argv)
+    return classifier
+
+
+def classifier_training(args: argparse.Namespace, resolution: int, **more: Any) -> ClassifierTraining:
+    """The flags of ``add_classifier_args`` as training settings (the device: cuda when available), plus `more`."""
+    return ClassifierTraining(
+        classifier=args.classifier or ("resnet18" if resolution >= 32 else "small_cnn"), epochs=args.epochs,
+        batch_size=args.train_batch_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        random_crop=args.random_crop, random_flip=args.random_flip,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), **more,
+    )  # fmt: skip
 
 
 def _data_settings(args: argparse.Namespace, folders: Sequence[PipelineFolder]) -> dict[str, Any]:
@@ -202,11 +218,7 @@ def _downstream_from_command_line(argv: Sequence[str] | None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     real_set, real, test = load_real_and_test(data, args.test_data_dir)
     resolution = real[0].shape[-1]
-    settings = ClassifierTraining(
-        classifier=args.classifier or ("resnet18" if resolution >= 32 else "small_cnn"), epochs=args.epochs,
-        batch_size=args.train_batch_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        random_crop=args.random_crop, random_flip=args.random_flip, device=device,
-    )  # fmt: skip
+    settings = classifier_training(args, resolution)
     generated = _generated(args, folders, len(real_set.class_names), resolution, device)
     rows = downstream_utility(
         real, test, generated, num_classes=len(real_set.class_names), splits=real_set.splits, settings=settings,

@@ -58,11 +58,14 @@ class ClassConditionalFamily(ModelFamily):
 
     @classmethod
     def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
-        return pipe.class_names
+        """The pipeline's own names (a ``ClassConditionalPipeline`` keeps them), else the training summary's."""
+        names = getattr(pipe, "class_names", None)
+        return names if names is not None else super().class_names(pipe, summary)
 
     @classmethod
     def num_classes(cls, pipe: Any, summary: Mapping[str, Any]) -> int | None:
-        return pipe.num_classes
+        count = getattr(pipe, "num_classes", None)
+        return count if count is not None else super().num_classes(pipe, summary)
 
     def encode(self, batch: Mapping[str, Any], draws: StepDraws | None) -> torch.Tensor:
         if draws is None or draws.augment is None:
@@ -91,15 +94,6 @@ class ConsistencyFamily(ClassConditionalFamily):
     loader = ConsistencyModelPipeline
     scheduler_class = CMStochasticIterativeScheduler
     guided = False
-
-    @classmethod
-    def class_names(cls, pipe: Any, summary: Mapping[str, Any]) -> list[str] | None:
-        return summary.get("class_names")
-
-    @classmethod
-    def num_classes(cls, pipe: Any, summary: Mapping[str, Any]) -> int | None:
-        names = cls.class_names(pipe, summary)
-        return None if names is None else len(names)
 
     @classmethod
     def sampling_kwargs(cls, count: int, steps: int, guidance_scale: float) -> dict[str, Any]:

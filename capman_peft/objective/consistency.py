@@ -132,7 +132,7 @@ def consistency_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """iCT's loss + λ·L_CM for one batch, with one denoiser call for θ (and θ^g) and one gradient-free call for the
     target. Label-dropped samples train the null class and are left out of L_CM, as in ``diffusion_loss``."""
-    from .total import importance_rows
+    from .total import cm_rows
 
     if coral is not None:
         raise ValueError("CORAL is not defined for consistency training")
@@ -141,15 +141,7 @@ def consistency_loss(
     cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
     c_in, c_skip, c_out, time = objective.parametrisation(sigma_high)
     x_high = x0 + _per_row(sigma_high, x0) * noise
-    general_rows = sample_weight = None
-    if cm is not None:
-        kept = (~dropped).float()
-        batch, k = len(labels), cm.general_rows(len(labels))
-        if k < batch:
-            row_weights = (cm.weights.pull + cm.weights.push)[labels] * kept
-            general_rows, sample_weight = importance_rows(row_weights, draws.general_draw[:k])
-        else:
-            sample_weight = kept
+    general_rows, sample_weight = cm_rows(cm, labels, draws)
     outputs = denoiser(_per_row(c_in, x0) * x_high, time.to(x0.dtype), cond_labels, None, general_rows)
     full = _per_row(c_skip, x0) * x_high + _per_row(c_out, x0) * outputs.full
     with torch.no_grad():

@@ -55,6 +55,18 @@ def importance_rows(row_weights: Tensor, uniforms: Tensor) -> tuple[Tensor, Tens
     return rows, factor
 
 
+def cm_rows(cm: CMSettings | None, labels: Tensor, draws: StepDraws) -> tuple[Tensor | None, Tensor | None]:
+    """The rows of the θ^g pass (None: all) and each row's weight in L_CM's mean: label-dropped rows count 0 (both
+    predictions were made without the class); with ``cm.general_fraction < 1`` the rows ``importance_rows`` draws."""
+    if cm is None:
+        return None, None
+    kept = (~draws.label_dropped).float()
+    k = cm.general_rows(len(labels))
+    if k == len(labels):
+        return None, kept
+    return importance_rows((cm.weights.pull + cm.weights.push)[labels] * kept, draws.general_draw[:k])
+
+
 def diffusion_loss(
     denoiser: nn.Module,
     objective: Any,
@@ -89,15 +101,7 @@ def diffusion_loss(
     def condition_of(ids: Tensor | None) -> Any:
         return ids if ids is None or condition is None else condition(ids)
 
-    general_rows = sample_weight = None
-    if cm is not None:
-        kept = (~dropped).float()
-        batch, k = len(labels), cm.general_rows(len(labels))
-        if k < batch:
-            row_weights = (cm.weights.pull + cm.weights.push)[labels] * kept
-            general_rows, sample_weight = importance_rows(row_weights, draws.general_draw[:k])
-        else:
-            sample_weight = kept
+    general_rows, sample_weight = cm_rows(cm, labels, draws)
 
     time_input = objective.schedule.denoiser_timesteps(timesteps)
     outputs = denoiser(x_t, time_input, condition_of(cond_labels), condition_of(extra_labels), general_rows)
