@@ -156,3 +156,13 @@ def test_the_fine_tuning_script_refuses_consistency():
 
     with pytest.raises(ConfigError, match="--objective consistency: trains a UNet2DModel from scratch"):
         train_text_to_image_cm.main(["--objective", "consistency", "--output_dir", "unused"])
+
+
+def test_label_dropout_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="capman_peft"):
+        train_unet_cm.parse_args(consistency_args(tmp_path))
+    assert "samples without guidance, so the null class this trains is never used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="capman_peft"):
+        train_unet_cm.parse_args(consistency_args(tmp_path, label_dropout=0))
+    assert "null class" not in caplog.text

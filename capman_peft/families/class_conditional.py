@@ -9,6 +9,7 @@ per-class grid (:func:`class_grid`).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from ..tuner import group_experts
 from .base import AFTER_SPLIT, Condition, ModelFamily
 from .class_conditional_pipeline import ClassConditionalPipeline
 from .registry import register_family
+
+logger = logging.getLogger("capman_peft")
 
 
 @register_family
@@ -348,6 +351,12 @@ def check_consistency_flags(settings: TrainingSettings) -> None:
                 f"{flag}: has no meaning in consistency training (--objective consistency); allowed: the flag "
                 "with --objective ddpm, cbdm or oc"
             )
+    if objective.label_dropout > 0:
+        logger.warning(
+            "--label_dropout %g: a consistency model samples without guidance, so the null class this trains is never "
+            "used; --label_dropout 0 (the recipes') gives every image its class",
+            objective.label_dropout,
+        )
 
 
 def training_scheduler(consistency: bool) -> SchedulerMixin:
