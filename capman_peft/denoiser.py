@@ -236,6 +236,10 @@ class CMDenoiser(nn.Module):
         finally:
             self._expand_index = None
 
+    def theta(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """theta's prediction alone, one UNet call (consistency training's gradient-free target pass)."""
+        return self._call(sample, timestep.expand(sample.shape[0]) if timestep.ndim == 0 else timestep, cond)
+
     def _theta(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Condition, extra_cond: Condition | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

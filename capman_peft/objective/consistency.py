@@ -92,10 +92,10 @@ class ConsistencyObjective:
 
     def level_pairs(self, uniforms: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(σ_i, σ_{i+1}) per sample, i drawn from ``level_probabilities`` by inverting its CDF at each uniform."""
-        sigmas = self.sigmas(self.num_levels(step))
+        sigmas = self.sigmas(self.num_levels(step)).to(uniforms.device)  # on the draws' device: no host sync
         cdf = self.level_probabilities(sigmas).cumsum(0)
-        index = torch.searchsorted(cdf, uniforms.cpu().double(), right=True).clamp(max=len(sigmas) - 2)
-        return sigmas[index].to(uniforms.device), sigmas[index + 1].to(uniforms.device)
+        index = torch.searchsorted(cdf, uniforms.double(), right=True).clamp(max=len(sigmas) - 2)
+        return sigmas[index], sigmas[index + 1]
 
     def parametrisation(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_in, c_skip, c_out, the UNet's time input) at σ, as the scheduler samples."""
@@ -138,7 +138,8 @@ def consistency_loss(
         raise ValueError("CORAL is not defined for consistency training")
     sigma_low, sigma_high = objective.level_pairs(draws.timesteps, step)
     noise, dropped = draws.noise.to(x0.dtype), draws.label_dropped
-    cond_labels = torch.where(dropped, torch.full_like(labels, num_classes), labels)
+    ids = torch.where(dropped, torch.full_like(labels, num_classes), labels)
+    cond_labels = ids if condition is None else condition(ids)
     c_in, c_skip, c_out, time = objective.parametrisation(sigma_high)
     x_high = x0 + _per_row(sigma_high, x0) * noise
     general_rows, sample_weight = cm_rows(cm, labels, draws)
@@ -147,9 +148,9 @@ def consistency_loss(
     with torch.no_grad():
         low_in, low_skip, low_out, low_time = objective.parametrisation(sigma_low)
         x_low = x0 + _per_row(sigma_low, x0) * noise
-        # θ alone (no θ^g rows): the module inside a distributed wrapper, since no gradient is synchronised here
-        teacher, _ = getattr(denoiser, "module", denoiser)._theta(
-            _per_row(low_in, x0) * x_low, low_time.to(x0.dtype), cond_labels, None
+        # θ alone (no θ^g rows), through the module inside a distributed wrapper: no gradient to synchronise here
+        teacher = getattr(denoiser, "module", denoiser).theta(
+            _per_row(low_in, x0) * x_low, low_time.to(x0.dtype), cond_labels
         )
         target = _per_row(low_skip, x0) * x_low + _per_row(low_out, x0) * teacher
     weight = (1 / (sigma_high - sigma_low)).float()
