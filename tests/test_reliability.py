@@ -209,7 +209,7 @@ def test_a_full_disk_during_export_keeps_the_earlier_export_whole_and_says_so(tm
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_unet_cm, "save_class_conditional_pipeline", disk_full)
+    monkeypatch.setattr(train_unet_cm, "save_trained_pipeline", disk_full)
     with pytest.raises(SystemExit):
         run_cli(train_unet_cm.main, digits_run_args(tmp_path, overwrite_output_dir=True, max_train_steps=4))
     err = capsys.readouterr().err

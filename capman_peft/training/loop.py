@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import list_checkpoints, save_training_checkpoint
 from ..errors import TrainingStepOutOfMemory, TrainingStopped
 from ..families import ModelFamily
-from ..objective import CONSISTENCY, CMSettings, CoralSettings, check_finite, consistency_loss, diffusion_loss
+from ..objective import CMSettings, ConsistencyObjective, CoralSettings, check_finite, consistency_loss, diffusion_loss
 from ..randomness import StepDraws, StepRandomness, epoch_order_seed
 from ..settings import TrainingSettings
 from .preemption import SignalRequests
@@ -172,7 +172,7 @@ def family_step_loss(
     """Eq. 4 for one micro-batch of any model family: the family encodes the batch to x0 and turns class ids into
     its condition; :func:`diffusion_loss` (or :func:`consistency_loss`) does the rest."""
 
-    batch_loss = consistency_loss if objective.name == CONSISTENCY else diffusion_loss
+    batch_loss = consistency_loss if isinstance(objective, ConsistencyObjective) else diffusion_loss
 
     def step_loss(batch: Any, draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return batch_loss(
