@@ -157,8 +157,15 @@ def _check(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
 def _identity(args: argparse.Namespace) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every flag that changes the run."""
-    skip = {"output_dir", "checkpointing_epochs", "checkpoints_total_limit", "resume_from_checkpoint", "device"}
-    return {key: value for key, value in sorted(vars(args).items()) if key not in skip and key != "config"}
+    skip = {
+        "config",
+        "output_dir",
+        "checkpointing_epochs",
+        "checkpoints_total_limit",
+        "resume_from_checkpoint",
+        "device",
+    }
+    return {key: value for key, value in sorted(vars(args).items()) if key not in skip}
 
 
 def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -281,7 +281,7 @@ def class_grid(
     labels = [c for c in shown for _ in range(output.num_validation_images)]
     if isinstance(scheduler, CMStochasticIterativeScheduler):
         pipeline = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
-        options = {"batch_size": len(labels), "num_inference_steps": 1}
+        options = ConsistencyFamily.sampling_kwargs(len(labels), 1, output.guidance_scale)
     else:
         ddim = DDIMScheduler.from_config(scheduler.config)
         pipeline = class_conditional_pipeline(unet, ddim, class_names, class_groups)

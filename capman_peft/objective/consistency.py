@@ -54,16 +54,11 @@ class ConsistencyObjective:
 
     name = CONSISTENCY
 
-    def __init__(
-        self, scheduler: Any, class_counts: Any = None, *, total_steps: int, settings: ConsistencySettings | None = None
-    ) -> None:
-        self.settings = settings or ConsistencySettings(
-            sigma_min=scheduler.config.sigma_min,
-            sigma_max=scheduler.config.sigma_max,
-            rho=scheduler.config.rho,
-            sigma_data=scheduler.config.sigma_data,
+    def __init__(self, scheduler: Any, *, total_steps: int) -> None:
+        config = scheduler.config  # the sampler's σ range and parametrisation
+        self.settings = ConsistencySettings(
+            sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho, sigma_data=config.sigma_data
         )
-        self.scheduler = scheduler
         self.total_steps = total_steps
         self.schedule = ConsistencySchedule()
 

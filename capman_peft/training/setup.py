@@ -239,7 +239,7 @@ def make_objective(
     """The base objective of the flags, on the family's noise schedule (`weighting`: a flow-matching family's;
     `total_steps`: the run's length, which consistency training's discretisation curriculum follows)."""
     if objective.objective == CONSISTENCY:
-        return ConsistencyObjective(noise_scheduler, class_counts, total_steps=total_steps)
+        return ConsistencyObjective(noise_scheduler, total_steps=total_steps)
     options: dict[str, Any] = {"snr_gamma": objective.snr_gamma, "focal_gamma": objective.focal_gamma}
     if weighting is not None:
         options["weighting"] = weighting
