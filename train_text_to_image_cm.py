@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import SchedulerMixin
+from peft import PeftModel
 from torch.utils.data import Dataset
 
 from capman_peft.data import get_dataset_spec
@@ -66,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
     """The run's typed settings from the command line (and ``--config``), checked before any work."""
     parser = fine_tuning_parser(__doc__)
     args, settings = parse_settings(parser, argv)
-    check_adapter_flags(args, settings.objective)
+    check_adapter_flags(parser, args, settings.objective)
     # Last, as it reads the base model's model_index.json: the family decides the default resolution and targets.
     template = args.prompt_template or get_dataset_spec(settings.data.dataset).prompt_template
     family = base_family(args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision)
@@ -85,12 +86,20 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingSettings:
 
 def check_text_settings(settings: TrainingSettings) -> None:
     """What the text flags require."""
+    data = settings.data
     if settings.model.validation_prompts_per_class:
         prompts_per_class(settings.model.validation_prompts_per_class, None)
-    if settings.data.caption_column and settings.objective.objective == "cbdm":
+    described = data.dataset is not None and get_dataset_spec(data.dataset).text_layout is not None
+    if data.caption_column and described:
         raise ConfigError(
-            f"--caption_column {settings.data.caption_column}: CBDM conditions each image on a second, drawn class, "
-            "which has a class prompt but no caption of that image; allowed: --objective ddpm or oc with captions"
+            f"--caption_column {data.caption_column}: --dataset {data.dataset} brings its own per-image "
+            "descriptions; allowed: leave it unset"
+        )
+    if (data.caption_column or described) and settings.objective.objective == "cbdm":
+        captions = f"--caption_column {data.caption_column}" if data.caption_column else f"--dataset {data.dataset}"
+        raise ConfigError(
+            f"{captions}: CBDM conditions each image on a second, drawn class, which has a class prompt but no "
+            "caption of that image; allowed: --objective ddpm or oc with captions"
         )
 
 
@@ -163,6 +172,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
         noise_offset=model_settings.noise_offset,
         flip=data.random_flip,
         latent_noise=True,
+        caption_draw=dataset.captions is not None,
     )
     logger.info("Frozen weights in %s, adapters in float32", weight_dtype)
     step_loss = family_step_loss(
@@ -172,7 +182,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     def validate_grid(trained: torch.nn.Module, epoch: int, step: int) -> None:
         publish_validation_grid(
             accelerator,
-            trained.get_base_model(),
+            trained.get_base_model() if isinstance(trained, PeftModel) else trained,
             family=family,
             noise_scheduler=noise_scheduler,
             settings=settings,
@@ -200,6 +210,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
             )  # fmt: skip
         # A CM run shares its LoRA file (and card); the merged 4 GB pipeline only when asked.
         lora_only = settings.objective.capacity_manipulation and not model_settings.push_merged_pipeline
+        lora_only = lora_only and model_settings.unet_config is None  # from scratch there is no LoRA file
         publish_export(settings, trained, lora_only=lora_only)
     accelerator.end_training()
 

@@ -55,6 +55,20 @@ def hub_source(
         ) from None
 
 
+def load_model_config(
+    model_class: Any, name_or_path: str, flag: str = "--model_config_name_or_path", **kwargs: Any
+) -> dict:
+    """A diffusers model config (a JSON file, or a folder or Hub id with ``config.json``; `kwargs`: e.g. its
+    ``subfolder``); an unreadable one is a one-line error naming `flag`."""
+    try:
+        return dict(model_class.load_config(hub_source(name_or_path, flag), **kwargs))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{flag} {name_or_path}: cannot be read ({str(err).splitlines()[0]}); allowed: a "
+            f"{model_class.__name__} config.json, or a folder or Hub id with one"
+        ) from None
+
+
 def _is_repo_id(text: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -103,9 +117,11 @@ def write_model_card(
     expert_use: dict[str, Any] | None = None,
     widget_prompts: Sequence[str] = (),
     listed_classes: Sequence[int | None] | None = None,
+    title: str | None = None,
 ) -> Path:
     """README.md with the Hub's metadata (tags, base model, license, widget prompts) and the facts a user needs to
-    trust the weights. `listed_classes` are the class table's rows (None: left-out classes; default: every class)."""
+    trust the weights. `listed_classes` are the class table's rows (None: left-out classes; default: every class);
+    `title`: the model's name (default: the folder's, which a staged export must give as its final one's)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -131,7 +147,7 @@ def write_model_card(
         else "Trained without Capacity Manipulation (baseline)."
     )
     body = f"""
-# {Path(output_dir).name}
+# {title or Path(output_dir).name}
 
 Diffusion model trained with [capman-peft](https://pypi.org/project/capman-peft/) on **{dataset}**
 (imbalance ratio {imbalance_ratio}){f" starting from `{base_model}`" if base_model else ""}.

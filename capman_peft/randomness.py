@@ -50,7 +50,8 @@ class StepDraws:
     condition for the null one; ``extra_labels`` is CBDM's y' (None for other objectives). Latent-diffusion training
     adds ``flip`` (horizontal flip of the image) and ``latent_noise`` (VAE posterior sample z = mean + std * noise).
     ``general_draw`` (uniform in [0, 1)) picks the rows of the theta^g pass when it runs on part of the batch.
-    ``augment`` holds the +ADA baseline's augmentation parameters (:func:`draw_augmentation`).
+    ``augment`` holds the +ADA baseline's augmentation parameters (:func:`draw_augmentation`). ``caption_draw``
+    (uniform in [0, 1)) picks one of an image's alternative captions (the lines of its caption).
     """
 
     noise: torch.Tensor
@@ -61,6 +62,7 @@ class StepDraws:
     latent_noise: torch.Tensor | None = None
     general_draw: torch.Tensor | None = None
     augment: torch.Tensor | None = None
+    caption_draw: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int, device: torch.device | str) -> StepDraws:
         """Rows ``start:stop`` on ``device``."""
@@ -82,6 +84,7 @@ def draw_step(
     latent_noise: bool = False,
     general_draw: bool = False,
     augment_probability: float = 0.0,
+    caption_draw: bool = False,
 ) -> StepDraws:
     """Draw every random choice of `num_samples` samples at once, on the generator's device (None: the global RNG,
     on the CPU).
@@ -92,6 +95,8 @@ def draw_step(
         flip, latent_noise: also draw flips (p = 0.5) and VAE posterior noise of `sample_shape`.
         general_draw: also draw one uniform per sample for choosing the rows of a partial theta^g pass.
         augment_probability: > 0 also draws the +ADA augmentation of every sample (:func:`draw_augmentation`).
+        caption_draw: also draw one uniform per sample for choosing among its captions (drawn last: the other draws
+            are those of a run without captions).
     """
     rng = {"generator": generator, "device": generator.device if generator is not None else "cpu"}
     shape = (num_samples, *sample_shape)
@@ -108,7 +113,8 @@ def draw_step(
     posterior = torch.randn(shape, **rng) if latent_noise else None
     general = torch.rand(num_samples, **rng) if general_draw else None
     augment = draw_augmentation(num_samples, augment_probability, **rng) if augment_probability > 0 else None
-    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general, augment)
+    captions = torch.rand(num_samples, **rng) if caption_draw else None
+    return StepDraws(noise, timesteps, dropped, extra, flips, posterior, general, augment, captions)
 
 
 def draw_augmentation(

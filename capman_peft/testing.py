@@ -220,6 +220,59 @@ def write_artbench_mirror(root: Path) -> Path:
     return root
 
 
+def _write_described_image(image: Path, text: Path, level: int, lines: list[str]) -> None:
+    """A 16 x 16 image of one grey level and its description file (``text_c10`` layout)."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    text.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((16, 16, 3), level, dtype=np.uint8)).save(image)
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def described(image_number: int) -> list[str]:
+    """The two descriptions the copies below give image `image_number` (each names it)."""
+    return [f"bird or flower number {image_number}", f"another text of number {image_number}"]
+
+
+def write_cub_copy(root: Path, train_counts: tuple[int, ...] = (6, 4, 2)) -> Path:
+    """A CUB_200_2011 folder in its released layout with ``text_c10/``: class c has ``train_counts[c]`` training
+    images and one test image; image k (numbered from 1 in images.txt) has grey level 10 k and :func:`described`."""
+    folder = root / "CUB_200_2011"
+    classes, images, labels, split = [], [], [], []
+    number = 0
+    for c, count in enumerate(train_counts):
+        name = f"{c + 1:03d}.Bird_kind_{c}"
+        classes.append(f"{c + 1} {name}")
+        for k in range(count + 1):
+            number += 1
+            rel = f"{name}/Bird_kind_{c}_{k:04d}_{number}.jpg"
+            images.append(f"{number} {rel}")
+            labels.append(f"{number} {c + 1}")
+            split.append(f"{number} {int(k < count)}")
+            text = folder / "text_c10" / name / f"{Path(rel).stem}.txt"
+            _write_described_image(folder / "images" / rel, text, 10 * number, described(number))
+    for file, lines in (("classes", classes), ("images", images), ("image_class_labels", labels)):
+        (folder / f"{file}.txt").write_text("\n".join(lines) + "\n")
+    (folder / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    return folder
+
+
+def write_oxford102_copy(root: Path) -> Path:
+    """A 102flowers folder in its released layout (``jpg/``, ``imagelabels.mat``, ``setid.mat``) with ``text_c10/``:
+    class c (label c + 1) has images 3c+1 (trnid), 3c+2 (valid) and 3c+3 (tstid); image k has grey level k % 256
+    and :func:`described`."""
+    from scipy.io import savemat
+
+    folder = root / "102flowers"
+    labels = np.repeat(np.arange(1, 103), 3)
+    for number, label in enumerate(labels, 1):
+        text = folder / "text_c10" / f"class_{label:05d}" / f"image_{number:05d}.txt"
+        _write_described_image(folder / "jpg" / f"image_{number:05d}.jpg", text, number % 256, described(number))
+    savemat(folder / "imagelabels.mat", {"labels": labels[None, :]})
+    ids = np.arange(1, len(labels) + 1)
+    savemat(folder / "setid.mat", {"trnid": ids[0::3][None], "valid": ids[1::3][None], "tstid": ids[2::3][None]})
+    return folder
+
+
 def build_tiny_sd3(root: Path) -> Path:
     """A StableDiffusion3Pipeline folder at toy size: an SD3 transformer (joint attention, patch size 1), two CLIP
     text encoders with projections, a T5 encoder, a VAE with SD3's shift factor and the flow-matching scheduler with

@@ -37,6 +37,17 @@ def class_prompts(class_names: Sequence[str], template: str = "a {} painting") -
 
 
 @torch.no_grad()
+def chosen_captions(captions: Sequence[str], picks: torch.Tensor | None) -> list[str]:
+    """One caption per row: a caption of several lines holds alternatives (e.g. CUB's ten descriptions per image),
+    of which the row's uniform draw in [0, 1) picks line ``floor(draw * lines)``; without draws, the first line."""
+    chosen = []
+    for row, caption in enumerate(captions):
+        lines = caption.split("\n")
+        pick = 0 if picks is None else min(int(picks[row] * len(lines)), len(lines) - 1)
+        chosen.append(lines[pick])
+    return chosen
+
+
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
     """Text embeddings exactly as StableDiffusionPipeline.encode_prompt makes them (padded to the max length)."""
     tokens = tokenizer(

@@ -1,6 +1,6 @@
 """Reading a source in its format (a Hub dataset or a local copy of one, an image folder with ``metadata.jsonl``, a
-class-folder tree, official list files, scikit-learn's digits) into images, class ids and names in the registry's
-class order."""
+class-folder tree, official list files, a text-to-image set with its descriptions, scikit-learn's digits) into
+images, class ids and names in the registry's class order."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from ..errors import ConfigError
 from .images import IMAGE_EXTENSIONS, _HubImages
 from .registry import DATASETS, DatasetSpec
+from .text_sets import load_text_set
 
 logger = logging.getLogger("capman_peft")
 
@@ -52,7 +53,9 @@ def load_source(
         spec=spec,
     )
     folder = None if train_data_dir is None else Path(train_data_dir)
-    if spec.list_files:
+    if spec.text_layout:
+        source = Source(*load_text_set(spec.text_layout, folder, name, split))
+    elif spec.list_files:
         if folder is None:
             files = " and ".join(file for _, file in spec.list_files)
             raise ConfigError(

@@ -44,6 +44,14 @@ class DatasetSpec:
     list_files: tuple[tuple[str, str], ...] = ()
     """(split, file): a dataset read from a local copy (``--train_data_dir``) and its official list files, which are
     already long-tailed; classes are ordered by their training count (ties by the list's id), class 0 largest."""
+    text_layout: str | None = None
+    """A text-to-image set read from a local copy in its released layout with per-image descriptions
+    (``text_sets.py``): ``"cub-200-2011"`` or ``"oxford-102"``."""
+
+    @property
+    def local_copy(self) -> bool:
+        """Read from ``--train_data_dir`` in the set's own layout, with its own splits."""
+        return bool(self.list_files or self.text_layout)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -100,6 +108,18 @@ DATASETS: dict[str, DatasetSpec] = {
         prompt_template="a photo of {}",
         split_thresholds=(100, 20),
         list_files=(("train", "train2018.json"), ("val", "val2018.json")),
+    ),
+    # The fine-grained text-to-image sets of the paper's Tab. G.11, with Reed et al.'s ten descriptions per image;
+    # every class has 30-60 (CUB, 200 birds) or 40-258 (Oxford-102 flowers) images before the long-tail subsampling.
+    "imb-cub200": DatasetSpec(
+        None, resolution=256, prompt_template="a photo of a {}, a type of bird", text_layout="cub-200-2011"
+    ),
+    "imb-oxford102": DatasetSpec(
+        None,
+        resolution=256,
+        reference_split="val",
+        prompt_template="a photo of a {}, a type of flower",
+        text_layout="oxford-102",
     ),
     # scikit-learn's bundled 8x8 digits: the offline CPU demo.
     "imb-digits": DatasetSpec(

@@ -207,7 +207,7 @@ def load_heldout_dataset(
     all of class 0): its entries are missing, and callers report NaN for it.
     """
     spec = get_dataset_spec(name)
-    if spec.reference_split is not None and (train_data_dir is None or spec.list_files):
+    if spec.reference_split is not None and (train_data_dir is None or spec.local_copy):
         return load_reference_dataset(
             name, resolution, dataset_name=dataset_name, train_data_dir=train_data_dir, class_order=class_order,
             image_column=image_column, label_column=label_column, cache_dir=cache_dir,

@@ -30,7 +30,7 @@ from torch import nn
 from ..data import grid_classes
 from ..data.augment import AUGMENT_CONDITION_DIM, augment_condition, augment_images
 from ..errors import ConfigError
-from ..hub import hub_source
+from ..hub import load_model_config
 from ..pipelines import image_grid
 from ..randomness import StepDraws
 from ..settings import TrainingSettings, identity
@@ -232,14 +232,7 @@ def check_expert_placement(settings: TrainingSettings) -> None:
 def unet_config(model_config_name_or_path: str | None, resolution: int) -> dict:
     """The UNet2DModel config: ``--model_config_name_or_path`` or the paper's preset, checked against --resolution."""
     if model_config_name_or_path:
-        name = hub_source(model_config_name_or_path, "--model_config_name_or_path")
-        try:
-            config = dict(UNet2DModel.load_config(name))
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"--model_config_name_or_path {model_config_name_or_path}: cannot be read "
-                f"({str(err).splitlines()[0]}); allowed: a UNet2DModel config.json, or a folder or Hub id with one"
-            ) from None
+        config = load_model_config(UNet2DModel, model_config_name_or_path)
     else:
         levels = 4
         attention = [resolution // 2**i == 16 for i in range(levels)]

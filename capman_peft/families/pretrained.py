@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, get_peft_model
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
@@ -74,6 +74,11 @@ class PretrainedModelSettings:
     """A JSON file {class name: prompt} for the class prompts (validation, the expert-use report, evaluation)."""
     family: str
     """The name of the base pipeline's family (:class:`PretrainedFamily`), read from its model_index.json."""
+    model_config_name_or_path: str | None
+    expert_rank_ratio: float = identity()
+    unet_config: dict | None = identity(None)
+    """From scratch: the denoiser's config (--model_config_name_or_path's content, sized to the base's VAE and text
+    encoder: a moved file does not matter); None: the base's denoiser is fine-tuned."""
 
 
 @dataclass
@@ -103,6 +108,8 @@ class PretrainedFamily(ModelFamily):
     """The family's values of the flags a user leaves unset: ``resolution``, ``target_modules`` (where the adapter
     goes), ``guidance_scale`` and, for families with T5 or a flow schedule, ``max_sequence_length`` and
     ``weighting_scheme``."""
+    trains_from_scratch = False
+    """Whether ``--model_config_name_or_path`` can train the family's denoiser from scratch (SD 1.x/2.x)."""
     guidance_embedded = False
     """Whether the denoiser takes the guidance scale as an input (guidance-distilled Flux)."""
     optional_text_encoders: tuple[str, ...] = ()
@@ -122,6 +129,12 @@ class PretrainedFamily(ModelFamily):
     def check_settings(cls, settings: TrainingSettings) -> None:
         """What the family requires of the flags, checked before any work."""
         objective = settings.objective
+        if settings.model.model_config_name_or_path and not cls.trains_from_scratch:
+            raise ConfigError(
+                f"--model_config_name_or_path {settings.model.model_config_name_or_path}: trains a UNet from scratch "
+                f"in the latent space of a Stable Diffusion 1.x/2.x base; the base is a {cls.pipeline_class}; "
+                "allowed: an SD 1.x/2.x base, or leave it unset to fine-tune"
+            )
         if objective.capacity_manipulation and objective.cm_forward == "shared_prefix":
             if not settings.model.expert_target_modules:
                 raise ConfigError(
@@ -219,8 +232,13 @@ def module_spec(value: str) -> list[str] | str:
 
 
 def adapter_config(settings: TrainingSettings) -> PeftConfig:
-    """The CapMan dual adapter (lora mode), or a plain LoRA of the same general rank for the baseline."""
+    """The CapMan dual adapter (lora mode), or a plain LoRA of the same general rank for the baseline; from scratch,
+    the CapMan expert in full mode (the denoiser's own weights are θ^g)."""
     sd = settings.model
+    if sd.unet_config is not None:
+        return CapManConfig(
+            mode="full", expert_rank_ratio=sd.expert_rank_ratio, target_modules=module_spec(sd.expert_target_modules)
+        )
     common = dict(
         lora_alpha=sd.lora_alpha or sd.rank,
         lora_dropout=sd.lora_dropout,
@@ -240,14 +258,18 @@ def adapter_config(settings: TrainingSettings) -> PeftConfig:
     )
 
 
-def add_adapter(denoiser: nn.Module, settings: TrainingSettings) -> PeftModel:
+def add_adapter(denoiser: nn.Module, settings: TrainingSettings) -> nn.Module:
+    """The adapter on the denoiser; from scratch without CM, the denoiser itself (every weight trains)."""
+    if settings.model.unet_config is not None and not settings.objective.capacity_manipulation:
+        return denoiser.requires_grad_(True)
     try:
         model = get_peft_model(denoiser, adapter_config(settings))
     except ValueError as err:
         raise ConfigError(f"--target_modules / --expert_target_modules: {err}") from None
     # get_peft_model takes the base's name from the model, and diffusers models carry none; capman-eval and
-    # PeftModel users find the base model through it.
-    model.peft_config["default"].base_model_name_or_path = settings.model.pretrained_model_name_or_path
+    # PeftModel users find the base model through it (from scratch there is none: the adapter holds every weight).
+    if settings.model.unet_config is None:
+        model.peft_config["default"].base_model_name_or_path = settings.model.pretrained_model_name_or_path
     return model
 
 
@@ -285,7 +307,11 @@ def load_component(cls: Any, settings: TrainingSettings, subfolder: str, **kwarg
 
 
 def load_denoiser(family: type[ModelFamily], settings: TrainingSettings) -> nn.Module:
-    """The base pipeline's denoiser (safetensors only: a base with nothing but pickled .bin files is refused)."""
+    """The base pipeline's denoiser (safetensors only: a base with nothing but pickled .bin files is refused), or
+    from scratch one initialised from ``--model_config_name_or_path`` (the same weights for the same ``--seed``)."""
+    if settings.model.unet_config is not None:
+        torch.manual_seed(settings.optimization.seed)
+        return family.denoiser_class.from_config(settings.model.unet_config)
     denoiser = load_component(
         family.denoiser_class, settings, family.denoiser, variant=settings.model.variant, use_safetensors=True
     )

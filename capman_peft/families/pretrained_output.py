@@ -59,8 +59,10 @@ def export_pipeline(
     """Write `output_dir` (the export stage) from the float32 model of :func:`export_model`: the adapter (PEFT format
     in adapter/ and as diffusers LoRA files; the baseline's LoRA file only) and the merged float32 pipeline of the
     family's class (with the ``--pretrained_vae_model_name_or_path`` VAE where given)."""
-    sd = settings.model
-    if settings.objective.capacity_manipulation:
+    sd, cm = settings.model, settings.objective.capacity_manipulation
+    if sd.unet_config is not None:  # from scratch: the trained UNet is the denoiser (no LoRA of a base to write)
+        merged = save_adapter_and_merge(model, output_dir, run_id) if cm else model
+    elif cm:
         save_lora_weights(model, output_dir, family.write_lora)  # before merging: the adapter as a diffusers LoRA
         merged = save_adapter_and_merge(model, output_dir, run_id)
     else:
@@ -116,21 +118,28 @@ def card(
         + "."
         + family.card_note(settings)
     )
-    if settings.objective.capacity_manipulation:
+    scratch = sd.unet_config is not None
+    if settings.objective.capacity_manipulation and not scratch:
         note += LORA_CARD_NOTE.format(
             base=sd.pretrained_model_name_or_path, repo=settings.hub.hub_model_id or "<this repo or folder>"
         )
-    if base_is_local:
-        note += f" Fine-tuned from a local base model folder `{Path(sd.pretrained_model_name_or_path).name}`."
-    adapter = dict(
-        mode="lora",
-        rank=sd.rank,
-        expert_rank=sd.expert_rank,
-        lora_dropout=sd.lora_dropout,
-    )
+    if scratch:
+        note += (
+            f" The UNet was trained from scratch (config `{Path(sd.model_config_name_or_path).name}`) in the latent "
+            f"space of `{Path(sd.pretrained_model_name_or_path).name}`, whose VAE and text encoder it keeps."
+        )
+        adapter = dict(mode="full", expert_rank_ratio=sd.expert_rank_ratio, target_modules=sd.expert_target_modules)
+    else:
+        if base_is_local:
+            note += f" Fine-tuned from a local base model folder `{Path(sd.pretrained_model_name_or_path).name}`."
+        adapter = dict(
+            mode="lora", rank=sd.rank, expert_rank=sd.expert_rank, lora_dropout=sd.lora_dropout,
+            target_modules=sd.target_modules,
+        )  # fmt: skip
     return dict(
-        base_model=None if base_is_local else sd.pretrained_model_name_or_path,  # the Hub rejects local paths
-        cm_settings=cm_card_settings(settings.objective, **adapter, target_modules=sd.target_modules),
+        # the Hub rejects local paths
+        base_model=None if base_is_local or scratch else sd.pretrained_model_name_or_path,
+        cm_settings=cm_card_settings(settings.objective, **adapter),
         license=base_model_license(settings),
         pipeline_note=note,
         widget_prompts=[prompts[c] for c in grid_classes(class_counts)],  # the Hub widget: the grid's classes

@@ -9,6 +9,7 @@ and ``pretrained_output.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..data import LabelledImageDataset, class_prompts, encode_prompts
+from ..data import LabelledImageDataset, chosen_captions, class_prompts, encode_prompts
 from ..errors import ConfigError
+from ..hub import load_model_config
 from ..randomness import StepDraws
 from ..settings import TrainingSettings
 from .base import Condition, cast_frozen_weights
-from .pretrained import Base, PretrainedFamily, load_component, load_denoiser, load_vae, prompts_per_class
+from .pretrained import (
+    Base,
+    PretrainedFamily,
+    base_source,
+    load_component,
+    load_denoiser,
+    load_vae,
+    prompts_per_class,
+)
 from .registry import pipeline_resolution, register_family
 
 
@@ -47,6 +57,14 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor, vae: Any) -> torc
     posterior = DiagonalGaussianDistribution(moments.float())
     shift, scale = latent_scale(vae)
     return (posterior.mean + posterior.std * noise - shift) * scale
+
+
+# From scratch, the expert of every weight matrix of the up path (paper G.1): the resnets' convs and time-embedding
+# projections, the transformer blocks' attention, input / output projections and feed-forward layers, the upsamplers.
+SCRATCH_EXPERT_TARGETS = (
+    r"up_blocks\..*\.(conv1|conv2|conv_shortcut|time_emb_proj|to_q|to_k|to_v|to_out\.0|proj_in|proj_out|"
+    r"ff\.net\.0\.proj|ff\.net\.2|upsamplers\.\d+\.conv)"
+)
 
 
 class PromptEncoder:
@@ -95,6 +113,8 @@ class StableDiffusionFamily(PretrainedFamily):
     )
     """(tokenizer folder and class, text encoder folder and class) of each text encoder of the pipeline."""
 
+    trains_from_scratch = True
+
     def __init__(
         self, vae: Any = None, cond_table: torch.Tensor | None = None, captions: PromptEncoder | None = None
     ) -> None:
@@ -103,15 +123,45 @@ class StableDiffusionFamily(PretrainedFamily):
         self.captions = captions
         self.pooled_table: torch.Tensor | None = None
 
+    @classmethod
+    def resolve(cls, settings: TrainingSettings) -> TrainingSettings:
+        """From scratch: the UNet config sized to the base's latents (``sample_size``) and checked against its VAE
+        and text encoder, the experts on the up path's weight matrices unless --expert_target_modules says."""
+        model = settings.model
+        if not model.model_config_name_or_path or not cls.trains_from_scratch:
+            return settings
+        source, flag = base_source(settings), "--pretrained_model_name_or_path"
+        if model.pretrained_vae_model_name_or_path:
+            vae = load_model_config(AutoencoderKL, model.pretrained_vae_model_name_or_path, flag + " (its VAE)")
+        else:
+            vae = load_model_config(AutoencoderKL, source, flag, subfolder="vae")
+        text = load_component(CLIPTextModel.config_class, settings, "text_encoder").to_dict()
+        config = load_model_config(cls.denoiser_class, model.model_config_name_or_path)
+        latent, width = vae.get("latent_channels", 4), text.get("hidden_size")
+        wants = {"in_channels": latent, "out_channels": latent, "cross_attention_dim": width}
+        wrong = {key: config.get(key) for key, value in wants.items() if config.get(key) != value}
+        if wrong or config.get("addition_embed_type"):
+            raise ConfigError(
+                f"--model_config_name_or_path {model.model_config_name_or_path}: {wrong or 'an addition embedding'} "
+                f"does not fit the base's VAE and text encoder; allowed: a UNet2DConditionModel config with "
+                f"in_channels = out_channels = {latent}, cross_attention_dim = {width} and no addition embedding"
+            )
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        config["sample_size"] = settings.data.resolution // factor
+        experts = model.expert_target_modules or SCRATCH_EXPERT_TARGETS
+        model = dataclasses.replace(model, unet_config=config, expert_target_modules=experts)
+        return dataclasses.replace(settings, model=model)
+
     def text(
-        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None
+        self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None, draws: StepDraws | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per row the text embedding (and SDXL's pooled one): the row's caption where the batch has captions, else
         its class prompt's; the null class ``C`` always gets the empty prompt's."""
         pooled_table = self.pooled_table
         if self.captions is None or batch is None or "caption" not in batch:
             return self.cond_table[class_ids], None if pooled_table is None else pooled_table[class_ids]
-        hidden, pooled = self.captions(list(batch["caption"]))
+        picks = None if draws is None else draws.caption_draw
+        hidden, pooled = self.captions(chosen_captions(batch["caption"], picks))
         null = class_ids == len(self.cond_table) - 1
         hidden = torch.where(null[:, None, None], self.cond_table[-1], hidden.to(self.cond_table.device))
         if pooled is not None:
@@ -142,7 +192,7 @@ class StableDiffusionFamily(PretrainedFamily):
     def condition(
         self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
     ) -> Condition:
-        return self.text(class_ids, batch)[0]
+        return self.text(class_ids, batch, draws)[0]
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:
         return {"encoder_hidden_states": cond}
@@ -278,6 +328,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     pipeline_type = StableDiffusionXLPipeline
     flag_defaults = {**StableDiffusionFamily.flag_defaults, "resolution": 1024}
+    trains_from_scratch = False
     text_components = (
         *StableDiffusionFamily.text_components,
         ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),
@@ -311,7 +362,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def condition(
         self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
     ) -> Condition:
-        hidden, pooled = self.text(class_ids, batch)
+        hidden, pooled = self.text(class_ids, batch, draws)
         return {
             "encoder_hidden_states": hidden,
             "text_embeds": pooled,

@@ -195,7 +195,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
     def condition(
         self, class_ids: torch.Tensor, batch: Mapping[str, Any] | None = None, draws: StepDraws | None = None
     ) -> Condition:
-        hidden, pooled = self.text(class_ids, batch)
+        hidden, pooled = self.text(class_ids, batch, draws)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
 
     def unet_kwargs(self, cond: Condition) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def check_training_settings(settings: TrainingSettings) -> None:
             f"--split_thresholds {many_above} {few_below}: a class cannot have more than {many_above} and fewer than "
             f"{few_below} images at once; allowed: MANY_ABOVE FEW_BELOW with FEW_BELOW <= MANY_ABOVE + 1, e.g. 100 20"
         )
-    if data.train_data_dir and data.dataset and not DATASETS[data.dataset].list_files:
+    if data.train_data_dir and data.dataset and not DATASETS[data.dataset].local_copy:
         raise ConfigError(
             f"--train_data_dir {data.train_data_dir}: given together with --dataset {data.dataset}; allowed: one of "
             "them (a local copy of a named dataset's Hub files goes in --dataset_name)"

@@ -15,7 +15,15 @@ from ..objective import CONSISTENCY
 from ..objective.schedule import WEIGHTING_SCHEMES
 from ..settings import ObjectiveSettings
 from .definitions import script_parser
-from .values import module_patterns, nonnegative_float, positive_float, positive_int, probability, prompt_template_value
+from .values import (
+    fraction,
+    module_patterns,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    probability,
+    prompt_template_value,
+)
 
 # The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (docs/study.md).
 LORA_CM_HELP = (
@@ -99,7 +107,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--expert_target_modules",
         type=module_patterns,
         default=None,
-        help="Layers that also get the expert (default: all targets).",
+        help="Layers that also get the expert (default: all targets; from scratch: the up path's).",
+    )
+    group.add_argument(
+        "--model_config_name_or_path",
+        default=None,
+        help="Train the UNet from scratch instead of fine-tuning the base's: a UNet2DConditionModel config (a JSON "
+        "file, or a folder or Hub id with config.json), randomly initialised (SD 1.x/2.x bases; their VAE, text "
+        "encoder and scheduler stay, frozen). CM then runs in full mode (paper Eq. 1): the UNet's weights are "
+        "theta^g and a reserved expert of rank --expert_rank_ratio sits in the up path; without CM the whole UNet "
+        "trains. The LoRA flags (--rank, --lora_alpha, --lora_dropout, --target_modules, ...) do not apply.",
+    )
+    group.add_argument(
+        "--expert_rank_ratio",
+        type=fraction,
+        default=0.1,
+        help="From scratch (--model_config_name_or_path): expert rank / min(d, k) of each expert layer (paper: 0.1).",
     )
     group.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
@@ -178,9 +201,28 @@ def add_flow_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
 
 
-def check_adapter_flags(args: argparse.Namespace, objective: ObjectiveSettings) -> None:
+# The flags of the LoRA adapter, which a UNet trained from scratch does not have.
+LORA_FLAGS = ("rank", "expert_rank", "lora_alpha", "expert_alpha", "lora_dropout", "target_modules")
+
+
+def check_adapter_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, objective: ObjectiveSettings
+) -> None:
     """The adapter and optional-package flags, checked before the base model is read."""
     cm = objective.capacity_manipulation
+    if args.model_config_name_or_path:
+        given = [flag for flag in LORA_FLAGS if getattr(args, flag) != parser.get_default(flag)]
+        if given:
+            raise ConfigError(
+                f"--{given[0]} {getattr(args, given[0])}: sets the LoRA adapter, and --model_config_name_or_path "
+                "trains the whole UNet from scratch (CM's expert: --expert_rank_ratio, --expert_target_modules); "
+                "allowed: leave it unset"
+            )
+    elif args.expert_rank_ratio != parser.get_default("expert_rank_ratio"):
+        raise ConfigError(
+            f"--expert_rank_ratio {args.expert_rank_ratio}: sizes the expert of a UNet trained from scratch; the "
+            "fine-tuned one's is --expert_rank; allowed: --expert_rank_ratio with --model_config_name_or_path"
+        )
     if objective.objective == CONSISTENCY:
         raise ConfigError(
             "--objective consistency: trains a UNet2DModel from scratch (train_unet_cm.py); "

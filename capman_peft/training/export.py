@@ -141,6 +141,7 @@ def finish_export(
         class_counts=dataset.class_counts,
         expert_use=expert_report,
         listed_classes=listed_classes(dataset.class_counts),
+        title=Path(settings.output.output_dir).name,
         **card,
     )
     publish_image(accelerator, samples, output_dir / "samples.png", trained.steps, key="samples")
