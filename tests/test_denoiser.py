@@ -130,14 +130,19 @@ def with_dropout(kind: str, p: float = 0.1):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["unet2d", "sd"])
 def test_theta_and_theta_g_share_dropout_masks(kind, mode):
-    """With dropout on and the expert exactly zero, theta and theta^g are the same function: d must be exactly 0."""
+    """With dropout on and the expert exactly zero, theta and theta^g are the same function: d must be 0 — exactly
+    where one call computes both; in sequential mode up to float32 rounding, as theta's adapter is one product of the
+    stacked general and expert pair and theta^g's the general pair alone (a mask drawn apart differs by > 1e-3)."""
     model = with_dropout(kind)
     n_dropout = sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     assert n_dropout > 3
     x, t, cond, extra_cond = inputs(kind)
     torch.manual_seed(0)
     out = CMDenoiser(model, forward_mode=mode)(x, t, cond, extra_cond)
-    assert torch.equal(out.full, out.general)
+    if mode == "sequential":
+        torch.testing.assert_close(out.full, out.general, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(out.full, out.general)
     # the masks are random and really applied: two plain calls with independent masks differ
     torch.manual_seed(0)
     first = model(x, t, **{"class_labels" if kind == "unet2d" else "encoder_hidden_states": cond}).sample
