@@ -235,7 +235,8 @@ def described(image_number: int) -> list[str]:
 
 def write_cub_copy(root: Path, train_counts: tuple[int, ...] = (6, 4, 2)) -> Path:
     """A CUB_200_2011 folder in its released layout with ``text_c10/``: class c has ``train_counts[c]`` training
-    images and one test image; image k (numbered from 1 in images.txt) has grey level 10 k and :func:`described`."""
+    images and one test image; image k (numbered from 1 in images.txt) has grey level 10 k (mod 256) and
+    :func:`described`."""
     folder = root / "CUB_200_2011"
     classes, images, labels, split = [], [], [], []
     number = 0
@@ -249,7 +250,7 @@ def write_cub_copy(root: Path, train_counts: tuple[int, ...] = (6, 4, 2)) -> Pat
             labels.append(f"{number} {c + 1}")
             split.append(f"{number} {int(k < count)}")
             text = folder / "text_c10" / name / f"{Path(rel).stem}.txt"
-            _write_described_image(folder / "images" / rel, text, 10 * number, described(number))
+            _write_described_image(folder / "images" / rel, text, 10 * number % 256, described(number))
     for file, lines in (("classes", classes), ("images", images), ("image_class_labels", labels)):
         (folder / f"{file}.txt").write_text("\n".join(lines) + "\n")
     (folder / "train_test_split.txt").write_text("\n".join(split) + "\n")
