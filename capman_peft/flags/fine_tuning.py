@@ -143,8 +143,9 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
         "--caption_column",
         default=None,
         help="Per-image captions: the caption column of a --dataset_name or of a --train_data_dir metadata.jsonl. Each "
-        "image trains on its own caption; its class (--class_column) still decides the CM weights, the splits and the "
-        "evaluation. Default: none (the class prompt for every image).",
+        "image trains on its own caption (a caption of several lines holds alternatives: one line is drawn per step); "
+        "its class (--class_column) still decides the CM weights, the splits and the evaluation. Default: none (the "
+        "class prompt for every image).",
     )
     group.add_argument(
         "--validation_prompts_per_class",
