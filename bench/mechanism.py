@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.reproduce import METHODS, STEPS, TESTBEDS, method_flags, slug, testbed_setup  # noqa: E402
+from bench.reproduce import METHODS, STEPS, TESTBEDS, TEXT_TO_IMAGE, method_flags, slug, testbed_setup  # noqa: E402
 from capman_peft.objective import LOWER_MARGIN_FORMS  # noqa: E402
 
 SPLITS = ("many", "medium", "few")
@@ -91,7 +91,8 @@ def table(method: str, seed: int, records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--testbed", choices=list(TESTBEDS), default="mnist16", help="The study's testbed.")
+    unet_testbeds = [name for name in TESTBEDS if name not in TEXT_TO_IMAGE]  # staged through train_unet_cm.py
+    parser.add_argument("--testbed", choices=unet_testbeds, default="mnist16", help="The study's testbed.")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["DDPM", "CM (+DDPM), relative hinge"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds (the study's own: 0-4).")
     parser.add_argument(

@@ -76,15 +76,20 @@ TESTBEDS = {
     "glyphs": ROOT / "bench" / "testbed_glyphs_ir100.yaml",
     "mnist16": ROOT / "bench" / "testbed_mnist16_ir100.yaml",
     "glyphs16": ROOT / "bench" / "testbed_glyphs16_ir20.yaml",
+    "latent16": ROOT / "bench" / "testbed_latent16_ir100.yaml",
 }
-STEPS = {"digits": 3000, "glyphs": 3000, "mnist16": 2000, "glyphs16": 2000}
-RESOLUTION = {"digits": 8, "glyphs": 8, "mnist16": 16, "glyphs16": 16}
-IMBALANCE_RATIO = {"digits": 100, "glyphs": 100, "mnist16": 100, "glyphs16": 20}
+# Testbeds trained by train_text_to_image_cm.py (a UNet2DConditionModel from scratch in a VAE's latent space).
+TEXT_TO_IMAGE = ("latent16",)
+STEPS = {"digits": 3000, "glyphs": 3000, "mnist16": 2000, "glyphs16": 2000, "latent16": 2000}
+RESOLUTION = {"digits": 8, "glyphs": 8, "mnist16": 16, "glyphs16": 16, "latent16": 16}
+IMBALANCE_RATIO = {"digits": 100, "glyphs": 100, "mnist16": 100, "glyphs16": 20, "latent16": 100}
 DATA_NAME = {
     "digits": "Digits 8x8",
     "glyphs": "Printed letters 8x8 (bench/glyphs.py)",
     "mnist16": "MNIST digits 16x16 (bench/mnist16.py), 1.1 M-parameter UNet",
     "glyphs16": "Printed letters 16x16 (bench/glyphs.py --size 16), IR 20, 0.28 M-parameter UNet",
+    "latent16": "MNIST digits 16x16 with descriptions, latent text-to-image from scratch (bench/latent16.py), 1.5 M "
+    "UNet2DConditionModel",
 }
 # Real images per class of a rendered testbed's source folder that form the FID reference.
 SOURCE_REFERENCE_PER_CLASS = 200
@@ -195,6 +200,15 @@ def testbed_setup(testbed: str, out: Path) -> tuple[list[str], dict]:
     """The testbed's extra training flags and its evaluation settings (dataset and judge)."""
     if testbed == "digits":
         return [], {"dataset": "imb-digits"}
+    if testbed == "latent16":
+        from bench.latent16 import PROMPTS
+        from bench.latent16 import build as build_latent16
+
+        base, captioned, weights = build_latent16(out / testbed)
+        judge = {"feature_extractor": "digits-classifier", "feature_extractor_weights_path": str(weights)}
+        flags = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(captioned)]
+        flags += ["--validation_prompts_per_class", str(captioned / PROMPTS)]
+        return flags, {"dataset": None, "reference_images_per_class": SOURCE_REFERENCE_PER_CLASS, **judge}
     if testbed == "mnist16":
         from bench.mnist16 import build
 
@@ -223,6 +237,7 @@ def train_and_evaluate(
     method: str, seed: int, steps: int, run_dir: Path, testbed: str, general_fraction: float | None = None
 ) -> dict:
     """One run in this process: train with the testbed recipe, watch the loss, evaluate theta (and theta^g)."""
+    import train_text_to_image_cm
     import train_unet_cm
     from capman_peft.analysis import heldout_loss
     from capman_peft.errors import NonFiniteLossError
@@ -244,7 +259,8 @@ def train_and_evaluate(
     record: dict = {"method": method, "seed": seed, "steps": steps, "testbed": testbed}
     start = time.time()
     try:
-        train_unet_cm.main(flags, TrainingCallbacks(on_step_end=record_loss))
+        script = train_text_to_image_cm if testbed in TEXT_TO_IMAGE else train_unet_cm
+        script.main(flags, TrainingCallbacks(on_step_end=record_loss))
     except NonFiniteLossError as err:
         record["non_finite"] = str(err)
     record["train_seconds"] = round(time.time() - start, 1)
@@ -294,7 +310,11 @@ def floors(testbed: str, out: Path, seed: int = 0) -> dict[str, dict[str, float]
     )
 
     extra_flags, evaluation = testbed_setup(testbed, out)
-    folder = {"train_data_dir": extra_flags[1]} if extra_flags else {}
+    folder = {}
+    if "--train_data_dir" in extra_flags:
+        folder["train_data_dir"] = extra_flags[extra_flags.index("--train_data_dir") + 1]
+    if testbed in TEXT_TO_IMAGE:  # an image folder with a metadata.jsonl: the class column is named
+        folder["label_column"] = "digit"
     size = RESOLUTION[testbed]
     reference = load_reference_dataset(
         evaluation["dataset"], size, evaluation.get("reference_images_per_class"), **folder
@@ -482,7 +502,10 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time, one CPU thread each.")
     parser.add_argument(
-        "--testbed", choices=list(TESTBEDS), default="digits", help="digits, letters, MNIST at 16 px, letters at 16 px."
+        "--testbed",
+        choices=list(TESTBEDS),
+        default="digits",
+        help="digits, letters, MNIST at 16 px, letters at 16 px, MNIST at 16 px as latent text-to-image.",
     )
     parser.add_argument(
         "--output_dir", default=None, help="Where runs and results go (default: bench_output/reproduce[-glyphs])."

@@ -89,7 +89,7 @@ def make_tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 12, **extra: Any
     )
 
 
-def _tiny_tokenizer(files: Path) -> CLIPTokenizer:
+def tiny_tokenizer(files: Path) -> CLIPTokenizer:
     """A CLIP tokenizer with one token per character (and per word-final character): no merges needed."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
@@ -135,7 +135,7 @@ def _tiny_vae(**extra: Any) -> AutoencoderKL:
     )
 
 
-def _tiny_text_config(**extra: int) -> CLIPTextConfig:
+def tiny_text_config(**extra: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         hidden_size=16,
         num_hidden_layers=2,
@@ -152,10 +152,10 @@ def _tiny_text_config(**extra: int) -> CLIPTextConfig:
 
 def build_tiny_sd(root: Path) -> Path:
     """A StableDiffusionPipeline folder with every SD v1 component at toy size."""
-    tokenizer = _tiny_tokenizer(root / "tokenizer-files")
+    tokenizer = tiny_tokenizer(root / "tokenizer-files")
     unet = make_tiny_sd_unet(cross_attention_dim=16)
     vae = _tiny_vae()
-    text_encoder = CLIPTextModel(_tiny_text_config())
+    text_encoder = CLIPTextModel(tiny_text_config())
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
     )
@@ -176,8 +176,8 @@ def build_tiny_sd(root: Path) -> Path:
 def build_tiny_sdxl(root: Path) -> Path:
     """A StableDiffusionXLPipeline folder at toy size: a UNet with SDXL's added conditions (pooled text embedding
     and six time ids), two CLIP text encoders (the second with a projection), a VAE and SDXL's Euler scheduler."""
-    tokenizer = _tiny_tokenizer(root / "tokenizer-files")
-    tokenizer_2 = _tiny_tokenizer(root / "tokenizer-2-files")
+    tokenizer = tiny_tokenizer(root / "tokenizer-files")
+    tokenizer_2 = tiny_tokenizer(root / "tokenizer-2-files")
     unet = make_tiny_sd_unet(
         cross_attention_dim=32,  # the two encoders' hidden states side by side
         addition_embed_type="text_time",
@@ -185,8 +185,8 @@ def build_tiny_sdxl(root: Path) -> Path:
         projection_class_embeddings_input_dim=16 + 6 * 4,  # pooled embedding + six time ids
     )
     vae = _tiny_vae()
-    text_encoder = CLIPTextModel(_tiny_text_config())
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16))
+    text_encoder = CLIPTextModel(tiny_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=16))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
@@ -296,10 +296,10 @@ def build_tiny_sd3(root: Path) -> Path:
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16)),
-        tokenizer=_tiny_tokenizer(root / "tokenizer-files"),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(projection_dim=16)),
-        tokenizer_2=_tiny_tokenizer(root / "tokenizer-2-files"),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config(projection_dim=16)),
+        tokenizer=tiny_tokenizer(root / "tokenizer-files"),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(projection_dim=16)),
+        tokenizer_2=tiny_tokenizer(root / "tokenizer-2-files"),
         text_encoder_3=_tiny_t5(),
         tokenizer_3=_tiny_t5_tokenizer(),
     )
@@ -332,8 +332,8 @@ def build_tiny_flux(root: Path, guidance_embeds: bool = True) -> Path:
         transformer=transformer,
         scheduler=scheduler,
         vae=_tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=CLIPTextModel(_tiny_text_config()),
-        tokenizer=_tiny_tokenizer(root / "tokenizer-files"),
+        text_encoder=CLIPTextModel(tiny_text_config()),
+        tokenizer=tiny_tokenizer(root / "tokenizer-files"),
         text_encoder_2=_tiny_t5(),
         tokenizer_2=_tiny_t5_tokenizer(),
     )
