@@ -34,6 +34,8 @@ from bench.mnist16 import build as build_mnist16  # noqa: E402
 
 WORDS = "zero one two three four five six seven eight nine".split()
 TEMPLATES = ("a handwritten digit {}", "the number {} written by hand", "a grey {} on a black background")
+# The metadata.jsonl column holding each image's class (the testbed recipe's --class_column).
+CLASS_COLUMN = "digit"
 # The class prompts of the grids, the expert-use report and the evaluation: the first description's wording.
 PROMPTS = "prompts.json"
 VAE_STEPS, VAE_BATCH, VAE_SEED, TEXT_SEED = 1500, 64, 0, 0
@@ -52,7 +54,7 @@ def write_captioned(source: Path, folder: Path) -> Path:
             name = f"{digit}_{image.stem}.png"
             shutil.copy(image, folder / name)
             text = "\n".join(template.format(WORDS[digit]) for template in TEMPLATES)
-            rows.append(json.dumps({"file_name": name, "digit": str(digit), "text": text}))
+            rows.append(json.dumps({"file_name": name, CLASS_COLUMN: str(digit), "text": text}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     prompts = {str(digit): TEMPLATES[0].format(word) for digit, word in enumerate(WORDS)}
     (folder / PROMPTS).write_text(json.dumps(prompts, indent=1))

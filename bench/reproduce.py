@@ -314,7 +314,9 @@ def floors(testbed: str, out: Path, seed: int = 0) -> dict[str, dict[str, float]
     if "--train_data_dir" in extra_flags:
         folder["train_data_dir"] = extra_flags[extra_flags.index("--train_data_dir") + 1]
     if testbed in TEXT_TO_IMAGE:  # an image folder with a metadata.jsonl: the class column is named
-        folder["label_column"] = "digit"
+        from bench.latent16 import CLASS_COLUMN
+
+        folder["label_column"] = CLASS_COLUMN
     size = RESOLUTION[testbed]
     reference = load_reference_dataset(
         evaluation["dataset"], size, evaluation.get("reference_images_per_class"), **folder

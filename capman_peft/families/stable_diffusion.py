@@ -134,7 +134,8 @@ class StableDiffusionFamily(PretrainedFamily):
         if model.pretrained_vae_model_name_or_path:
             vae = load_model_config(AutoencoderKL, model.pretrained_vae_model_name_or_path, flag + " (its VAE)")
         else:
-            vae = load_model_config(AutoencoderKL, source, flag, subfolder="vae")
+            where = dict(subfolder="vae", revision=model.revision, cache_dir=settings.data.cache_dir)
+            vae = load_model_config(AutoencoderKL, source, flag, **where)
         text = load_component(CLIPTextModel.config_class, settings, "text_encoder").to_dict()
         config = load_model_config(cls.denoiser_class, model.model_config_name_or_path)
         latent, width = vae.get("latent_channels", 4), text.get("hidden_size")
