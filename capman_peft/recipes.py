@@ -123,6 +123,7 @@ def parse_with_recipe(parser: ArgumentParser, argv: Sequence[str] | None = None)
     parser.add_argument("--config", default=None, help="YAML recipe of flag values; command-line flags win.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
+        parser.script_defaults = {action.dest: action.default for action in parser._actions}
         try:
             parser.set_defaults(**recipe_defaults(parser, load_recipe(known.config)))
         except ConfigError as err:
@@ -140,7 +141,8 @@ def parse_settings(
         ignored = [
             f"--{action.dest}"
             for action in parser._actions
-            if action.dest in parser.cm_only and getattr(args, action.dest, action.default) != action.default
+            if action.dest in parser.cm_only
+            and getattr(args, action.dest, action.default) != parser.script_default(action.dest)
         ]
         if ignored:
             logger.warning("--no_capacity_manipulation: %s have no effect without CM", ", ".join(sorted(set(ignored))))

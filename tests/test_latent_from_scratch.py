@@ -183,6 +183,14 @@ def test_from_scratch_flag_errors_name_the_flag(assets, tmp_path, overrides, mes
         train_text_to_image_cm.parse_args(scratch_args(assets, tmp_path / "out", **overrides))
 
 
+def test_a_lora_flag_set_by_a_recipe_is_refused_from_scratch_too(assets, tmp_path):
+    # a recipe's values become the parser's defaults: the check compares with the script's own default instead
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rank: 8\n")
+    with pytest.raises(ConfigError, match=r"--rank 8: sets the LoRA adapter"):
+        train_text_to_image_cm.parse_args(["--config", str(recipe), *scratch_args(assets, tmp_path / "out")])
+
+
 def test_a_config_that_does_not_fit_the_base_is_refused_before_any_work(assets, tmp_path):
     config = tmp_path / "wide.json"
     config.write_text(json.dumps({**TINY_SCRATCH_UNET, "cross_attention_dim": 32}))

@@ -212,14 +212,14 @@ def check_adapter_flags(
     """The adapter and optional-package flags, checked before the base model is read."""
     cm = objective.capacity_manipulation
     if args.model_config_name_or_path:
-        given = [flag for flag in LORA_FLAGS if getattr(args, flag) != parser.get_default(flag)]
+        given = [flag for flag in LORA_FLAGS if getattr(args, flag) != parser.script_default(flag)]
         if given:
             raise ConfigError(
                 f"--{given[0]} {getattr(args, given[0])}: sets the LoRA adapter, and --model_config_name_or_path "
                 "trains the whole UNet from scratch (CM's expert: --expert_rank_ratio, --expert_target_modules); "
                 "allowed: leave it unset"
             )
-    elif args.expert_rank_ratio != parser.get_default("expert_rank_ratio"):
+    elif args.expert_rank_ratio != parser.script_default("expert_rank_ratio"):
         raise ConfigError(
             f"--expert_rank_ratio {args.expert_rank_ratio}: sizes the expert of a UNet trained from scratch; the "
             "fine-tuned one's is --expert_rank; allowed: --expert_rank_ratio with --model_config_name_or_path"

@@ -36,6 +36,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.cm_only: set[str] = set()
         """The flags (dests) that do nothing without CM: set where they are defined, warned about when given with
         --no_capacity_manipulation."""
+        self.script_defaults: dict[str, Any] = {}
+        """Each flag's default as the script defines it, kept when a recipe (``--config``) replaces the defaults."""
+
+    def script_default(self, dest: str) -> Any:
+        """The script's own default for `dest`: a value that differs was given, on the command line or in a recipe."""
+        return self.script_defaults.get(dest, self.get_default(dest))
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = message.removeprefix("argument ")
