@@ -135,6 +135,13 @@ class PipelineFolder:
         return {"image_column": self.args.get("image_column"), "label_column": self.args.get("class_column")}
 
     @property
+    def learned_unconditional(self) -> bool:
+        """Whether the model learned the unconditional prediction that guidance extrapolates from: a fine-tuned base
+        brings one; a model trained from scratch learns it only with label (caption) dropout."""
+        from_scratch = not self.family.prompted or bool(self.args.get("model_config_name_or_path"))
+        return not (from_scratch and self.args.get("label_dropout") == 0)
+
+    @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 

@@ -35,6 +35,7 @@ from capman_peft.evaluation import (
 from capman_peft.evaluation.cli import main
 from capman_peft.evaluation.fidelity import _reference_cache_prefix
 from capman_peft.hub import METRICS_START
+from capman_peft.run_folder import PipelineFolder
 from capman_peft.testing import build_tiny_sd, make_tiny_unet2d
 
 TINY = "capman-test-tiny"
@@ -368,6 +369,22 @@ def test_capman_eval_takes_several_guidance_scales_and_records_each(tmp_path, cm
         assert json.loads((tmp_path / "scales" / label / "metrics.json").read_text())["label"] == label
     card = (out / "README.md").read_text()
     assert "guidance scale 1 and 2.5" in card and "θ (expert on, merged), w = 2.5" in card
+
+
+@pytest.mark.parametrize(
+    "pipeline, args, learned",
+    [
+        ("ClassConditionalPipeline", {"label_dropout": 0.1}, True),
+        ("ClassConditionalPipeline", {"label_dropout": 0.0}, False),  # from scratch, the null class never trained
+        ("ClassConditionalPipeline", {}, True),  # no record of it: assumed trained
+        ("StableDiffusionPipeline", {"label_dropout": 0.0}, True),  # fine-tuned: the base brings one
+        ("StableDiffusionPipeline", {"label_dropout": 0.0, "model_config_name_or_path": "unet.json"}, False),
+        ("StableDiffusionPipeline", {"label_dropout": 0.1, "model_config_name_or_path": "unet.json"}, True),
+    ],
+)
+def test_only_a_model_from_scratch_without_label_dropout_lacks_the_unconditional_prediction(pipeline, args, learned):
+    folder = PipelineFolder(Path("out"), {"_class_name": pipeline}, {"args": args})
+    assert folder.learned_unconditional is learned
 
 
 # ----------------------------------------------------------------------------------------------------------

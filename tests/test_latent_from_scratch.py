@@ -217,7 +217,7 @@ def test_table_g11_recipes_parse_and_their_unet_has_vq_diffusion_s_size(recipe, 
     assert settings.model.unet_config is not None and settings.data.imbalance_ratio == 10
 
 
-def test_capman_eval_measures_theta_and_theta_g_of_a_from_scratch_output(assets, tmp_path):
+def test_capman_eval_measures_theta_and_theta_g_of_a_from_scratch_output(assets, tmp_path, caplog):
     from test_evaluation import TINY  # registers the tiny feature extractor
 
     from capman_peft.evaluation.cli import main as evaluate
@@ -225,12 +225,14 @@ def test_capman_eval_measures_theta_and_theta_g_of_a_from_scratch_output(assets,
     base, _, config = assets
     cub = write_cub_copy(tmp_path, train_counts=(6, 5, 4, 3, 2, 2))  # two classes, two test images per split
     out = tmp_path / "cm"
-    train_text_to_image_cm.main(scratch_args((base, cub, config), out, cm_forward="shared_prefix"))
+    # without caption drop, as the recipes train: guidance has no unconditional prediction to extrapolate from
+    train_text_to_image_cm.main(scratch_args((base, cub, config), out, cm_forward="shared_prefix", caption_dropout=0))
     evaluate([
         "--pipeline", str(out), "--dataset", "imb-cub200", "--train_data_dir", str(cub), "--num_images_per_class", "1",
         "--reference_images_per_class", "1", "--steps", "2", "--batch_size", "4", "--feature_extractor", TINY,
         "--metrics", "fid", "--expert", "both", "--output_dir", str(tmp_path / "eval"),
     ])  # fmt: skip
+    assert "guidance 1.5 extrapolates from it (pass --guidance_scale 1" in caplog.text
     for label, expert in (("cm", "on"), ("cm-general", "off")):  # θ, and θ^g built from adapter/ (full mode)
         metrics = json.loads((tmp_path / "eval" / label / "metrics.json").read_text())
         assert metrics["expert"] == expert and metrics["kind"] == "text-to-image"

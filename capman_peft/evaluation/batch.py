@@ -3,6 +3,7 @@ with :func:`capman_peft.evaluation.evaluate.evaluate_pipeline`, then writes the 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -14,6 +15,8 @@ from ..run_folder import check_writable_folder, read_pipeline_folder
 from .evaluate import EXPERT_SETTINGS, EvalSettings, _with_overrides, evaluate_pipeline
 from .report import _print_summary, update_model_card_sections, write_comparison
 from .sampling import _check_settings
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_pipelines(
@@ -58,6 +61,15 @@ def evaluate_pipelines(
             f"--guidance_scale {' '.join(f'{w:g}' for w in scales)}: {unguided[0]} samples without guidance (a "
             "consistency model); allowed: one scale, or none"
         )
+    guided = [w for w in scales if w != 1]
+    for folder in folders:
+        if guided and folder.family.guided and not folder.learned_unconditional:
+            logger.warning(
+                "%s: trained from scratch with --label_dropout 0, so its unconditional prediction was never trained; "
+                "guidance %g extrapolates from it (pass --guidance_scale 1 to sample as trained)",
+                folder.path,
+                guided[0],
+            )
     jobs = [(f, e, w) for f in folders for e in experts for w in scales]
     if output_dir is None:
         output_dir = folders[0].path / "eval" if len(folders) == 1 else Path("capman_eval")
