@@ -65,8 +65,8 @@ def evaluate_pipelines(
     for folder in folders:
         if guided and folder.family.guided and not folder.learned_unconditional:
             logger.warning(
-                "%s: trained from scratch with --label_dropout 0, so its unconditional prediction was never trained; "
-                "guidance %g extrapolates from it (pass --guidance_scale 1 to sample as trained)",
+                "%s: trained from scratch without label (caption) dropout, so its unconditional prediction was never "
+                "trained; guidance %g extrapolates from it (pass --guidance_scale 1 to sample as trained)",
                 folder.path,
                 guided[0],
             )
