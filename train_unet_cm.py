@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None, callbacks: TrainingCallbacks | None 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model, report = drop_augment_embedding(final_model(accelerator, run)), None
-        if cm is not None and not consistency:  # the report probes with DDPM noise
+        if cm is not None:
             report = summarize_expert_use(model, noise_scheduler, dataset, family)
         with staged_export(output.output_dir) as out:
             if group_experts:

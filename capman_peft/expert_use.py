@@ -1,5 +1,6 @@
 """Is the reserved expert used? Per class, how far the expert moves the prediction, mean (ε_θ − ε_θg)², with the
-denoising loss of θ and of θ^g, on fixed noise and timesteps.
+denoising loss of θ and of θ^g, on fixed noise and timesteps (ε: what the noise schedule predicts, also v, a flow's
+velocity or a consistency model's f).
 
 Training measures it at the end of every CM run (``training_summary.json``, the model card, one log line:
 :func:`summarize_expert_use`); ``capman-analyze capacity`` measures it on a saved run (:func:`measure_expert_use`).
@@ -51,7 +52,7 @@ class LossSetup:
 
     def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """`model`'s prediction (θ, θ^g, a pruned copy: any denoiser of this family) at the schedule's timesteps `t`."""
-        return self.family.predict(model, noisy, self.schedule.denoiser_timesteps(t), cond)
+        return self.schedule.denoise(lambda x, time: self.family.predict(model, x, time, cond), noisy, t)
 
 
 @dataclass

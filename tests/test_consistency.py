@@ -16,7 +16,7 @@ from diffusers import CMStochasticIterativeScheduler, UNet2DModel
 import train_unet_cm
 from capman_peft.denoiser import CMDenoiser
 from capman_peft.errors import ConfigError
-from capman_peft.objective import ConsistencyObjective, consistency_loss
+from capman_peft.objective import ConsistencyObjective, consistency_loss, noise_schedule
 from capman_peft.randomness import StepDraws
 
 
@@ -66,6 +66,48 @@ def test_pseudo_huber_by_hand():
     assert objective().pseudo_huber(x, y).tolist() == pytest.approx([math.sqrt(25 + c * c) - c, 0.0])
 
 
+def consistency_function(network, x, s: float):
+    """f(x, σ) = c_skip·x + c_out·F(c_in·x, 250·ln σ) with σ_min 0.002 and σ_data 0.5 written out (Song et al.)."""
+    c_in = 1 / math.sqrt(s * s + 0.25)
+    c_skip = 0.25 / ((s - 0.002) ** 2 + 0.25)
+    c_out = (s - 0.002) * 0.5 / math.sqrt(s * s + 0.25)
+    return c_skip * x + c_out * network(c_in * x, 250 * math.log(s))
+
+
+def karras_sigma(i: int, levels: int = 1281) -> float:
+    return (0.002 ** (1 / 7) + i / (levels - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+
+
+def test_the_probe_schedule_noises_and_predicts_as_consistency_training():
+    """What the expert-use report and the analyses see of a consistency model: x = x0 + σ z at a level of the final
+    discretisation, the consistency function f as the prediction, x0 as its target."""
+    schedule = noise_schedule(CMStochasticIterativeScheduler())
+    assert schedule.num_train_timesteps == 1281
+    t = torch.tensor([1, 640, 1280])
+    x0, z = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    sigmas = [karras_sigma(i) for i in t.tolist()]
+    noisy = schedule.add_noise(x0, z, t)
+    torch.testing.assert_close(noisy, torch.stack([x0[i] + sigmas[i] * z[i] for i in range(3)]))
+    assert torch.equal(schedule.target(x0, z, t), x0)
+    fixed = Fixed()
+    predicted = schedule.denoise(lambda x, time: fixed(x, time)[0], noisy, t)
+    for i, s in enumerate(sigmas):
+        by_hand = consistency_function(lambda x, time: fixed(x, torch.tensor([time]))[0], noisy[i : i + 1], s)
+        torch.testing.assert_close(predicted[i : i + 1], by_hand)
+
+
+def test_the_probe_schedule_draws_the_upper_level_by_the_discretised_lognormal():
+    """P(σ_{i+1} ≤ 1) from iCT's erf differences written out here, against 100k draws (3 binomial stds)."""
+    schedule = noise_schedule(CMStochasticIterativeScheduler())
+    drawn = schedule.draw_timesteps(100_000, torch.Generator().manual_seed(0), "cpu")
+    assert drawn.min() >= 1 and drawn.max() <= 1280
+    cdf = [math.erf((math.log(karras_sigma(i)) + 1.1) / (math.sqrt(2) * 2.0)) for i in range(1281)]
+    p = [b - a for a, b in zip(cdf, cdf[1:], strict=False)]  # p[i]: the pair (i, i + 1)
+    expected = sum(p[i - 1] for i in range(1, 1281) if karras_sigma(i) <= 1) / sum(p)
+    observed = float((schedule.sigmas(drawn) <= 1).double().mean())
+    assert abs(observed - expected) < 3 * math.sqrt(expected * (1 - expected) / 100_000)
+
+
 class Fixed(torch.nn.Module):
     """F(x, t) = x · 0.5 + t / 1000, a 'network' whose consistency outputs are written out in the test."""
 
@@ -80,12 +122,10 @@ def test_the_loss_of_a_batch_by_hand():
     denoiser = CMDenoiser(Fixed(), capacity_manipulation=False, family=train_unet_cm.ClassConditionalFamily())
     loss, logs = consistency_loss(denoiser, ct, x0, torch.tensor([0, 1, 2]), num_classes=3, cm=None, draws=draws)
     low, high = ct.level_pairs(draws.timesteps, 0)
+    fixed = Fixed()
 
     def f(x, s):
-        c_in = 1 / math.sqrt(s * s + 0.25)
-        c_skip = 0.25 / ((s - 0.002) ** 2 + 0.25)
-        c_out = (s - 0.002) * 0.5 / math.sqrt(s * s + 0.25)
-        return c_skip * x + c_out * (c_in * x * 0.5 + 250 * math.log(s) / 1000)
+        return consistency_function(lambda x_in, time: fixed(x_in, torch.tensor([time]))[0], x, s)
 
     terms = []
     for i in range(3):
@@ -116,6 +156,33 @@ def test_consistency_training_exports_a_plain_consistency_model_pipeline(tmp_pat
     assert one.images.shape == two.images.shape == (2, 8, 8, 3) and np.isfinite(two.images).all()
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["args"]["objective"] == "consistency" and math.isfinite(summary["final_losses"]["loss"])
+
+    # The expert-use report and capman-analyze capacity probe it on f, the consistency function of θ and of θ^g
+    few = summary["expert_use"]["splits"]["few"]
+    assert few["distance"] > 0 and math.isfinite(few["loss_general"] / few["loss_full"])
+    from capman_peft.analysis import expert_capacity, make_loss_setup, prepare_analysis
+    from capman_peft.evaluation import load_pipeline
+    from capman_peft.expert_use import fixed_batches
+
+    capacity = expert_capacity(out, num_batches=1, batch_size=4, progress=False)
+    usage = capacity["expert_usage"]
+    assert capacity["prediction_type"] == "sample"  # f estimates x0
+    setup = prepare_analysis(out)
+    theta, theta_g = load_pipeline(out).unet, load_pipeline(out, expert="off").unet
+    loss_setup = make_loss_setup(setup.pipe, setup.folder, setup.class_names, "imb-digits")
+
+    def f(unet, x, label, level):
+        return consistency_function(
+            lambda x_in, time: unet(x_in, time, class_labels=label).sample, x, karras_sigma(level)
+        )
+
+    for batch in fixed_batches(loss_setup, setup.data, 10, num_batches=1, batch_size=4):
+        rows = []
+        for i, level in enumerate(batch.timesteps.tolist()):
+            x, label = batch.noisy[i : i + 1], batch.condition[i : i + 1]
+            with torch.no_grad():
+                rows.append((f(theta, x, label, level) - f(theta_g, x, label, level)).pow(2).mean().item())
+        assert usage[batch.class_id] == pytest.approx(sum(rows) / len(rows), rel=1e-3)
 
     # capman-eval samples it (its own scheduler, one step) as θ and as θ^g (the adapter without the expert)
     from test_evaluation import TINY  # registers the tiny feature extractor

@@ -52,7 +52,7 @@ def expert_capacity(
     )
     result = {
         "analysis": "capacity",
-        **_common_record(setup, num_batches, batch_size, seed),
+        **_common_record(setup, loss_setup, num_batches, batch_size, seed),
         **values,
         "splits": split_means(values, setup.data.splits),
     }

@@ -136,7 +136,9 @@ def split_means(per_class: dict[str, list[float]], splits: dict[str, list[int]])
     return out
 
 
-def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed: int) -> dict[str, Any]:
+def _common_record(
+    setup: AnalysisSetup, loss_setup: LossSetup, num_batches: int, batch_size: int, seed: int
+) -> dict[str, Any]:
     return {
         "pipeline": str(setup.folder.path),
         "dataset": setup.dataset,
@@ -146,7 +148,7 @@ def _common_record(setup: AnalysisSetup, num_batches: int, batch_size: int, seed
         "batch_size": batch_size,
         "samples_per_class": num_batches * batch_size,
         "seed": seed,
-        "prediction_type": setup.pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "prediction_type": loss_setup.schedule.prediction_type,
         "class_names": setup.class_names,
         "class_counts": setup.data.class_counts,
         "class_splits": setup.data.splits,

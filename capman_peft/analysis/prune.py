@@ -110,7 +110,7 @@ def pruning_sensitivity(
     values = {"relative_loss_change": relative, "loss_raw": loss_raw, "loss_pruned": loss_pruned}
     result = {
         "analysis": "prune",
-        **_common_record(setup, num_batches, batch_size, seed),
+        **_common_record(setup, loss_setup, num_batches, batch_size, seed),
         "fraction": fraction,
         "pruned_parameters": PRUNED_PARAMETERS,
         **stats,

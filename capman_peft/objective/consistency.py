@@ -13,6 +13,7 @@ target.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,40 @@ class ConsistencyObjective:
         c = self.settings.huber_c * math.sqrt(dims)
         squared = (prediction.float() - target.float()).pow(2).reshape(len(prediction), -1).sum(dim=1)
         return (squared + c**2).sqrt() - c
+
+
+class ConsistencyNoiseSchedule:
+    """The noise schedule through which the expert-use report and the analyses probe a consistency model: a timestep
+    is a level index of the final discretisation (s1 + 1 Karras levels), drawn as the loss draws its upper level
+    σ_{i+1}; x = x0 + σ z, the prediction is the consistency function f(x, σ) (the network given c_in·x at 250·ln σ)
+    and its target is x0. So θ and θ^g are compared on f, as L_CM compares them in training."""
+
+    prediction_type = "sample"
+
+    def __init__(self, scheduler: Any) -> None:
+        self.objective = ConsistencyObjective(scheduler, total_steps=1)
+        self.num_train_timesteps = self.objective.settings.final_levels + 1
+        self._sigmas = self.objective.sigmas(self.num_train_timesteps)
+        self._upper_probabilities = self.objective.level_probabilities(self._sigmas)  # of σ_{i+1}, i < N - 1
+
+    def sigmas(self, timesteps: Tensor) -> Tensor:
+        return self._sigmas.to(timesteps.device)[timesteps]
+
+    def draw_timesteps(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+        lower = torch.multinomial(self._upper_probabilities, n, replacement=True, generator=generator)
+        return (lower + 1).to(device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return x0 + _per_row(self.sigmas(timesteps), x0) * noise
+
+    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return x0
+
+    def denoise(self, network: Callable[[Tensor, Tensor], Tensor], noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """f(x, σ) = c_skip·x + c_out·F(c_in·x, 250·ln σ), `network(input, time)` being F."""
+        c_in, c_skip, c_out, time = self.objective.parametrisation(self.sigmas(timesteps))
+        raw = network(_per_row(c_in, noisy) * noisy, time.to(noisy.dtype))
+        return _per_row(c_skip, noisy) * noisy + _per_row(c_out, noisy) * raw
 
 
 def _per_row(values: Tensor, like: Tensor) -> Tensor:

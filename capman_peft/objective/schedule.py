@@ -3,19 +3,25 @@ given as its time input and learns to predict there. A model family's scheduler 
 the base objectives, Eq. 4's batch, the expert-use report and the analyses all noise and take targets through it, so
 none of them knows the parameterisation.
 
-A timestep is an integer index t < T into the schedule's tables in both kinds: DDPM's t itself, or the row of a flow
-scheduler's σ table (what diffusers' SD3 and Flux scripts index with ``(u * T).long()``).
+A timestep is an integer index t < T into the schedule's tables in every kind: DDPM's t itself, the row of a flow
+scheduler's σ table (what diffusers' SD3 and Flux scripts index with ``(u * T).long()``), or a consistency model's
+noise level (:class:`capman_peft.objective.consistency.ConsistencyNoiseSchedule`, which only probes: consistency
+training draws its own level pairs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import CMStochasticIterativeScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .consistency import ConsistencyNoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
@@ -51,6 +57,10 @@ class DiffusionSchedule:
     def denoiser_timesteps(self, timesteps: Tensor) -> Tensor:
         """The denoiser's time input at `timesteps`: t itself."""
         return timesteps
+
+    def denoise(self, network: Callable[[Tensor, Tensor], Tensor], noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """The prediction at `noisy`: the network's own output, `network(input, time)`."""
+        return network(noisy, self.denoiser_timesteps(timesteps))
 
     def alphas_cumprod(self, timesteps: Tensor) -> Tensor:
         """ᾱ_t per sample; the table follows the timesteps' device once instead of being copied every step."""
@@ -126,6 +136,8 @@ class FlowMatchingSchedule:
         """The denoiser's time input at `timesteps`: σ·T, as the scheduler's sampling loop gives it."""
         return self._table("_timesteps", timesteps)
 
+    denoise = DiffusionSchedule.denoise
+
     def squared_mixing(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """((1 − σ)², σ²) per sample in float64."""
         sigmas = self.sigmas(timesteps).double()
@@ -154,8 +166,13 @@ class FlowMatchingSchedule:
 NoiseSchedule = DiffusionSchedule | FlowMatchingSchedule
 
 
-def noise_schedule(scheduler: Any, weighting: FlowWeighting | None = None) -> NoiseSchedule:
-    """The training schedule of a family's scheduler: flow matching for a flow-matching scheduler, else DDPM."""
+def noise_schedule(scheduler: Any, weighting: FlowWeighting | None = None) -> NoiseSchedule | ConsistencyNoiseSchedule:
+    """The training schedule of a family's scheduler: flow matching for a flow-matching scheduler, consistency
+    training's levels for a consistency scheduler (what the analyses probe it with), else DDPM."""
+    if isinstance(scheduler, CMStochasticIterativeScheduler) and weighting is None:
+        from .consistency import ConsistencyNoiseSchedule  # consistency builds on the objectives that import this
+
+        return ConsistencyNoiseSchedule(scheduler)
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return FlowMatchingSchedule(scheduler, weighting)
     if weighting is not None:
