@@ -272,8 +272,8 @@ def train_and_evaluate(
         return record
     summary = json.loads((run_dir / "training_summary.json").read_text())
     record["expert_use"] = summary.get("expert_use")
-    # capman-analyze measures one UNet with DDPM noise: a group-expert output (one UNet per group) and a consistency
-    # model have no held-out row here.
+    # capman-analyze measures one UNet: a group-expert output (one UNet per group) has no held-out row; nor has a
+    # consistency model, as its protocol says (its loss is f's error in x0, not comparable with the other rows').
     consistency = method in CONSISTENCY_ROWS
     heldout = None if summary["args"].get("group_experts") or consistency else heldout_loss(run_dir)
     record["heldout"] = heldout and {k: heldout[k] for k in ("loss_full", "loss_general") if k in heldout}
