@@ -32,14 +32,14 @@ def test_the_curriculum_doubles_the_levels_from_11_to_1281_in_eight_stages():
 def test_levels_are_karras_sigmas_as_the_scheduler_spaces_them():
     ct, scheduler = objective(), CMStochasticIterativeScheduler()
     by_hand = [(0.002 ** (1 / 7) + i / 10 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for i in range(11)]
-    assert ct.sigmas(11).tolist() == pytest.approx(by_hand, rel=1e-12)
+    assert ct.noise.karras_sigmas(11).tolist() == pytest.approx(by_hand, rel=1e-12)
     descending = scheduler._convert_to_karras(np.linspace(0, 1, 11))  # the scheduler runs from σ_max down
-    assert ct.sigmas(11).numpy() == pytest.approx(descending[::-1], rel=1e-6)
+    assert ct.noise.karras_sigmas(11).numpy() == pytest.approx(descending[::-1], rel=1e-6)
 
 
 def test_level_pairs_follow_the_discretised_lognormal():
     ct = objective()
-    sigmas = ct.sigmas(11).tolist()
+    sigmas = ct.noise.karras_sigmas(11).tolist()
     cdf = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in sigmas]
     p = [b - a for a, b in zip(cdf, cdf[1:], strict=False)]
     p = [v / sum(p) for v in p]
@@ -52,7 +52,7 @@ def test_level_pairs_follow_the_discretised_lognormal():
 def test_parametrisation_is_the_schedulers():
     ct, scheduler = objective(), CMStochasticIterativeScheduler()
     sigma = torch.tensor([0.002, 0.5, 3.0, 80.0], dtype=torch.float64)
-    c_in, c_skip, c_out, time = ct.parametrisation(sigma)
+    c_in, c_skip, c_out, time = ct.noise.parametrisation(sigma)
     skip, out = scheduler.get_scalings_for_boundary_condition(sigma)
     assert torch.allclose(c_skip, skip) and torch.allclose(c_out, out)
     assert torch.allclose(c_in, 1 / (sigma**2 + 0.25).sqrt())

@@ -5,23 +5,21 @@ none of them knows the parameterisation.
 
 A timestep is an integer index t < T into the schedule's tables in every kind: DDPM's t itself, the row of a flow
 scheduler's σ table (what diffusers' SD3 and Flux scripts index with ``(u * T).long()``), or a consistency model's
-noise level (:class:`capman_peft.objective.consistency.ConsistencyNoiseSchedule`, which only probes: consistency
-training draws its own level pairs).
+noise level (:class:`ConsistencyNoiseSchedule`: its levels and parametrisation are consistency training's, whose
+loss draws its own level pairs; the expert-use report and the analyses probe a consistency model through it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import CMStochasticIterativeScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .consistency import ConsistencyNoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
@@ -163,15 +161,94 @@ class FlowMatchingSchedule:
         return self.sigmas(timesteps)
 
 
-NoiseSchedule = DiffusionSchedule | FlowMatchingSchedule
+@dataclass(frozen=True)
+class ConsistencySettings:
+    """iCT's settings (Song & Dhariwal 2023, sec. 3-4 and their CIFAR-10 table); σ_min, σ_max, ρ and σ_data are
+    the scheduler's (``CMStochasticIterativeScheduler`` defaults)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float = 0.5
+    initial_levels: int = 10  # s0
+    final_levels: int = 1280  # s1
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    huber_c: float = 0.00054  # c = 0.00054 · √d, d the data dimension
 
 
-def noise_schedule(scheduler: Any, weighting: FlowWeighting | None = None) -> NoiseSchedule | ConsistencyNoiseSchedule:
+class ConsistencyNoiseSchedule:
+    """A consistency model's noise (iCT): the Karras levels, the lognormal over them and the parametrisation of
+    diffusers' ``CMStochasticIterativeScheduler``. As a probe, a timestep is a level index of the final
+    discretisation (s1 + 1 levels), drawn as the loss draws its upper level σ_{i+1}; x = x0 + σ z, the prediction is
+    the consistency function f(x, σ) and its target x0, so θ and θ^g are compared on f, as L_CM compares them."""
+
+    prediction_type = "sample"
+
+    def __init__(self, scheduler: Any) -> None:
+        config = scheduler.config
+        self.settings = ConsistencySettings(
+            sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho, sigma_data=config.sigma_data
+        )
+        self.num_train_timesteps = self.settings.final_levels + 1
+        self._levels = self.karras_sigmas(self.num_train_timesteps)
+        self._upper_probabilities = self.level_probabilities(self._levels)  # of σ_{i+1}, i < N - 1
+
+    def karras_sigmas(self, levels: int) -> Tensor:
+        """The Karras levels σ_1 < … < σ_N, float64."""
+        s = self.settings
+        ramp = torch.linspace(0, 1, levels, dtype=torch.float64)
+        low, high = s.sigma_min ** (1 / s.rho), s.sigma_max ** (1 / s.rho)
+        return (low + ramp * (high - low)) ** s.rho
+
+    def level_probabilities(self, sigmas: Tensor) -> Tensor:
+        """p(i) ∝ erf((ln σ_{i+1} − P_mean) / (√2 P_std)) − erf((ln σ_i − P_mean) / (√2 P_std)), i < N."""
+        s = self.settings
+        cdf = torch.erf((sigmas.log() - s.p_mean) / (math.sqrt(2) * s.p_std))
+        weights = cdf[1:] - cdf[:-1]
+        return weights / weights.sum()
+
+    def parametrisation(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_in, c_skip, c_out, the UNet's time input) at σ, as the scheduler samples."""
+        s = self.settings
+        c_in = (sigma**2 + s.sigma_data**2).rsqrt()
+        c_skip = s.sigma_data**2 / ((sigma - s.sigma_min) ** 2 + s.sigma_data**2)
+        c_out = (sigma - s.sigma_min) * s.sigma_data / (sigma**2 + s.sigma_data**2).sqrt()
+        return c_in, c_skip, c_out, 1000 * 0.25 * torch.log(sigma + 1e-44)
+
+    def sigmas(self, timesteps: Tensor) -> Tensor:
+        """σ at the level indices `timesteps` of the final discretisation."""
+        return self._levels.to(timesteps.device)[timesteps]
+
+    def draw_timesteps(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+        lower = torch.multinomial(self._upper_probabilities, n, replacement=True, generator=generator)
+        return (lower + 1).to(device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return x0 + per_row(self.sigmas(timesteps), x0) * noise
+
+    def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return x0
+
+    def denoise(self, network: Callable[[Tensor, Tensor], Tensor], noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """f(x, σ) = c_skip·x + c_out·F(c_in·x, 250·ln σ), `network(input, time)` being F."""
+        c_in, c_skip, c_out, time = self.parametrisation(self.sigmas(timesteps))
+        raw = network(per_row(c_in, noisy) * noisy, time.to(noisy.dtype))
+        return per_row(c_skip, noisy) * noisy + per_row(c_out, noisy) * raw
+
+
+def per_row(values: Tensor, like: Tensor) -> Tensor:
+    """One value per sample, shaped to broadcast over `like`'s rows (in its dtype)."""
+    return values.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+
+NoiseSchedule = DiffusionSchedule | FlowMatchingSchedule | ConsistencyNoiseSchedule
+
+
+def noise_schedule(scheduler: Any, weighting: FlowWeighting | None = None) -> NoiseSchedule:
     """The training schedule of a family's scheduler: flow matching for a flow-matching scheduler, consistency
     training's levels for a consistency scheduler (what the analyses probe it with), else DDPM."""
     if isinstance(scheduler, CMStochasticIterativeScheduler) and weighting is None:
-        from .consistency import ConsistencyNoiseSchedule  # consistency builds on the objectives that import this
-
         return ConsistencyNoiseSchedule(scheduler)
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return FlowMatchingSchedule(scheduler, weighting)
