@@ -142,7 +142,7 @@ class FlowMatchingSchedule:
         return (1 - sigmas).pow(2), sigmas.pow(2)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        sigmas = self.sigmas(timesteps).reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+        sigmas = per_row(self.sigmas(timesteps), x0)
         return (1 - sigmas) * x0 + sigmas * noise
 
     def target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
