@@ -6,7 +6,10 @@ scores over the seeds (mean ± std) and the rule's tests (``bench/reproduce.py: 
     python bench/reproduce.py --testbed mnist16 --methods DDPM "CM (+DDPM), relative hinge" --output_dir D
     python bench/downstream.py --study_dir D --rows DDPM "CM (+DDPM), relative hinge"
 
-Each seed's ``metrics.json`` goes to ``D/downstream/seed<k>/``; a seed already there is reused.
+Each seed's ``metrics.json`` goes to ``D/downstream/seed<k>/``; a seed already there is reused. A row's model missing
+from ``D/models/`` (its record was reused, so no run left one) is trained first with the study's recipe, and
+``models.json`` beside the metrics says, per row, whether its final loss is its record's: only then is the model the
+one the record measured.
 """
 
 from __future__ import annotations
@@ -21,12 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from reproduce import EVAL, IMAGES_PER_CLASS, SEEDS, slug, worse  # noqa: E402
+from reproduce import EVAL, IMAGES_PER_CLASS, SEEDS, STEPS, machine, slug, testbed_setup, train, worse  # noqa: E402
 
 from capman_peft.evaluation.downstream import REAL_ONLY  # noqa: E402
 from capman_peft.evaluation.downstream_cli import main as downstream  # noqa: E402
 
 METRICS = {"few_accuracy": "Few accuracy", "recall": "macro recall", "accuracy": "accuracy"}
+
+
+def ensure_model(study: Path, row: str, seed: int, testbed_flags: list[str]) -> str:
+    """The row's seed model in ``study/models/``, trained there if missing; says where it came from."""
+    from capman_peft.training.loop import TrainingCallbacks
+
+    run_dir = study / "models" / f"{slug(row)}-seed{seed}"
+    if (run_dir / "model_index.json").is_file():
+        return "the study's run"
+    losses: list[float] = []
+    callbacks = TrainingCallbacks(on_step_end=lambda step, values: losses.append(values["loss"]))
+    train(row, seed, STEPS["mnist16"], run_dir, "mnist16", testbed_flags, callbacks=callbacks)
+    record = study / "runs" / f"{slug(row)}-seed{seed}.json"
+    if not record.is_file():
+        return "trained here; no record"
+    expected = json.loads(record.read_text())["final_loss"]
+    same = "the record's" if losses[-1] == expected else f"not the record's {expected!r}"
+    return f"trained here: final loss {losses[-1]!r}, {same}"
 
 
 def main() -> None:
@@ -41,11 +62,14 @@ def main() -> None:
     for seed in args.seeds:
         out = study / "downstream" / f"seed{seed}"
         if not (out / "metrics.json").is_file():
+            testbed_flags, _ = testbed_setup("mnist16", study)
+            models = {row: ensure_model(study, row, seed, testbed_flags) for row in args.rows}
             argv = [f"--pipeline={study / 'models' / f'{slug(row)}-seed{seed}'}" for row in args.rows]
             argv += ["--test_data_dir", str(study / "mnist16" / "held_out"), "--seeds", str(seed)]
             argv += ["--num_images_per_class", str(IMAGES_PER_CLASS), "--steps", str(EVAL["steps"])]
             argv += ["--guidance_scale", str(EVAL["guidance_scale"]), "--epochs", str(args.epochs)]
             downstream([*argv, "--output_dir", str(out)])
+            (out / "models.json").write_text(json.dumps({"machine": machine(), "models": models}, indent=1))
         rows = json.loads((out / "metrics.json").read_text())["rows"]
         names = [REAL_ONLY, *args.rows]  # the record's rows are the real set, then the pipelines in order
         for name, row in zip(names, rows, strict=True):

@@ -66,9 +66,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    from capman_peft.training.loop import TrainingCallbacks
 
 # testbed -> its recipe; the letters' data and classifier are rendered into the study's output folder on first use.
 TESTBEDS = {
@@ -233,12 +236,38 @@ def method_flags(method: str, steps: int, general_fraction: float | None = None)
     return flags
 
 
+def machine() -> dict[str, str]:
+    """What a run's floats depend on beyond the code: torch dispatches its CPU kernels by instruction set."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def train(
+    method: str,
+    seed: int,
+    steps: int,
+    run_dir: Path,
+    testbed: str,
+    testbed_flags: list[str],
+    general_fraction: float | None = None,
+    callbacks: TrainingCallbacks | None = None,
+) -> None:
+    """Train one row's run into `run_dir` with the testbed recipe and its data (`testbed_setup`'s flags)."""
+    import train_text_to_image_cm
+    import train_unet_cm
+
+    flags = ["--config", str(TESTBEDS[testbed]), "--max_train_steps", str(steps), "--seed", str(seed), *testbed_flags]
+    flags += ["--output_dir", str(run_dir), "--overwrite_output_dir", "--report_to", "none"]
+    flags += method_flags(method, steps, general_fraction)
+    script = train_text_to_image_cm if testbed in TEXT_TO_IMAGE else train_unet_cm
+    script.main(flags, callbacks)
+
+
 def train_and_evaluate(
     method: str, seed: int, steps: int, run_dir: Path, testbed: str, general_fraction: float | None = None
 ) -> dict:
     """One run in this process: train with the testbed recipe, watch the loss, evaluate theta (and theta^g)."""
-    import train_text_to_image_cm
-    import train_unet_cm
     from capman_peft.analysis import heldout_loss
     from capman_peft.errors import NonFiniteLossError
     from capman_peft.evaluation import evaluate_pipeline
@@ -252,15 +281,12 @@ def train_and_evaluate(
         if step % CURVE_EVERY == 0:
             curve.append({"step": step, **{k: v for k, v in values.items() if k.startswith(("loss", "cm_"))}})
 
-    extra_flags, evaluation = testbed_setup(testbed, run_dir.parent.parent)
-    flags = ["--config", str(TESTBEDS[testbed]), "--max_train_steps", str(steps), "--seed", str(seed), *extra_flags]
-    flags += ["--output_dir", str(run_dir), "--overwrite_output_dir", "--report_to", "none"]
-    flags += method_flags(method, steps, general_fraction)
-    record: dict = {"method": method, "seed": seed, "steps": steps, "testbed": testbed}
+    testbed_flags, evaluation = testbed_setup(testbed, run_dir.parent.parent)
+    record: dict = {"method": method, "seed": seed, "steps": steps, "testbed": testbed, "machine": machine()}
     start = time.time()
     try:
-        script = train_text_to_image_cm if testbed in TEXT_TO_IMAGE else train_unet_cm
-        script.main(flags, TrainingCallbacks(on_step_end=record_loss))
+        callbacks = TrainingCallbacks(on_step_end=record_loss)
+        train(method, seed, steps, run_dir, testbed, testbed_flags, general_fraction, callbacks)
     except NonFiniteLossError as err:
         record["non_finite"] = str(err)
     record["train_seconds"] = round(time.time() - start, 1)
@@ -401,7 +427,11 @@ def judge(records: list[dict], row: str, base: str) -> str | None:
         for name, key, lower in (("Few accuracy", "few accuracy", False), ("Few FID", "few", True))
     }
     failed = [f"{name}: {', '.join(reasons)}" for name, reasons in checks.items() if reasons]
-    return f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
+    verdict = f"fails ({'; '.join(failed)}; worse than {base})" if failed else "passes"
+    # Floats differ by machine, and each machine trains its own judge: records from two need not be comparable.
+    both = [r for r in records if r["method"] in (row, base) and "machine" in r]
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in both}
+    return verdict + (f"; records from {len(machines)} machines: {sorted(machines)}" if len(machines) > 1 else "")
 
 
 def verdicts(records: list[dict]) -> dict[tuple[str, str], str]:
