@@ -1,6 +1,6 @@
 """Is the reserved expert used? Per class, how far the expert moves the prediction, mean (ε_θ − ε_θg)², with the
 denoising loss of θ and of θ^g, on fixed noise and timesteps (ε: what the noise schedule predicts, also v, a flow's
-velocity or a consistency model's f).
+velocity or x₀, a consistency model's f; the report names it).
 
 Training measures it at the end of every CM run (``training_summary.json``, the model card, one log line:
 :func:`summarize_expert_use`); ``capman-analyze capacity`` measures it on a saved run (:func:`measure_expert_use`).
@@ -24,6 +24,7 @@ from .data import LabelledImageDataset
 from .errors import ConfigError
 from .families import Condition, ModelFamily, concat
 from .objective import NoiseSchedule, noise_schedule
+from .objective.schedule import PREDICTED
 from .randomness import derived_seed
 from .tuner import expert_disabled
 
@@ -171,8 +172,9 @@ def summarize_expert_use(
     (fixed noise and timesteps, dropout off), for ``training_summary.json``, the model card and the log line it
     writes.
 
-    Per split: ``distance`` = mean (eps_theta - eps_theta^g)^2, ``loss_full`` / ``loss_general`` = the denoising
-    loss of theta / theta^g. The expert counts as used when the Few distance is at least 10x the Many distance.
+    Per split: ``distance`` = mean (ε_θ − ε_θg)² (ε: the target of ``prediction_type``), ``loss_full`` /
+    ``loss_general`` = the denoising loss of theta / theta^g. The expert counts as used when the Few distance is at
+    least 10x the Many distance.
     """
     device = next(capman.parameters()).device
     loss_setup = LossSetup(capman, noise_schedule(noise_scheduler), family, device)
@@ -194,6 +196,7 @@ def summarize_expert_use(
     # A zero Few distance is an unused (dead) expert, whatever the Many distance is.
     ratio = few / many if many > 0 else (math.inf if few > 0 else 0.0)
     report = {
+        "prediction_type": loss_setup.schedule.prediction_type,
         "images_per_class": images_per_class,
         "splits": splits,
         "per_class_distance": values["expert_usage"],
@@ -215,7 +218,8 @@ def describe_expert_use(report: dict[str, Any]) -> str:
         verdict = "the expert is unused (theta and theta^g agree exactly): CM acts like plain training here"
     else:
         verdict = f"the expert is barely used (Few/Many < {EXPERT_USE_RATIO:g}x): CM acts like plain training here"
+    p = PREDICTED[report["prediction_type"]]
     return (
-        f"Expert use: mean (eps_theta - eps_theta^g)^2 {distances} (Few/Many {report['few_over_many']:.3g}x); "
+        f"Expert use: mean ({p}_θ − {p}_θg)² {distances} (Few/Many {report['few_over_many']:.3g}x); "
         f"loss of theta^g over theta {losses}: {verdict}."
     )

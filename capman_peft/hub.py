@@ -186,6 +186,8 @@ def card_license(path: str | Path) -> str | None:
 
 def _expert_use_section(report: dict[str, Any] | None) -> str:
     """The card's "Expert use" table: θ vs θ^g per split on a fixed batch at the end of training."""
+    from .objective.schedule import PREDICTED
+
     if report is None:
         return ""
     rows = "\n".join(
@@ -193,12 +195,13 @@ def _expert_use_section(report: dict[str, Any] | None) -> str:
         for split, v in report["splits"].items()
     )
     verdict = "used" if report["expert_used"] else "barely used (Few/Many distance below 10×)"
+    p = PREDICTED[report["prediction_type"]]
     return f"""## Expert use
 
 θ (expert on) vs θ^g (expert off) on {report["images_per_class"]} training images per class with fixed noise: the
 reserved expert is **{verdict}** (Few/Many distance {report["few_over_many"]:.3g}×).
 
-| split | mean (ε_θ − ε_θg)² | loss θ | loss θ^g |
+| split | mean ({p}_θ − {p}_θg)² | loss θ | loss θ^g |
 |---|---|---|---|
 {rows}
 

@@ -159,6 +159,8 @@ def test_consistency_training_exports_a_plain_consistency_model_pipeline(tmp_pat
 
     # The expert-use report and capman-analyze capacity probe it on f, the consistency function of θ and of θ^g
     few = summary["expert_use"]["splits"]["few"]
+    assert summary["expert_use"]["prediction_type"] == "sample"  # the card names f's output, an estimate of x0
+    assert "| split | mean (x₀_θ − x₀_θg)² |" in (out / "README.md").read_text()
     assert few["distance"] > 0 and math.isfinite(few["loss_general"] / few["loss_full"])
     from capman_peft.analysis import expert_capacity, make_loss_setup, prepare_analysis
     from capman_peft.evaluation import load_pipeline

@@ -234,6 +234,7 @@ def test_each_push_form_trains_and_is_recorded(tmp_path, form, margin):
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["final_losses"].values())
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"form={form}, margin={margin}," in card
+    assert "| split | mean (ε_θ − ε_θg)² |" in card and summary["expert_use"]["prediction_type"] == "epsilon"
     assert "Compare with a `--no_capacity_manipulation` run" in " ".join(card.split())
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..evaluation.report import write_json
 from ..expert_use import measure_expert_use
+from ..objective.schedule import PREDICTED
 from ..run_folder import load_capman_unet, read_pipeline_folder, require_adapter
 from .plot import plot_per_class
 from .probes import (
@@ -60,7 +61,7 @@ def expert_capacity(
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(result, output_dir / "capacity.json")
-        plot_per_class(
-            result, "expert_usage", "Expert usage per class: mean (ε_θ − ε_θg)²", output_dir / "capacity.png"
-        )
+        p = PREDICTED[loss_setup.schedule.prediction_type]
+        title = f"Expert usage per class: mean ({p}_θ − {p}_θg)²"
+        plot_per_class(result, "expert_usage", title, output_dir / "capacity.png")
     return result

@@ -22,6 +22,8 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Every schedule's prediction_type -> the symbol of what the network predicts (for reports: ε, v or x₀).
+PREDICTED = {"epsilon": "ε", "v_prediction": "v", "flow": "v", "sample": "x₀"}
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
 
