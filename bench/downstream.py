@@ -33,21 +33,26 @@ METRICS = {"few_accuracy": "Few accuracy", "recall": "macro recall", "accuracy":
 
 
 def ensure_model(study: Path, row: str, seed: int, testbed_flags: list[str]) -> str:
-    """The row's seed model in ``study/models/``, trained there if missing; says where it came from."""
+    """The row's seed model in ``study/models/``, trained there if missing; says where it came from (a model trained
+    here keeps that in its ``retrained.json``)."""
     from capman_peft.training.loop import TrainingCallbacks
 
     run_dir = study / "models" / f"{slug(row)}-seed{seed}"
+    note = run_dir / "retrained.json"
     if (run_dir / "model_index.json").is_file():
-        return "the study's run"
+        return json.loads(note.read_text())["status"] if note.is_file() else "the study's run"
     losses: list[float] = []
     callbacks = TrainingCallbacks(on_step_end=lambda step, values: losses.append(values["loss"]))
     train(row, seed, STEPS["mnist16"], run_dir, "mnist16", testbed_flags, callbacks=callbacks)
     record = study / "runs" / f"{slug(row)}-seed{seed}.json"
-    if not record.is_file():
-        return "trained here; no record"
-    expected = json.loads(record.read_text())["final_loss"]
-    same = "the record's" if losses[-1] == expected else f"not the record's {expected!r}"
-    return f"trained here: final loss {losses[-1]!r}, {same}"
+    status = f"trained here on {machine()}: final loss {losses[-1]!r}, "
+    if record.is_file():
+        expected = json.loads(record.read_text())["final_loss"]
+        status += "the record's" if losses[-1] == expected else f"not the record's {expected!r}"
+    else:
+        status += "no record"
+    note.write_text(json.dumps({"status": status}))
+    return status
 
 
 def main() -> None:
@@ -56,8 +61,19 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", required=True, help="Study rows whose models add images.")
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="Generator and classifier seeds.")
     parser.add_argument("--epochs", type=int, default=200, help="Classifier epochs (the protocol's 200).")
+    parser.add_argument(
+        "--train_only",
+        action="store_true",
+        help="Only train the rows' missing models (e.g. two such processes at a time, one thread and row each).",
+    )
     args = parser.parse_args()
     study = Path(args.study_dir)
+    if args.train_only:
+        testbed_flags, _ = testbed_setup("mnist16", study)
+        for seed in args.seeds:
+            for row in args.rows:
+                print(f"{row} seed {seed}: {ensure_model(study, row, seed, testbed_flags)}")
+        return
     scores: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:
         out = study / "downstream" / f"seed{seed}"
