@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 import yaml
@@ -69,6 +70,11 @@ def test_output_is_a_complete_pipeline_that_samples_with_ddim_and_dpm(trained):
     summary = json.loads((trained / "training_summary.json").read_text())
     assert summary["class_counts"][0] / summary["class_counts"][-1] == pytest.approx(10, rel=0.1)
     assert len(summary["omega_con"]) == 10 and "base_loss" in summary["final_losses"]
+    # where it ran: the versions its numbers depend on and the kernels torch picked on this CPU
+    environment = summary["environment"]
+    assert environment["versions"]["torch"] == torch.__version__
+    assert environment["versions"]["diffusers"] == diffusers.__version__
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pkl"))
 
 

@@ -8,10 +8,12 @@ import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from PIL import Image
 from torch import nn
@@ -39,6 +41,20 @@ def publish_image(accelerator: Accelerator, image: Image.Image, path: Path, step
     return path
 
 
+# The packages whose versions a run's numbers depend on, recorded in training_summary.json.
+RECORDED_PACKAGES = ("capman_peft", "torch", "diffusers", "peft", "accelerate", "transformers")
+
+
+def environment() -> dict[str, Any]:
+    """What a run's floats depend on beyond its flags: the package versions (torch's with its build, e.g. +cu130),
+    and the hardware torch chose its kernels for (its CPU instruction set, the GPU when there is one)."""
+    return {
+        "versions": {name: import_module(name).__version__ for name in RECORDED_PACKAGES},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
 def write_training_summary(
     path: Path,
     settings: TrainingSettings,
@@ -49,7 +65,7 @@ def write_training_summary(
     final_logs: dict[str, float],
     **extra: Any,
 ) -> None:
-    """``training_summary.json``: what was trained on what, the omega tables and the final losses."""
+    """``training_summary.json``: what was trained on what, where, the omega tables and the final losses."""
     omega_con, omega_div = class_weights(class_counts)
     summary = {
         "run_id": run_id,
@@ -59,6 +75,7 @@ def write_training_summary(
         "omega_con": omega_con.tolist(),
         "omega_div": omega_div.tolist(),
         "final_losses": final_logs,
+        "environment": environment(),
         **extra,
     }
     path.write_text(json.dumps(summary, indent=2, default=str))
