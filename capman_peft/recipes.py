@@ -137,6 +137,10 @@ def parse_settings(
     """``--config recipe.yaml`` supplies defaults, flags on the command line override them; then the shared settings
     are built and checked (``training_settings``). Returns the parsed flags too, for the script's own settings."""
     args = parse_with_recipe(parser, argv)
+    if args.capacity_manipulation is None:  # the text-to-image script's default: on when fine-tuning
+        args.capacity_manipulation = not args.model_config_name_or_path
+        if not args.capacity_manipulation:
+            logger.info("--model_config_name_or_path: from scratch CM is off unless --capacity_manipulation is given")
     if not args.capacity_manipulation:
         ignored = [
             f"--{action.dest}"

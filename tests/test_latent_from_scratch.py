@@ -55,6 +55,7 @@ def scratch_args(assets, out, **overrides):
     base, cub, config = assets
     flags = dict(dataset="imb-cub200", train_data_dir=cub, imbalance_ratio=None, model_config_name_or_path=config)
     flags.update(rank=None, expert_rank=None)  # the LoRA flags stay unset from scratch
+    flags.update(capacity_manipulation=True)  # off by default from scratch
     return text_to_image_args(base, out, **{**flags, **overrides})
 
 
@@ -154,9 +155,21 @@ def test_from_scratch_cm_trains_the_whole_unet_with_an_up_path_expert_into_a_pla
     assert_prompted_output_samples_without_capman(out, "StableDiffusionPipeline", tmp_path)
 
 
+def test_cm_is_off_by_default_from_scratch_and_on_when_fine_tuning(assets, tmp_path):
+    base = assets[0]
+    default = train_text_to_image_cm.parse_args(scratch_args(assets, tmp_path / "a", capacity_manipulation=False))
+    fine_tuning = train_text_to_image_cm.parse_args(text_to_image_args(base, tmp_path / "b"))
+    assert not default.objective.capacity_manipulation and fine_tuning.objective.capacity_manipulation
+    assert default.flags()["capacity_manipulation"] is False  # recorded resolved, as training_summary.json has it
+    recipe = tmp_path / "on.yaml"  # a recipe turns it on as the command line does
+    recipe.write_text("capacity_manipulation: true\n")
+    argv = ["--config", str(recipe), *scratch_args(assets, tmp_path / "c", capacity_manipulation=False)]
+    assert train_text_to_image_cm.parse_args(argv).objective.capacity_manipulation
+
+
 def test_from_scratch_baseline_trains_the_whole_unet_without_an_adapter(assets, tmp_path):
     out = tmp_path / "plain"
-    train_text_to_image_cm.main(scratch_args(assets, out, no_capacity_manipulation=True))
+    train_text_to_image_cm.main(scratch_args(assets, out, capacity_manipulation=False))  # the default from scratch
     assert not (out / "adapter").exists() and not (out / "pytorch_lora_weights.safetensors").exists()
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     torch.manual_seed(0)

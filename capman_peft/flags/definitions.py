@@ -145,7 +145,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default_objective: str) 
     )
 
 
-def add_cm_args(parser: ArgumentParser, capacity_manipulation: bool, capacity_manipulation_help: str) -> None:
+def add_cm_args(parser: ArgumentParser, capacity_manipulation: bool | None, capacity_manipulation_help: str) -> None:
     """The CM switch and the flags that only act with CM (recorded in ``parser.cm_only``)."""
     group = parser.add_argument_group("capacity manipulation")
     group.add_argument(
@@ -346,11 +346,12 @@ def script_parser(
     objective: str,
     validation_epochs: int,
     guidance_scale: float | None,
-    capacity_manipulation: bool,
+    capacity_manipulation: bool | None,
     capacity_manipulation_help: str,
 ) -> ArgumentParser:
-    """The flags both training scripts have, with the script's defaults (whether CM is on, and the help that says
-    what that default rests on); the script adds its model's flags."""
+    """The flags both training scripts have, with the script's defaults (whether CM is on, None: on when
+    fine-tuning and off from scratch; and the help that says what that default rests on); the script adds its
+    model's flags."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, dataset, resolution)
     add_objective_args(parser, objective)

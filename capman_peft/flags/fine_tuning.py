@@ -25,11 +25,13 @@ from .values import (
     prompt_template_value,
 )
 
-# The LoRA mode's default is not measured on quality: no testbed of the study fine-tunes (docs/study.md).
+# Fine-tuning, CM's default is on but not measured on quality: no testbed of the study fine-tunes. From scratch it is
+# off, as in train_unet_cm.py: on the study's latent testbed CM made every class worse (docs/study.md, testbed 5).
 LORA_CM_HELP = (
-    "Train with the CM loss: a general LoRA and a reserved expert LoRA. On by default; the LoRA mode has no quality "
-    "testbed yet, so neither this default nor --cm_form's is measured for it (the from-scratch script has CM off "
-    "by default after its testbeds, docs/study.md). --no_capacity_manipulation: one plain LoRA."
+    "Train with the CM loss. Default: on when fine-tuning (a general LoRA and a reserved expert LoRA; the LoRA mode "
+    "has no quality testbed yet, so neither this default nor --cm_form's is measured for it); off from scratch "
+    "(--model_config_name_or_path), where the study's latent testbed measured CM worse than plain training on every "
+    "class (docs/study.md). --no_capacity_manipulation: one plain LoRA (from scratch: the whole UNet)."
 )
 
 BASE_MODEL = "lambdalabs/miniSD-diffusers"
@@ -39,7 +41,7 @@ def fine_tuning_parser(description: str | None) -> argparse.ArgumentParser:
     """The fine-tuning script's parser: the shared flags with its defaults, and its own groups."""
     parser = script_parser(
         description, dataset="imb-artbench10", resolution=None, objective="ddpm", validation_epochs=10,
-        guidance_scale=None, capacity_manipulation=True, capacity_manipulation_help=LORA_CM_HELP,
+        guidance_scale=None, capacity_manipulation=None, capacity_manipulation_help=LORA_CM_HELP,
     )  # fmt: skip
     add_model_args(parser)
     parser.cm_only.update({"expert_rank", "expert_alpha", "expert_target_modules"})  # the baseline is a plain LoRA
