@@ -158,6 +158,9 @@ for _name, _flags in BASELINES.items():
     METHODS[_name] = ["--no_capacity_manipulation", "--objective", "ddpm", *_flags]
 # CORAL with CM as it ships when turned on (the relative hinge, the testbed's general fraction).
 METHODS["CM (+DDPM), relative hinge +CORAL"] = [*METHODS["CM (+DDPM), relative hinge"], "--coral"]
+# A diagnostic outside the protocol: CM's machinery (the expert, theta^g's pass, the export) with its loss weighed
+# near zero, which tells what the CM loss does from what the machinery does.
+METHODS["CM (+DDPM) machinery, lambda 1e-6"] = [*METHODS["CM (+DDPM), relative hinge"], "--cm_lambda", "1e-6"]
 # Paper G.9: consistency training (iCT) alone and with CM as it ships when turned on; no label dropout (a consistency
 # model samples without guidance); evaluated with CONSISTENCY_STEPS steps, no held-out denoising loss (DDPM noise).
 CONSISTENCY_ROWS = ("CT", "CM (+CT), relative hinge")
