@@ -196,7 +196,8 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
 
 def test_cm_is_opt_in_from_scratch_and_on_in_the_lora_script(tmp_path, capsys):
     """docs/study.md: no CM form has passed the study's rule on every testbed, so the from-scratch script
-    trains the plain base unless asked; its --help says why. The LoRA script keeps CM on and says it is unmeasured."""
+    trains the plain base unless asked; its --help says why. The text-to-image script keeps CM on when fine-tuning,
+    saying it is unmeasured, and off from scratch, where testbed 5 measured it (tests/test_latent_from_scratch.py)."""
     import train_text_to_image_cm
 
     plain = train_unet_cm.parse_args(digits_run_args(tmp_path, capacity_manipulation=False))
@@ -204,7 +205,9 @@ def test_cm_is_opt_in_from_scratch_and_on_in_the_lora_script(tmp_path, capsys):
     assert train_unet_cm.parse_args(digits_run_args(tmp_path)).objective.capacity_manipulation is True
     for script, words in (
         (train_unet_cm, "Off by default: on the study's 16-px MNIST"),
-        (train_text_to_image_cm, "On by default; the LoRA mode has no quality"),
+        (train_text_to_image_cm, "Default: on when fine-tuning"),
+        (train_text_to_image_cm, "the LoRA mode has no quality testbed yet"),
+        (train_text_to_image_cm, "off from scratch (--model_config_name_or_path), where the study's latent testbed"),
     ):
         with pytest.raises(SystemExit):
             script.parse_args(["--help"])
