@@ -6,8 +6,10 @@
 The defaults are the paper's Imb. ArtBench-10 recipe: lambdalabs/miniSD-diffusers at 256 px, a CapMan adapter in lora
 mode on the attention projections (general rank 128, expert rank 8, dropout 0.1), the prompt "a {class} painting",
 AdamW (lr 3e-4, weight decay 1e-6), batch 64, 100 epochs. With --no_capacity_manipulation the same script trains the
-plain rank-128 LoRA baseline. The output folder is an ordinary StableDiffusionPipeline with the adapter merged into
-the UNet (no capman_peft needed to load it), plus adapter/, training_summary.json and a model card.
+plain rank-128 LoRA baseline. With --model_config_name_or_path it trains a UNet from scratch instead, without CM
+unless --capacity_manipulation is given (docs/study.md, testbed 5). The output folder is an ordinary
+StableDiffusionPipeline with the adapter merged into the UNet (no capman_peft needed to load it), plus adapter/,
+training_summary.json and a model card.
 
 Work done once per run: the C class prompts and the empty prompt are encoded in one text-encoder call, after which
 the text encoder leaves the device; with --cache_latents every image is VAE-encoded once per flip state before
