@@ -188,6 +188,19 @@ def _read(path: Path, reader: Any) -> Any:
         raise CheckpointError(f"{path}: cannot be read ({reason}); the file is truncated or corrupt") from None
 
 
+# Settings derived from a flag, named by that flag when they differ.
+SETTING_FLAGS = {"unet_config": "model_config_name_or_path"}
+
+
+def _describe_change(name: str, saved: Any, now: Any) -> str:
+    """``--flag old (now new)``; a config (a dict) by the keys that differ, not whole."""
+    flag = f"--{SETTING_FLAGS.get(name, name)}"
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        return f"{flag} " + ", ".join(f"{k} {saved.get(k)} (now {now.get(k)})" for k in keys[:4])
+    return f"{flag} {saved} (now {now})"
+
+
 def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
     saved = state.get("run", {}).get("config")
     if saved is None:
@@ -196,7 +209,7 @@ def _check_run(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> N
     # A setting the checkpoint does not record came after it was written (e.g. --cm_relative_margin): not compared.
     changed = [k for k in sorted(set(saved) | set(expected)) if k in saved and saved.get(k) != expected.get(k)]
     if changed:
-        listed = ", ".join(f"--{k} {saved.get(k)} (now {expected.get(k)})" for k in changed[:4])
+        listed = ", ".join(_describe_change(k, saved.get(k), expected.get(k)) for k in changed[:4])
         raise ForeignCheckpointError(
             f"{path}: was written by a run with other settings: {listed}; allowed: resume with the settings it "
             "was trained with, or start a new run in another --output_dir"
@@ -258,6 +271,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, 
     """
     path = Path(path)
     weights = _read(path / "model.safetensors", load_file)
+    tensors = _read(path / "state.safetensors", load_file)
+    meta = _read(path / "state.json", lambda p: json.loads(p.read_text()))
+    try:
+        state = _join(meta, tensors)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path / 'state.json'}: does not match {path / 'state.safetensors'} ({err}); the checkpoint is corrupt"
+        ) from None
+    _check_counters(path, state)
+    if expected_run is not None:
+        _check_run(path, state, expected_run)  # first: a changed flag explains a model that does not fit, by name
     expected = trainable_state(model)
     if set(weights) != set(expected):
         missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -273,17 +297,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, expected_run: dict[str, 
             f"{tuple(expected[k].shape)} ({len(wrong)} such tensors); it was written for another model, "
             "resolution or number of classes"
         )
-    tensors = _read(path / "state.safetensors", load_file)
-    meta = _read(path / "state.json", lambda p: json.loads(p.read_text()))
-    try:
-        state = _join(meta, tensors)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(
-            f"{path / 'state.json'}: does not match {path / 'state.safetensors'} ({err}); the checkpoint is corrupt"
-        ) from None
-    _check_counters(path, state)
-    if expected_run is not None:
-        _check_run(path, state, expected_run)
     model.load_state_dict(weights, strict=False)
     return state
 

@@ -277,6 +277,17 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_by_name(tmp_path, 
     assert "--objective oc (now ddpm)" in line
 
 
+def test_resume_with_cm_turned_off_names_the_flag_before_the_weights_that_no_longer_fit(tmp_path, capsys):
+    """Without CM the model has no adapter, so the checkpoint's weights do not fit it either; the changed flag is
+    what the user can act on."""
+    train_unet_cm.main(digits_run_args(tmp_path))
+    argv = digits_run_args(tmp_path, resume_from_checkpoint="latest", max_train_steps=4, capacity_manipulation=False)
+    line = assert_refused(
+        capsys, train_unet_cm.main, argv, tmp_path, "checkpoint-2: was written by a run with other settings"
+    )
+    assert "--capacity_manipulation True (now False)" in line
+
+
 def test_a_checkpoint_from_before_a_setting_existed_still_resumes(tmp_path):
     train_unet_cm.main(digits_run_args(tmp_path))
     state_file = tmp_path / "out" / "checkpoint-2" / "state.json"
@@ -470,6 +481,14 @@ def test_a_checkpoint_of_another_shape_is_named(two_checkpoints, tmp_path, capsy
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     (tmp_path / "unet.json").write_text(json.dumps({**TINY_UNET_CONFIG, "block_out_channels": [8, 24]}))
     argv = digits_run_args(tmp_path, max_train_steps=6, resume_from_checkpoint="latest")
+    # by the flag and the config key that changed
+    line = assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "checkpoint-4: was written by a run with other")
+    assert "--model_config_name_or_path block_out_channels [8, 16] (now [8, 24]);" in line
+    # a checkpoint from before runs recorded their settings: by the weights that do not fit
+    state_file = tmp_path / "out" / "checkpoint-4" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]["config"]
+    state_file.write_text(json.dumps(state))
     assert_refused(capsys, train_unet_cm.main, argv, tmp_path, "checkpoint-4/model.safetensors: ")
 
 
