@@ -26,12 +26,12 @@ from .values import (
 )
 
 # Fine-tuning, CM's default is on but not measured on quality: no testbed of the study fine-tunes. From scratch it is
-# off, as in train_unet_cm.py: on the study's latent testbed CM made every class worse (docs/study.md, testbed 5).
+# off, as in train_unet_cm.py: on the study's latent testbed CM made the model worse overall (docs/study.md, testbed 5).
 LORA_CM_HELP = (
     "Train with the CM loss. Default: on when fine-tuning (a general LoRA and a reserved expert LoRA; the LoRA mode "
     "has no quality testbed yet, so neither this default nor --cm_form's is measured for it); off from scratch "
-    "(--model_config_name_or_path), where the study's latent testbed measured CM worse than plain training on every "
-    "class (docs/study.md). --no_capacity_manipulation: one plain LoRA (from scratch: the whole UNet)."
+    "(--model_config_name_or_path), where the study's latent testbed measured CM worse than plain training "
+    "overall (docs/study.md). --no_capacity_manipulation: one plain LoRA (from scratch: the whole UNet)."
 )
 
 BASE_MODEL = "lambdalabs/miniSD-diffusers"
