@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -119,8 +120,6 @@ def test_overwriting_an_earlier_run_removes_its_checkpoints_so_the_new_ones_are_
 
 
 def test_a_second_run_into_a_folder_in_use_stops_at_once(tmp_path, capsys):
-    import subprocess
-
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
@@ -1007,8 +1006,6 @@ def small_disk(tmp_path, request):
 
     Mounting needs CAP_SYS_ADMIN. Without it, the test runs again in a new user and mount namespace (``unshare``),
     where an unprivileged user may mount a tmpfs; that run is the test, and the fixture gives None."""
-    import subprocess
-
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
@@ -1023,8 +1020,6 @@ def small_disk(tmp_path, request):
 def rerun_in_mount_namespace(request: pytest.FixtureRequest, why: str) -> None:
     """Run the requesting test in a pytest of its own under ``unshare --user --map-root-user --mount``; fail with its
     output unless it passed there, skip where no namespace can be made either."""
-    import subprocess
-
     unshare = ["unshare", "--user", "--map-root-user", "--mount"]
     if (
         os.environ.get(IN_MOUNT_NAMESPACE)
